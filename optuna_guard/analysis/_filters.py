@@ -1,0 +1,40 @@
+"""Filters that keep emergency-killed trials out of analysis (they never ran to the end)."""
+
+from __future__ import annotations
+
+from typing import Container, Iterable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from optuna_guard import tags
+
+
+def is_killed(trial: FrozenTrial) -> bool:
+    """True when a memory limit stopped this trial (``emergency_killed`` tag)."""
+    return bool(trial.user_attrs.get(tags.EMERGENCY_KILLED, False))
+
+
+def killed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials a memory guard or the supervisor stopped, in trial-number order."""
+    return [t for t in study.get_trials(deepcopy=False) if is_killed(t)]
+
+
+def valid_trials(
+    study: optuna.Study,
+    states: Container[TrialState] | Iterable[TrialState] | None = None,
+    *,
+    complete_only: bool = False,
+) -> list[FrozenTrial]:
+    """All trials except emergency-killed ones.
+
+    ``complete_only=True`` keeps only COMPLETE trials; ``states`` keeps only the given states.
+    """
+    if complete_only:
+        states = (TrialState.COMPLETE,)
+    allowed = tuple(states) if states is not None else None
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=allowed)
+        if not is_killed(t)
+    ]

@@ -1,0 +1,86 @@
+"""`optuna-guard` command line: a thin layer of argument parsing over the library.
+
+Each sub-command lives in its own module ``optuna_guard.cli._<name>`` exposing
+``add_parser(subparsers)``; the parser it adds sets ``func(args) -> int`` (the exit code).
+
+Exit codes: 0 done, 1 error, 2 bad input, 3 crash loop, 99 stopped by a signal or time budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import NoReturn, Sequence
+
+from optuna_guard.exceptions import ConfigError, CrashLoopError, GuardError, StorageUnavailableError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_CRASH_LOOP = 3
+EXIT_STOPPED = 99
+
+_COMMAND_MODULES = ("_monitor", "_run", "_status", "_report")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print one line that names the problem."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="optuna-guard",
+        description="Keep long Optuna studies alive: memory guards, supervised workers, reports.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"optuna_guard.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command whose module is not built yet
+            if exc.name != f"optuna_guard.cli.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not verbose:
+        logging.getLogger("optuna").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, StorageUnavailableError) as exc:
+        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except CrashLoopError as exc:
+        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_CRASH_LOOP
+    except GuardError as exc:
+        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_STOPPED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
