@@ -115,13 +115,15 @@ def end_trial_from_outside(
 
 
 def _last_intermediate_value(storage: optuna.storages.BaseStorage, trial_id: int) -> list[float] | None:
-    """Optuna stores a pruned trial's last intermediate value as its value; do the same."""
+    """Optuna stores a pruned trial's last intermediate value as its value; do the same.
+
+    Only single-objective trials can report intermediate values, so this never applies to
+    multi-objective studies.
+    """
     frozen = storage.get_trial(trial_id)
     if not frozen.intermediate_values:
         return None
     last = frozen.intermediate_values[max(frozen.intermediate_values)]
     if last is None or (isinstance(last, float) and math.isnan(last)):
-        return None
-    if len(storage.get_study_directions(storage.get_study_id_from_trial_id(trial_id))) != 1:
         return None
     return [float(last)]
