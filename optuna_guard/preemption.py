@@ -7,12 +7,16 @@ the pruners, or ``TrialCheckpointer.save``.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from optuna_guard import tags
+from optuna_guard._logging import get_logger
 from optuna_guard.exceptions import GuardError
+
+_log = get_logger(__name__)
 
 _stop = threading.Event()
 _checkpoint = threading.Event()
@@ -78,6 +82,50 @@ def raise_if_stop_requested(trial: Any) -> None:
     raise TrialPreempted(f"Trial #{getattr(trial, 'number', '?')} {reason}")
 
 
+def raise_if_stop_requested_in_pruner(study: Any, frozen_trial: Any) -> None:
+    """The same boundary for code that holds a FrozenTrial (a pruner's ``prune``): tags go to
+    the storage directly, since a FrozenTrial cannot write them."""
+    if not _stop.is_set():
+        return
+    reason = f"preempted: {stop_reason()}"
+    try:
+        study._storage.set_trial_user_attr(frozen_trial._trial_id, tags.PREEMPTED, True)
+        study._storage.set_trial_user_attr(frozen_trial._trial_id, tags.KILL_REASON, reason)
+    except Exception:  # the trial may already be finished; stopping matters more than the tag
+        pass
+    raise TrialPreempted(f"Trial #{frozen_trial.number} {reason}")
+
+
+def stop_study_if_requested(study: Any, _trial: Any = None) -> None:
+    """A ``study.optimize`` callback: after a trial, stop the loop if a stop was requested.
+
+    Needed when ``catch`` swallows TrialPreempted (e.g. ``catch=(Exception,)``): otherwise the
+    loop would start trial after trial, each preempted at its first boundary.
+    """
+    if _stop.is_set():
+        study.stop()
+
+
+@contextlib.contextmanager
+def exit_on_preemption(exit_code: int = 99, *, exit: Callable[[int], Any] | None = None) -> Iterator[None]:
+    """Around a worker's ``study.optimize``: a TrialPreempted (or a stop request seen after the
+    loop) ends the process with ``exit_code`` (99, "requeue me"), after the trial was tagged."""
+    do_exit = exit if exit is not None else _exit
+    try:
+        yield
+    except TrialPreempted as exc:
+        _log.warning("%s; exiting with code %d so the job can be requeued.", exc, exit_code)
+        do_exit(exit_code)
+        return
+    if _stop.is_set():
+        _log.warning("Stopped (%s); exiting with code %d so the job can be requeued.", stop_reason(), exit_code)
+        do_exit(exit_code)
+
+
+def _exit(code: int) -> None:
+    raise SystemExit(code)
+
+
 def _on_stop_signal(signum: int, _frame: Any) -> None:
     request_stop(signal.Signals(signum).name)
 
@@ -95,3 +143,19 @@ def install_signal_handlers(
         signal.signal(signum, _on_stop_signal)
     for signum in checkpoint_signals:
         signal.signal(signum, _on_checkpoint_signal)
+
+
+@contextlib.contextmanager
+def handling_signals(
+    stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+    checkpoint_signals: tuple[int, ...] = (signal.SIGUSR1,),
+) -> Iterator[None]:
+    """``install_signal_handlers`` for the duration of a block, then the previous handlers are
+    put back (the flags stay as they are: the caller decides what a stop means afterwards)."""
+    previous = {signum: signal.getsignal(signum) for signum in (*stop_signals, *checkpoint_signals)}
+    install_signal_handlers(stop_signals, checkpoint_signals)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

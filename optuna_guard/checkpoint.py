@@ -1,0 +1,589 @@
+"""Atomic, verified trial checkpoints that a retried trial resumes from.
+
+Layout: ``<root>/<study name>/trial-<N>/`` where N is the number of the ORIGINAL trial of the
+retry chain (Optuna's ``failed_trial`` system attr), so every retry of a killed trial looks in
+the directory its predecessors wrote. Each checkpoint is two files::
+
+    step-0000000005-1a2b3c4d.ckpt   the payload (torch.save or pickle)
+    step-0000000005-1a2b3c4d.json   the manifest: step, SHA-256, size, format; written LAST
+
+Both are written to a temp file in the same directory, flushed, fsync'ed, renamed into place
+with ``os.replace`` and the directory fsync'ed, so a crash at any point leaves either the
+previous checkpoints or a complete new one. A payload without a manifest, or one whose size or
+SHA-256 does not match it, is not a checkpoint: ``load`` skips it with a warning and uses the
+previous good one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Literal, NamedTuple
+
+from optuna.trial import FrozenTrial, TrialState
+
+from optuna_guard import preemption, tags
+from optuna_guard._logging import get_logger
+from optuna_guard._rng import capture_rng_state, restore_rng_state
+from optuna_guard._units import MB
+from optuna_guard.exceptions import CheckpointError, ConfigError
+from optuna_guard.retries import FAILED_TRIAL, RETRY_HISTORY, end_reasons, original_trial_number
+
+_log = get_logger(__name__)
+
+__all__ = ["CheckpointCleanupCallback", "CheckpointInfo", "TrialCheckpointer", "chain_directory"]
+
+MANIFEST_VERSION = 1
+_PAYLOAD_SUFFIX = ".ckpt"
+_MANIFEST_SUFFIX = ".json"
+_TMP_PREFIX = ".tmp-"
+_NAME_RE = re.compile(r"^step-(\d{10})-([0-9a-f]{8})$")
+_HASH_CHUNK = 8 * MB
+_STALE_TMP_S = 3600.0  # a temp file this old belongs to a save that crashed
+
+Format = Literal["auto", "torch", "pickle"]
+
+
+class CheckpointInfo(NamedTuple):
+    """One complete checkpoint as its manifest describes it."""
+
+    step: int
+    payload: Path
+    manifest: Path
+    sha256: str
+    size: int
+    format: str
+    trial_number: int
+    saved_ns: int
+
+
+def _study_dirname(study_name: str | None) -> str:
+    """A directory name for a study: readable, and distinct for distinct names."""
+    if not study_name:
+        return "no-study"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", study_name).strip(".") or "study"
+    if safe != study_name:
+        safe = f"{safe[:80]}-{hashlib.sha1(study_name.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def chain_directory(root: str | os.PathLike[str], study_name: str | None, original_number: int) -> Path:
+    """Where the checkpoints of a retry chain live."""
+    return Path(root) / _study_dirname(study_name) / f"trial-{original_number}"
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """Create ``path`` and fsync each parent whose entry we added, so the directory survives
+    a power cut together with the files in it."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_directory(created.parent)
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what goes through it, so the payload is hashed
+    while it is written instead of being read back. The hash runs in a helper thread in
+    parallel with the write (hashlib and file writes both release the GIL)."""
+
+    def __init__(self, raw: BinaryIO, pool: concurrent.futures.Executor) -> None:
+        self._raw = raw
+        self._pool = pool
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes >= 1 * MB:
+            pending = self._pool.submit(self.sha256.update, view)
+            self._raw.write(view)
+            pending.result()  # the caller may reuse its buffer once we return
+        else:
+            self.sha256.update(view)
+            self._raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+
+def _sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(_HASH_CHUNK)
+        view = memoryview(buffer)
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _write_atomically(directory: Path, final: Path, write: Any, pool: concurrent.futures.Executor) -> tuple[str, int]:
+    """Temp file in ``directory`` -> ``write(fileobj)`` -> flush -> fsync -> rename -> fsync dir.
+    Returns (sha256, size). The temp file is removed if anything fails."""
+    tmp = directory / f"{_TMP_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as raw:
+            writer = _HashingWriter(raw, pool)
+            write(writer)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+    return writer.sha256.hexdigest(), writer.size
+
+
+def _resolve_format(fmt: Format) -> str:
+    if fmt != "auto":
+        return fmt
+    # A process that never imported torch holds no tensors: pickle, and do not import torch.
+    return "torch" if "torch" in sys.modules else "pickle"
+
+
+class TrialCheckpointer:
+    """Save and resume the training state of one trial, across retries of that trial.
+
+    Args:
+        trial: the running ``optuna.trial.Trial``.
+        root: directory that holds the checkpoints of all studies.
+        keep_last: how many complete checkpoints of the chain to keep (older ones are removed
+            after each save).
+        keep_on_complete: what :meth:`finalize` does: ``False`` removes the chain's
+            checkpoints, ``True`` keeps them, ``"best"`` keeps them only while the trial is
+            the best so far (see also :class:`CheckpointCleanupCallback`).
+        capture_rng: also save Python/NumPy/torch RNG states and restore them on ``load``.
+        format: ``"auto"`` (torch.save when torch is imported, else pickle), ``"torch"`` or
+            ``"pickle"``.
+    """
+
+    def __init__(
+        self,
+        trial: Any,
+        root: str | os.PathLike[str] = "checkpoints",
+        keep_last: int = 2,
+        *,
+        keep_on_complete: bool | Literal["best"] = False,
+        capture_rng: bool = False,
+        format: Format = "auto",
+    ) -> None:
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ConfigError(f"keep_last must be an integer >= 1 but got {keep_last!r}.")
+        if keep_on_complete not in (False, True, "best"):
+            raise ConfigError(f"keep_on_complete must be False, True or 'best' but got {keep_on_complete!r}.")
+        if format not in ("auto", "torch", "pickle"):
+            raise ConfigError(f"format must be 'auto', 'torch' or 'pickle' but got {format!r}.")
+        self._trial = trial
+        self.keep_last = keep_last
+        self.keep_on_complete = keep_on_complete
+        self.capture_rng = capture_rng
+        self.format: Format = format
+        self.number: int = int(getattr(trial, "number", 0))
+        system_attrs = self._system_attrs(trial)
+        self.retry_history: list[int] = list(system_attrs.get(RETRY_HISTORY, []))
+        original = system_attrs.get(FAILED_TRIAL)
+        self.original_number: int = int(original) if original is not None else self.number
+        study = getattr(trial, "study", None)
+        self.study_name: str | None = getattr(study, "study_name", None)
+        self.directory: Path = chain_directory(root, self.study_name, self.original_number)
+        self.resumed_from_step: int | None = None
+        self.last_saved_step: int | None = None
+        self._last_save_monotonic = time.monotonic()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @staticmethod
+    def _system_attrs(trial: Any) -> dict[str, Any]:
+        """The trial's system attrs from the storage (Optuna 5 removed ``Trial.system_attrs``)."""
+        study = getattr(trial, "study", None)
+        trial_id = getattr(trial, "_trial_id", None)
+        if study is not None and trial_id is not None:
+            return dict(study._storage.get_trial_system_attrs(trial_id))
+        if isinstance(trial, FrozenTrial):
+            return dict(trial.system_attrs)
+        return {}
+
+    def __repr__(self) -> str:
+        return (
+            f"TrialCheckpointer(trial={self.number}, original={self.original_number}, "
+            f"directory={str(self.directory)!r}, keep_last={self.keep_last})"
+        )
+
+    # -- saving ---------------------------------------------------------------------------
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="optuna-guard-hash")
+        return self._pool
+
+    def should_save(self, step: int, every: int | None = None, *, every_seconds: float | None = None) -> bool:
+        """True when a checkpoint is due: every ``every`` steps, every ``every_seconds``
+        seconds, when SIGUSR1 asked for one, or when the trial is asked to stop (so it saves
+        before :meth:`save` raises TrialPreempted)."""
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"every must be an integer >= 1 but got {every!r}.")
+        if preemption.stop_requested() or preemption.consume_checkpoint_request():
+            return True
+        if step == self.last_saved_step or step == self.resumed_from_step:
+            return False
+        if every is not None and step % every == 0:
+            return True
+        return every_seconds is not None and time.monotonic() - self._last_save_monotonic >= every_seconds
+
+    def save(self, state: Any, step: int) -> Path:
+        """Write a checkpoint of ``state`` at ``step`` atomically and durably; return the
+        payload path. Then, if the trial was asked to stop, tag it and raise TrialPreempted
+        (a save is a preemption boundary: the state is safe before the trial ends)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be an integer >= 0 but got {step!r}.")
+        try:
+            path = self._save(state, step)
+        except OSError as exc:
+            message = f"Trial {self.number} could not save checkpoint step {step} in {self.directory}: {exc}"
+            if preemption.stop_requested():
+                _log.error("%s; stopping without it.", message)
+                preemption.raise_if_stop_requested(self._trial)
+            raise CheckpointError(message) from exc
+        preemption.consume_checkpoint_request()
+        if preemption.stop_requested():
+            _log.warning("Trial %d saved checkpoint step %d before stopping (%s).", self.number, step, preemption.stop_reason())
+            preemption.raise_if_stop_requested(self._trial)
+        return path
+
+    def _save(self, state: Any, step: int) -> Path:
+        started = time.monotonic()
+        _makedirs_durable(self.directory)
+        fmt = _resolve_format(self.format)
+        payload_obj = {"state": state, "step": step, "rng": capture_rng_state() if self.capture_rng else None}
+        stem = f"step-{step:010d}-{uuid.uuid4().hex[:8]}"
+        payload = self.directory / f"{stem}{_PAYLOAD_SUFFIX}"
+        manifest = self.directory / f"{stem}{_MANIFEST_SUFFIX}"
+
+        if fmt == "torch":
+            import torch
+
+            def write_payload(f: Any) -> None:
+                torch.save(payload_obj, f)
+        else:
+
+            def write_payload(f: Any) -> None:
+                pickle.dump(payload_obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+        pool = self._executor()
+        sha256, size = _write_atomically(self.directory, payload, write_payload, pool)
+        record = {
+            "version": MANIFEST_VERSION,
+            "step": step,
+            "payload": payload.name,
+            "sha256": sha256,
+            "size": size,
+            "format": fmt,
+            "rng": self.capture_rng,
+            "trial_number": self.number,
+            "original_trial_number": self.original_number,
+            "study_name": self.study_name,
+            "saved_at": time.time(),
+            "saved_ns": time.time_ns(),
+        }
+        encoded = json.dumps(record, indent=1).encode()
+        _write_atomically(self.directory, manifest, lambda f: f.write(encoded), pool)
+        self.last_saved_step = step
+        self._last_save_monotonic = time.monotonic()
+        self._rotate(keep=payload, save_started=time.time() - (time.monotonic() - started))
+        _log.debug(
+            "Trial %d saved checkpoint step %d (%.1f MB, %s) in %.2f s to %s.",
+            self.number, step, size / MB, fmt, time.monotonic() - started, payload,
+        )
+        return payload
+
+    def _rotate(self, keep: Path, save_started: float) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; remove older ones, temp files
+        of crashed saves and payloads that have no manifest (older than this save, so a
+        payload another process is about to describe is left alone)."""
+        complete = self.checkpoints()
+        referenced = {info.payload.name for info in complete}
+        for info in complete[self.keep_last:]:
+            if info.payload == keep:
+                continue
+            for path in (info.manifest, info.payload):  # manifest first: never a manifest without payload
+                _unlink_quietly(path)
+            referenced.discard(info.payload.name)
+        now = time.time()
+        for entry in self.directory.iterdir():
+            name = entry.name
+            if name.startswith(_TMP_PREFIX):
+                if now - _mtime(entry) > _STALE_TMP_S:
+                    _unlink_quietly(entry)
+            elif name.endswith(_PAYLOAD_SUFFIX) and name not in referenced and entry != keep:
+                if _mtime(entry) < save_started:
+                    _unlink_quietly(entry)
+
+    # -- loading --------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The chain's checkpoints that have a readable manifest, newest first (not verified)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for manifest in self.directory.glob(f"step-*{_MANIFEST_SUFFIX}"):
+            if not _NAME_RE.match(manifest.name[: -len(_MANIFEST_SUFFIX)]):
+                continue
+            info = _read_manifest(manifest)
+            if info is not None:
+                found.append(info)
+        found.sort(key=lambda info: (info.step, info.saved_ns), reverse=True)
+        return found
+
+    def load(self, *, map_location: Any = None) -> tuple[Any, int] | None:
+        """The newest good checkpoint of this trial or of the trials it retries, as
+        ``(state, step)``; None when there is none. Bad ones (missing manifest, wrong size or
+        SHA-256, unreadable) are skipped with a warning. Writes ``resumed_from_step``."""
+        for info in self.checkpoints():
+            problem = _verify(info)
+            if problem is None:
+                try:
+                    payload = _read_payload(info, map_location)
+                except Exception as exc:  # verified bytes that still do not unpickle
+                    problem = f"cannot be read ({type(exc).__name__}: {exc})"
+            if problem is not None:
+                _log.warning(
+                    "Trial %d: checkpoint step %d (%s) %s; skipped, trying the previous one.",
+                    self.number, info.step, info.payload.name, problem,
+                )
+                _quarantine(info)
+                continue
+            if payload.get("rng") is not None and self.capture_rng:
+                restore_rng_state(payload["rng"])
+            self.resumed_from_step = info.step
+            self._record_resume(info)
+            return payload["state"], info.step
+        return None
+
+    def _record_resume(self, info: CheckpointInfo) -> None:
+        origin = "its own" if info.trial_number == self.number else f"trial {info.trial_number}'s"
+        _log.info("Trial %d resumes from step %d (%s checkpoint).", self.number, info.step, origin)
+        set_user_attr = getattr(self._trial, "set_user_attr", None)
+        if set_user_attr is not None and not isinstance(self._trial, FrozenTrial):
+            set_user_attr(tags.RESUMED_FROM_STEP, info.step)
+
+    # -- cleanup --------------------------------------------------------------------------
+
+    def finalize(self, value: float | None = None) -> bool:
+        """Call when the trial completed: remove the chain's checkpoints unless
+        ``keep_on_complete`` says to keep them. With ``"best"``, they are kept when ``value``
+        is at least as good as the study's best so far (or when ``value`` is not given; then
+        :class:`CheckpointCleanupCallback` removes them once another trial is better).
+        Returns True when the checkpoints were removed."""
+        self.close()
+        if self.keep_on_complete is True:
+            return False
+        if self.keep_on_complete == "best" and (value is None or self._is_best_so_far(value)):
+            return False
+        return remove_directory(self.directory)
+
+    def _is_best_so_far(self, value: float) -> bool:
+        study = getattr(self._trial, "study", None)
+        if study is None or len(study.directions) != 1:
+            return True
+        try:
+            best = study.best_value
+        except ValueError:  # no complete trial yet
+            return True
+        maximize = study.direction.name == "MAXIMIZE"
+        return value >= best if maximize else value <= best
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> TrialCheckpointer:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Leaving the block normally means the objective is about to return: finalize.
+        Leaving by an exception (pruned, killed, preempted) keeps them for the retry."""
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.close()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _quarantine(info: CheckpointInfo) -> None:
+    """Rename a bad checkpoint's manifest to ``*.json.corrupt``: kept for inspection, no
+    longer counted as a checkpoint (so it neither shadows good ones nor uses a rotation slot)."""
+    try:
+        os.replace(info.manifest, info.manifest.with_name(info.manifest.name + ".corrupt"))
+    except OSError:
+        pass
+
+
+def remove_directory(directory: Path) -> bool:
+    if not directory.is_dir():
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return not directory.exists()
+
+
+def _read_manifest(path: Path) -> CheckpointInfo | None:
+    try:
+        record = json.loads(path.read_text())
+        payload = path.with_name(str(record["payload"]))
+        if payload.parent != path.parent or "/" in record["payload"]:
+            raise ValueError("payload outside the checkpoint directory")
+        return CheckpointInfo(
+            step=int(record["step"]),
+            payload=payload,
+            manifest=path,
+            sha256=str(record["sha256"]),
+            size=int(record["size"]),
+            format=str(record["format"]),
+            trial_number=int(record.get("trial_number", -1)),
+            saved_ns=int(record.get("saved_ns", 0)),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _log.warning("Checkpoint manifest %s is unreadable (%s); skipped.", path, exc)
+        return None
+
+
+def _verify(info: CheckpointInfo) -> str | None:
+    """Why a checkpoint must not be used, or None when size and SHA-256 match its manifest."""
+    try:
+        size = info.payload.stat().st_size
+    except FileNotFoundError:
+        return "has no payload file"
+    if size != info.size:
+        return f"is truncated or overwritten ({size} bytes, manifest says {info.size})"
+    if info.format not in ("torch", "pickle"):
+        return f"has unknown format {info.format!r}"
+    if _sha256_of_file(info.payload) != info.sha256:
+        return "is corrupted (SHA-256 does not match its manifest)"
+    return None
+
+
+def _read_payload(info: CheckpointInfo, map_location: Any) -> dict[str, Any]:
+    if info.format == "torch":
+        import torch
+
+        # Our own verified file; it may hold RNG states and arbitrary picklables.
+        payload = torch.load(info.payload, map_location=map_location, weights_only=False)
+    else:
+        with open(info.payload, "rb") as f:
+            payload = pickle.load(f)
+    if not isinstance(payload, dict) or "state" not in payload:
+        raise CheckpointError("payload is not an optuna-guard checkpoint")
+    return payload
+
+
+def _chain_finished(trial: FrozenTrial) -> bool:
+    """The last trial of a chain that will not be retried again."""
+    if trial.state == TrialState.COMPLETE:
+        return True
+    if trial.user_attrs.get(tags.RETRIES_EXHAUSTED):
+        return True
+    # Pruned by a pruner (no kill/crash/preemption tag): nothing will retry it.
+    return trial.state == TrialState.PRUNED and not end_reasons(trial.user_attrs)
+
+
+class CheckpointCleanupCallback:
+    """A ``study.optimize`` callback that removes the checkpoints of finished retry chains.
+
+    A chain is finished when its last trial COMPLETEd, was pruned by a pruner, or is tagged
+    ``retries_exhausted``. Chains that may still be retried (killed, crashed, preempted
+    trials) and running ones are left alone. With ``keep_best=True`` the checkpoints of the
+    best trial (the Pareto front for multi-objective studies) are kept.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] = "checkpoints", *, keep_best: bool = False) -> None:
+        self.root = Path(root)
+        self.keep_best = keep_best
+
+    def __call__(self, study: Any, trial: FrozenTrial) -> None:
+        if not trial.state.is_finished():
+            return
+        study_dir = self.root / _study_dirname(study.study_name)
+        if not study_dir.is_dir():
+            return
+        present = {p.name for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("trial-")}
+        if not present:
+            return
+        finished: set[int] = set()
+        unfinished: set[int] = set()
+        for t in study.get_trials(deepcopy=False):
+            original = original_trial_number(t)
+            if not t.state.is_finished():
+                unfinished.add(original)
+            elif _chain_finished(t):
+                finished.add(original)
+        keep = set(unfinished)
+        if self.keep_best:
+            keep |= {original_trial_number(t) for t in _best_trials(study)}
+        for original in sorted(finished - keep):
+            name = f"trial-{original}"
+            if name in present and remove_directory(study_dir / name):
+                _log.debug("Removed the checkpoints of finished trial chain %d.", original)
+
+
+def _best_trials(study: Any) -> list[FrozenTrial]:
+    try:
+        if len(study.directions) == 1:
+            return [study.best_trial]
+        return list(study.best_trials)
+    except ValueError:
+        return []
+
+
+def iter_chain_directories(root: str | os.PathLike[str], study_name: str) -> Iterator[Path]:
+    """The chain directories that exist for a study (for tools and reports)."""
+    study_dir = Path(root) / _study_dirname(study_name)
+    if study_dir.is_dir():
+        yield from sorted(p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("trial-"))
