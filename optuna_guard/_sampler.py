@@ -1,0 +1,323 @@
+"""The in-trial sampler: one background thread per process watching every running guarded trial.
+
+Why one thread for the whole process rather than one per trial: with ``study.optimize(n_jobs=2)``
+two trials share one process, so a process-level reading (tree RSS, available RAM) trips both
+at once; one thread sees both and stops one victim at a time (the trial whose thread touched
+the most new memory since it started, by its minor page faults), like the launcher does for
+workers. It also keeps the per-trial cost to a list append, and the thread sleeps on an Event
+(no CPU) while no guarded trial runs.
+
+How a trial is stopped mid-split: the sampler raises ``_GuardInterrupt`` inside the trial's
+thread with ``PyThreadState_SetAsyncExc``. It is delivered at the next Python bytecode of that
+thread (a long native call - a big matmul, ``time.sleep`` - finishes first). The exception is
+only injected while the trial's own code runs (not inside optuna, SQLAlchemy, logging,
+threading or optuna-guard code, where an exception could leave a lock or a transaction half
+done; the sampler retries every few milliseconds), at most once per trial, and under the
+watch's lock: the guard wrapper takes the same lock to mark the trial finished and clears an
+exception that was not delivered yet, so it can never leak into the next trial.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import time
+from typing import Any, Sequence
+
+from optuna_guard import preemption
+from optuna_guard._logging import get_logger
+from optuna_guard._trips import Trip, below_warning, find_trip, headroom_and_rate
+from optuna_guard._units import GB
+from optuna_guard.limits import MemoryLimits
+from optuna_guard.memory import GpuMemory, MemoryProbe, SystemMemory
+
+_log = get_logger(__name__)
+
+# Fastest sampling when a limit is about to be reached, and while an interrupt waits for a
+# safe point.
+MIN_INTERVAL_S = 0.005
+# An interrupt not delivered after this long means the trial is stuck in native code.
+STUCK_WARNING_S = 2.0
+
+_UNSAFE_MODULES = ("optuna", "sqlalchemy", "logging", "threading", "importlib", "concurrent", "contextlib", "queue")
+
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
+_set_async_exc.restype = ctypes.c_int
+
+_delivered = threading.local()
+
+INTERRUPT_TRIP = "trip"
+INTERRUPT_PREEMPT = "preempt"
+
+
+class _GuardInterrupt(BaseException):
+    """Raised inside a trial's thread by the sampler. A BaseException, so that an objective's
+    ``except Exception`` does not swallow it; the guard wrapper turns it into TrialPruned, a
+    FAIL or TrialPreempted before Optuna sees it."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        _delivered.value = True  # runs in the interrupted thread: it was delivered
+
+
+def take_delivered() -> bool:
+    """Whether an interrupt was delivered to this thread since the last call (and reset)."""
+    value = getattr(_delivered, "value", False)
+    _delivered.value = False
+    return value
+
+
+def _clear_async_exc(thread_id: int) -> None:
+    _set_async_exc(thread_id, ctypes.py_object())  # NULL: drop a pending exception
+
+
+class TrialWatch:
+    """What the sampler knows about one running guarded trial; created in the trial's thread."""
+
+    def __init__(self, *, number: int, limits: MemoryLimits, probe: MemoryProbe, frame_id: int) -> None:
+        self.number = number
+        self.limits = limits
+        self.probe = probe
+        self.frame_id = frame_id  # id() of the guard wrapper's frame: frames above it are the objective's
+        self.thread_id = threading.get_ident()
+        self.native_id = threading.get_native_id()
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+        self.active = True
+        self.interrupt: tuple[str, Trip | None] | None = None  # decided: (kind, trip)
+        self.injected_at: float | None = None
+        self.stuck_warned = False
+        self.warned = False
+        self.peak_rss_bytes = 0
+        self.min_available_bytes: int | None = None
+        self.available_at_trip: int | None = None
+        self.peak_gpu_bytes: int | None = None
+        self.fault_base: int | None = None
+
+    def observe(self, system: SystemMemory | None, rss_bytes: int | None, gpus: Sequence[GpuMemory] = ()) -> None:
+        if rss_bytes is not None and rss_bytes > self.peak_rss_bytes:
+            self.peak_rss_bytes = rss_bytes
+        if system is not None and (self.min_available_bytes is None or system.available_bytes < self.min_available_bytes):
+            self.min_available_bytes = system.available_bytes
+        if gpus:
+            used = max(g.used_bytes for g in gpus)
+            if self.peak_gpu_bytes is None or used > self.peak_gpu_bytes:
+                self.peak_gpu_bytes = used
+
+    @property
+    def injected(self) -> bool:
+        return self.injected_at is not None
+
+    def finish(self) -> None:
+        """Mark the trial's code finished (idempotent). After this no interrupt can arrive."""
+        with self.lock:
+            if self.active:
+                self.active = False
+                if self.injected_at is not None:
+                    _clear_async_exc(self.thread_id)
+        SAMPLER.unregister(self)
+
+    def try_inject(self, kind: str, trip: Trip | None) -> bool:
+        """Called by the sampler: decide to stop this trial, and inject now if it is safe."""
+        with self.lock:
+            if not self.active or self.injected_at is not None:
+                return False
+            if self.interrupt is None:
+                self.interrupt = (kind, trip)
+            if not _at_safe_point(self.thread_id, self.frame_id):
+                return False
+            if _set_async_exc(self.thread_id, ctypes.py_object(_GuardInterrupt)) != 1:
+                _clear_async_exc(self.thread_id)
+                return False
+            self.injected_at = time.monotonic()
+            return True
+
+
+def _at_safe_point(thread_id: int, frame_id: int) -> bool:
+    """True when the trial's thread runs the objective's own code (not library internals).
+
+    The guard wrapper's frame must be on the stack but not on top: between registering the
+    trial and calling the objective, the wrapper is outside the ``try`` that catches the
+    interrupt, so an interrupt there would escape into Optuna.
+    """
+    frame = sys._current_frames().get(thread_id)
+    if frame is None or id(frame) == frame_id:
+        return False
+    while frame is not None:
+        if id(frame) == frame_id:
+            return True
+        module = frame.f_globals.get("__name__", "")
+        root = module.partition(".")[0]
+        if root in _UNSAFE_MODULES or root == "optuna_guard":
+            return False
+        frame = frame.f_back
+    return False  # the guard wrapper is not on the stack: the trial is not running there
+
+
+def _minor_faults(native_id: int) -> int:
+    """Minor page faults of one thread: new pages it touched (a proxy for memory it grew)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as handle:
+            stat = handle.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[7])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Sampler:
+    """The process-wide sampler thread (started on the first guarded trial, idle without one)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._watches: list[TrialWatch] = []
+        self._thread: threading.Thread | None = None
+        self._idle = False
+        self._previous: dict[int, tuple[float, SystemMemory, int | None]] = {}
+        self._probe_errors: set[int] = set()
+
+    def register(self, watch: TrialWatch) -> None:
+        with self._lock:
+            self._watches.append(watch)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="optuna-guard-sampler", daemon=True)
+                self._thread.start()
+            if self._idle:
+                self._idle = False
+                self._wake.set()
+
+    def unregister(self, watch: TrialWatch) -> None:
+        with self._lock:
+            try:
+                self._watches.remove(watch)
+            except ValueError:
+                pass
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._watches)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._watches = []
+        self._thread = None
+        self._idle = False
+        self._previous = {}
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                watches = list(self._watches)
+                if not watches:
+                    self._wake.clear()
+                    self._idle = True
+                    self._previous.clear()
+            if not watches:
+                self._wake.wait()
+                continue
+            try:
+                wait = self.tick(watches)
+            except Exception:  # the sampler must outlive any bug or probe failure
+                _log.exception("The optuna-guard sampler failed to take a reading; retrying.")
+                wait = max(w.limits.interval for w in watches)
+            self._wake.wait(wait)
+
+    def tick(self, watches: list[TrialWatch]) -> float:
+        """One reading per probe, applied to every running trial; returns seconds to wait."""
+        now = time.monotonic()
+        wait = min(w.limits.interval for w in watches)
+        stop = preemption.stop_requested()
+        by_probe: dict[int, list[TrialWatch]] = {}
+        for watch in watches:
+            by_probe.setdefault(id(watch.probe), []).append(watch)
+        for key, group in by_probe.items():
+            probe = group[0].probe
+            try:
+                system = probe.system()
+                rss = probe.process_tree_rss(os.getpid())
+                gpus = probe.gpus()
+            except Exception as exc:
+                if key not in self._probe_errors:
+                    self._probe_errors.add(key)
+                    _log.error("Memory probe %r failed (%s); trials using it are not watched until it recovers.", probe, exc)
+                continue
+            self._probe_errors.discard(key)
+            previous = self._previous.get(key)
+            self._previous[key] = (now, system, rss)
+            if len(group) > 1:
+                for watch in group:
+                    if watch.fault_base is None:
+                        watch.fault_base = _minor_faults(watch.native_id)
+            candidates: list[tuple[TrialWatch, Trip]] = []
+            busy = False
+            for watch in group:
+                watch.observe(system, rss, gpus)
+                if watch.interrupt is not None and watch.active:
+                    busy = True
+                    self._retry_or_warn(watch, now)
+                    wait = MIN_INTERVAL_S if not watch.injected else wait
+                    continue
+                if stop:
+                    watch.available_at_trip = system.available_bytes
+                    if not watch.try_inject(INTERRUPT_PREEMPT, None):
+                        wait = MIN_INTERVAL_S
+                    continue
+                trip = find_trip(watch.limits, system, rss, gpus)
+                if trip is not None:
+                    candidates.append((watch, trip))
+                    continue
+                if below_warning(watch.limits, system) and not watch.warned:
+                    watch.warned = True
+                    _log.warning(
+                        "Low memory: Trial #%d mid-trial: available %.2f GB < %.2f GB warning level.",
+                        watch.number,
+                        system.available_bytes / GB,
+                        watch.limits.warn_available_gb,
+                    )
+                eta = headroom_and_rate(watch.limits, system, rss, previous, now)
+                if eta is not None:
+                    wait = min(wait, max(MIN_INTERVAL_S, eta / 2))
+            if candidates and not busy and not stop:
+                victim, trip = self._choose_victim(candidates)
+                victim.available_at_trip = system.available_bytes
+                _log.debug("Trial #%d tripped %s (%s); interrupting its thread.", victim.number, trip.limit, trip.detail)
+                if not victim.try_inject(INTERRUPT_TRIP, trip):
+                    wait = MIN_INTERVAL_S
+                elif len(candidates) > 1:
+                    wait = MIN_INTERVAL_S
+        return wait
+
+    @staticmethod
+    def _choose_victim(candidates: list[tuple[TrialWatch, Trip]]) -> tuple[TrialWatch, Trip]:
+        if len(candidates) == 1:
+            return candidates[0]
+
+        def grown(item: tuple[TrialWatch, Trip]) -> tuple[int, float]:
+            watch = item[0]
+            return (_minor_faults(watch.native_id) - (watch.fault_base or 0), watch.started)
+
+        return max(candidates, key=grown)
+
+    @staticmethod
+    def _retry_or_warn(watch: TrialWatch, now: float) -> None:
+        if not watch.injected:
+            assert watch.interrupt is not None
+            watch.try_inject(*watch.interrupt)
+        elif not watch.stuck_warned and now - (watch.injected_at or now) > STUCK_WARNING_S:
+            watch.stuck_warned = True
+            _log.warning(
+                "Trial #%d is over its memory limit but has not returned to Python code for %.0f s "
+                "(a long native call); it stops as soon as that call returns.",
+                watch.number,
+                now - (watch.injected_at or now),
+            )
+
+
+SAMPLER = Sampler()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=SAMPLER._after_fork)

@@ -1,0 +1,189 @@
+"""cgroup v1/v2 memory limits along this process's cgroup path and its ancestors.
+
+Why: ``psutil.virtual_memory()`` reports the host, so inside a Docker/Kubernetes/SLURM cgroup
+with an 8 GB limit on a 256 GB host it says "plenty available" until the kernel's cgroup OOM
+killer strikes. We read the process's own cgroup from ``/proc/self/cgroup``, walk from it up
+to the root of the hierarchy, and keep every level whose limit is below the host's RAM. Used
+memory is the kubelet/cAdvisor "working set": usage minus ``inactive_file`` (page cache the
+kernel can drop before it OOM-kills), so page cache does not count as used.
+
+Discovery (which directories, which limits) is cached; only usage files are read per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from optuna_guard.memory._files import CachedFile, field_int, read_text
+
+# cgroup v1 writes this (PAGE_COUNTER_MAX rounded to the page size) for "no limit"; anything at
+# or above the host's MemTotal is treated as "no limit" anyway.
+_V1_UNLIMITED_MIN = 1 << 62
+
+
+@dataclasses.dataclass(frozen=True)
+class CgroupPaths:
+    """Where this process sits: the v1 memory controller path and the v2 (unified) path."""
+
+    v1_memory: str | None
+    v2: str | None
+
+
+def parse_proc_cgroup(text: str) -> CgroupPaths:
+    """Parse ``/proc/<pid>/cgroup`` lines ``hierarchy-id:controllers:path``.
+
+    The v2 line is ``0::/path``; the v1 memory line lists ``memory`` among its controllers
+    (``4:memory:/process_api/ab12`` or ``7:memory,hugetlb:/docker/...``).
+    """
+    v1 = v2 = None
+    for line in text.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            v2 = path or "/"
+        elif "memory" in controllers.split(","):
+            v1 = path or "/"
+    return CgroupPaths(v1_memory=v1, v2=v2)
+
+
+@dataclasses.dataclass
+class CgroupLevel:
+    """One cgroup directory with a memory limit; ``read_used()`` is the per-sample read."""
+
+    version: int
+    directory: str
+    limit_bytes: int
+    swap_limit_bytes: int | None = None  # v2 memory.swap.max when it is a real limit
+
+    def __post_init__(self) -> None:
+        usage_name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
+        self._usage = CachedFile(os.path.join(self.directory, usage_name))
+        self._stat = CachedFile(os.path.join(self.directory, "memory.stat"))
+        self._swap = CachedFile(os.path.join(self.directory, "memory.swap.current"))
+        self._inactive_key = b"total_inactive_file" if self.version == 1 else b"inactive_file"
+
+    @property
+    def source(self) -> str:
+        return f"cgroup v{self.version}"
+
+    def read_used(self) -> int:
+        """Working set in bytes: usage minus inactive page cache, never below 0."""
+        usage = _parse_int(self._usage.read())
+        stat = self._stat.read()
+        inactive = field_int(stat, self._inactive_key)
+        if inactive is None and self.version == 1:
+            inactive = field_int(stat, b"inactive_file")
+        return max(usage - (inactive or 0), 0)
+
+    def read_swap_used(self) -> int | None:
+        if self.swap_limit_bytes is None:
+            return None
+        try:
+            return _parse_int(self._swap.read())
+        except (OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        for handle in (self._usage, self._stat, self._swap):
+            handle.close()
+
+
+def _parse_int(data: bytes) -> int:
+    return int(data.split()[0])
+
+
+def _parse_limit(text: str) -> int | None:
+    """``max`` (v2) or a huge v1 value means unlimited (None)."""
+    text = text.strip()
+    if not text or text == "max":
+        return None
+    value = int(text)
+    return None if value >= _V1_UNLIMITED_MIN else value
+
+
+def _resolve(mount: str, path: str) -> str:
+    """The directory of ``path`` under ``mount``.
+
+    Without a cgroup namespace a container sees its host path (``/docker/<id>``) in
+    /proc/self/cgroup, but only its own subtree is mounted at /sys/fs/cgroup; so leading
+    components are dropped until the directory exists (the mount root at worst).
+    """
+    parts = [p for p in path.strip("/").split("/") if p]
+    for start in range(len(parts) + 1):
+        candidate = os.path.join(mount, *parts[start:])
+        if os.path.isdir(candidate):
+            return candidate
+    return mount
+
+
+def _chain(mount: str, leaf: str) -> list[str]:
+    """``leaf`` and its ancestors up to and including ``mount``."""
+    mount = os.path.normpath(mount)
+    current = os.path.normpath(leaf)
+    chain = [current]
+    while current != mount and current.startswith(mount + os.sep):
+        current = os.path.dirname(current)
+        chain.append(current)
+    return chain
+
+
+def _v1_mount(cgroup_root: str) -> str | None:
+    direct = os.path.join(cgroup_root, "memory")
+    if os.path.isdir(direct):
+        return direct
+    try:
+        names = os.listdir(cgroup_root)
+    except OSError:
+        return None
+    for name in names:  # co-mounted controllers, e.g. "memory,hugetlb"
+        if "memory" in name.split(",") and os.path.isdir(os.path.join(cgroup_root, name)):
+            return os.path.join(cgroup_root, name)
+    return None
+
+
+def _v2_mount(cgroup_root: str) -> str | None:
+    for candidate in (cgroup_root, os.path.join(cgroup_root, "unified")):
+        if os.path.isfile(os.path.join(candidate, "cgroup.controllers")):
+            return candidate
+    return None
+
+
+def discover_levels(proc_root: str, cgroup_root: str, host_total_bytes: int, host_swap_bytes: int = 0) -> list[CgroupLevel]:
+    """Every cgroup level above this process whose memory limit is below the host's RAM.
+
+    An empty list means "no effective cgroup limit: use the host numbers". Missing files
+    (no cgroup filesystem, a controller not enabled) are simply skipped.
+    """
+    try:
+        paths = parse_proc_cgroup(read_text(os.path.join(proc_root, "self", "cgroup")))
+    except OSError:
+        return []
+    levels: list[CgroupLevel] = []
+    if paths.v1_memory is not None:
+        mount = _v1_mount(cgroup_root)
+        if mount is not None:
+            for directory in _chain(mount, _resolve(mount, paths.v1_memory)):
+                limit = _read_limit(os.path.join(directory, "memory.limit_in_bytes"))
+                if limit is not None and limit < host_total_bytes:
+                    levels.append(CgroupLevel(1, directory, limit))
+    if paths.v2 is not None:
+        mount = _v2_mount(cgroup_root)
+        if mount is not None:
+            for directory in _chain(mount, _resolve(mount, paths.v2)):
+                limit = _read_limit(os.path.join(directory, "memory.max"))
+                if limit is not None and limit < host_total_bytes:
+                    swap_limit = _read_limit(os.path.join(directory, "memory.swap.max"))
+                    if swap_limit is not None and host_swap_bytes and swap_limit >= host_swap_bytes:
+                        swap_limit = None
+                    levels.append(CgroupLevel(2, directory, limit, swap_limit))
+    return levels
+
+
+def _read_limit(path: str) -> int | None:
+    try:
+        return _parse_limit(read_text(path))
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,179 @@
+"""Host memory (/proc/meminfo), memory pressure (/proc/pressure/memory) and process-tree RSS.
+
+Read straight from procfs (through an injectable root) rather than psutil: psutil's
+``virtual_memory() + swap_memory()`` costs ~200 µs and ``children(recursive=True)`` scans every
+process on the machine (milliseconds), while the guard samples ten times a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+from optuna_guard.memory._files import CachedFile, field_int
+
+_PRUNE_EVERY = 64  # calls after which files of vanished processes are closed
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class HostMemory:
+    total_bytes: int
+    available_bytes: int
+    swap_total_bytes: int
+    swap_free_bytes: int
+
+
+def parse_meminfo(data: bytes) -> HostMemory:
+    """/proc/meminfo (values in kB). Kernels before 3.14 lack MemAvailable: estimate it."""
+    total = field_int(data, b"MemTotal")
+    if total is None:
+        raise ValueError("/proc/meminfo has no MemTotal line")
+    available = field_int(data, b"MemAvailable")
+    if available is None:
+        available = sum(field_int(data, key) or 0 for key in (b"MemFree", b"Buffers", b"Cached"))
+    return HostMemory(
+        total_bytes=total * 1024,
+        available_bytes=min(available, total) * 1024,
+        swap_total_bytes=(field_int(data, b"SwapTotal") or 0) * 1024,
+        swap_free_bytes=(field_int(data, b"SwapFree") or 0) * 1024,
+    )
+
+
+def parse_psi(data: bytes) -> tuple[float | None, float | None]:
+    """``some``/``full`` avg10 percentages from a PSI file (``full`` is absent on old kernels)."""
+    some = full = None
+    for line in data.splitlines():
+        kind, _, rest = line.partition(b" ")
+        for token in rest.split():
+            if token.startswith(b"avg10="):
+                value = float(token[6:])
+                if kind == b"some":
+                    some = value
+                elif kind == b"full":
+                    full = value
+                break
+    return some, full
+
+
+class ProcessTree:
+    """RSS of a process plus all its descendants (DataLoader workers, subprocesses).
+
+    Children come from ``/proc/<pid>/task/<tid>/children`` (every thread's own children); on
+    kernels built without CONFIG_PROC_CHILDREN we fall back to scanning ``/proc/*/stat``.
+    Shared pages of forked children are counted in each (as ``ps`` and psutil do).
+    """
+
+    def __init__(self, proc_root: str) -> None:
+        self.proc_root = proc_root
+        self._lock = threading.Lock()
+        self._files: dict[str, CachedFile] = {}
+        self._last_used: dict[str, int] = {}
+        self._calls = 0
+        self._children_supported: bool | None = None
+
+    def rss(self, pid: int) -> int:
+        with self._lock:
+            used: set[str] = set()
+            try:
+                own = self._rss_of(pid, used)
+                if own is None:
+                    return 0
+                total = own
+                if self._children_supported is False:
+                    children_of = self._scan_parents()
+                    stack = list(children_of.get(pid, ()))
+                else:
+                    stack = self._children(pid, used)
+                seen = {pid}
+                while stack:
+                    child = stack.pop()
+                    if child in seen:
+                        continue
+                    seen.add(child)
+                    rss = self._rss_of(child, used)
+                    if rss is None:
+                        continue
+                    total += rss
+                    if self._children_supported is False:
+                        stack.extend(children_of.get(child, ()))
+                    else:
+                        stack.extend(self._children(child, used))
+                return total
+            finally:
+                self._forget_unused(used)
+
+    def _file(self, path: str, used: set[str]) -> CachedFile:
+        handle = self._files.get(path)
+        if handle is None:
+            handle = self._files[path] = CachedFile(path)
+        used.add(path)
+        return handle
+
+    def _rss_of(self, pid: int, used: set[str]) -> int | None:
+        try:
+            data = self._file(os.path.join(self.proc_root, str(pid), "statm"), used).read()
+            return int(data.split()[1]) * PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _children(self, pid: int, used: set[str]) -> list[int]:
+        task_dir = os.path.join(self.proc_root, str(pid), "task")
+        try:
+            tids = os.listdir(task_dir)
+        except OSError:
+            return []
+        children: list[int] = []
+        for tid in tids:
+            path = os.path.join(task_dir, tid, "children")
+            try:
+                data = self._file(path, used).read()
+            except FileNotFoundError:
+                if self._children_supported is None and os.path.isdir(os.path.join(task_dir, tid)):
+                    self._children_supported = False  # kernel without CONFIG_PROC_CHILDREN
+                    return list(self._scan_parents().get(pid, ()))
+                continue
+            except OSError:
+                continue
+            self._children_supported = True
+            children.extend(int(token) for token in data.split())
+        return children
+
+    def _scan_parents(self) -> dict[int, list[int]]:
+        children_of: dict[int, list[int]] = {}
+        try:
+            names = os.listdir(self.proc_root)
+        except OSError:
+            return children_of
+        for name in names:
+            if not name.isdigit():
+                continue
+            try:
+                with open(os.path.join(self.proc_root, name, "stat"), "rb") as handle:
+                    stat = handle.read()
+                # the command name may contain spaces and parentheses: split after the last ")"
+                ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children_of.setdefault(ppid, []).append(int(name))
+        return children_of
+
+    def _forget_unused(self, used: set[str]) -> None:
+        """Close files of processes/threads not seen for a while (they exited)."""
+        self._calls += 1
+        for path in used:
+            self._last_used[path] = self._calls
+        if self._calls % _PRUNE_EVERY:
+            return
+        for path in [p for p, stamp in self._last_used.items() if stamp <= self._calls - _PRUNE_EVERY]:
+            del self._last_used[path]
+            self._files.pop(path).close()
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()
+            self._last_used.clear()

@@ -1,0 +1,480 @@
+"""check_memory and @guard: stop a trial before it runs the machine out of memory.
+
+``check_memory(trial, "split 3/5")`` is the explicit boundary users put before each CV split;
+``@guard`` checks at trial start, watches the trial from the process-wide sampler thread (see
+``optuna_guard._sampler``) so a runaway allocation in the middle of a split is stopped within
+about one sampling period, records ``peak_rss_gb`` / ``min_available_gb`` (``peak_gpu_gb``) on
+every trial, and collects garbage afterwards. A stopped trial is tagged (``emergency_killed``,
+``kill_reason``, ``kill_limit``, ``available_gb_at_kill``) while it is still RUNNING - Optuna
+refuses attributes on finished trials - and then ends PRUNED (``on_trip="prune"``: samplers
+learn from it) or FAIL (``on_trip="fail"``); the process lives on and runs the next trial.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import gc
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Mapping, TypeVar, overload
+
+import optuna
+
+from optuna_guard import preemption, tags
+from optuna_guard._logging import get_logger
+from optuna_guard._sampler import INTERRUPT_PREEMPT, SAMPLER, TrialWatch, _GuardInterrupt, take_delivered
+from optuna_guard._trips import Trip, below_warning, find_trip, needs_gpu, needs_rss
+from optuna_guard._units import GB, to_gb
+from optuna_guard.exceptions import ConfigError
+from optuna_guard.limits import MemoryLimits
+from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
+
+_log = get_logger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+BUDGET_ENV_VAR = "OPTUNA_GUARD_MEMORY_BUDGET_GB"
+PREFLIGHT_ENV_VAR = "OPTUNA_GUARD_PREFLIGHT"
+
+# Full garbage collections after trials are rate-limited to this share of wall time (a full
+# collection in a process with optuna + numpy loaded costs tens of ms, more than a short trial).
+GC_TIME_SHARE = 0.005
+
+
+class MemoryLimitPruned(optuna.TrialPruned):
+    """The trial was stopped by a memory limit (already tagged). Optuna ends it PRUNED; under
+    ``@guard(on_trip="fail")`` the guard turns it into a FAIL instead."""
+
+    def __init__(self, message: str, trip: Trip) -> None:
+        super().__init__(message)
+        self.trip = trip
+
+
+# -- check_memory -------------------------------------------------------------------------------
+
+_threshold_limits: dict[tuple[float, float], MemoryLimits] = {}
+_warned: "collections.OrderedDict[tuple[Any, ...], None]" = collections.OrderedDict()
+_warned_lock = threading.Lock()
+_WARNED_MAX = 4096
+
+
+def _limits_for(safe_threshold_gb: Any, warning_threshold_gb: Any) -> MemoryLimits:
+    key = (safe_threshold_gb, warning_threshold_gb)
+    limits = _threshold_limits.get(key)  # type: ignore[arg-type]
+    if limits is None:
+        for name, value in (("safe_threshold_gb", safe_threshold_gb), ("warning_threshold_gb", warning_threshold_gb)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+                raise ConfigError(f"{name} must be a finite number of GB but got {value!r}.")
+            if value < 0:
+                raise ConfigError(f"{name} cannot be negative but got {value}; use 0 to switch it off.")
+        if warning_threshold_gb < safe_threshold_gb:
+            raise ConfigError(
+                f"warning_threshold_gb ({warning_threshold_gb}) cannot be below safe_threshold_gb "
+                f"({safe_threshold_gb}); the warning must come before the stop."
+            )
+        limits = MemoryLimits(min_available_gb=float(safe_threshold_gb), warn_available_gb=float(warning_threshold_gb))
+        if len(_threshold_limits) < 256:
+            _threshold_limits[key] = limits  # type: ignore[index]
+    return limits
+
+
+def check_memory(
+    trial: Any,
+    context: str = "",
+    safe_threshold_gb: float = 2.0,
+    warning_threshold_gb: float = 4.0,
+    *,
+    limits: MemoryLimits | None = None,
+    probe: MemoryProbe | None = None,
+) -> SystemMemory:
+    """Stop the trial now if memory is short; call it at trial start and before each CV split.
+
+    Below ``warning_threshold_gb`` of available memory (cgroup aware) it logs a warning, once
+    per trial and context. Below ``safe_threshold_gb`` it tags the trial (``emergency_killed``,
+    ``kill_reason="OOM prevention [<context>]: ..."``, ``available_gb_at_kill``,
+    ``kill_limit="safe_threshold_gb"``), logs an EMERGENCY BRAKE error, collects garbage and
+    raises :class:`MemoryLimitPruned` (an ``optuna.TrialPruned``).
+
+    ``limits`` checks a whole :class:`MemoryLimits` instead of the two thresholds (which are
+    then ignored); ``kill_limit`` is then the field that tripped. A stop requested by a signal
+    (see ``optuna_guard.preemption``) raises ``TrialPreempted`` here. Returns the reading.
+    """
+    preemption.raise_if_stop_requested(trial)
+    available_name = "min_available_gb"
+    if limits is None:
+        limits = _limits_for(safe_threshold_gb, warning_threshold_gb)
+        available_name = "safe_threshold_gb"
+    probe = probe or default_probe()
+    system = probe.system()
+    rss = probe.process_tree_rss(os.getpid()) if needs_rss(limits) else None
+    gpus = probe.gpus() if needs_gpu(limits) else ()
+    trip = find_trip(limits, system, rss, gpus, available_name=available_name)
+    if trip is not None:
+        _emergency_stop(trial, trip, context, action="pruned")
+    if below_warning(limits, system):
+        _warn_once(trial, context, system, limits)
+    return system
+
+
+def _where(trial: Any, context: str) -> str:
+    number = getattr(trial, "number", "?")
+    if context.startswith("Trial #"):
+        return context
+    return f"Trial #{number} at {context}" if context else f"Trial #{number}"
+
+
+def _warn_once(trial: Any, context: str, system: SystemMemory, limits: MemoryLimits) -> None:
+    key = (id(getattr(trial, "storage", None)), getattr(trial, "_trial_id", id(trial)), context)
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned[key] = None
+        while len(_warned) > _WARNED_MAX:
+            _warned.popitem(last=False)
+    stop = f"; stopping below {limits.min_available_gb:.2f} GB" if limits.min_available_gb is not None else ""
+    _log.warning(
+        "Low memory: %s: available %.2f GB < %.2f GB warning level%s.",
+        _where(trial, context),
+        system.available_bytes / GB,
+        limits.warn_available_gb,
+        stop,
+    )
+
+
+def kill_tags(trip: Trip, context: str, trial: Any) -> dict[str, Any]:
+    """The user attributes of a trial stopped by a memory limit."""
+    label = context or f"Trial #{getattr(trial, 'number', '?')}"
+    return {
+        tags.EMERGENCY_KILLED: True,
+        tags.KILL_REASON: f"OOM prevention [{label}]: {trip.detail}",
+        tags.KILL_LIMIT: trip.limit,
+        tags.AVAILABLE_GB_AT_KILL: to_gb(trip.available_bytes),
+    }
+
+
+def write_user_attrs(trial: Any, attrs: Mapping[str, Any], storage: Any = None) -> None:
+    """Write tags on a running trial; a failure is logged, never raised (stopping the trial
+    matters more than its tags). ``storage`` is for a FrozenTrial (pruners)."""
+    for key, value in attrs.items():
+        try:
+            if storage is not None:
+                storage.set_trial_user_attr(trial._trial_id, key, value)
+            else:
+                trial.set_user_attr(key, value)
+        except Exception as exc:
+            _log.error("Could not write tag %s=%r on Trial #%s: %s", key, value, getattr(trial, "number", "?"), exc)
+
+
+def _emergency_stop(trial: Any, trip: Trip, context: str, *, action: str, storage: Any = None) -> None:
+    """Tag, log, collect garbage and raise MemoryLimitPruned."""
+    write_user_attrs(trial, kill_tags(trip, context, trial), storage)
+    message = (
+        f"EMERGENCY BRAKE: {_where(trial, context)}: {trip.detail} ({trip.limit}); "
+        f"trial {action} before the machine runs out of memory."
+    )
+    _log.error(message)
+    gc.collect()
+    raise MemoryLimitPruned(message, trip)
+
+
+# -- @guard -------------------------------------------------------------------------------------
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<from environment>"
+
+
+_UNSET: Any = _Unset()
+
+
+def _env_budget(environ: Mapping[str, str]) -> float | None:
+    raw = environ.get(BUDGET_ENV_VAR, "").strip()
+    if not raw or raw.lower() in ("none", "off"):
+        return None
+    try:
+        return _check_budget(float(raw))
+    except ValueError:
+        raise ConfigError(f"environment variable {BUDGET_ENV_VAR}={raw!r} is not a number of GB; set it to e.g. 6.0 or 'none'.") from None
+
+
+def _check_budget(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value) or value <= 0:
+        raise ConfigError(f"memory_budget_gb must be a positive number of GB but got {value!r}.")
+    return float(value)
+
+
+@overload
+def guard(func: F) -> F: ...
+
+
+@overload
+def guard(
+    func: None = None,
+    *,
+    min_available_gb: float | None = ...,
+    warn_available_gb: float | None = ...,
+    max_ram_percent: float | None = ...,
+    max_swap_percent: float | None = ...,
+    max_gpu_percent: float | None = ...,
+    max_trial_rss_gb: float | None = ...,
+    interval: float = ...,
+    on_trip: str = ...,
+    memory_budget_gb: float | None = ...,
+    preflight: bool = ...,
+    probe: MemoryProbe | None = ...,
+) -> Callable[[F], F]: ...
+
+
+def guard(
+    func: Callable[..., Any] | None = None,
+    *,
+    min_available_gb: Any = _UNSET,
+    warn_available_gb: Any = _UNSET,
+    max_ram_percent: Any = _UNSET,
+    max_swap_percent: Any = _UNSET,
+    max_gpu_percent: Any = _UNSET,
+    max_trial_rss_gb: Any = _UNSET,
+    interval: Any = _UNSET,
+    on_trip: Any = _UNSET,
+    memory_budget_gb: Any = _UNSET,
+    preflight: Any = _UNSET,
+    probe: MemoryProbe | None = None,
+) -> Any:
+    """Guard an Optuna objective against running the machine out of memory.
+
+    Use bare (``@guard``) or with limits (``@guard(max_trial_rss_gb=6, on_trip="fail")``).
+    Limits not given come from :meth:`MemoryLimits.from_env` (``OPTUNA_GUARD_*`` variables,
+    read when the function is decorated), so the launcher configures guards in its workers.
+    ``None`` switches a limit off. ``memory_budget_gb`` (env ``OPTUNA_GUARD_MEMORY_BUDGET_GB``)
+    writes the Optuna constraint ``memory = peak_rss_gb - budget`` on every trial;
+    ``preflight=True`` (env ``OPTUNA_GUARD_PREFLIGHT=1``) runs
+    ``optuna_guard.analysis.preflight.preflight_check`` before the objective. The wrapper keeps
+    the function's name and signature and carries its limits as ``__optuna_guard__``.
+    """
+    overrides = {
+        name: value
+        for name, value in (
+            ("min_available_gb", min_available_gb),
+            ("warn_available_gb", warn_available_gb),
+            ("max_ram_percent", max_ram_percent),
+            ("max_swap_percent", max_swap_percent),
+            ("max_gpu_percent", max_gpu_percent),
+            ("max_trial_rss_gb", max_trial_rss_gb),
+            ("interval", interval),
+            ("on_trip", on_trip),
+        )
+        if value is not _UNSET
+    }
+    if func is not None and not callable(func):
+        raise ConfigError(f"@guard decorates an objective function but got {func!r}; use @guard or @guard(...).")
+    limits = MemoryLimits.from_env(**overrides)
+    budget = _env_budget(os.environ) if memory_budget_gb is _UNSET else (None if memory_budget_gb is None else _check_budget(memory_budget_gb))
+    if preflight is _UNSET:
+        preflight = os.environ.get(PREFLIGHT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    settings = _GuardSettings(limits=limits, budget_gb=budget, preflight=bool(preflight), probe=probe)
+
+    def decorate(objective: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(objective)
+        def guarded(trial: Any, *args: Any, **kwargs: Any) -> Any:
+            return _run_guarded(objective, settings, trial, args, kwargs)
+
+        guarded.__optuna_guard__ = limits  # type: ignore[attr-defined]
+        guarded.__optuna_guard_settings__ = settings  # type: ignore[attr-defined]
+        return guarded
+
+    return decorate(func) if func is not None else decorate
+
+
+class _GuardSettings:
+    __slots__ = ("limits", "budget_gb", "preflight", "probe")
+
+    def __init__(self, *, limits: MemoryLimits, budget_gb: float | None, preflight: bool, probe: MemoryProbe | None) -> None:
+        self.limits = limits
+        self.budget_gb = budget_gb
+        self.preflight = preflight
+        self.probe = probe
+
+    def __repr__(self) -> str:
+        return f"GuardSettings(limits={self.limits!r}, budget_gb={self.budget_gb}, preflight={self.preflight})"
+
+
+def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial: Any, args: tuple, kwargs: dict) -> Any:
+    limits = settings.limits
+    probe = settings.probe or default_probe()
+    preemption.raise_if_stop_requested(trial)
+    number = getattr(trial, "number", -1)
+    watch = TrialWatch(number=number, limits=limits, probe=probe, frame_id=id(sys._getframe()))
+    killed = False
+    started = time.perf_counter()
+    take_delivered()
+    try:
+        system = probe.system()
+        rss = probe.process_tree_rss(os.getpid())
+        gpus = probe.gpus()
+        watch.observe(system, rss, gpus)
+        try:
+            trip = find_trip(limits, system, rss, gpus)
+            if trip is not None:
+                _emergency_stop(trial, trip, f"Trial #{number} start", action=_action(limits))
+            if below_warning(limits, system):
+                _warn_once(trial, f"Trial #{number} start", system, limits)
+            if settings.preflight:
+                _run_preflight(trial, probe)
+            SAMPLER.register(watch)
+            value: Any = None
+            interrupted = False
+            try:
+                try:
+                    value = objective(trial, *args, **kwargs)
+                finally:
+                    watch.finish()
+            except _GuardInterrupt as exc:
+                watch.finish()
+                _release_frames(exc)
+                interrupted = True
+            if interrupted:  # outside the except block, so the new exception has no __context__
+                take_delivered()
+                return _stopped_by_sampler(trial, watch, limits)
+            if take_delivered() and watch.interrupt is not None:
+                _log.warning("Trial #%d caught the guard's interrupt and went on; it is stopped anyway.", number)
+                return _stopped_by_sampler(trial, watch, limits)
+            if watch.interrupt is not None and not watch.injected:
+                kind, trip = watch.interrupt
+                _log.info("Trial #%d finished before the guard could stop it (%s); its result is kept.", number, trip.detail if trip else kind)
+            return value
+        except MemoryLimitPruned as exc:
+            killed = True
+            _release_frames(exc)
+            if limits.on_trip == "fail":
+                return _fail_value(trial)
+            raise
+    finally:
+        watch.finish()
+        _finish_trial(trial, watch, probe, settings, killed=killed or _was_killed(watch), started=started)
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Free the locals of the objective's finished frames now (the big arrays of a stopped
+    trial). Otherwise the exception's traceback keeps them alive until Optuna drops the
+    exception and a full garbage collection breaks the frame/exception cycle - after the next
+    trial has started, which then sees the memory still in use."""
+    traceback.clear_frames(exc.__traceback__)
+
+
+def _action(limits: MemoryLimits) -> str:
+    return "failed" if limits.on_trip == "fail" else "pruned"
+
+
+def _was_killed(watch: TrialWatch) -> bool:
+    return watch.injected and watch.interrupt is not None and watch.interrupt[0] != INTERRUPT_PREEMPT
+
+
+def _stopped_by_sampler(trial: Any, watch: TrialWatch, limits: MemoryLimits) -> Any:
+    """The sampler interrupted the objective: tag and end the trial the configured way."""
+    assert watch.interrupt is not None
+    kind, trip = watch.interrupt
+    if kind == INTERRUPT_PREEMPT or trip is None:
+        preemption.raise_if_stop_requested(trial)
+        write_user_attrs(trial, {tags.PREEMPTED: True, tags.KILL_REASON: "preempted: stop requested"})
+        raise preemption.TrialPreempted(f"Trial #{watch.number} preempted: stop requested")
+    if watch.available_at_trip is not None:
+        trip = Trip(trip.limit, trip.detail, watch.available_at_trip)
+    try:
+        _emergency_stop(trial, trip, f"Trial #{watch.number} mid-trial", action=_action(limits))
+    except MemoryLimitPruned:
+        if limits.on_trip == "fail":
+            return _fail_value(trial)
+        raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _fail_value(trial: Any) -> Any:
+    """What the objective returns to make Optuna end the trial FAIL without stopping the study:
+    NaN (Optuna fails a trial whose value is NaN and goes on; an exception would stop
+    ``study.optimize`` unless the user lists it in ``catch``)."""
+    study = getattr(trial, "study", None)
+    directions = getattr(study, "directions", None) or [None]
+    return float("nan") if len(directions) == 1 else [float("nan")] * len(directions)
+
+
+def _run_preflight(trial: Any, probe: MemoryProbe) -> None:
+    try:
+        from optuna_guard.analysis.preflight import preflight_check
+    except ImportError as exc:
+        raise ConfigError(f"preflight=True needs optuna_guard.analysis.preflight, which cannot be imported: {exc}.") from None
+    preflight_check(trial, probe=probe)
+
+
+def _finish_trial(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _GuardSettings, *, killed: bool, started: float) -> None:
+    """Write the trial's memory tags (and constraint) while it is RUNNING, then collect garbage."""
+    try:
+        watch.observe(probe.system(), probe.process_tree_rss(os.getpid()), ())
+    except Exception as exc:
+        _log.debug("Final memory reading of Trial #%d failed: %s", watch.number, exc)
+    attrs: dict[str, Any] = {tags.PEAK_RSS_GB: to_gb(watch.peak_rss_bytes)}
+    if watch.min_available_bytes is not None:
+        attrs[tags.MIN_AVAILABLE_GB] = to_gb(watch.min_available_bytes)
+    if watch.peak_gpu_bytes is not None:
+        attrs[tags.PEAK_GPU_GB] = to_gb(watch.peak_gpu_bytes)
+    write_user_attrs(trial, attrs)
+    if settings.budget_gb is not None:
+        _write_constraint(trial, to_gb(watch.peak_rss_bytes), settings.budget_gb, killed)
+    _collect_garbage(force=killed, trial_seconds=time.perf_counter() - started)
+
+
+def _write_constraint(trial: Any, peak_gb: float, budget_gb: float, killed: bool) -> None:
+    if not hasattr(trial, "set_constraint"):
+        return
+    try:
+        from optuna_guard.analysis.constraints import set_memory_constraint
+
+        set_memory_constraint(trial, peak_gb, budget_gb, killed=killed)
+    except ImportError:
+        value = max(peak_gb - budget_gb, 0.0) + max(budget_gb, 1.0) if killed else peak_gb - budget_gb
+        try:
+            trial.set_constraint("memory", value)
+        except Exception as exc:
+            _log.error("Could not write the memory constraint of Trial #%s: %s", getattr(trial, "number", "?"), exc)
+    except Exception as exc:
+        _log.error("Could not write the memory constraint of Trial #%s: %s", getattr(trial, "number", "?"), exc)
+
+
+class _GcBudget:
+    """Full collections after trials, at most ``GC_TIME_SHARE`` of wall time unless forced."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_full = -math.inf
+        self.last_cost = 0.0
+
+
+_gc_budget = _GcBudget()
+
+
+def _collect_garbage(*, force: bool, trial_seconds: float) -> None:
+    """After a trial: a full ``gc.collect()`` when the trial was stopped by a limit or when it
+    fits the time share (always, for trials longer than ~200x a collection), else a cheap
+    young-generation collection; then empty the CUDA cache if torch has CUDA initialised."""
+    now = time.perf_counter()
+    with _gc_budget.lock:
+        due = force or now - _gc_budget.last_full >= _gc_budget.last_cost / GC_TIME_SHARE
+        if due:
+            _gc_budget.last_full = now  # claim it, so concurrent trials do not all collect
+    if due:
+        gc.collect()
+        _gc_budget.last_cost = time.perf_counter() - now
+    else:
+        gc.collect(0)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
