@@ -16,6 +16,7 @@ AVAILABLE_GB_AT_KILL = "available_gb_at_kill"  # float: available RAM (GB, 2 dec
 PEAK_RSS_GB = "peak_rss_gb"  # float: peak process-tree RSS of the trial (GB)
 MIN_AVAILABLE_GB = "min_available_gb"  # float: lowest available RAM seen (GB)
 PEAK_GPU_GB = "peak_gpu_gb"  # float: peak GPU memory used (GB), only when a GPU is seen
+PREDICTED_PEAK_GB = "predicted_peak_gb"  # float: the pre-flight check's estimate of the peak RSS (GB)
 
 # Where the trial ran (written by the launcher's workers).
 WORKER_ID = "worker_id"  # int
@@ -43,6 +44,7 @@ ALL_TAGS = (
     PEAK_RSS_GB,
     MIN_AVAILABLE_GB,
     PEAK_GPU_GB,
+    PREDICTED_PEAK_GB,
     WORKER_ID,
     WORKER_PID,
     HOSTNAME,
