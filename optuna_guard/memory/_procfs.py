@@ -77,16 +77,24 @@ class ProcessTree:
     def rss(self, pid: int) -> int:
         with self._lock:
             used: set[str] = set()
+            parents: dict[int, list[int]] | None = None
+
+            def children(of: int) -> list[int]:
+                nonlocal parents
+                if self._children_supported is not False:
+                    found = self._children(of, used)
+                    if self._children_supported is not False:
+                        return found
+                if parents is None:
+                    parents = self._scan_parents()
+                return list(parents.get(of, ()))
+
             try:
                 own = self._rss_of(pid, used)
                 if own is None:
                     return 0
                 total = own
-                if self._children_supported is False:
-                    children_of = self._scan_parents()
-                    stack = list(children_of.get(pid, ()))
-                else:
-                    stack = self._children(pid, used)
+                stack = children(pid)
                 seen = {pid}
                 while stack:
                     child = stack.pop()
@@ -97,10 +105,7 @@ class ProcessTree:
                     if rss is None:
                         continue
                     total += rss
-                    if self._children_supported is False:
-                        stack.extend(children_of.get(child, ()))
-                    else:
-                        stack.extend(self._children(child, used))
+                    stack.extend(children(child))
                 return total
             finally:
                 self._forget_unused(used)
@@ -133,7 +138,7 @@ class ProcessTree:
             except FileNotFoundError:
                 if self._children_supported is None and os.path.isdir(os.path.join(task_dir, tid)):
                     self._children_supported = False  # kernel without CONFIG_PROC_CHILDREN
-                    return list(self._scan_parents().get(pid, ()))
+                    return []
                 continue
             except OSError:
                 continue

@@ -1,0 +1,79 @@
+"""Fixtures shared by the whole suite (storages, study names, memory helpers, clean state).
+
+Server URLs are the services the CI machine runs; tests that use them must run, not skip.
+Helpers and fakes live in ``tests/fakes.py`` (``from fakes import FakeProbe``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from typing import Callable, Iterator
+
+import optuna
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # so `from fakes import ...` works from any rootdir
+
+from fakes import FakeProbe, current_rss_gb as _current_rss_gb  # noqa: E402
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+MYSQL_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+@pytest.fixture()
+def sqlite_url(tmp_path) -> str:
+    """A fresh SQLite file storage URL in the test's tmp_path."""
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+@pytest.fixture()
+def postgres_url() -> str:
+    """The CI PostgreSQL server (use a unique study name: other runs share the database)."""
+    return POSTGRES_URL
+
+
+@pytest.fixture()
+def mysql_url() -> str:
+    """The CI MariaDB server (use a unique study name: other runs share the database)."""
+    return MYSQL_URL
+
+
+@pytest.fixture()
+def unique_study_name(request) -> str:
+    """A study name no parallel test run uses."""
+    return f"{request.node.name[:40]}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture()
+def current_rss_gb() -> Callable[[], float]:
+    """Call it to get this process tree's RSS in GB now (make memory limits relative to it)."""
+    return _current_rss_gb
+
+
+@pytest.fixture()
+def fake_probe() -> FakeProbe:
+    """A fake probe with plenty of memory: 16 GB total, 12 GB available, 0.5 GB RSS."""
+    return FakeProbe()
+
+
+@pytest.fixture()
+def quiet_optuna() -> Iterator[None]:
+    """Optuna logs only warnings during the test."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(previous)
+
+
+@pytest.fixture(autouse=True)
+def _clean_process_state() -> Iterator[None]:
+    """Process-wide flags must not leak between tests: stop/checkpoint requests, default probe."""
+    from optuna_guard import preemption
+    from optuna_guard.memory import set_default_probe
+
+    preemption.reset()
+    yield
+    preemption.reset()
+    set_default_probe(None)
