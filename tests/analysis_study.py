@@ -191,3 +191,31 @@ EXPECTED_WORKERS = {
     0: {"trials_started": 8, "kills": 2, "recycles": 1, "crashes": 0, "peak_rss_gb": 9.0},
     1: {"trials_started": 9, "kills": 1, "recycles": 0, "crashes": 1, "peak_rss_gb": 9.0},
 }
+
+
+class FakeProbe:
+    """A memory probe that reports fixed numbers (GB), so tests never need real memory pressure."""
+
+    def __init__(self, available_gb: float, held_gb: float = 0.5, total_gb: float = 32.0) -> None:
+        self.available_gb = available_gb
+        self.held_gb = held_gb
+        self.total_gb = total_gb
+
+    def system(self):
+        from optuna_guard._units import GB
+        from optuna_guard.memory import SystemMemory
+
+        return SystemMemory(
+            total_bytes=int(self.total_gb * GB),
+            available_bytes=int(self.available_gb * GB),
+            used_bytes=int((self.total_gb - self.available_gb) * GB),
+            percent=100.0 * (1 - self.available_gb / self.total_gb),
+        )
+
+    def process_tree_rss(self, pid: int) -> int:
+        from optuna_guard._units import GB
+
+        return int(self.held_gb * GB)
+
+    def gpus(self) -> list:
+        return []

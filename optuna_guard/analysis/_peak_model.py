@@ -2,12 +2,15 @@
 
 Two estimators over the trials that carry a ``peak_rss_gb`` tag:
 
-- ``regression`` (default): least squares (lightly ridged) of ``log(peak_rss_gb)`` on the params,
-  each numeric param as ``log(x)`` when its range is positive (else ``x``) scaled to [0, 1] by
-  its distribution, each categorical one-hot. Memory is usually a product of sizes (batch x
-  width x sequence length), which is linear in log space, so the fit extrapolates to bigger
-  configurations nobody has tried yet. Fitted on trials that were *not* killed: a killed trial's
-  peak is only what it reached before the kill (a lower bound), which would pull the fit down.
+- ``regression`` (default): ``peak = base + exp(a + sum_i b_i * f_i)``, a fixed part (the
+  interpreter, framework, data) plus a power law in the params. Each numeric param enters as
+  ``log(x)`` when its range is positive (else ``x``) scaled to [0, 1] by its distribution, each
+  categorical one-hot, so ``exp(...)`` is a product of sizes (batch x width x sequence length)
+  times a factor per category (e.g. Adam's optimizer state). ``base`` is chosen among fractions
+  of the smallest observed peak by the smallest relative error; ``a, b`` by (lightly ridged)
+  least squares on ``log(peak - base)``. Such a fit extrapolates to bigger configurations
+  nobody has tried yet. Fitted on trials that were *not* killed: a killed trial's peak is only
+  what it reached before the kill (a lower bound), which would pull the fit down.
 - ``knn``: the inverse-distance weighted mean of the ``k`` nearest trials (same scaled params;
   a categorical counts 1 when it differs), killed ones included. It never extrapolates and
   abstains when even the nearest trial is farther than ``max_distance``.
@@ -34,7 +37,10 @@ METHODS = ("regression", "knn")
 KILLED_FLOOR_DISTANCE = 0.1
 KILLED_GROWTH = 1.1
 PREFLIGHT_LIMIT = "preflight"  # kill_limit of trials the pre-flight check pruned
-_RIDGE = 1e-3
+_RIDGE = 1e-4
+# The fixed part of a trial's memory (interpreter, framework, data) is tried at these fractions
+# of the smallest observed peak; the one whose fit has the smallest relative error is kept.
+_BASE_FRACTIONS = np.linspace(0.0, 0.95, 20)
 _EPS_DISTANCE = 0.05
 
 
@@ -158,27 +164,40 @@ def _distance(a: Mapping[str, Any], b: Mapping[str, Any], names: Sequence[str], 
 
 def _regression(params, names, distributions, observations, min_history) -> PeakEstimate | Abstention:
     usable = [(t, peak) for t, peak in observations if not is_killed(t)]
-    x_new = _features(params, names, distributions)
-    needed = max(min_history, len(x_new) + 2)
+    x_new = np.array([1.0, *_features(params, names, distributions)])
+    needed = max(min_history, len(x_new) + 1)
     if len(usable) < needed:
         return Abstention(
             f"only {len(usable)} finished trial(s) with a peak_rss_gb tag and these params; "
             f"the regression needs {needed}"
         )
     x = np.array([[1.0, *_features(t.params, names, distributions)] for t, _ in usable])
-    y = np.log(np.array([peak for _, peak in usable]))
-    penalty = _RIDGE * len(usable) * np.eye(x.shape[1])
-    penalty[0, 0] = 0.0  # the intercept is not shrunk
-    coef = np.linalg.solve(x.T @ x + penalty, x.T @ y)
-    log_peak = float(np.dot(coef, [1.0, *x_new]))
-    residual = float(np.sqrt(np.mean((x @ coef - y) ** 2)))
-    peak = math.exp(min(log_peak, 30.0))
+    peaks = np.array([peak for _, peak in usable])
+    best = None
+    for base in _BASE_FRACTIONS * peaks.min():
+        # weights (excess / peak)^2 make the log-space fit minimise the relative error of the
+        # peak: a trial barely above the base says little about the power law
+        weights = ((peaks - base) / peaks) ** 2
+        coef = _ridge(x, np.log(peaks - base), weights)
+        fitted = base + np.exp(np.minimum(x @ coef, 30.0))
+        error = float(np.sqrt(np.mean((fitted / peaks - 1.0) ** 2)))
+        if best is None or error < best[0]:
+            best = (error, base, coef)
+    error, base, coef = best
+    peak = float(base + math.exp(min(float(x_new @ coef), 30.0)))
     return PeakEstimate(
         peak_gb=peak,
         method="regression",
         n_trials=len(usable),
-        detail=f"log-linear fit on {len(usable)} finished trials, typical error {100 * (math.exp(residual) - 1):.0f}%",
+        detail=f"fit on {len(usable)} finished trials: {base:.1f} GB base + power law, typical error {100 * error:.0f}%",
     )
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    penalty = _RIDGE * float(weights.sum()) * np.eye(x.shape[1])
+    penalty[0, 0] = 0.0  # the intercept is not shrunk
+    xw = x * weights[:, None]
+    return np.linalg.solve(xw.T @ x + penalty, xw.T @ y)
 
 
 def _knn(params, names, distributions, observations, min_history, k, max_distance) -> PeakEstimate | Abstention:

@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_guard import __version__, tags
 from optuna_guard.analysis import _classify, _timeline
 from optuna_guard.analysis._filters import is_killed
+from optuna_guard.analysis._peak_model import observed_peak
 from optuna_guard.analysis.constraints import memory_constraint
 
 REPORT_SCHEMA = "optuna-guard-report"
@@ -241,10 +242,8 @@ def _top_memory(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
 
 
 def _peak(trial: FrozenTrial) -> float | None:
-    value = trial.user_attrs.get(tags.PEAK_RSS_GB)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+    """The measured peak; None for trials the pre-flight check pruned (they never ran)."""
+    return observed_peak(trial)
 
 
 def _event_log_info(events: Sequence[Mapping[str, Any]] | None, path: str | None) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import optuna
 from optuna.trial import FrozenTrial
 
+from optuna_guard import tags
 from optuna_guard.exceptions import ConfigError
 
 MEMORY_CONSTRAINT = "memory"
@@ -58,10 +59,17 @@ def set_memory_constraint(
 ) -> float | None:
     """Write the ``memory`` constraint on a running trial; return the value written.
 
-    Returns None (and writes nothing) when the trial already has one: Optuna keeps the first
-    value and warns on a second, and the first writer (e.g. the pre-flight check, which knows the
-    predicted peak) knows best.
+    A trial already tagged ``emergency_killed`` counts as killed whatever ``killed`` says, and a
+    trial the pre-flight check pruned counts with its predicted peak (its measured peak is only
+    the idle worker's). Returns None (and writes nothing) when the trial already has a memory
+    constraint: Optuna keeps the first value and warns on a second.
     """
+    attrs = trial.user_attrs
+    if attrs.get(tags.EMERGENCY_KILLED):
+        killed = True
+        predicted = attrs.get(tags.PREDICTED_PEAK_GB)
+        if attrs.get(tags.KILL_LIMIT) == "preflight" and isinstance(predicted, (int, float)):
+            peak_rss_gb = max(float(predicted), peak_rss_gb or 0.0)
     value = memory_constraint_value(peak_rss_gb, budget_gb, killed)
     if MEMORY_CONSTRAINT_ATTR in trial.storage.get_trial_system_attrs(trial._trial_id):
         return None
