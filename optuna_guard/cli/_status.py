@@ -1,0 +1,158 @@
+"""``optuna-guard status``: what a study looks like now, from the storage alone.
+
+    optuna-guard status --study-name NAME [--storage URL] [--json]
+
+Trials by state; emergency-killed, crashed and preempted counts with their reasons; the
+running trials with worker, pid and host (so a stuck or zombie trial is easy to spot).
+Exit codes: 0, 2 (unknown study, unreachable storage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+from typing import Any
+
+from optuna_guard.exceptions import ConfigError
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="trials by state, kills/crashes with reasons, running trials with worker and host",
+        description="Show a study's trials by state, killed/crashed/preempted trials with reasons, and running trials.",
+    )
+    parser.add_argument("--study-name", required=True, metavar="NAME")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="RDB URL (default: SQLite file optuna_guard.db in the current directory)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.set_defaults(func=run)
+
+
+def collect_status(study: Any) -> dict[str, Any]:
+    """The status of a study as plain data (what --json prints; the tables show the same)."""
+    from optuna.trial import TrialState
+
+    from optuna_guard import tags
+
+    trials = study.get_trials(deepcopy=False)
+    by_state = collections.Counter(t.state.name for t in trials)
+    killed = [t for t in trials if t.user_attrs.get(tags.EMERGENCY_KILLED)]
+    crashed = [t for t in trials if t.user_attrs.get(tags.WORKER_CRASHED)]
+    preempted = [t for t in trials if t.user_attrs.get(tags.PREEMPTED)]
+    now = dt.datetime.now()
+    running = []
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        started = t.datetime_start
+        running.append({
+            "number": t.number,
+            "worker_id": t.user_attrs.get(tags.WORKER_ID),
+            "worker_pid": t.user_attrs.get(tags.WORKER_PID),
+            "hostname": t.user_attrs.get(tags.HOSTNAME),
+            "started": started.isoformat(timespec="seconds") if started else None,
+            "running_s": round((now - started).total_seconds(), 1) if started else None,
+        })
+    best = None
+    if len(study.directions) == 1:
+        complete = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get(tags.EMERGENCY_KILLED)]
+        if complete:
+            pick = min if study.direction.name == "MINIMIZE" else max
+            top = pick(complete, key=lambda t: t.value)
+            best = {"number": top.number, "value": top.value, "params": top.params}
+    return {
+        "study_name": study.study_name,
+        "directions": [d.name.lower() for d in study.directions],
+        "n_trials": len(trials),
+        "states": dict(sorted(by_state.items())),
+        "best": best,
+        "emergency_killed": len(killed),
+        "killed_by_limit": _reasons(killed, by_limit=True),
+        "crashed": len(crashed),
+        "crash_reasons": _reasons(crashed, by_limit=False),
+        "preempted": len(preempted),
+        "running": running,
+    }
+
+
+def _reasons(trials: list[Any], *, by_limit: bool) -> list[dict[str, Any]]:
+    from optuna_guard import tags
+
+    groups: dict[str, list[Any]] = collections.defaultdict(list)
+    for t in trials:
+        reason = str(t.user_attrs.get(tags.KILL_REASON, "no reason recorded"))
+        key = str(t.user_attrs.get(tags.KILL_LIMIT) or reason.split(":")[0]) if by_limit else reason
+        groups[key].append(t)
+    rows = []
+    for key, members in sorted(groups.items(), key=lambda item: -len(item[1])):
+        last = max(members, key=lambda t: t.number)
+        rows.append({"reason": key, "count": len(members), "example": str(last.user_attrs.get(tags.KILL_REASON, "")),
+                     "trials": sorted(t.number for t in members)[-10:]})
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import optuna
+
+    from optuna_guard.supervisor._study import mask_url, open_checked_storage, probe_connection, resolve_storage_url
+
+    url = resolve_storage_url(args.storage)
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:" and not os.path.exists(path):
+            raise ConfigError(f"storage file {path!r} does not exist; pass --storage with the URL the study was run on.")
+    probe_connection(url, 5.0)
+    storage = open_checked_storage(url)
+    try:
+        study = optuna.load_study(study_name=args.study_name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+        known = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "") if names else "none"
+        raise ConfigError(f"study {args.study_name!r} not found in {mask_url(url)}; studies there: {known}.") from None
+    status = collect_status(study)
+    status["storage"] = mask_url(url)
+    if args.json:
+        print(json.dumps(status, default=str))
+    else:
+        _print_tables(status)
+    return 0
+
+
+def _print_tables(status: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    states = ", ".join(f"{name} {count}" for name, count in status["states"].items()) or "no trials"
+    console.print(f"Study {status['study_name']!r} ({','.join(status['directions'])}) in {status['storage']}: "
+                  f"{status['n_trials']} trials - {states}")
+    if status["best"]:
+        best = status["best"]
+        console.print(f"Best valid trial {best['number']}: value {best['value']:.6g}, params {best['params']}")
+    console.print(f"Emergency-killed: {status['emergency_killed']}   Crashed: {status['crashed']}   "
+                  f"Preempted: {status['preempted']}")
+    for title, rows in (("Killed trials by limit", status["killed_by_limit"]), ("Crashed trials by reason", status["crash_reasons"])):
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        table.add_column("reason")
+        table.add_column("count", justify="right")
+        table.add_column("last trials")
+        table.add_column("example")
+        for row in rows:
+            table.add_row(row["reason"], str(row["count"]), " ".join(map(str, row["trials"])), row["example"])
+        console.print(table)
+    if status["running"]:
+        table = Table(title="Running trials", title_justify="left")
+        for column in ("trial", "worker", "pid", "host", "started", "running for"):
+            table.add_column(column)
+        for row in status["running"]:
+            table.add_row(str(row["number"]), str(row["worker_id"]), str(row["worker_pid"]), str(row["hostname"]),
+                          str(row["started"]), f"{row['running_s']:.0f}s" if row["running_s"] is not None else "?")
+        console.print(table)
+    else:
+        console.print("Running trials: none")

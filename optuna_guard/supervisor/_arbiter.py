@@ -1,0 +1,946 @@
+"""The supervisor loop (after gunicorn's arbiter): a few named steps, each testable alone.
+
+Every ``check_interval`` the loop runs :meth:`Arbiter.tick`:
+``reap`` dead workers -> ``advance_kills`` (SIGTERM -> wait -> SIGKILL) -> ``check_memory``
+(hard kills, one victim at a time) -> ``check_stop`` (grace period) -> ``reconcile`` (start
+workers up to the target) -> ``report`` (status lines, memory samples, live display).
+Between ticks it waits on the workers' sockets and the signal wake-up fd, so ticket requests
+are answered at once and a signal interrupts the wait. Signal handlers only enqueue.
+
+Side effects sit in small methods (``_spawn_process``, ``_send_signal``) so tests replace them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from optuna_guard import events, tags
+from optuna_guard._logging import get_logger
+from optuna_guard._units import GB, to_gb
+from optuna_guard.exceptions import CrashLoopError
+from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
+from optuna_guard.storage import end_trial_from_outside
+from optuna_guard.supervisor import _policies, _protocol, _tree
+from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
+from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, worker_status_line
+
+_log = get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_STOPPED = 99
+LOG_TAIL_LINES = 15
+
+MEMORY_KILL = "memory"
+PREEMPT_KILL = "preempt"
+
+
+@dataclasses.dataclass
+class KillOrder:
+    """A worker being stopped by the supervisor: SIGTERM sent at ``started_at``, SIGKILL due at
+    ``sigkill_at``; ``tags`` are written on its trial (then PRUNED/FAIL) once it is gone."""
+
+    kind: str
+    reason: str
+    tags: dict[str, Any]
+    started_at: float
+    sigkill_at: float
+    sigkill_sent: bool = False
+    limit: str | None = None
+    trial_number: int | None = None
+
+
+@dataclasses.dataclass
+class WorkerHandle:
+    """The supervisor's view of one worker process (``worker_id`` is the slot 1..N; a
+    replacement takes the slot of the worker it replaces)."""
+
+    worker_id: int
+    spawn_index: int
+    proc: Any  # subprocess.Popen or a test double with pid/poll()/wait()
+    channel: _protocol.Channel
+    log_path: str
+    started_at: float
+    age_limit: float | None
+    ready: bool = False
+    ticket: bool = False
+    trial_id: int | None = None
+    trial_number: int | None = None
+    trial_started_at: float | None = None
+    trials_started: int = 0
+    trials_finished: int = 0
+    rss_bytes: int = 0
+    trial_peak_rss: int = 0
+    deny_reason: str | None = None
+    recycled: bool = False
+    kill: KillOrder | None = None
+    stop_sent: bool = False
+    fatal_error: str | None = None
+    registered: bool = False
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    @property
+    def busy(self) -> bool:
+        """Holds a ticket or runs a trial (counts toward the T in flight)."""
+        return self.ticket or self.trial_id is not None
+
+
+class Arbiter:
+    """Runs one launch. Use :func:`optuna_guard.supervisor.launch` rather than this class."""
+
+    def __init__(
+        self,
+        config: LaunchConfig,
+        study: optuna.Study,
+        storage_url: str,
+        *,
+        probe: MemoryProbe | None = None,
+        event_log: events.EventLog | None = None,
+        display: NullDisplay | RichDisplay | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        retry_policy: Any = None,
+        time_budget: Any = None,
+    ) -> None:
+        self.config = config
+        self.study = study
+        self.storage = study._storage
+        self.storage_url = storage_url
+        self.probe = probe
+        self.event_log = event_log
+        self.display = display or NullDisplay()
+        self.clock = clock
+        self.retry_policy = retry_policy
+        self.time_budget = time_budget
+        self.hostname = socket.gethostname()
+
+        self.workers: list[WorkerHandle] = []
+        self.all_pids: set[int] = set()
+        self.selector = selectors.DefaultSelector()
+        self.signal_queue: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        self._wakeup_r: socket.socket | None = None
+        self._wakeup_w: socket.socket | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self._old_wakeup_fd: int | None = None
+
+        self.finished_states: dict[int, str] = {}  # trial_id -> end state, trials of this launch
+        self.started_trials: dict[int, int] = {}  # trial_id -> number
+        self.durations: list[float] = []
+        self.kills = 0
+        self.crashes = 0
+        self.recycles = 0
+        self.preempted = 0
+        self.retries = 0
+        self.skipped_for_time = 0
+        self.worker_starts = 0
+        self.boot_failures = 0
+        self._rss_recycle_after_one = 0
+        self._warned_recycle_loop = False
+        self._next_spawn_index = 0
+        self._free_slots: list[int] = list(range(config.workers, 0, -1))
+
+        self.stopping = False
+        self.stop_reason: str | None = None
+        self.stop_deadline: float | None = None
+        self.exit_code = EXIT_OK
+        self.system: SystemMemory | None = None
+        self._memory_hold_logged = False
+        self._last_warning_at: float | None = None
+        self._started = clock()
+        self._next_check = self._started
+        self._next_status = self._started + config.status_interval
+        self._next_sample = self._started
+        self._reap_now = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        """Run until T trials finished or a stop; returns the exit code. Leaves nothing RUNNING."""
+        self._install_signal_handlers()
+        self.display.start()
+        self.emit(events.LAUNCH_STARTED, reason=f"study {self.config.study_name!r}", workers=self.config.workers,
+                  n_trials=self.config.n_trials, hostname=self.hostname, supervisor_pid=os.getpid())
+        try:
+            self.tick(self.clock())
+            while not self.done():
+                self.wait_for_io()
+                self.handle_signals()
+                now = self.clock()
+                if now >= self._next_check or self._reap_now:
+                    self._reap_now = False
+                    self.tick(now)
+                    self._next_check = now + self.config.check_interval
+        except BaseException as exc:
+            self.shutdown(reason=f"launcher error: {type(exc).__name__}: {exc}")
+            raise
+        else:
+            self.shutdown(reason=self.stop_reason or "launch finished")
+        finally:
+            self.display.stop()
+            self._restore_signal_handlers()
+            self.selector.close()
+        return self.exit_code
+
+    def done(self) -> bool:
+        if self.live_workers():
+            return False
+        if self.stopping:
+            return True
+        target = self.config.n_trials
+        return target is not None and len(self.finished_states) >= target
+
+    def tick(self, now: float) -> None:
+        """One pass of the watchdog (each step is a method of its own)."""
+        self.reap(now)
+        self.advance_kills(now)
+        self.check_memory(now)
+        self.check_time_budget(now)
+        self.check_stop(now)
+        self.reconcile(now)
+        self.report(now)
+
+    def live_workers(self) -> list[WorkerHandle]:
+        return list(self.workers)
+
+    # ------------------------------------------------------------------ I/O
+    def wait_for_io(self) -> None:
+        timeout = max(0.0, self._next_check - self.clock())
+        try:
+            ready = self.selector.select(timeout)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
+            return
+        for key, _mask in ready:
+            if key.data is None:
+                self._drain_wakeup()
+                continue
+            self.read_messages(key.data)
+
+    def read_messages(self, worker: WorkerHandle) -> None:
+        try:
+            messages, closed = worker.channel.feed()
+        except _protocol.ProtocolError as exc:
+            _log.error("Worker %d (pid %d) broke the protocol: %s; killing it.", worker.worker_id, worker.pid, exc)
+            messages, closed = [], True
+            self._send_signal(worker, signal.SIGKILL, tree=True)
+        for message in messages:
+            self.handle_message(worker, message)
+        if closed:
+            self._unregister(worker)
+            self._reap_now = True
+            try:  # the socket closes a moment before the process becomes reapable
+                worker.proc.wait(timeout=0.1)
+            except (subprocess.TimeoutExpired, AttributeError, TypeError):
+                pass
+
+    def handle_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        now = self.clock()
+        if op == _protocol.HELLO:
+            worker.ready = True
+        elif op == _protocol.TICKET:
+            granted, reason = self.decide_ticket(worker, now)
+            if granted:
+                worker.ticket = True
+                worker.channel.send(_protocol.GRANT)
+            else:
+                worker.deny_reason = reason
+                worker.channel.send(_protocol.DENY, reason=reason)
+        elif op == _protocol.STARTED:
+            self.on_trial_started(worker, int(message["trial_id"]), int(message["number"]), now)
+        elif op == _protocol.FINISHED:
+            self.on_trial_finished(worker, int(message["trial_id"]), int(message["number"]),
+                                   str(message.get("state")), message.get("duration"))
+        elif op == _protocol.RETRIED:
+            self.retries += 1
+            self.emit(events.TRIAL_RETRIED, worker_id=worker.worker_id, pid=worker.pid,
+                      trial_number=message.get("number"), retry_number=message.get("retry_number"),
+                      reason="re-queued by the worker after the in-trial guard stopped it")
+        elif op == _protocol.FATAL:
+            worker.fatal_error = str(message.get("error"))
+        else:
+            _log.warning("Worker %d (pid %d) sent an unknown message %r; ignored.", worker.worker_id, worker.pid, op)
+
+    # ------------------------------------------------------------------ tickets and trials
+    def decide_ticket(self, worker: WorkerHandle, now: float) -> tuple[bool, str]:
+        """Grant one more trial, or say why not (the worker exits on a denial)."""
+        if worker.kill is not None:
+            return False, f"being stopped: {worker.kill.reason}"
+        if self.stopping:
+            return False, f"stopping: {self.stop_reason}"
+        worker.rss_bytes = self._tree_rss(worker.pid)
+        reason = _policies.recycle_reason(
+            age_s=now - worker.started_at,
+            age_limit_s=worker.age_limit,
+            trials_finished=worker.trials_finished,
+            max_trials=self.config.max_trials_per_worker,
+            tree_rss_bytes=worker.rss_bytes,
+            recycle_rss_gb=self.config.recycle_worker_rss_gb,
+        )
+        if reason is not None:
+            self.on_recycle(worker, reason)
+            return False, f"recycle: {reason}"
+        target = self.config.n_trials
+        in_flight = sum(1 for w in self.workers if w.busy)
+        if target is not None and len(self.finished_states) + in_flight >= target:
+            return False, f"done: {target} trials finished or running"
+        if self.time_budget is not None and not self.time_budget.allows_new_trial(self.durations):
+            self.skipped_for_time += 1
+            return False, f"time budget: {self.time_budget.remaining():.0f}s left is less than a typical trial plus the grace period"
+        return True, ""
+
+    def on_recycle(self, worker: WorkerHandle, reason: str) -> None:
+        worker.recycled = True
+        self.recycles += 1
+        _log.info("Worker %d (pid %d) is recycled: %s; a fresh worker replaces it.", worker.worker_id, worker.pid, reason)
+        self.emit(events.WORKER_RECYCLED, worker_id=worker.worker_id, pid=worker.pid, reason=reason,
+                  rss_gb=to_gb(worker.rss_bytes))
+        if "tree RSS" in reason and worker.trials_finished == 1:
+            self._rss_recycle_after_one += 1
+            if self._rss_recycle_after_one >= 3 and not self._warned_recycle_loop:
+                self._warned_recycle_loop = True
+                _log.warning(
+                    "Workers exceed --recycle-worker-rss-gb %.2f after a single trial (%d times in a row); every "
+                    "worker is recycled after each trial. Raise --recycle-worker-rss-gb or find the leak.",
+                    self.config.recycle_worker_rss_gb, self._rss_recycle_after_one)
+        else:
+            self._rss_recycle_after_one = 0
+
+    def on_trial_started(self, worker: WorkerHandle, trial_id: int, number: int, now: float) -> None:
+        worker.ticket = False
+        worker.trial_id, worker.trial_number, worker.trial_started_at = trial_id, number, now
+        worker.trials_started += 1
+        worker.trial_peak_rss = 0
+        self.started_trials[trial_id] = number
+        self.boot_failures = 0
+        self.emit(events.TRIAL_STARTED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number)
+
+    def on_trial_finished(self, worker: WorkerHandle, trial_id: int, number: int, state: str, duration: Any) -> None:
+        if worker.trial_id == trial_id:
+            worker.trial_id = worker.trial_number = worker.trial_started_at = None
+        worker.trials_finished += 1
+        self.finished_states.setdefault(trial_id, state)
+        if isinstance(duration, (int, float)) and state in ("COMPLETE", "PRUNED"):
+            self.durations.append(float(duration))
+        self.emit(events.TRIAL_FINISHED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number,
+                  state=state, duration_s=duration)
+
+    def end_trial(self, worker: WorkerHandle, state: TrialState, user_attrs: dict[str, Any]) -> str | None:
+        """End the worker's trial from outside (tags first, then state) and record it finished.
+
+        Returns the trial's final state name; a trial that finished meanwhile keeps its state.
+        """
+        trial_id, number = worker.trial_id, worker.trial_number
+        if trial_id is None:
+            return None
+        worker.trial_id = worker.trial_number = worker.trial_started_at = None
+        user_attrs = dict(user_attrs)
+        if self.retry_policy is not None:
+            user_attrs.update(self._final_retry_tags(trial_id, user_attrs))
+        try:
+            ended = end_trial_from_outside(self.storage, trial_id, state, user_attrs=user_attrs)
+            final = state.name if ended else self.storage.get_trial(trial_id).state.name
+        except Exception as exc:  # storage down: the heartbeat of surviving workers fails it later
+            _log.error("Could not end trial %s of worker %d in the storage: %s", number, worker.worker_id, exc)
+            return None
+        self.finished_states.setdefault(trial_id, final)
+        worker.trials_finished += 1
+        if ended:
+            self._maybe_retry(trial_id, number)
+        return final if ended else None
+
+    # ------------------------------------------------------------------ reaping
+    def reap(self, now: float) -> None:
+        """Collect workers that exited and act on how they ended."""
+        for worker in list(self.workers):
+            code = worker.proc.poll()
+            if code is None:
+                continue
+            if worker.registered or not worker.channel.closed:
+                try:
+                    messages, _closed = worker.channel.feed()
+                except _protocol.ProtocolError:
+                    messages = []
+                for message in messages:
+                    self.handle_message(worker, message)
+                self._unregister(worker)
+            worker.channel.close()
+            self.workers.remove(worker)
+            self.handle_exit(worker, int(code), now)
+
+    def handle_exit(self, worker: WorkerHandle, code: int, now: float) -> None:
+        description = _policies.describe_exit(code)
+        age = now - worker.started_at
+        if worker.kill is not None and worker.kill.kind == MEMORY_KILL:
+            state = TrialState.FAIL if self.config.on_kill == "fail" else TrialState.PRUNED
+            number = worker.trial_number
+            final = self.end_trial(worker, state, worker.kill.tags)
+            if final is not None:
+                self.emit(events.TRIAL_KILLED, worker_id=worker.worker_id, pid=worker.pid,
+                          trial_number=number, reason=worker.kill.reason, state=final)
+            _log.info("Worker %d (pid %d) is gone (%s).", worker.worker_id, worker.pid, description)
+            return
+        if worker.trial_id is not None and (self.stopping or (worker.kill and worker.kill.kind == PREEMPT_KILL)):
+            reason = worker.kill.reason if worker.kill else f"preempted: {self.stop_reason}; {description}"
+            number = worker.trial_number
+            final = self.end_trial(worker, TrialState.FAIL, {tags.PREEMPTED: True, tags.KILL_REASON: reason,
+                                                               tags.WORKER_PID: worker.pid})
+            if final is not None:
+                self.preempted += 1
+                _log.info("Trial %s of worker %d ended FAIL tagged preempted: %s.", number, worker.worker_id, reason)
+            self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, reason=reason, exit_code=code)
+            return
+        if worker.trial_id is not None:
+            self.crashes += 1
+            number = worker.trial_number
+            reason = description
+            self.end_trial(worker, TrialState.FAIL, {tags.WORKER_CRASHED: True, tags.KILL_REASON: reason,
+                                                      tags.WORKER_PID: worker.pid})
+            _log.error("Worker %d (pid %d) crashed under trial %s: %s; trial %s marked worker_crashed (FAIL). %s",
+                       worker.worker_id, worker.pid, number, reason, number, self._log_hint(worker))
+            self.emit(events.WORKER_CRASHED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number,
+                      reason=reason, exit_code=code, age_s=round(age, 1))
+            return
+        if code != 0 or worker.fatal_error:
+            self.crashes += 1
+            reason = worker.fatal_error or description
+            self.emit(events.WORKER_CRASHED, worker_id=worker.worker_id, pid=worker.pid, reason=reason,
+                      exit_code=code, age_s=round(age, 1))
+            if worker.trials_started == 0 and not self.stopping:
+                self.boot_failures += 1
+                _log.error("Worker %d (pid %d) died before its first trial (%s), %d time(s) in a row. %s",
+                           worker.worker_id, worker.pid, reason, self.boot_failures, self._log_hint(worker))
+                if self.boot_failures >= self.config.crash_loop_limit:
+                    raise CrashLoopError(self._crash_loop_message(worker, reason))
+            else:
+                _log.error("Worker %d (pid %d) died between trials: %s. %s", worker.worker_id, worker.pid, reason,
+                           self._log_hint(worker))
+            return
+        reason = worker.deny_reason or ("stop requested" if self.stopping else "exited by itself")
+        self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, reason=reason, exit_code=code,
+                  trials=worker.trials_finished)
+        _log.debug("Worker %d (pid %d) exited after %d trials: %s.", worker.worker_id, worker.pid,
+                   worker.trials_finished, reason)
+
+    def _log_hint(self, worker: WorkerHandle) -> str:
+        return f"See {worker.log_path}."
+
+    def _crash_loop_message(self, worker: WorkerHandle, reason: str) -> str:
+        tail = read_log_tail(worker.log_path, LOG_TAIL_LINES)
+        quoted = " | ".join(line.strip() for line in tail if line.strip())[-1500:]
+        return (
+            f"workers died before their first trial {self.boot_failures} times in a row (last: worker "
+            f"{worker.worker_id}, {reason}); stopping instead of restarting forever. End of {worker.log_path}: {quoted}"
+        )
+
+    # ------------------------------------------------------------------ kills
+    def start_kill(self, worker: WorkerHandle, kind: str, reason: str, user_attrs: dict[str, Any], now: float,
+                   *, limit: str | None = None, wait: float | None = None) -> None:
+        """SIGTERM now (the worker is told why first), SIGKILL of the whole tree after ``wait``."""
+        wait = self.config.kill_wait if wait is None else wait
+        worker.kill = KillOrder(kind=kind, reason=reason, tags=dict(user_attrs), started_at=now,
+                                sigkill_at=now + wait, limit=limit, trial_number=worker.trial_number)
+        if kind == MEMORY_KILL:
+            worker.channel.send(_protocol.KILL, reason=reason, tags=user_attrs)
+        if wait <= 0:
+            self._send_signal(worker, signal.SIGKILL, tree=True)
+            worker.kill.sigkill_sent = True
+        else:
+            self._send_signal(worker, signal.SIGTERM, tree=True)
+
+    def advance_kills(self, now: float) -> None:
+        for worker in self.workers:
+            order = worker.kill
+            if order is not None and not order.sigkill_sent and now >= order.sigkill_at:
+                order.sigkill_sent = True
+                _log.info("Worker %d (pid %d) still alive %.1fs after SIGTERM; sending SIGKILL to its process tree.",
+                          worker.worker_id, worker.pid, now - order.started_at)
+                self._send_signal(worker, signal.SIGKILL, tree=True)
+
+    def check_memory(self, now: float) -> None:
+        """Measure every worker tree and the system; hard-kill at most one victim at a time."""
+        self.system = self._system()
+        candidates = []
+        for worker in self.workers:
+            worker.rss_bytes = self._tree_rss(worker.pid)
+            if worker.trial_id is not None:
+                worker.trial_peak_rss = max(worker.trial_peak_rss, worker.rss_bytes)
+            if worker.kill is None:
+                candidates.append(_policies.VictimCandidate(
+                    worker_id=worker.worker_id, tree_rss_bytes=worker.rss_bytes,
+                    in_trial=worker.trial_id is not None, trial_started_at=worker.trial_started_at))
+        available = self.system.available_bytes if self.system else None
+        self._maybe_warn(now, available)
+        if any(w.kill is not None and w.kill.kind == MEMORY_KILL for w in self.workers):
+            return  # one victim at a time: wait until it is gone
+        limit_gb = self.config.max_worker_rss_gb
+        victim = _policies.over_limit(candidates, limit_gb)
+        if victim is not None:
+            worker = self._worker_by_id(victim.worker_id)
+            reason = (f"worker memory limit: worker {worker.worker_id} tree RSS {worker.rss_bytes / GB:.2f} GB > "
+                      f"{limit_gb:.2f} GB")
+            self.kill_for_memory(worker, reason, "max_worker_rss_gb", available, now)
+            return
+        min_gb = self.config.min_available_gb
+        if min_gb is not None and available is not None and available < min_gb * GB:
+            choice = _policies.choose_victim(candidates)
+            if choice is None:
+                return
+            worker = self._worker_by_id(choice.worker_id)
+            reason = (f"system memory low: {available / GB:.2f} GB available < {min_gb:.2f} GB; worker "
+                      f"{worker.worker_id} used the most memory (tree RSS {worker.rss_bytes / GB:.2f} GB)")
+            self.kill_for_memory(worker, reason, "min_available_gb", available, now)
+
+    def kill_for_memory(self, worker: WorkerHandle, reason: str, limit: str, available: int | None, now: float) -> None:
+        number = worker.trial_number
+        attrs = {
+            tags.EMERGENCY_KILLED: True,
+            tags.KILL_REASON: reason,
+            tags.KILL_LIMIT: limit,
+            tags.WORKER_PID: worker.pid,
+            tags.PEAK_RSS_GB: to_gb(max(worker.trial_peak_rss, worker.rss_bytes)),
+        }
+        if available is not None:
+            attrs[tags.AVAILABLE_GB_AT_KILL] = to_gb(available)
+        self.kills += 1
+        self.start_kill(worker, MEMORY_KILL, reason, attrs, now, limit=limit)
+        trial_text = f"trial {number} marked emergency_killed" if number is not None else "it ran no trial"
+        _log.warning("Worker %d (pid %d) was killed: %s; %s.", worker.worker_id, worker.pid, reason, trial_text)
+        self.emit(events.WORKER_KILLED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number,
+                  reason=reason, rss_gb=to_gb(worker.rss_bytes),
+                  available_gb=None if available is None else to_gb(available), limit=limit)
+
+    def _maybe_warn(self, now: float, available: int | None) -> None:
+        warn_gb = self.config.warn_available_gb
+        if warn_gb is None or available is None or available >= warn_gb * GB:
+            self._last_warning_at = None
+            return
+        if self._last_warning_at is not None and now - self._last_warning_at < 30.0:
+            return
+        self._last_warning_at = now
+        biggest = max(self.workers, key=lambda w: w.rss_bytes, default=None)
+        detail = f", largest worker {biggest.worker_id}: {biggest.rss_bytes / GB:.2f}GB" if biggest else ""
+        _log.warning("System memory available %.2fGB is below the warning level %.2fGB%s.", available / GB, warn_gb, detail)
+        self.emit(events.MEMORY_WARNING, available_gb=to_gb(available), reason=f"available < {warn_gb:.2f} GB",
+                  worker_id=biggest.worker_id if biggest else None, rss_gb=to_gb(biggest.rss_bytes) if biggest else None)
+
+    # ------------------------------------------------------------------ stopping
+    def begin_stop(self, reason: str, now: float, exit_code: int = EXIT_STOPPED) -> None:
+        """No new tickets; workers get SIGTERM (their trials stop at the next boundary) and
+        ``grace_period`` seconds before they are killed."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        self.exit_code = exit_code
+        self.stop_deadline = now + self.config.grace_period
+        _log.warning("Stopping: %s. No new trials; %d worker(s) get %.0fs to finish or stop their trial.",
+                     reason, len(self.workers), self.config.grace_period)
+        for worker in self.workers:
+            if worker.kill is None and not worker.stop_sent:
+                worker.stop_sent = True
+                self._send_signal(worker, signal.SIGTERM, tree=False)
+
+    def check_stop(self, now: float) -> None:
+        if not self.stopping or self.stop_deadline is None or now < self.stop_deadline:
+            return
+        for worker in self.workers:
+            if worker.kill is None:
+                reason = (f"preempted: {self.stop_reason}; worker killed after the "
+                          f"{self.config.grace_period:.0f}s grace period")
+                self.start_kill(worker, PREEMPT_KILL, reason,
+                                {tags.PREEMPTED: True, tags.KILL_REASON: reason, tags.WORKER_PID: worker.pid},
+                                now, wait=0)
+
+    def check_time_budget(self, now: float) -> None:
+        if self.time_budget is None or self.stopping:
+            return
+        if self.time_budget.expired():
+            self.begin_stop("time budget expired", now)
+
+    # ------------------------------------------------------------------ workers
+    def reconcile(self, now: float) -> None:
+        """Start workers until the target count is reached (or no more trials need one)."""
+        if self.stopping:
+            return
+        counted = [w for w in self.workers if not self._replaceable(w)]
+        target = self.config.n_trials
+        waiting = sum(1 for w in counted if not w.busy)
+        while len(counted) < self.config.workers:
+            if target is not None:
+                need = target - len(self.finished_states) - sum(1 for w in self.workers if w.busy)
+                if need <= waiting:
+                    return
+            if self._memory_hold():
+                return
+            worker = self.spawn(now)
+            counted.append(worker)
+            waiting += 1
+
+    def _replaceable(self, worker: WorkerHandle) -> bool:
+        """A worker on its way out no longer holds its slot: told to exit, or being killed for its
+        own RSS while the system still has room for a replacement (which then boots during the kill)."""
+        if worker.deny_reason is not None:
+            return True
+        if worker.kill is not None and worker.kill.kind == MEMORY_KILL and worker.kill.limit == "max_worker_rss_gb":
+            return not self._memory_hold()
+        return False
+
+    def _memory_hold(self) -> bool:
+        """Do not start workers while the system is below --min-available-gb (they would be killed)."""
+        min_gb = self.config.min_available_gb
+        system = self.system
+        low = bool(min_gb is not None and system is not None and system.available_bytes < min_gb * GB)
+        if low and not self._memory_hold_logged:
+            _log.warning("Not starting workers while available memory %.2fGB is below --min-available-gb %.2f.",
+                         system.available_bytes / GB, min_gb)  # type: ignore[union-attr]
+        self._memory_hold_logged = low
+        return low
+
+    def spawn(self, now: float) -> WorkerHandle:
+        slot = self._take_slot()
+        spawn_index = self._next_spawn_index
+        self._next_spawn_index += 1
+        parent_sock, child_sock = _protocol.socket_pair()
+        settings = WorkerSettings(
+            worker_id=slot,
+            spawn_index=spawn_index,
+            objective=self.config.objective,
+            study_name=self.config.study_name,
+            storage=self.storage_url,
+            sampler=self.config.sampler,
+            pruner=self.config.pruner,
+            seed=self.config.seed,
+            heartbeat_interval=self.config.heartbeat_interval,
+            heartbeat_grace=self.config.heartbeat_grace,
+            connect_timeout=self.config.connect_timeout,
+            guard=self.config.guard,
+            gc_after_trial=self.config.gc_after_trial,
+            on_kill=self.config.on_kill,
+            retry=self.config.retry,
+            retry_on=self.config.retry_on,
+            retry_shrink=self.config.retry_shrink,
+            storage_deadline=self.config.storage_deadline,
+        )
+        env = dict(os.environ)
+        env.update(self.config.guard_env())
+        env.update(settings.to_env())
+        env[_protocol.ENV_FD] = str(child_sock.fileno())
+        env["PYTHONUNBUFFERED"] = "1"
+        log_path = os.path.join(self.config.log_dir, f"worker_{slot}.log")
+        try:
+            proc = self._spawn_process(env, log_path, child_sock.fileno(), slot, spawn_index)
+        finally:
+            child_sock.close()
+        channel = _protocol.Channel(parent_sock)
+        worker = WorkerHandle(
+            worker_id=slot, spawn_index=spawn_index, proc=proc, channel=channel, log_path=log_path,
+            started_at=now,
+            age_limit=_policies.jittered_age_limit(self.config.max_worker_age, self.config.max_worker_age_jitter),
+        )
+        self.workers.append(worker)
+        self.all_pids.add(worker.pid)
+        self.selector.register(parent_sock, selectors.EVENT_READ, worker)
+        worker.registered = True
+        self.worker_starts += 1
+        self.emit(events.WORKER_STARTED, worker_id=slot, pid=worker.pid, spawn_index=spawn_index)
+        _log.info("Worker %d started (pid %d, log %s).", slot, worker.pid, log_path)
+        return worker
+
+    def _take_slot(self) -> int:
+        used = {w.worker_id for w in self.workers if not self._replaceable(w)}
+        for slot in range(1, self.config.workers + 1):
+            if slot not in used:
+                return slot
+        return self.config.workers + 1  # pragma: no cover - reconcile never asks for more
+
+    def _spawn_process(self, env: dict[str, str], log_path: str, child_fd: int, slot: int, spawn_index: int) -> Any:
+        """The one place that starts a process (own session, so its whole tree can be signalled)."""
+        with open(log_path, "ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"===== optuna-guard worker {slot} (start #{spawn_index}) at {stamp} =====\n".encode())
+            log.flush()
+            return subprocess.Popen(
+                [sys.executable, "-m", "optuna_guard.supervisor._worker"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(child_fd,),
+                start_new_session=True,
+                close_fds=True,
+            )
+
+    def _send_signal(self, worker: WorkerHandle, sig: int, *, tree: bool) -> None:
+        """Signal the worker, or its whole process tree (its process group plus any descendant
+        that left the group)."""
+        pid = worker.pid
+        if not tree:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        descendants = _tree.descendants(pid)
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for child in descendants:
+            try:
+                if os.getpgid(child) != pid:
+                    os.kill(child, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _unregister(self, worker: WorkerHandle) -> None:
+        if worker.registered:
+            try:
+                self.selector.unregister(worker.channel.sock)
+            except (KeyError, ValueError):
+                pass
+            worker.registered = False
+
+    def _worker_by_id(self, worker_id: int) -> WorkerHandle:
+        for worker in self.workers:
+            if worker.worker_id == worker_id and worker.kill is None:
+                return worker
+        raise KeyError(worker_id)
+
+    def _tree_rss(self, pid: int) -> int:
+        if self.probe is not None:
+            return int(self.probe.process_tree_rss(pid))
+        return _tree.tree_rss_bytes(pid)
+
+    def _system(self) -> SystemMemory | None:
+        try:
+            return (self.probe or default_probe()).system()
+        except Exception as exc:  # pragma: no cover - a probe failure must not stop the launch
+            _log.debug("memory probe failed: %s", exc)
+            return None
+
+    # ------------------------------------------------------------------ reporting
+    def progress(self, now: float) -> Progress:
+        states = list(self.finished_states.values())
+        finished = len(states)
+        elapsed = now - self._started
+        eta = None
+        target = self.config.n_trials
+        if target is not None and finished and elapsed > 0:
+            eta = (target - finished) * elapsed / finished
+        return Progress(
+            target=target,
+            finished=finished,
+            running=sum(1 for w in self.workers if w.trial_id is not None),
+            complete=states.count("COMPLETE"),
+            pruned=states.count("PRUNED"),
+            failed=states.count("FAIL"),
+            killed=self.kills,
+            crashed=self.crashes,
+            recycles=self.recycles,
+            workers=len(self.workers),
+            available_gb=None if self.system is None else self.system.available_bytes / GB,
+            eta_s=eta,
+        )
+
+    def report(self, now: float) -> None:
+        self.display.update(self.progress(now))
+        if now >= self._next_sample:
+            self._next_sample = now + self.config.memory_sample_interval
+            self.emit_memory_sample()
+        if now >= self._next_status:
+            self._next_status = now + self.config.status_interval
+            self.log_status(now)
+
+    def emit_memory_sample(self) -> None:
+        system = self.system
+        self.emit(
+            events.MEMORY_SAMPLE,
+            available_gb=None if system is None else to_gb(system.available_bytes),
+            total_gb=None if system is None else to_gb(system.total_bytes),
+            used_percent=None if system is None else round(system.percent, 1),
+            workers=[{"worker_id": w.worker_id, "pid": w.pid, "rss_gb": to_gb(w.rss_bytes),
+                      "trial_number": w.trial_number} for w in self.workers],
+        )
+
+    def status_lines(self, now: float) -> list[str]:
+        lines = []
+        for worker in sorted(self.workers, key=lambda w: (w.worker_id, w.spawn_index)):
+            lines.append(worker_status_line(worker.worker_id, worker.pid, self._health(worker),
+                                            now - worker.started_at, worker.age_limit, worker.rss_bytes))
+        lines.append(self.progress(now).line())
+        return lines
+
+    def log_status(self, now: float) -> None:
+        for line in self.status_lines(now):
+            _log.info("%s", line)
+        self.emit(events.STATUS, reason=self.progress(now).line(),
+                  available_gb=None if self.system is None else to_gb(self.system.available_bytes),
+                  workers=[{"worker_id": w.worker_id, "pid": w.pid, "health": self._health(w),
+                            "rss_gb": to_gb(w.rss_bytes), "age_s": round(now - w.started_at, 1),
+                            "trial_number": w.trial_number} for w in self.workers])
+
+    def _health(self, worker: WorkerHandle) -> str:
+        if worker.kill is not None:
+            return "killing"
+        if self.stopping:
+            return "stopping"
+        if worker.deny_reason is not None:
+            return "recycling" if worker.recycled else "exiting"
+        if not worker.ready:
+            return "starting"
+        recycle = self.config.recycle_worker_rss_gb
+        if recycle is not None and worker.rss_bytes > recycle * GB:
+            return "high-memory"
+        return "healthy"
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self.event_log is not None:
+            try:
+                self.event_log.emit(event, **fields)
+            except (OSError, ValueError) as exc:  # a full disk must not stop the launch
+                _log.debug("event log write failed: %s", exc)
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            _log.debug("launch() runs outside the main thread; signals are not handled by the launcher.")
+            return
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, None)
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            self._old_handlers[signum] = signal.signal(signum, self._enqueue_signal)
+
+    def _enqueue_signal(self, signum: int, _frame: Any) -> None:
+        self.signal_queue.put_nowait(signum)  # only enqueue: logging here can deadlock
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers.clear()
+        if self._wakeup_w is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd if self._old_wakeup_fd is not None else -1)
+            self._wakeup_w.close()
+            if self._wakeup_r is not None:
+                self._wakeup_r.close()
+            self._wakeup_r = self._wakeup_w = None
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wakeup_r is not None and self._wakeup_r.recv(512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def handle_signals(self) -> None:
+        """Act on queued signals in the loop (never inside the handler)."""
+        while True:
+            try:
+                signum = self.signal_queue.get_nowait()
+            except queue.Empty:
+                return
+            name = signal.Signals(signum).name
+            now = self.clock()
+            self.emit(events.SIGNAL, reason=name)
+            if signum == signal.SIGUSR1:
+                _log.info("SIGUSR1: status snapshot of %d worker(s).", len(self.workers))
+                self.log_status(now)
+            elif not self.stopping:
+                self.begin_stop(f"launcher received {name}", now)
+            else:
+                _log.warning("Second %s: killing all workers now.", name)
+                self.stop_deadline = now
+                self.check_stop(now)
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self, reason: str) -> None:
+        """Kill whatever still runs, reap it, and end every trial this launch started that is
+        still RUNNING (never leave one RUNNING, whatever path brought us here)."""
+        deadline = self.clock() + 5.0
+        if self.workers:
+            for worker in self.workers:
+                if worker.kill is None:
+                    why = f"preempted: {self.stop_reason or reason}"
+                    worker.kill = KillOrder(kind=PREEMPT_KILL, reason=why,
+                                            tags={tags.PREEMPTED: True, tags.KILL_REASON: why},
+                                            started_at=self.clock(), sigkill_at=self.clock())
+                self._send_signal(worker, signal.SIGKILL, tree=True)
+            while self.workers and self.clock() < deadline:
+                try:
+                    self.reap(self.clock())
+                except CrashLoopError:
+                    pass
+                if self.workers:
+                    time.sleep(0.02)
+        self.sweep_running(reason)
+        self.emit(events.LAUNCH_FINISHED, reason=reason, exit_code=self.exit_code,
+                  finished=len(self.finished_states))
+
+    def sweep_running(self, reason: str) -> None:
+        """A last look in the storage: RUNNING trials of this launch's workers get FAIL."""
+        try:
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except Exception as exc:
+            _log.error("Could not check the storage for RUNNING trials at exit: %s", exc)
+            return
+        for trial in running:
+            ours = trial._trial_id in self.started_trials or (
+                trial.user_attrs.get(tags.WORKER_PID) in self.all_pids
+                and trial.user_attrs.get(tags.HOSTNAME) == self.hostname
+            )
+            if not ours:
+                continue
+            why = f"launcher stopped: {reason}"
+            attrs = {tags.KILL_REASON: why}
+            if self.stopping:
+                attrs[tags.PREEMPTED] = True
+            else:
+                attrs[tags.WORKER_CRASHED] = True
+            try:
+                if end_trial_from_outside(self.storage, trial._trial_id, TrialState.FAIL, user_attrs=attrs):
+                    self.finished_states.setdefault(trial._trial_id, "FAIL")
+                    _log.warning("Trial %d was still RUNNING at exit; ended FAIL (%s).", trial.number, why)
+            except Exception as exc:
+                _log.error("Could not end trial %d: %s", trial.number, exc)
+
+    # ------------------------------------------------------------------ retries (issue 4)
+    def _final_retry_tags(self, trial_id: int, user_attrs: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def _maybe_retry(self, trial_id: int, number: int | None) -> None:
+        return None
+
+    # ------------------------------------------------------------------ summary data
+    def median_duration(self) -> float | None:
+        return statistics.median(self.durations) if self.durations else None
+
+
+def read_log_tail(path: str, lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(size - 16384, 0))
+            data = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return data.splitlines()[-lines:]

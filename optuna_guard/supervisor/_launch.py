@@ -1,0 +1,211 @@
+"""launch(): check everything that can be checked before a worker starts, run the arbiter,
+and summarise what happened from the storage."""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import optuna
+
+from optuna_guard import events, tags
+from optuna_guard._logging import get_logger
+from optuna_guard.exceptions import ConfigError
+from optuna_guard.memory import MemoryProbe
+from optuna_guard.supervisor import _objective_spec
+from optuna_guard.supervisor._arbiter import Arbiter
+from optuna_guard.supervisor._config import LaunchConfig, normalize_directions
+from optuna_guard.supervisor._status import make_display
+from optuna_guard.supervisor._study import (
+    create_or_check_study,
+    make_pruner,
+    make_sampler,
+    mask_url,
+    open_checked_storage,
+    probe_connection,
+    resolve_storage_url,
+)
+from optuna_guard.supervisor._summary import LaunchSummary
+
+_log = get_logger(__name__)
+
+
+def launch(
+    objective: str | Callable[..., Any],
+    *,
+    study_name: str,
+    storage: str | None = None,
+    workers: int = 1,
+    n_trials: int | None = None,
+    direction: str | None = None,
+    directions: Sequence[str] | None = None,
+    sampler: str | None = None,
+    pruner: str | None = None,
+    seed: int | None = None,
+    max_worker_rss_gb: float | None = 8.0,
+    recycle_worker_rss_gb: float | None = None,
+    min_available_gb: float | None = 2.0,
+    warn_available_gb: float | None = 4.0,
+    max_worker_age: float | None = 3600.0,
+    max_trials_per_worker: int | None = None,
+    grace_period: float = 120.0,
+    check_interval: float = 0.25,
+    status_interval: float = 60.0,
+    log_dir: str = "optuna_guard_logs",
+    event_log: str | None = None,
+    on_kill: str = "prune",
+    retry: int = 0,
+    retry_on: Sequence[str] | None = None,
+    retry_shrink: str | None = None,
+    time_budget: float | str | None = None,
+    probe: MemoryProbe | None = None,
+    **options: Any,
+) -> LaunchSummary:
+    """Run ``objective`` in ``workers`` supervised processes until ``n_trials`` trials finished.
+
+    ``objective`` is a spec (``package.module:function`` / ``path/to/file.py:function``) or a
+    module-level function (turned into its spec; workers import it fresh). The remaining options
+    mirror ``optuna-guard run`` (see docs/launcher.md); further :class:`LaunchConfig` fields
+    (``kill_wait``, ``heartbeat_interval``, ``guard``, ``display``, ...) go in ``options``.
+
+    Returns a :class:`LaunchSummary` whose ``exit_code`` is 0 (done) or 99 (stopped by a signal
+    or the time budget). Raises ConfigError / ObjectiveSpecError / StorageUnavailableError before
+    any worker starts, CrashLoopError when workers keep dying before their first trial.
+    """
+    spec = objective if isinstance(objective, str) else _objective_spec.spec_from_callable(objective)
+    if isinstance(time_budget, str):
+        time_budget = _parse_duration(time_budget)
+    try:
+        config = LaunchConfig(
+            objective=spec,
+            study_name=study_name,
+            storage=storage,
+            workers=workers,
+            n_trials=n_trials,
+            directions=normalize_directions(direction, directions),
+            sampler=sampler,
+            pruner=pruner,
+            seed=seed,
+            max_worker_rss_gb=max_worker_rss_gb,
+            recycle_worker_rss_gb=recycle_worker_rss_gb,
+            min_available_gb=min_available_gb,
+            warn_available_gb=warn_available_gb,
+            max_worker_age=max_worker_age,
+            max_trials_per_worker=max_trials_per_worker,
+            grace_period=grace_period,
+            check_interval=check_interval,
+            status_interval=status_interval,
+            log_dir=log_dir,
+            event_log=event_log,
+            on_kill=on_kill,  # type: ignore[arg-type]
+            retry=retry,
+            retry_on=tuple(retry_on) if retry_on is not None else None,
+            retry_shrink=retry_shrink,
+            time_budget=time_budget,
+            **options,
+        )
+    except TypeError as exc:
+        raise ConfigError(f"launch(): {exc}; see LaunchConfig for the accepted options.") from None
+    return run_launch(config, probe=probe)
+
+
+def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> LaunchSummary:
+    """The body of :func:`launch` for an already validated config (the CLI calls this)."""
+    started = time.monotonic()
+    spec = _objective_spec.normalize_spec(config.objective)
+    _objective_spec.check_spec_in_subprocess(spec)
+    url = resolve_storage_url(config.storage)
+    config = config.replace(objective=spec, storage=url, log_dir=os.path.abspath(config.log_dir))
+    probe_connection(url, config.connect_timeout)
+    storage = open_checked_storage(url, connect_timeout=config.connect_timeout)
+    storage = _resilient(storage, config)
+    study = create_or_check_study(storage, config.study_name, config.directions)
+    make_sampler(config.sampler, config.seed)  # fails here (exit 2), not in every worker
+    make_pruner(config.pruner)
+    retry_policy = _retry_policy(config)
+    budget = _time_budget(config)
+    try:
+        os.makedirs(config.log_dir, exist_ok=True)
+        event_log = events.EventLog(config.event_log_path)
+    except OSError as exc:
+        raise ConfigError(f"--log-dir/--event-log {config.log_dir!r} is not writable: {exc.strerror}.") from None
+    _log.info(
+        "Launching %d worker(s) on study %r (%s), %s; logs in %s.",
+        config.workers, config.study_name, mask_url(url),
+        f"{config.n_trials} trials" if config.n_trials else "until stopped", config.log_dir,
+    )
+    arbiter = Arbiter(
+        config, study, url, probe=probe, event_log=event_log, display=make_display(config.display),
+        retry_policy=retry_policy, time_budget=budget,
+    )
+    try:
+        exit_code = arbiter.run()
+    finally:
+        event_log.close()
+    summary = summarize(arbiter, study, config, exit_code, time.monotonic() - started)
+    _log.info("%s", summary)
+    return summary
+
+
+def summarize(arbiter: Arbiter, study: optuna.Study, config: LaunchConfig, exit_code: int, duration: float) -> LaunchSummary:
+    ids = set(arbiter.finished_states)
+    states: collections.Counter[str] = collections.Counter()
+    emergency = preempted = 0
+    best: float | None = None
+    try:
+        for trial in study.get_trials(deepcopy=False):
+            if trial._trial_id not in ids:
+                continue
+            states[trial.state.name] += 1
+            emergency += bool(trial.user_attrs.get(tags.EMERGENCY_KILLED))
+            preempted += bool(trial.user_attrs.get(tags.PREEMPTED))
+        if len(study.directions) == 1:
+            try:
+                best = study.best_value
+            except ValueError:
+                best = None
+    except Exception as exc:  # storage gone at the very end: fall back to what the loop saw
+        _log.error("Could not read the final trial states from the storage: %s", exc)
+        states = collections.Counter(arbiter.finished_states.values())
+        preempted = arbiter.preempted
+    return LaunchSummary(
+        study_name=config.study_name,
+        storage=mask_url(config.storage or ""),
+        exit_code=exit_code,
+        n_trials=config.n_trials,
+        finished=len(ids),
+        states=dict(states),
+        emergency_killed=emergency,
+        kills=arbiter.kills,
+        crashes=arbiter.crashes,
+        recycles=arbiter.recycles,
+        preempted=preempted,
+        retries=arbiter.retries,
+        skipped_for_time=arbiter.skipped_for_time,
+        worker_starts=arbiter.worker_starts,
+        stop_reason=arbiter.stop_reason,
+        duration_s=round(duration, 3),
+        best_value=best,
+        event_log=config.event_log_path,
+    )
+
+
+# ---------------------------------------------------------------------- issue 4 hooks
+def _parse_duration(text: str) -> float:
+    from optuna_guard.time_budget import parse_duration
+
+    return parse_duration(text)
+
+
+def _resilient(storage: Any, config: LaunchConfig) -> Any:
+    return storage
+
+
+def _retry_policy(config: LaunchConfig) -> Any:
+    return None
+
+
+def _time_budget(config: LaunchConfig) -> Any:
+    return None

@@ -1,0 +1,188 @@
+"""Loading an OBJECTIVE spec: ``package.module:function`` or ``path/to/file.py:function``.
+
+Workers are fresh processes, so the objective travels to them as a spec string, never as a
+pickled function. The supervisor checks a spec in a short-lived subprocess
+(:func:`check_spec_in_subprocess`) so a user module that imports torch or allocates at import
+time never runs inside the supervisor, and a bad spec is a one-line error before any worker starts.
+
+Run as ``python -m optuna_guard.supervisor._objective_spec SPEC`` it loads the spec and exits 0,
+or prints the one-line error and exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import traceback
+from typing import Any, Callable
+
+from optuna_guard.exceptions import ObjectiveSpecError
+
+FORMAT_HINT = "use package.module:function or path/to/file.py:function"
+_FILE_MODULE_PREFIX = "optuna_guard_objective_"
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"a/b.py:f"`` -> ``("a/b.py", "f")``; raises ObjectiveSpecError on a malformed spec."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ObjectiveSpecError(f"objective spec {spec!r} has no ':function' part; {FORMAT_HINT}.")
+    target, _, attr = spec.rpartition(":")
+    target, attr = target.strip(), attr.strip()
+    if not target or not attr:
+        raise ObjectiveSpecError(f"objective spec {spec!r} is incomplete; {FORMAT_HINT}.")
+    if not all(part.isidentifier() for part in attr.split(".")):
+        raise ObjectiveSpecError(f"objective spec {spec!r}: {attr!r} is not a Python name; {FORMAT_HINT}.")
+    return target, attr
+
+
+def is_file_target(target: str) -> bool:
+    return target.endswith(".py") or os.sep in target or "/" in target
+
+
+def normalize_spec(spec: str) -> str:
+    """Make a file spec absolute so workers started elsewhere find the same file."""
+    target, attr = split_spec(spec)
+    if is_file_target(target):
+        return f"{os.path.abspath(target)}:{attr}"
+    return f"{target}:{attr}"
+
+
+def spec_from_callable(func: Callable[..., Any]) -> str:
+    """The spec of a module-level function, so the Python API can take a function object.
+
+    A function defined in a script run as ``__main__`` is addressed by the script's file path.
+    Lambdas, closures and methods of local classes cannot be re-imported in a worker.
+    """
+    qualname = getattr(func, "__qualname__", None)
+    module_name = getattr(func, "__module__", None)
+    if not qualname or not module_name or "<" in qualname:
+        raise ObjectiveSpecError(
+            f"objective {func!r} cannot be re-imported by a worker process (lambda, closure or "
+            f"local function); define it at module level or pass a spec string, {FORMAT_HINT}."
+        )
+    module = sys.modules.get(module_name)
+    if module_name == "__main__" or module_name.startswith(_FILE_MODULE_PREFIX):
+        path = getattr(module, "__file__", None)
+        if not path:
+            raise ObjectiveSpecError(
+                f"objective {qualname!r} lives in an interactive __main__ with no file; "
+                f"put it in a module and pass its spec, {FORMAT_HINT}."
+            )
+        return f"{os.path.abspath(path)}:{qualname}"
+    return f"{module_name}:{qualname}"
+
+
+def load_objective(spec: str) -> Callable[..., Any]:
+    """Import the spec's module (or file) and return the callable it names."""
+    target, attr = split_spec(spec)
+    module = _load_file(target, spec) if is_file_target(target) else _load_module(target, spec)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ObjectiveSpecError(
+                f"objective spec {spec!r}: {target!r} has no attribute {part!r}; check the function name."
+            ) from None
+    if not callable(obj):
+        raise ObjectiveSpecError(
+            f"objective spec {spec!r} names a {type(obj).__name__}, not a function; point it at the objective function."
+        )
+    return obj
+
+
+def _load_module(name: str, spec: str) -> Any:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:  # parent package missing or broken
+        raise ObjectiveSpecError(f"objective spec {spec!r}: cannot import {name!r} ({_one_line(exc)}).") from None
+    if found is None:
+        raise ObjectiveSpecError(
+            f"objective spec {spec!r}: no module named {name!r} on the Python path (current directory "
+            f"{os.getcwd()}); {FORMAT_HINT}."
+        )
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        raise ObjectiveSpecError(f"objective spec {spec!r}: importing {name!r} failed: {_one_line(exc)}.") from None
+
+
+def _load_file(path: str, spec: str) -> Any:
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ObjectiveSpecError(f"objective spec {spec!r}: file {path!r} does not exist.")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    module_name = _FILE_MODULE_PREFIX + "".join(c if c.isalnum() else "_" for c in stem)
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    directory = os.path.dirname(path)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)  # like running the script: its siblings are importable
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ObjectiveSpecError(f"objective spec {spec!r}: {path!r} is not a Python file.")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[module_name]
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise ObjectiveSpecError(f"objective spec {spec!r}: {path!r} exited while being imported.") from None
+        raise ObjectiveSpecError(f"objective spec {spec!r}: importing {path!r} failed: {_one_line(exc)}.") from None
+    return module
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} (line {exc.lineno})"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def check_spec_in_subprocess(spec: str, *, timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
+    """Load ``spec`` in a throw-away interpreter; raise ObjectiveSpecError with its one-line reason."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "optuna_guard.supervisor._objective_spec", spec],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        raise ObjectiveSpecError(
+            f"objective spec {spec!r}: importing it took longer than {timeout:.0f} s; does the module do work at import time?"
+        ) from None
+    if result.returncode == 0:
+        return
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    if result.returncode == 2 and lines:
+        raise ObjectiveSpecError(lines[-1])
+    tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    raise ObjectiveSpecError(f"objective spec {spec!r}: the check process failed (exit {result.returncode}): {tail}")
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(f"usage: python -m optuna_guard.supervisor._objective_spec SPEC ({FORMAT_HINT})")
+        return 2
+    try:
+        load_objective(argv[0])
+    except ObjectiveSpecError as exc:
+        sys.stdout.write(f"{exc}\n")
+        return 2
+    except BaseException:  # pragma: no cover - anything else is a bug worth a traceback
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
