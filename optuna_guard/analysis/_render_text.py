@@ -81,7 +81,7 @@ def _stopped_table(report: Mapping[str, Any]) -> Table:
         reasons = "\n".join(f"{r['count']} x {escape(r['reason'])}" for r in info["top_reasons"]) or "-"
         title = _STOP_TITLES.get(kind, kind)
         if kind == tags.EMERGENCY_KILLED and info["by_limit"]:
-            title += "\n" + escape(", ".join(f"{limit}: {n}" for limit, n in info["by_limit"].items()))
+            title += "".join(f"\n  {escape(limit)}: {n}" for limit, n in info["by_limit"].items())
         table.add_row(title, str(info["count"]), reasons)
     return table
 
