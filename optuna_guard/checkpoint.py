@@ -191,6 +191,8 @@ class TrialCheckpointer:
         capture_rng: also save Python/NumPy/torch RNG states and restore them on ``load``.
         format: ``"auto"`` (torch.save when torch is imported, else pickle), ``"torch"`` or
             ``"pickle"``.
+        study: the study, when ``trial`` is a FrozenTrial (tools that inspect checkpoints);
+            a running Trial knows its study.
     """
 
     def __init__(
@@ -202,6 +204,7 @@ class TrialCheckpointer:
         keep_on_complete: bool | Literal["best"] = False,
         capture_rng: bool = False,
         format: Format = "auto",
+        study: Any = None,
     ) -> None:
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ConfigError(f"keep_last must be an integer >= 1 but got {keep_last!r}.")
@@ -215,11 +218,11 @@ class TrialCheckpointer:
         self.capture_rng = capture_rng
         self.format: Format = format
         self.number: int = int(getattr(trial, "number", 0))
-        system_attrs = self._system_attrs(trial)
+        study = getattr(trial, "study", None) or study
+        system_attrs = self._system_attrs(trial, study)
         self.retry_history: list[int] = list(system_attrs.get(RETRY_HISTORY, []))
         original = system_attrs.get(FAILED_TRIAL)
         self.original_number: int = int(original) if original is not None else self.number
-        study = getattr(trial, "study", None)
         self.study_name: str | None = getattr(study, "study_name", None)
         self.directory: Path = chain_directory(root, self.study_name, self.original_number)
         self.resumed_from_step: int | None = None
@@ -228,9 +231,8 @@ class TrialCheckpointer:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @staticmethod
-    def _system_attrs(trial: Any) -> dict[str, Any]:
+    def _system_attrs(trial: Any, study: Any) -> dict[str, Any]:
         """The trial's system attrs from the storage (Optuna 5 removed ``Trial.system_attrs``)."""
-        study = getattr(trial, "study", None)
         trial_id = getattr(trial, "_trial_id", None)
         if study is not None and trial_id is not None:
             return dict(study._storage.get_trial_system_attrs(trial_id))

@@ -276,7 +276,7 @@ def enqueue_retry(study: optuna.Study, frozen_trial: FrozenTrial, policy: RetryP
     system_attrs.setdefault(FAILED_TRIAL, trial.number)
     system_attrs[RETRY_HISTORY] = [*retry_history(trial), trial.number]
     if "fixed_params" in system_attrs:  # enqueue_trial's params not suggested before the kill
-        system_attrs["fixed_params"] = {**system_attrs["fixed_params"], **params}
+        system_attrs["fixed_params"] = {k: params.get(k, v) for k, v in system_attrs["fixed_params"].items()}
     user_attrs = {key: value for key, value in trial.user_attrs.items() if key not in tags.ALL_TAGS}
     user_attrs[tags.RETRY_OF] = trial.number
     if shrunk:
