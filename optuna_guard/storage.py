@@ -46,11 +46,14 @@ def open_storage(
     grace_period: int | None = None,
     heartbeat_stale_trial_callback: Any = None,
     engine_kwargs: Mapping[str, Any] | None = None,
+    skip_setup: bool = False,
 ) -> RDBStorage:
     """Open an RDB storage made safe for several worker processes.
 
     ``url`` defaults to :func:`default_storage_url`. Raises :class:`ConfigError` for a URL
-    that is not an RDB URL.
+    that is not an RDB URL. ``skip_setup=True`` skips table creation and the schema version
+    check (about a second per process): for worker processes of a launcher that already
+    opened the same storage normally.
     """
     url = url or default_storage_url()
     if "://" not in url:
@@ -72,6 +75,8 @@ def open_storage(
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
         heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
+        skip_compatibility_check=skip_setup,
+        skip_table_creation=skip_setup,
     )
     if is_sqlite:
         import sqlalchemy

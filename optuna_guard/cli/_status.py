@@ -126,7 +126,10 @@ def _print_tables(status: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, soft_wrap=True)
+    import sys
+
+    # Not a terminal (a pipe, a log file): wide enough that reasons are not cut or wrapped.
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     states = ", ".join(f"{name} {count}" for name, count in status["states"].items()) or "no trials"
     console.print(f"Study {status['study_name']!r} ({','.join(status['directions'])}) in {status['storage']}: "
                   f"{status['n_trials']} trials - {states}")

@@ -635,7 +635,7 @@ class Arbiter:
             retry_shrink=self.config.retry_shrink,
             storage_deadline=self.config.storage_deadline,
         )
-        env = dict(os.environ)
+        env = self.config.python_env()
         env.update(self.config.guard_env())
         env.update(settings.to_env())
         env[_protocol.ENV_FD] = str(child_sock.fileno())

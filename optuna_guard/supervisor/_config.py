@@ -66,6 +66,7 @@ class LaunchConfig:
     connect_timeout: float = 5.0
     crash_loop_limit: int = 3
     display: Display = "auto"
+    python_path: tuple[str, ...] = ()  # prepended to workers' PYTHONPATH (objective passed as a function)
     # issue 4 (crash-safe trials)
     retry: int = 0
     retry_on: tuple[str, ...] | None = None
@@ -172,6 +173,15 @@ class LaunchConfig:
             env["OPTUNA_GUARD_PREFLIGHT"] = "1"
         return env
 
+    def python_env(self, base: Any = None) -> dict[str, str]:
+        """The environment for worker processes and the spec check: ``base`` (os.environ) plus
+        ``python_path`` in front of PYTHONPATH."""
+        env = dict(os.environ if base is None else base)
+        if self.python_path:
+            parts = list(self.python_path) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+        return env
+
     def replace(self, **changes: Any) -> "LaunchConfig":
         return dataclasses.replace(self, **changes)
 
@@ -241,6 +251,12 @@ def normalize_directions(direction: str | Sequence[str] | None, directions: Sequ
 WORKER_ENV_PREFIX = "OPTUNA_GUARD_WORKER_"
 
 
+def _env_key(field_name: str) -> str:
+    """``worker_id`` -> ``OPTUNA_GUARD_WORKER_ID``, ``study_name`` -> ``OPTUNA_GUARD_WORKER_STUDY_NAME``."""
+    name = field_name[len("worker_"):] if field_name.startswith("worker_") else field_name
+    return WORKER_ENV_PREFIX + name.upper()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
     """What one worker process needs, passed as ``OPTUNA_GUARD_WORKER_*`` environment variables
@@ -269,7 +285,7 @@ class WorkerSettings:
         env: dict[str, str] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            key = WORKER_ENV_PREFIX + field.name.upper()
+            key = _env_key(field.name)
             if value is None:
                 env[key] = ""
             elif isinstance(value, bool):
@@ -284,7 +300,7 @@ class WorkerSettings:
     def from_env(cls, environ: Any) -> "WorkerSettings":
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            raw = environ.get(WORKER_ENV_PREFIX + field.name.upper())
+            raw = environ.get(_env_key(field.name))
             if raw is None:
                 continue
             kind = str(field.type)

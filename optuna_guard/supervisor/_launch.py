@@ -74,7 +74,14 @@ def launch(
     or the time budget). Raises ConfigError / ObjectiveSpecError / StorageUnavailableError before
     any worker starts, CrashLoopError when workers keep dying before their first trial.
     """
-    spec = objective if isinstance(objective, str) else _objective_spec.spec_from_callable(objective)
+    python_path: tuple[str, ...] = tuple(options.pop("python_path", ()))
+    if isinstance(objective, str):
+        spec = objective
+    else:
+        spec = _objective_spec.spec_from_callable(objective)
+        root = _objective_spec.import_root(objective)
+        if root is not None:
+            python_path = (root, *python_path)
     if isinstance(time_budget, str):
         time_budget = _parse_duration(time_budget)
     try:
@@ -104,6 +111,7 @@ def launch(
             retry_on=tuple(retry_on) if retry_on is not None else None,
             retry_shrink=retry_shrink,
             time_budget=time_budget,
+            python_path=python_path,
             **options,
         )
     except TypeError as exc:
@@ -115,7 +123,7 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     """The body of :func:`launch` for an already validated config (the CLI calls this)."""
     started = time.monotonic()
     spec = _objective_spec.normalize_spec(config.objective)
-    _objective_spec.check_spec_in_subprocess(spec)
+    _objective_spec.check_spec_in_subprocess(spec, env=config.python_env())
     url = resolve_storage_url(config.storage)
     config = config.replace(objective=spec, storage=url, log_dir=os.path.abspath(config.log_dir))
     probe_connection(url, config.connect_timeout)

@@ -75,6 +75,21 @@ def spec_from_callable(func: Callable[..., Any]) -> str:
     return f"{module_name}:{qualname}"
 
 
+def import_root(func: Callable[..., Any]) -> str | None:
+    """The directory a fresh interpreter needs on ``sys.path`` to import ``func``'s module
+    (``None`` for ``__main__`` scripts, addressed by file path instead)."""
+    module_name = getattr(func, "__module__", None) or ""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path or module_name == "__main__" or module_name.startswith(_FILE_MODULE_PREFIX):
+        return None
+    root = os.path.dirname(os.path.abspath(path))
+    depth = module_name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
+
+
 def load_objective(spec: str) -> Callable[..., Any]:
     """Import the spec's module (or file) and return the callable it names."""
     target, attr = split_spec(spec)

@@ -40,6 +40,11 @@ def probe_connection(url: str, timeout: float) -> None:
     """Connect once with strict timeouts (handshake reads included) so an unreachable or silent
     server is a one-line StorageUnavailableError within about ``timeout`` seconds. Runs in a
     thread with a hard deadline because some drivers can still block past their own timeouts."""
+    if "://" not in url:
+        raise ConfigError(
+            f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db or "
+            "postgresql+psycopg://user@host/db"
+        )
     if url.startswith("sqlite"):
         return
     import threading
@@ -92,6 +97,7 @@ def open_checked_storage(
     connect_timeout: float = 5.0,
     heartbeat_interval: int | None = None,
     heartbeat_grace: int | None = None,
+    skip_setup: bool = False,
 ) -> optuna.storages.RDBStorage:
     """open_storage, turning "cannot connect" into a one-line StorageUnavailableError."""
     import sqlalchemy.exc
@@ -104,6 +110,7 @@ def open_checked_storage(
                 heartbeat_interval=heartbeat_interval,
                 grace_period=heartbeat_grace if heartbeat_interval else None,
                 engine_kwargs=engine_kwargs_for(url, connect_timeout),
+                skip_setup=skip_setup,
             )
     except ConfigError:
         raise

@@ -1,0 +1,59 @@
+"""Real launches: N worker processes share one study on SQLite, PostgreSQL and MariaDB and
+finish exactly T trials in total, each tagged with the worker that ran it."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+from optuna.trial import TrialState
+
+from optuna_guard import events, tags
+from optuna_guard.exceptions import ConfigError
+from optuna_guard.supervisor import launch
+from supervisor_helpers import FAST, OBJECTIVES, assert_nothing_running, objective_spec, read_events, trials_of
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+def test_three_workers_finish_exactly_t_trials(backend, request, tmp_path, unique_study_name, quiet_optuna):
+    url = request.getfixturevalue(f"{backend}_url")
+    summary = launch(
+        objective_spec("launcher_quick"), study_name=unique_study_name, storage=url,
+        workers=3, n_trials=10, log_dir=str(tmp_path / "logs"), **FAST,
+    )
+    trials = trials_of(url, unique_study_name)
+    assert len(trials) == 10
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 10
+    assert summary.exit_code == 0 and summary.finished == 10 and summary.complete == 10
+    assert {t.user_attrs[tags.WORKER_ID] for t in trials} <= {1, 2, 3}
+    assert len({t.user_attrs[tags.WORKER_PID] for t in trials}) >= 2  # the work was shared
+    assert all(t.user_attrs[tags.HOSTNAME] == socket.gethostname() for t in trials)
+    assert all(tags.PEAK_RSS_GB in t.user_attrs for t in trials)  # unguarded objective got @guard
+    log = read_events(str(tmp_path / "logs" / "events.jsonl"))
+    assert sum(e["event"] == events.TRIAL_STARTED for e in log) == 10
+    assert sum(e["event"] == events.WORKER_STARTED for e in log) == 3
+    assert log[0]["event"] == events.LAUNCH_STARTED and log[-1]["event"] == events.LAUNCH_FINISHED
+    assert any(e["event"] == events.MEMORY_SAMPLE and e["available_gb"] > 0 for e in log)
+    assert_nothing_running(trials)
+
+
+def test_second_launch_adds_t_more_trials_and_keeps_direction(sqlite_url, tmp_path, unique_study_name, quiet_optuna):
+    """T counts this launch's trials; a study created with maximize is found again."""
+    sys.path.insert(0, OBJECTIVES)
+    try:
+        from launcher_quick import maximize_me  # a function object: launch() turns it into a spec
+    finally:
+        sys.path.remove(OBJECTIVES)
+
+    first = launch(maximize_me, study_name=unique_study_name, storage=sqlite_url, direction="maximize",
+                   workers=2, n_trials=3, log_dir=str(tmp_path / "a"), **FAST)
+    second = launch(objective_spec("launcher_quick", "maximize_me"), study_name=unique_study_name,
+                    storage=sqlite_url, direction="maximize", workers=1, n_trials=2, log_dir=str(tmp_path / "b"), **FAST)
+    assert (first.finished, second.finished) == (3, 2)
+    trials = trials_of(sqlite_url, unique_study_name)
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    with pytest.raises(ConfigError, match="already exists with direction maximize"):
+        launch(objective_spec("launcher_quick"), study_name=unique_study_name, storage=sqlite_url,
+               workers=1, n_trials=1, log_dir=str(tmp_path / "c"), **FAST)
+    assert len(trials_of(sqlite_url, unique_study_name)) == 5  # nothing ran
