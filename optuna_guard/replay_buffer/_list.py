@@ -5,7 +5,8 @@ trajectories. Four things made the original grow a worker from 2 GB to 7 GB+ (se
 docs/replay_buffer.md); each has its counter-measure here:
 
 1. stored tensors still attached to an autograd graph keep the graph (and whatever it saved,
-   possibly the previous buffer) alive -> every part is ``detach()``-ed before it is copied;
+   possibly the previous buffer) alive -> every field is copied under ``torch.no_grad()`` into
+   a fresh tensor, detached by construction;
 2. ``self[:] = [torch.cat(...)]`` builds the new generation while the old one is still held,
    so the peak is two generations -> the old tensors are released first, and each field is
    copied straight into its final tensor on the buffer's device (no ``cat`` then ``.to()``);
@@ -117,7 +118,7 @@ class ReplayBufferList(list):
             import_torch().cuda.empty_cache()
 
     def _fields_of(self, traj_list: Iterable[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        """Transpose trajectories into fields of detached parts; ConfigError on bad input."""
+        """Transpose trajectories into lists of per-field parts; ConfigError on bad input."""
         torch = import_torch()
         if isinstance(traj_list, torch.Tensor) or not isinstance(traj_list, Iterable):
             raise ConfigError(
@@ -148,11 +149,10 @@ class ReplayBufferList(list):
             raise ConfigError(
                 f"reward_index={self.reward_index} but trajectories have only {width} fields."
             )
-        fields: list[list[torch.Tensor]] = []
-        for f in range(width):
-            parts = []
-            for i, traj in enumerate(trajectories):
-                part = traj[f]
+        fields = [list(parts) for parts in zip(*trajectories)]
+        for f, parts in enumerate(fields):
+            trailing = None
+            for i, part in enumerate(parts):
                 if not isinstance(part, torch.Tensor):
                     raise ConfigError(
                         f"field {f} of trajectory {i} is a {type(part).__name__}, not a tensor."
@@ -162,23 +162,32 @@ class ReplayBufferList(list):
                         f"field {f} of trajectory {i} is a 0-d tensor; fields are concatenated "
                         "along dim 0, so give them a leading steps axis."
                     )
-                if parts and part.shape[1:] != parts[0].shape[1:]:
+                if trailing is None:
+                    trailing = part.shape[1:]
+                elif part.shape[1:] != trailing:
                     raise ConfigError(
                         f"field {f} of trajectory {i} has shape {tuple(part.shape)} but "
                         f"trajectory 0 has {tuple(parts[0].shape)}; only dim 0 (steps) may differ."
                     )
-                parts.append(part.detach())
-            fields.append(parts)
         return fields
 
     def _concatenate(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """``torch.cat(parts)`` written straight into one new tensor on the buffer's device."""
+        """``torch.cat(parts)`` written straight into one new tensor on the buffer's device.
+
+        Called under ``no_grad``: the new tensor never joins the parts' autograd graph, which is
+        what ``detach()`` would give, without keeping a view of the caller's storage.
+        """
         torch = import_torch()
-        dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
-        rows = sum(int(p.shape[0]) for p in parts)
-        out = self._allocate((rows, *parts[0].shape[1:]), dtype)
+        first = parts[0]
+        same = all(p.dtype == first.dtype and p.device == self.device for p in parts)
+        dtype = (
+            first.dtype if same else functools.reduce(torch.promote_types, [p.dtype for p in parts])
+        )
+        out = self._allocate((sum(p.shape[0] for p in parts), *first.shape[1:]), dtype)
+        if same:
+            return torch.cat(parts, dim=0, out=out)
         offset = 0
-        for part in parts:
+        for part in parts:  # another device or dtype: copy_ converts while it copies
             out[offset : offset + part.shape[0]].copy_(part)
             offset += part.shape[0]
         return out
@@ -231,7 +240,7 @@ class ReplayBufferList(list):
         self.clear()
         with torch.no_grad():
             for tensor in fields:
-                self.append(self._concatenate([tensor.detach()]))
+                self.append(self._concatenate([tensor]))
 
 
 __all__ = ["ReplayBufferList"]

@@ -125,10 +125,14 @@ def check_fits(
     message = (
         f"{what} needs {nbytes / GB:.2f} GB + {check.margin_bytes / GB:.2f} GB safety margin = "
         f"{(nbytes + check.margin_bytes) / GB:.2f} GB > {available / GB:.2f} GB of {where}; "
-        f"use capacity <= {max_rows:,}, smaller field dtypes, or free memory first."
+        + (
+            f"use capacity <= {max_rows:,}, smaller field dtypes, or free memory first."
+            if max_rows
+            else "free memory first (not even one row fits next to the minimum margin)."
+        )
     )
     if on_insufficient == "raise":
         raise InsufficientMemoryError(message)
     _log.warning("%s Allocating anyway (on_insufficient='warn').", message)
-    warnings.warn(message, InsufficientMemoryWarning, stacklevel=4)
+    warnings.warn(message, InsufficientMemoryWarning, stacklevel=3)
     return check

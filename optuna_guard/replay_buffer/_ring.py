@@ -117,6 +117,7 @@ class ReplayBuffer:
             raise InsufficientMemoryError(
                 f"{what} could not allocate {self.nbytes_needed / GB:.2f} GB: {exc}".splitlines()[0]
             ) from exc
+        self._storage_list = list(self._storage.values())  # field order, for the write loop
         self._position = 0
         self._size = 0
         _log.info(
@@ -218,20 +219,26 @@ class ReplayBuffer:
             )
         return merged
 
-    def _coerce(self, batch: dict[str, Any], *, single: bool) -> dict[str, torch.Tensor]:
-        """Detached tensors of shape (N, *field.shape), validated, or a ConfigError."""
+    def _coerce(self, batch: dict[str, Any], *, single: bool) -> list[torch.Tensor]:
+        """Detached tensors of shape (N, *field.shape) in field order, or a ConfigError.
+
+        Kept lean: it runs on every ``extend``, and small batches are dominated by Python time.
+        """
         torch = import_torch()
-        out: dict[str, torch.Tensor] = {}
-        rows: int | None = None
+        out: list[torch.Tensor] = []
+        rows = -1
         for name, field in self._fields.items():
             value = batch[name]
             tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-            leading = tensor.shape[0] if tensor.dim() else -1
-            expected = field.shape if single else (leading, *field.shape)
-            if tuple(tensor.shape) != tuple(expected):
-                shape = tuple(field.shape) if single else ("N", *field.shape)
+            shape = tensor.shape
+            if single:
+                ok = shape == field.shape
+            else:
+                ok = len(shape) == len(field.shape) + 1 and shape[1:] == field.shape
+            if not ok:
+                expected = tuple(field.shape) if single else ("N", *field.shape)
                 raise ConfigError(
-                    f"field {name!r}: expected shape {shape} but got {tuple(tensor.shape)}."
+                    f"field {name!r}: expected shape {expected} but got {tuple(shape)}."
                 )
             if tensor.dtype != field.dtype and not torch.can_cast(tensor.dtype, field.dtype):
                 raise ConfigError(
@@ -240,34 +247,35 @@ class ReplayBuffer:
                 )
             if single:
                 tensor = tensor.unsqueeze(0)
-            if rows is None:
+            if rows < 0:
                 rows = tensor.shape[0]
             elif tensor.shape[0] != rows:
                 raise ConfigError(
                     f"field {name!r} has {tensor.shape[0]} rows but the other fields have {rows}; "
                     "every field needs the same number of transitions."
                 )
-            out[name] = tensor
+            out.append(tensor)
         return out
 
-    def _write(self, data: dict[str, torch.Tensor]) -> None:
-        torch = import_torch()
-        n = next(iter(data.values())).shape[0]
+    def _write(self, data: list[torch.Tensor]) -> None:
+        """Copy detached rows into place (no ``no_grad`` needed: neither side requires grad)."""
+        n = data[0].shape[0]
         if n == 0:
             return
         cap = self._capacity
         start = self._position
         if n > cap:  # only the newest `cap` rows survive; they land where the ring would put them
-            data = {name: t[n - cap :] for name, t in data.items()}
+            data = [t[n - cap :] for t in data]
             start = (start + n - cap) % cap
         rows = min(n, cap)
         first = min(rows, cap - start)
-        with torch.no_grad():
-            for name, src in data.items():
-                dst = self._storage[name]
-                dst[start : start + first].copy_(src[:first])
-                if first < rows:
-                    dst[: rows - first].copy_(src[first:])
+        if first == rows:  # no wrap: one copy per field
+            for dst, src in zip(self._storage_list, data):
+                dst[start : start + rows].copy_(src)
+        else:
+            for dst, src in zip(self._storage_list, data):
+                dst[start:].copy_(src[:first])
+                dst[: rows - first].copy_(src[first:])
         self._position = (self._position + n) % cap
         self._size = min(self._size + n, cap)
 
