@@ -235,6 +235,23 @@ def test_sbatch_requeues_on_exit_99(tmp_path: Path, rc: str, restarts: str, scri
     assert ("scontrol requeue 1234" in calls) is requeued
 
 
+def test_sbatch_study_wide_target_runs_only_the_missing_trials(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'target.db'}"
+    study = optuna.create_study(storage=open_storage(url), study_name="resnet")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    bin_dir = _stub_bin(tmp_path)
+    for target, launched in (("5", "--n-trials 2"), ("3", None)):
+        env = _env(tmp_path, bin_dir, OPTUNA_GUARD_STORAGE=url, OPTUNA_GUARD_STUDY_TRIALS=target,
+                   OPTUNA_GUARD_PYTHON=sys.executable)
+        done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        runs = [c for c in _calls(tmp_path) if c.startswith("launcher ")]
+        if launched is None:
+            assert len(runs) == 1 and "already has 3 of 3 trials" in done.stdout  # not run again
+        else:
+            assert len(runs) == 1 and runs[0].endswith(f"--grace-period 90 {launched} --time-budget 3480")
+
+
 def test_sbatch_without_a_storage_fails_with_one_clear_line(tmp_path: Path) -> None:
     bin_dir = _stub_bin(tmp_path)
     env = _env(tmp_path, bin_dir)
