@@ -25,6 +25,7 @@ import pickle
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -52,6 +53,28 @@ _HASH_CHUNK = 8 * MB
 _STALE_TMP_S = 3600.0  # a temp file this old belongs to a save that crashed
 
 Format = Literal["auto", "torch", "pickle"]
+
+# One helper thread hashes payloads while they are written (shared by all checkpointers of the
+# process; re-created in a forked child, where the parent's thread does not exist).
+_pool_lock = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="optuna-guard-hash")
+        return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 class CheckpointInfo(NamedTuple):
@@ -228,7 +251,6 @@ class TrialCheckpointer:
         self.resumed_from_step: int | None = None
         self.last_saved_step: int | None = None
         self._last_save_monotonic = time.monotonic()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @staticmethod
     def _system_attrs(trial: Any, study: Any) -> dict[str, Any]:
@@ -247,11 +269,6 @@ class TrialCheckpointer:
         )
 
     # -- saving ---------------------------------------------------------------------------
-
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="optuna-guard-hash")
-        return self._pool
 
     def should_save(self, step: int, every: int | None = None, *, every_seconds: float | None = None) -> bool:
         """True when a checkpoint is due: every ``every`` steps, every ``every_seconds``
@@ -306,7 +323,7 @@ class TrialCheckpointer:
             def write_payload(f: Any) -> None:
                 pickle.dump(payload_obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
-        pool = self._executor()
+        pool = _hash_pool()
         sha256, size = _write_atomically(self.directory, payload, write_payload, pool)
         record = {
             "version": MANIFEST_VERSION,
@@ -411,7 +428,6 @@ class TrialCheckpointer:
         is at least as good as the study's best so far (or when ``value`` is not given; then
         :class:`CheckpointCleanupCallback` removes them once another trial is better).
         Returns True when the checkpoints were removed."""
-        self.close()
         if self.keep_on_complete is True:
             return False
         if self.keep_on_complete == "best" and (value is None or self._is_best_so_far(value)):
@@ -429,11 +445,6 @@ class TrialCheckpointer:
         maximize = study.direction.name == "MAXIMIZE"
         return value >= best if maximize else value <= best
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
     def __enter__(self) -> TrialCheckpointer:
         return self
 
@@ -442,8 +453,6 @@ class TrialCheckpointer:
         Leaving by an exception (pruned, killed, preempted) keeps them for the retry."""
         if exc_type is None:
             self.finalize()
-        else:
-            self.close()
 
 
 def _mtime(path: Path) -> float:
