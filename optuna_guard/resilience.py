@@ -269,7 +269,7 @@ def _retry(
             result = call()
         except BaseException as exc:
             if not is_transient_db_error(exc):
-                if attempts.failures:
+                if attempts.failures and isinstance(exc, Exception):
                     tracker.recovered(what, settings)  # a real answer: the database is back
                     if resolve is not None:
                         outcome = resolve(exc)
@@ -399,7 +399,7 @@ class ResilientStorage(BaseStorage):
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
         def resolve(exc: BaseException) -> Any:
             if isinstance(exc, optuna.exceptions.DuplicatedStudyError) and study_name is not None:
-                return self._storage.get_study_id_from_name(study_name)  # our first attempt made it
+                return self.get_study_id_from_name(study_name)  # our first attempt made it
             return _RAISE
 
         return self._call(f"create_new_study({study_name!r})", self._storage.create_new_study,
@@ -476,7 +476,7 @@ class ResilientStorage(BaseStorage):
         def resolve(exc: BaseException) -> Any:
             if not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or not state.is_finished():
                 return _RAISE
-            stored = self._storage.get_trial(trial_id)
+            stored = self.get_trial(trial_id)
             if stored.state == state and _same_values(stored.values, values):
                 _log.info("Trial %d was already %s with these values: the write before the outage committed.",
                           stored.number, state.name)
