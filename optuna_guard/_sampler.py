@@ -13,8 +13,9 @@ thread (a long native call - a big matmul, ``time.sleep`` - finishes first). The
 only injected while the trial's own code runs (not inside optuna, SQLAlchemy, logging,
 threading or optuna-guard code, where an exception could leave a lock or a transaction half
 done; the sampler retries every few milliseconds), at most once per trial, and under the
-watch's lock: the guard wrapper takes the same lock to mark the trial finished and clears an
-exception that was not delivered yet, so it can never leak into the next trial.
+watch's lock: the guard wrapper takes the same lock to mark the trial finished and makes an
+exception that was not delivered yet go off inside its own ``try``, so it can never leak into
+Optuna or the next trial.
 """
 
 from __future__ import annotations
@@ -70,8 +71,22 @@ def take_delivered() -> bool:
     return value
 
 
-def _clear_async_exc(thread_id: int) -> None:
-    _set_async_exc(thread_id, ctypes.py_object())  # NULL: drop a pending exception
+def _absorb_pending_interrupt() -> bool:
+    """Let an injected but not yet delivered interrupt go off here, harmlessly.
+
+    ``PyThreadState_SetAsyncExc(id, NULL)`` would drop it, but on CPython 3.11 it leaves the
+    interpreter's "async exception pending" flag set for good, so every thread would take the
+    eval loop's slow path from then on (and a profiled thread can spin forever). Instead we run
+    a few bytecodes: the interpreter checks for pending asynchronous exceptions on backward
+    jumps, so a pending interrupt is raised inside this ``try``.
+    """
+    try:
+        for _ in range(16):
+            pass
+    except _GuardInterrupt:
+        take_delivered()
+        return True
+    return False
 
 
 class TrialWatch:
@@ -89,6 +104,7 @@ class TrialWatch:
         self.active = True
         self.interrupt: tuple[str, Trip | None] | None = None  # decided: (kind, trip)
         self.injected_at: float | None = None
+        self.absorbed = False  # injected, but the trial's code had finished: its result stands
         self.stuck_warned = False
         self.warned = False
         self.peak_rss_bytes = 0
@@ -111,13 +127,24 @@ class TrialWatch:
     def injected(self) -> bool:
         return self.injected_at is not None
 
+    @property
+    def stopped(self) -> bool:
+        """The interrupt reached the trial's code (the trial is stopped, not finished)."""
+        return self.injected_at is not None and not self.absorbed
+
     def finish(self) -> None:
-        """Mark the trial's code finished (idempotent). After this no interrupt can arrive."""
+        """Mark the trial's code finished (idempotent). After this no interrupt can arrive.
+
+        An interrupt injected but not yet delivered goes off inside this method (the trial's
+        code had finished: its result stands). If it goes off before the ``try`` that absorbs
+        it, it propagates from here; the guard wrapper calls this inside the ``try`` that
+        catches it and calls it again.
+        """
         with self.lock:
-            if self.active:
-                self.active = False
-                if self.injected_at is not None:
-                    _clear_async_exc(self.thread_id)
+            was_active = self.active
+            self.active = False
+        if was_active and self.injected_at is not None and _absorb_pending_interrupt():
+            self.absorbed = True
         SAMPLER.unregister(self)
 
     def try_inject(self, kind: str, trip: Trip | None) -> bool:
@@ -130,8 +157,7 @@ class TrialWatch:
             if not _at_safe_point(self.thread_id, self.frame_id):
                 return False
             if _set_async_exc(self.thread_id, ctypes.py_object(_GuardInterrupt)) != 1:
-                _clear_async_exc(self.thread_id)
-                return False
+                return False  # 0: no such thread (it cannot be: the trial is active), nothing set
             self.injected_at = time.monotonic()
             return True
 
@@ -225,6 +251,7 @@ class Sampler:
                 _log.exception("The optuna-guard sampler failed to take a reading; retrying.")
                 wait = max(w.limits.interval for w in watches)
             self._wake.wait(wait)
+            self._wake.clear()  # a wake-up only matters when idle (handled under the lock above)
 
     def tick(self, watches: list[TrialWatch]) -> float:
         """One reading per probe, applied to every running trial; returns seconds to wait."""

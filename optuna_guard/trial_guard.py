@@ -170,15 +170,23 @@ def write_user_attrs(trial: Any, attrs: Mapping[str, Any], storage: Any = None) 
             _log.error("Could not write tag %s=%r on Trial #%s: %s", key, value, getattr(trial, "number", "?"), exc)
 
 
+_inside_guard = threading.local()
+
+
 def _emergency_stop(trial: Any, trip: Trip, context: str, *, action: str, storage: Any = None) -> None:
-    """Tag, log, collect garbage and raise MemoryLimitPruned."""
+    """Tag, log, collect garbage and raise MemoryLimitPruned.
+
+    Inside a guarded trial the collection is left to the guard: it first frees the stopped
+    objective's frames, so its collection actually returns the trial's memory.
+    """
     write_user_attrs(trial, kill_tags(trip, context, trial), storage)
     message = (
         f"EMERGENCY BRAKE: {_where(trial, context)}: {trip.detail} ({trip.limit}); "
         f"trial {action} before the machine runs out of memory."
     )
     _log.error(message)
-    gc.collect()
+    if not getattr(_inside_guard, "depth", 0):
+        gc.collect()
     raise MemoryLimitPruned(message, trip)
 
 
@@ -313,6 +321,7 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
     killed = False
     started = time.perf_counter()
     take_delivered()
+    _inside_guard.depth = getattr(_inside_guard, "depth", 0) + 1
     try:
         system = probe.system()
         rss = probe.process_tree_rss(os.getpid())
@@ -344,7 +353,7 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
             if take_delivered() and watch.interrupt is not None:
                 _log.warning("Trial #%d caught the guard's interrupt and went on; it is stopped anyway.", number)
                 return _stopped_by_sampler(trial, watch, limits)
-            if watch.interrupt is not None and not watch.injected:
+            if watch.interrupt is not None:
                 kind, trip = watch.interrupt
                 _log.info("Trial #%d finished before the guard could stop it (%s); its result is kept.", number, trip.detail if trip else kind)
             return value
@@ -355,6 +364,7 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
                 return _fail_value(trial)
             raise
     finally:
+        _inside_guard.depth -= 1
         watch.finish()
         _finish_trial(trial, watch, probe, settings, killed=killed or _was_killed(watch), started=started)
 
@@ -372,7 +382,7 @@ def _action(limits: MemoryLimits) -> str:
 
 
 def _was_killed(watch: TrialWatch) -> bool:
-    return watch.injected and watch.interrupt is not None and watch.interrupt[0] != INTERRUPT_PREEMPT
+    return watch.stopped and watch.interrupt is not None and watch.interrupt[0] != INTERRUPT_PREEMPT
 
 
 def _stopped_by_sampler(trial: Any, watch: TrialWatch, limits: MemoryLimits) -> Any:
