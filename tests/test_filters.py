@@ -8,7 +8,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from fakes import FakeProbe
-from optuna_guard import guard, killed_trials, tags, valid_trials
+from optuna_guard import check_memory, guard, killed_trials, tags, valid_trials
 from optuna_guard.analysis import is_killed
 
 KILL = {tags.EMERGENCY_KILLED: True, tags.KILL_REASON: "OOM prevention [split 2/5]: available 1.80 GB < 2.00 GB"}
@@ -64,14 +64,14 @@ def test_filters_see_what_the_guard_wrote(quiet_optuna) -> None:
 
     @guard(probe=probe)
     def objective(trial):
-        probe.set(available_gb=1.0 if trial.number == 1 else 10.0)
-        from optuna_guard import check_memory
+        if trial.number == 1:
+            probe.set(available_gb=1.0)
 
         check_memory(trial, "split 1/1", probe=probe)
         return float(trial.number)
 
     study = optuna.create_study()
-    study.optimize(objective, n_trials=3)
+    study.optimize(objective, n_trials=3, callbacks=[lambda *_: probe.set(available_gb=10.0)])
     assert [t.number for t in killed_trials(study)] == [1]
     assert [t.number for t in valid_trials(study)] == [0, 2]
     best = min(valid_trials(study, complete_only=True), key=lambda t: t.value)
