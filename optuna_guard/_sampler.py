@@ -194,14 +194,23 @@ def _minor_faults(native_id: int) -> int:
 
 
 class Sampler:
-    """The process-wide sampler thread (started on the first guarded trial, idle without one)."""
+    """The process-wide sampler thread (started on the first guarded trial).
+
+    A trial is first sampled one ``interval`` after it started (the guard reads memory itself
+    at the start and the end of every trial, so a trial shorter than that costs the sampler
+    nothing). Between trials the thread polls its list every ``interval``; after
+    ``IDLE_BLOCK_S`` without any trial it blocks on an Event until the next one registers, so
+    short back-to-back trials never pay for waking it up.
+    """
+
+    IDLE_BLOCK_S = 5.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._watches: list[TrialWatch] = []
         self._thread: threading.Thread | None = None
-        self._idle = False
+        self._blocked = False
         self._previous: dict[int, tuple[float, SystemMemory, int | None]] = {}
         self._probe_errors: set[int] = set()
 
@@ -211,8 +220,8 @@ class Sampler:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="optuna-guard-sampler", daemon=True)
                 self._thread.start()
-            if self._idle:
-                self._idle = False
+            if self._blocked:
+                self._blocked = False
                 self._wake.set()
 
     def unregister(self, watch: TrialWatch) -> None:
@@ -231,27 +240,42 @@ class Sampler:
         self._wake = threading.Event()
         self._watches = []
         self._thread = None
-        self._idle = False
+        self._blocked = False
         self._previous = {}
 
     def _run(self) -> None:
+        idle_since: float | None = None
+        poll = 0.1
         while True:
+            now = time.monotonic()
             with self._lock:
                 watches = list(self._watches)
                 if not watches:
-                    self._wake.clear()
-                    self._idle = True
-                    self._previous.clear()
+                    idle_since = idle_since if idle_since is not None else now
+                    if now - idle_since >= self.IDLE_BLOCK_S:
+                        self._wake.clear()
+                        self._blocked = True
+                        self._previous.clear()
             if not watches:
-                self._wake.wait()
+                self._sleep(None if self._blocked else poll)
                 continue
-            try:
-                wait = self.tick(watches)
-            except Exception:  # the sampler must outlive any bug or probe failure
-                _log.exception("The optuna-guard sampler failed to take a reading; retrying.")
-                wait = max(w.limits.interval for w in watches)
-            self._wake.wait(wait)
-            self._wake.clear()  # a wake-up only matters when idle (handled under the lock above)
+            idle_since = None
+            due = [w for w in watches if now - w.started >= w.limits.interval]
+            poll = min(w.limits.interval for w in watches)
+            if not due:
+                wait = max(min(w.started + w.limits.interval for w in watches) - now, MIN_INTERVAL_S)
+            else:
+                try:
+                    wait = self.tick(due)
+                except Exception:  # the sampler must outlive any bug or probe failure
+                    _log.exception("The optuna-guard sampler failed to take a reading; retrying.")
+                    wait = poll
+            self._sleep(wait)
+
+    def _sleep(self, timeout: float | None) -> None:
+        """Wait ``timeout`` seconds (None: until a trial registers); a wake-up is consumed."""
+        if self._wake.wait(timeout):
+            self._wake.clear()
 
     def tick(self, watches: list[TrialWatch]) -> float:
         """One reading per probe, applied to every running trial; returns seconds to wait."""

@@ -324,7 +324,7 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
     _inside_guard.depth = getattr(_inside_guard, "depth", 0) + 1
     try:
         system = probe.system()
-        rss = probe.process_tree_rss(os.getpid())
+        rss = probe.process_tree_rss(os.getpid()) if needs_rss(limits) else None
         gpus = probe.gpus()
         watch.observe(system, rss, gpus)
         try:
@@ -423,8 +423,9 @@ def _run_preflight(trial: Any, probe: MemoryProbe) -> None:
 
 def _finish_trial(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _GuardSettings, *, killed: bool, started: float) -> None:
     """Write the trial's memory tags (and constraint) while it is RUNNING, then collect garbage."""
-    try:
-        watch.observe(probe.system(), probe.process_tree_rss(os.getpid()), ())
+    try:  # the tree RSS now, for trials shorter than one sampling period (the start reading
+        # and the sampler cover the rest; available memory needs no second read here)
+        watch.observe(None, probe.process_tree_rss(os.getpid()), ())
     except Exception as exc:
         _log.debug("Final memory reading of Trial #%d failed: %s", watch.number, exc)
     attrs: dict[str, Any] = {tags.PEAK_RSS_GB: to_gb(watch.peak_rss_bytes)}

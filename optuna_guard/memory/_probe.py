@@ -23,6 +23,8 @@ from optuna_guard.memory._types import GpuMemory, MemoryProbe, SystemMemory
 # cgroup limits rarely change (``docker update``, systemd ``set-property``); re-discover the
 # chain now and then rather than on every sample.
 CGROUP_REFRESH_S = 30.0
+# The kernel recomputes PSI averages every 2 s; reading them more often only costs time.
+PSI_CACHE_S = 1.0
 
 _probes: "weakref.WeakSet[SystemProbe]" = weakref.WeakSet()
 
@@ -47,6 +49,7 @@ class SystemProbe:
         self._meminfo = CachedFile(os.path.join(proc_root, "meminfo"))
         self._psi = CachedFile(os.path.join(proc_root, "pressure", "memory"))
         self._psi_missing = False
+        self._psi_cache: tuple[float, tuple[float | None, float | None]] | None = None
         self._levels: list[CgroupLevel] = []
         self._levels_at = -float("inf")
         self._levels_lock = threading.Lock()
@@ -106,14 +109,21 @@ class SystemProbe:
         return self._levels
 
     def _read_psi(self) -> tuple[float | None, float | None]:
+        """PSI avg10, re-read at most every PSI_CACHE_S (the kernel updates it every 2 s)."""
         if self._psi_missing:
             return None, None
+        now = time.monotonic()
+        cached = self._psi_cache
+        if cached is not None and now - cached[0] < PSI_CACHE_S:
+            return cached[1]
         try:
-            return parse_psi(self._psi.read())
+            values = parse_psi(self._psi.read())
         except (OSError, ValueError):
             # no PSI in this kernel (or disabled with psi=0): do not try again every sample
             self._psi_missing = True
             return None, None
+        self._psi_cache = (now, values)
+        return values
 
     # -- processes and GPUs ---------------------------------------------------------------------
 

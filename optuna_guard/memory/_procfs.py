@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 
-from optuna_guard.memory._files import CachedFile, field_int
+from optuna_guard.memory._files import CachedFile
 
+# Thread lists are re-read at most this often (a subprocess started by a brand-new thread is
+# counted from the next listing on).
+TASKS_CACHE_S = 0.5
 _PRUNE_EVERY = 64  # calls after which files of vanished processes are closed
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -26,19 +30,33 @@ class HostMemory:
     swap_free_bytes: int
 
 
+def _kb(data: bytes, key: bytes) -> int | None:
+    """The value of ``key`` (``b"\nSwapFree:"``-style, unique in the file) in kB, or None."""
+    start = data.find(key)
+    if start < 0:
+        return None
+    start += len(key)
+    end = data.find(b"\n", start)
+    return int(data[start : end if end >= 0 else len(data)].rstrip(b"kB \t"))
+
+
 def parse_meminfo(data: bytes) -> HostMemory:
-    """/proc/meminfo (values in kB). Kernels before 3.14 lack MemAvailable: estimate it."""
-    total = field_int(data, b"MemTotal")
+    """/proc/meminfo (values in kB). Kernels before 3.14 lack MemAvailable: estimate it.
+
+    Hand-rolled lookups rather than a dict of every line: this runs in ``check_memory``.
+    """
+    data = b"\n" + data if not data.startswith(b"\n") else data
+    total = _kb(data, b"\nMemTotal:")
     if total is None:
         raise ValueError("/proc/meminfo has no MemTotal line")
-    available = field_int(data, b"MemAvailable")
+    available = _kb(data, b"\nMemAvailable:")
     if available is None:
-        available = sum(field_int(data, key) or 0 for key in (b"MemFree", b"Buffers", b"Cached"))
+        available = sum(_kb(data, key) or 0 for key in (b"\nMemFree:", b"\nBuffers:", b"\nCached:"))
     return HostMemory(
         total_bytes=total * 1024,
         available_bytes=min(available, total) * 1024,
-        swap_total_bytes=(field_int(data, b"SwapTotal") or 0) * 1024,
-        swap_free_bytes=(field_int(data, b"SwapFree") or 0) * 1024,
+        swap_total_bytes=(_kb(data, b"\nSwapTotal:") or 0) * 1024,
+        swap_free_bytes=(_kb(data, b"\nSwapFree:") or 0) * 1024,
     )
 
 
@@ -73,6 +91,7 @@ class ProcessTree:
         self._last_used: dict[str, int] = {}
         self._calls = 0
         self._children_supported: bool | None = None
+        self._tasks: dict[int, tuple[float, list[str]]] = {}
 
     def rss(self, pid: int) -> int:
         with self._lock:
@@ -124,10 +143,23 @@ class ProcessTree:
         except (OSError, ValueError, IndexError):
             return None
 
+    def _tids(self, pid: int, task_dir: str) -> list[str]:
+        """Thread ids of ``pid``, listed at most every TASKS_CACHE_S (threads come and go
+        rarely; a vanished one is skipped on read)."""
+        now = time.monotonic()
+        cached = self._tasks.get(pid)
+        if cached is not None and now - cached[0] < TASKS_CACHE_S:
+            return cached[1]
+        tids = os.listdir(task_dir)
+        if len(self._tasks) > 256:
+            self._tasks.clear()
+        self._tasks[pid] = (now, tids)
+        return tids
+
     def _children(self, pid: int, used: set[str]) -> list[int]:
         task_dir = os.path.join(self.proc_root, str(pid), "task")
         try:
-            tids = os.listdir(task_dir)
+            tids = self._tids(pid, task_dir)
         except OSError:
             return []
         children: list[int] = []
@@ -139,8 +171,10 @@ class ProcessTree:
                 if self._children_supported is None and os.path.isdir(os.path.join(task_dir, tid)):
                     self._children_supported = False  # kernel without CONFIG_PROC_CHILDREN
                     return []
+                self._tasks.pop(pid, None)  # the thread ended: list them again next time
                 continue
             except OSError:
+                self._tasks.pop(pid, None)  # a thread ended: list them again next time
                 continue
             self._children_supported = True
             children.extend(int(token) for token in data.split())
