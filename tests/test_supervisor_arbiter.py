@@ -67,6 +67,7 @@ class Harness:
         return messages
 
     def state(self, number: int) -> optuna.trial.FrozenTrial:
+        assert self.arbiter.wait_for_storage(timeout=30)  # trials are ended on the storage thread
         return self.study.get_trials(deepcopy=False)[number]
 
 

@@ -12,6 +12,7 @@ Side effects sit in small methods (``_spawn_process``, ``_send_signal``) so test
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import queue
@@ -149,12 +150,16 @@ class Arbiter:
         self.skipped_for_time = 0
         self.worker_starts = 0
         self.boot_failures = 0
+        self._counter_lock = threading.Lock()
+        self._storage_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._storage_jobs: list[concurrent.futures.Future[None]] = []
         self._rss_recycle_after_one = 0
         self._warned_recycle_loop = False
         self._next_spawn_index = 0
         self._free_slots: list[int] = list(range(config.workers, 0, -1))
 
         self.stopping = False
+        self.out_of_time = False
         self.stop_reason: str | None = None
         self.stop_deadline: float | None = None
         self.exit_code = EXIT_OK
@@ -198,7 +203,7 @@ class Arbiter:
     def done(self) -> bool:
         if self.live_workers():
             return False
-        if self.stopping:
+        if self.stopping or self.out_of_time:
             return True
         target = self.config.n_trials
         return target is not None and len(self.finished_states) >= target
@@ -269,6 +274,10 @@ class Arbiter:
             self.emit(events.TRIAL_RETRIED, worker_id=worker.worker_id, pid=worker.pid,
                       trial_number=message.get("number"), retry_number=message.get("retry_number"),
                       reason="re-queued by the worker after the in-trial guard stopped it")
+        elif op == _protocol.OUTAGE:
+            self.emit(events.STORAGE_OUTAGE, worker_id=worker.worker_id, pid=worker.pid, outage=message.get("outage"),
+                      seconds=message.get("seconds"), reason=f"storage outage {message.get('outage')} ({message.get('what')})",
+                      source="worker")
         elif op == _protocol.FATAL:
             worker.fatal_error = str(message.get("error"))
         else:
@@ -297,10 +306,34 @@ class Arbiter:
         in_flight = sum(1 for w in self.workers if w.busy)
         if target is not None and len(self.finished_states) + in_flight >= target:
             return False, f"done: {target} trials finished or running"
-        if self.time_budget is not None and not self.time_budget.allows_new_trial(self.durations):
-            self.skipped_for_time += 1
-            return False, f"time budget: {self.time_budget.remaining():.0f}s left is less than a typical trial plus the grace period"
+        if self.out_of_time or (self.time_budget is not None and not self.time_budget.allows_new_trial(self.durations)):
+            self.on_out_of_time()
+            self.skipped_for_time += 1  # tickets refused (the count reported when there is no T)
+            return False, f"time budget: {self.stop_reason}"
         return True, ""
+
+    def on_out_of_time(self) -> None:
+        """The budget cannot fit another trial: no more tickets, no more workers; the launch ends
+        when the running trials finish (exit 99, so a job script can requeue)."""
+        if self.out_of_time:
+            return
+        self.out_of_time = True
+        budget = self.time_budget
+        typical = statistics.median(self.durations) if self.durations else 0.0
+        self.stop_reason = (f"time budget: {budget.remaining():.0f}s left, less than a typical trial "
+                            f"({typical:.0f}s) plus the {budget.grace_period:.0f}s grace period")
+        self.exit_code = EXIT_STOPPED
+        _log.warning("No new trials: %s.", self.stop_reason)
+        self.emit(events.SIGNAL, reason=self.stop_reason)
+
+    @property
+    def skipped_for_time_count(self) -> int:
+        """Trials of the target T that were not started because of the time budget."""
+        if not self.out_of_time and not (self.stopping and self.stop_reason == "time budget expired"):
+            return 0
+        if self.config.n_trials is None:
+            return self.skipped_for_time
+        return max(self.config.n_trials - len(self.finished_states), 0)
 
     def on_recycle(self, worker: WorkerHandle, reason: str) -> None:
         worker.recycled = True
@@ -339,28 +372,71 @@ class Arbiter:
                   state=state, duration_s=duration)
 
     def end_trial(self, worker: WorkerHandle, state: TrialState, user_attrs: dict[str, Any]) -> str | None:
-        """End the worker's trial from outside (tags first, then state) and record it finished.
+        """End the dead worker's trial from outside (tags first, then state), counted as finished.
 
-        Returns the trial's final state name; a trial that finished meanwhile keeps its state.
+        The storage writes run on the storage thread, so a database outage (retried by
+        ResilientStorage for minutes) never stalls the memory watchdog. Returns the state the
+        trial is being ended in; a trial the worker finished just before dying keeps its state.
         """
         trial_id, number = worker.trial_id, worker.trial_number
         if trial_id is None:
             return None
         worker.trial_id = worker.trial_number = worker.trial_started_at = None
-        user_attrs = dict(user_attrs)
-        if self.retry_policy is not None:
-            user_attrs.update(self._final_retry_tags(trial_id, user_attrs))
-        try:
-            ended = end_trial_from_outside(self.storage, trial_id, state, user_attrs=user_attrs)
-            final = state.name if ended else self.storage.get_trial(trial_id).state.name
-        except Exception as exc:  # storage down: the heartbeat of surviving workers fails it later
-            _log.error("Could not end trial %s of worker %d in the storage: %s", number, worker.worker_id, exc)
-            return None
-        self.finished_states.setdefault(trial_id, final)
         worker.trials_finished += 1
-        if ended:
-            self._maybe_retry(trial_id, number)
-        return final if ended else None
+        self.finished_states[trial_id] = state.name  # corrected by the job if the worker won the race
+        self.submit_storage_job(self._end_trial_job, trial_id, number, worker.worker_id, state, dict(user_attrs))
+        return state.name
+
+    def _end_trial_job(self, trial_id: int, number: int | None, worker_id: int, state: TrialState,
+                       user_attrs: dict[str, Any]) -> None:
+        frozen = self.storage.get_trial(trial_id)
+        if frozen.state != TrialState.RUNNING:
+            self.finished_states[trial_id] = frozen.state.name
+            return
+        policy = self.retry_policy
+        if policy is not None:
+            user_attrs.update(policy.final_tags({**frozen.user_attrs, **user_attrs}, policy.attempt(frozen)))
+        if not end_trial_from_outside(self.storage, trial_id, state, user_attrs=user_attrs):
+            self.finished_states[trial_id] = self.storage.get_trial(trial_id).state.name
+            return
+        if policy is not None:
+            self.retry_trial(trial_id, number, worker_id)
+
+    def retry_trial(self, trial_id: int, number: int | None, worker_id: int | None) -> int | None:
+        """Queue a retry of a trial the supervisor ended, if the retry policy wants one."""
+        from optuna_guard.retries import enqueue_retry
+
+        assert self.retry_policy is not None
+        retry_number = enqueue_retry(self.study, self.storage.get_trial(trial_id), self.retry_policy)
+        if retry_number is not None:
+            with self._counter_lock:
+                self.retries += 1
+            self.emit(events.TRIAL_RETRIED, worker_id=worker_id, trial_number=number, retry_number=retry_number,
+                      reason=f"trial {number} re-queued as trial {retry_number}")
+        return retry_number
+
+    def submit_storage_job(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._storage_pool is None:
+            self._storage_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="optuna-guard-storage")
+        future = self._storage_pool.submit(self._run_storage_job, fn, *args)
+        self._storage_jobs.append(future)
+
+    def _run_storage_job(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # storage gone past the deadline: surviving workers' heartbeat fails it
+            _log.error("Could not update trial %s in the storage: %s: %s", args[1] if len(args) > 1 else "?",
+                       type(exc).__name__, exc)
+
+    def wait_for_storage(self, timeout: float | None = None) -> bool:
+        """Wait until every queued storage write is done; False if some are still pending."""
+        pending = [f for f in self._storage_jobs if not f.done()]
+        if pending:
+            _done, not_done = concurrent.futures.wait(pending, timeout=timeout)
+            if not_done:
+                return False
+        self._storage_jobs = [f for f in self._storage_jobs if not f.done()]
+        return True
 
     # ------------------------------------------------------------------ reaping
     def reap(self, now: float) -> None:
@@ -574,7 +650,7 @@ class Arbiter:
     # ------------------------------------------------------------------ workers
     def reconcile(self, now: float) -> None:
         """Start workers until the target count is reached (or no more trials need one)."""
-        if self.stopping:
+        if self.stopping or self.out_of_time:
             return
         counted = [w for w in self.workers if not self._replaceable(w)]
         target = self.config.n_trials
@@ -891,6 +967,11 @@ class Arbiter:
                     pass
                 if self.workers:
                     time.sleep(0.02)
+        deadline_s = (self.config.storage_deadline or 0.0) + 30.0
+        if not self.wait_for_storage(timeout=deadline_s):
+            _log.error("Storage writes still pending after %.0fs; some trials may stay RUNNING until a heartbeat check.", deadline_s)
+        if self._storage_pool is not None:
+            self._storage_pool.shutdown(wait=False)
         self.sweep_running(reason)
         self.emit(events.LAUNCH_FINISHED, reason=reason, exit_code=self.exit_code,
                   finished=len(self.finished_states))
@@ -921,13 +1002,6 @@ class Arbiter:
                     _log.warning("Trial %d was still RUNNING at exit; ended FAIL (%s).", trial.number, why)
             except Exception as exc:
                 _log.error("Could not end trial %d: %s", trial.number, exc)
-
-    # ------------------------------------------------------------------ retries (issue 4)
-    def _final_retry_tags(self, trial_id: int, user_attrs: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def _maybe_retry(self, trial_id: int, number: int | None) -> None:
-        return None
 
     # ------------------------------------------------------------------ summary data
     def median_duration(self) -> float | None:

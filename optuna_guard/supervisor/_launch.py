@@ -126,14 +126,17 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     _objective_spec.check_spec_in_subprocess(spec, env=config.python_env())
     url = resolve_storage_url(config.storage)
     config = config.replace(objective=spec, storage=url, log_dir=os.path.abspath(config.log_dir))
+    budget = _time_budget(config)  # the wall clock starts now
+    if config.retry_shrink:
+        config = config.replace(retry_shrink=_objective_spec.normalize_spec(config.retry_shrink))
+    retry_policy = _retry_policy(config)
     probe_connection(url, config.connect_timeout)
     storage = open_checked_storage(url, connect_timeout=config.connect_timeout)
-    storage = _resilient(storage, config)
+    relay = OutageRelay()
+    storage = _resilient(storage, config, relay)
     study = create_or_check_study(storage, config.study_name, config.directions)
     make_sampler(config.sampler, config.seed)  # fails here (exit 2), not in every worker
     make_pruner(config.pruner)
-    retry_policy = _retry_policy(config)
-    budget = _time_budget(config)
     try:
         os.makedirs(config.log_dir, exist_ok=True)
         event_log = events.EventLog(config.event_log_path)
@@ -148,6 +151,7 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
         config, study, url, probe=probe, event_log=event_log, display=make_display(config.display),
         retry_policy=retry_policy, time_budget=budget,
     )
+    relay.arbiter = arbiter
     try:
         exit_code = arbiter.run()
     finally:
@@ -191,7 +195,7 @@ def summarize(arbiter: Arbiter, study: optuna.Study, config: LaunchConfig, exit_
         recycles=arbiter.recycles,
         preempted=preempted,
         retries=arbiter.retries,
-        skipped_for_time=arbiter.skipped_for_time,
+        skipped_for_time=arbiter.skipped_for_time_count,
         worker_starts=arbiter.worker_starts,
         stop_reason=arbiter.stop_reason,
         duration_s=round(duration, 3),
@@ -200,20 +204,56 @@ def summarize(arbiter: Arbiter, study: optuna.Study, config: LaunchConfig, exit_
     )
 
 
-# ---------------------------------------------------------------------- issue 4 hooks
+# ---------------------------------------------------------------------- issue 4: crash-safe trials
 def _parse_duration(text: str) -> float:
     from optuna_guard.time_budget import parse_duration
 
     return parse_duration(text)
 
 
-def _resilient(storage: Any, config: LaunchConfig) -> Any:
-    return storage
+class OutageRelay:
+    """ResilientStorage's outage callback for the supervisor's own storage; forwards to the
+    arbiter's event log once it exists."""
+
+    def __init__(self) -> None:
+        self.arbiter: Arbiter | None = None
+
+    def __call__(self, event: str, seconds: float, what: str) -> None:
+        if self.arbiter is not None:
+            self.arbiter.emit(events.STORAGE_OUTAGE, reason=f"outage {event} ({what})", outage=event,
+                              seconds=round(seconds, 1), source="supervisor")
+
+
+def _resilient(storage: Any, config: LaunchConfig, relay: OutageRelay | None = None) -> Any:
+    """Retry transient database errors (a PostgreSQL restart, dropped connections) for up to
+    ``storage_deadline`` seconds instead of failing; None switches it off."""
+    if config.storage_deadline is None:
+        return storage
+    from optuna_guard.resilience import ResilientStorage, RetrySettings
+
+    return ResilientStorage(storage, RetrySettings(deadline_s=config.storage_deadline), on_outage=relay)
 
 
 def _retry_policy(config: LaunchConfig) -> Any:
-    return None
+    """The RetryPolicy of ``--retry N`` (None when retries are off); loads the shrink hook here
+    so a bad ``--retry-shrink`` is a one-line error before any worker starts."""
+    if config.retry <= 0:
+        if config.retry_shrink or config.retry_on:
+            _log.warning("--retry-on/--retry-shrink have no effect without --retry N (N >= 1).")
+        return None
+    from optuna_guard.retries import RetryPolicy
+
+    kwargs: dict[str, Any] = {"max_retries": config.retry}
+    if config.retry_on is not None:
+        kwargs["retry_on"] = frozenset(config.retry_on)
+    if config.retry_shrink:
+        kwargs["shrink"] = config.retry_shrink
+    return RetryPolicy(**kwargs)
 
 
 def _time_budget(config: LaunchConfig) -> Any:
-    return None
+    if config.time_budget is None:
+        return None
+    from optuna_guard.time_budget import TimeBudget
+
+    return TimeBudget(config.time_budget, grace_period=config.grace_period)

@@ -11,6 +11,7 @@ Worker -> supervisor:
     {"op": "started", "number": 7, "trial_id": 8}          first thing inside the trial
     {"op": "finished", "number": 7, "trial_id": 8, "state": "COMPLETE", "duration": 1.5}
     {"op": "retried", "number": 7, "retry_number": 12}     (retries) the worker re-queued a trial
+    {"op": "outage", "outage": "began"|"ended", "seconds": 12.5, "what": "..."}  storage outage
     {"op": "fatal", "error": "one line"}                   worker cannot run (e.g. objective spec)
 Supervisor -> worker:
     {"op": "grant"}                                        run exactly one trial
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from typing import Any
 
 HELLO = "hello"
@@ -30,6 +32,7 @@ TICKET = "ticket"
 STARTED = "started"
 FINISHED = "finished"
 RETRIED = "retried"
+OUTAGE = "outage"
 FATAL = "fatal"
 GRANT = "grant"
 DENY = "deny"
@@ -53,6 +56,7 @@ class Channel:
         self.sock = sock
         self._buffer = b""
         self.closed = False
+        self._send_lock = threading.Lock()  # the worker sends from its main and heartbeat threads
 
     @classmethod
     def from_fd(cls, fd: int) -> "Channel":
@@ -67,7 +71,8 @@ class Channel:
             return False
         data = json.dumps({"op": op, **fields}, default=str).encode() + b"\n"
         try:
-            self.sock.sendall(data)
+            with self._send_lock:
+                self.sock.sendall(data)
             return True
         except OSError:
             return False

@@ -21,7 +21,8 @@ class LaunchSummary:
         recycles: workers told to exit between trials (age, trial count, RSS after a trial).
         preempted: trials ended ``preempted`` (signal or time budget).
         retries: retry trials enqueued for killed/crashed/preempted trials.
-        skipped_for_time: tickets refused because the time budget could not fit another trial.
+        skipped_for_time: trials of T not started because the time budget could not fit them
+            (without T: tickets refused for time).
         worker_starts: worker processes started (replacements included).
         stop_reason: why the launch stopped early, or None.
         duration_s: wall time of the launch.

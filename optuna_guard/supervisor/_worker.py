@@ -84,6 +84,7 @@ class WorkerLoop:
         self._started_at = 0.0
         self.callbacks: list[Callable[[Any, Any], None]] = [self._report_finished]
         self.retry_hook: Callable[[Any, Any], None] | None = None
+        self.retries: _WorkerRetries | None = None
 
     def run(self) -> int:
         from optuna_guard import preemption
@@ -121,12 +122,14 @@ class WorkerLoop:
         trial.set_user_attr(tags.HOSTNAME, self.hostname)
         try:
             preemption.raise_if_stop_requested(trial)
-            return self.objective(trial)
+            value = self.objective(trial)
         except optuna.TrialPruned:
+            self._tag_final_attempt(trial)
             raise
         except Exception as exc:
             notice = self.inbox.kill_notice
             if notice is None:
+                self._tag_final_attempt(trial)
                 raise
             # The supervisor is killing us for memory; the trial stopped at a boundary in time,
             # so end it the way a hard kill would (tags, then PRUNED or FAIL).
@@ -135,9 +138,21 @@ class WorkerLoop:
                 trial.set_user_attr(tags.PREEMPTED, False)  # the stop was a kill, not a preemption
             for key, value in (notice.get("tags") or {}).items():
                 trial.set_user_attr(key, value)
+            self._tag_final_attempt(trial)
             if self.settings.on_kill == "fail":
                 raise RuntimeError(reason) from exc
             raise optuna.TrialPruned(reason) from exc
+        if self.retries is not None and not _is_finite_value(value):
+            self._tag_final_attempt(trial)  # e.g. @guard(on_trip="fail") returns NaN
+        return value
+
+    def _tag_final_attempt(self, trial: Any) -> None:
+        if self.retries is None:
+            return
+        try:
+            self.retries.tag_final_attempt(trial)
+        except Exception as exc:  # tagging must never change how the trial ends
+            logging.getLogger("optuna_guard.supervisor.worker").error("Could not tag trial %d: %s", trial.number, exc)
 
     def _report_finished(self, study: Any, frozen: Any) -> None:
         duration = time.monotonic() - self._started_at if self._started_at else None
@@ -150,6 +165,16 @@ class WorkerLoop:
         )
         if self.retry_hook is not None:
             self.retry_hook(study, frozen)
+
+
+def _is_finite_value(value: Any) -> bool:
+    import math
+
+    values = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        return all(v is not None and math.isfinite(float(v)) for v in values)
+    except (TypeError, ValueError):
+        return False
 
 
 def _guarded(objective: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
@@ -194,7 +219,7 @@ def main() -> int:
     log.info("Worker %d (pid %d) starting: study %r, objective %s.", settings.worker_id, os.getpid(), settings.study_name, settings.objective)
     inbox = _Inbox(channel)
     try:
-        study, objective = _prepare(settings)
+        study, objective = _prepare(settings, channel)
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.error("Worker %d cannot start: %s", settings.worker_id, message)
@@ -214,7 +239,7 @@ def main() -> int:
     return code
 
 
-def _prepare(settings: Any) -> tuple[Any, Callable[..., Any]]:
+def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any]]:
     import optuna
 
     from optuna_guard.supervisor._objective_spec import load_objective
@@ -229,7 +254,7 @@ def _prepare(settings: Any) -> tuple[Any, Callable[..., Any]]:
         skip_setup=True,  # the supervisor created the tables and checked the schema
     )
     _OPEN_STORAGES.append(storage)
-    storage = _maybe_resilient(storage, settings)
+    storage = _maybe_resilient(storage, settings, channel)
     seed = None if settings.seed is None else settings.seed + settings.spawn_index
     study = optuna.load_study(
         study_name=settings.study_name,
@@ -240,13 +265,75 @@ def _prepare(settings: Any) -> tuple[Any, Callable[..., Any]]:
     return study, objective
 
 
-def _maybe_resilient(storage: Any, settings: Any) -> Any:
-    """Phase 2 hook: wrap the storage so DB outages are retried (see docs/launcher.md)."""
-    return storage
+def _maybe_resilient(storage: Any, settings: Any, channel: Any = None) -> Any:
+    """Retry transient database errors (a PostgreSQL restart) for up to ``storage_deadline``
+    seconds instead of crashing the worker and losing the trial's result; the outage is logged
+    here and reported to the supervisor's event log."""
+    if settings.storage_deadline is None:
+        return storage
+    from optuna_guard.resilience import ResilientStorage, RetrySettings
+    from optuna_guard.supervisor import _protocol
+
+    def on_outage(event: str, seconds: float, what: str) -> None:
+        if channel is not None:
+            channel.send(_protocol.OUTAGE, outage=event, seconds=round(seconds, 1), what=what)
+
+    return ResilientStorage(storage, RetrySettings(deadline_s=settings.storage_deadline), on_outage=on_outage)
+
+
+class _WorkerRetries:
+    """Retries of trials that ended inside the worker (the in-trial guard pruned them for
+    memory, a SIGTERM preempted them, a pruner marked them diverged): tag the last allowed
+    attempt ``retries_exhausted`` while it is still RUNNING, and queue the retry once Optuna
+    has ended it. Trials ended by the supervisor (kills, crashes) are retried there."""
+
+    def __init__(self, policy: Any, study: Any, channel: Any) -> None:
+        self.policy = policy
+        self.study = study
+        self.channel = channel
+
+    def tag_final_attempt(self, trial: Any) -> None:
+        from optuna_guard.retries import RETRY_HISTORY
+
+        storage = self.study._storage
+        attrs = storage.get_trial_user_attrs(trial._trial_id)
+        if not self.policy.is_retryable(attrs):
+            return
+        attempt = len(storage.get_trial_system_attrs(trial._trial_id).get(RETRY_HISTORY, []))
+        for key, value in self.policy.final_tags(attrs, attempt).items():
+            trial.set_user_attr(key, value)
+
+    def after_trial(self, study: Any, frozen: Any) -> None:
+        from optuna.trial import TrialState
+
+        from optuna_guard.retries import enqueue_retry
+        from optuna_guard.supervisor import _protocol
+
+        if frozen.state not in (TrialState.PRUNED, TrialState.FAIL) or not self.policy.is_retryable(frozen.user_attrs):
+            return
+        try:
+            number = enqueue_retry(study, frozen, self.policy)
+        except Exception as exc:  # a broken shrink hook must not take the worker down
+            logging.getLogger("optuna_guard.supervisor.worker").error(
+                "Could not queue a retry of trial %d: %s: %s", frozen.number, type(exc).__name__, exc)
+            return
+        if number is not None:
+            self.channel.send(_protocol.RETRIED, number=frozen.number, retry_number=number)
 
 
 def _install_retries(loop: WorkerLoop, settings: Any, study: Any) -> None:
-    """Phase 2 hook: re-queue trials the in-trial guard pruned/preempted (see docs/launcher.md)."""
+    if settings.retry <= 0:
+        return
+    from optuna_guard.retries import RetryPolicy
+
+    kwargs: dict[str, Any] = {"max_retries": settings.retry}
+    if settings.retry_on:
+        kwargs["retry_on"] = frozenset(settings.retry_on)
+    if settings.retry_shrink:
+        kwargs["shrink"] = settings.retry_shrink
+    retries = _WorkerRetries(RetryPolicy(**kwargs), study, loop.channel)
+    loop.retries = retries
+    loop.retry_hook = retries.after_trial
 
 
 def _exit_now(code: int) -> None:
