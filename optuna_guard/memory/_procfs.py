@@ -91,7 +91,7 @@ class ProcessTree:
         self._last_used: dict[str, int] = {}
         self._calls = 0
         self._children_supported: bool | None = None
-        self._tasks: dict[int, tuple[float, list[str]]] = {}
+        self._tasks: dict[int, tuple[float, list[str]]] = {}  # pid -> (listed at, children files)
 
     def rss(self, pid: int) -> int:
         with self._lock:
@@ -138,46 +138,46 @@ class ProcessTree:
 
     def _rss_of(self, pid: int, used: set[str]) -> int | None:
         try:
-            data = self._file(os.path.join(self.proc_root, str(pid), "statm"), used).read()
+            data = self._file(f"{self.proc_root}/{pid}/statm", used).read()
             return int(data.split()[1]) * PAGE_SIZE
         except (OSError, ValueError, IndexError):
             return None
 
-    def _tids(self, pid: int, task_dir: str) -> list[str]:
-        """Thread ids of ``pid``, listed at most every TASKS_CACHE_S (threads come and go
-        rarely; a vanished one is skipped on read)."""
+    def _children_files(self, pid: int) -> list[str]:
+        """``task/<tid>/children`` paths of ``pid``'s threads, listed at most every
+        TASKS_CACHE_S (threads come and go rarely; a vanished one is skipped on read)."""
         now = time.monotonic()
         cached = self._tasks.get(pid)
         if cached is not None and now - cached[0] < TASKS_CACHE_S:
             return cached[1]
-        tids = os.listdir(task_dir)
+        task_dir = f"{self.proc_root}/{pid}/task"
+        paths = [f"{task_dir}/{tid}/children" for tid in os.listdir(task_dir)]
         if len(self._tasks) > 256:
             self._tasks.clear()
-        self._tasks[pid] = (now, tids)
-        return tids
+        self._tasks[pid] = (now, paths)
+        return paths
 
     def _children(self, pid: int, used: set[str]) -> list[int]:
-        task_dir = os.path.join(self.proc_root, str(pid), "task")
         try:
-            tids = self._tids(pid, task_dir)
+            paths = self._children_files(pid)
         except OSError:
             return []
         children: list[int] = []
-        for tid in tids:
-            path = os.path.join(task_dir, tid, "children")
+        for path in paths:
             try:
                 data = self._file(path, used).read()
             except FileNotFoundError:
-                if self._children_supported is None and os.path.isdir(os.path.join(task_dir, tid)):
+                if self._children_supported is None and os.path.isdir(os.path.dirname(path)):
                     self._children_supported = False  # kernel without CONFIG_PROC_CHILDREN
                     return []
                 self._tasks.pop(pid, None)  # the thread ended: list them again next time
                 continue
             except OSError:
-                self._tasks.pop(pid, None)  # a thread ended: list them again next time
+                self._tasks.pop(pid, None)
                 continue
             self._children_supported = True
-            children.extend(int(token) for token in data.split())
+            if data:
+                children.extend(int(token) for token in data.split())
         return children
 
     def _scan_parents(self) -> dict[int, list[int]]:
