@@ -1,0 +1,235 @@
+"""Benchmark of the supervised launcher (issue 3). Prints three tables:
+
+1. Throughput: trials/s for N short trials with 1, 2 and 4 workers on SQLite and PostgreSQL,
+   ``optuna-guard run`` vs. the same number of plain processes each running
+   ``study.optimize(objective, n_trials=N/workers)`` on the same storage (opened the same way,
+   WAL + busy timeout for SQLite). Wall time from starting the processes to the last exit, so
+   both sides pay interpreter start-up. Target: ratio >= 0.95. The launcher is measured with
+   the in-trial guard off (the launcher's own cost) and with its default (@guard on).
+2. Time from a hard kill (worker over --max-worker-rss-gb) to the replacement worker running a
+   trial, from the event log. Target: <= 2 s.
+3. Supervisor CPU with 8 idle-ish workers (trials sleeping 1 s), default 0.25 s watchdog, as
+   a percentage of one core. Target: <= 2 %.
+
+    .venv/bin/python benchmarks/bench_launcher.py [--trials 400] [--repeats 1] [--skip-postgres]
+
+The machine is shared: run it when nothing else is busy; each pair is measured interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+
+import psutil
+
+PYTHON = sys.executable
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+OBJECTIVE = textwrap.dedent(
+    """
+    import os, time
+
+    def objective(trial):
+        x = trial.suggest_float("x", -1.0, 1.0)
+        time.sleep(float(os.environ.get("BENCH_TRIAL_S", "0.02")))
+        return x * x
+
+    def hog(trial):
+        # trials listed in BENCH_HOG_TRIALS allocate until the supervisor kills the worker
+        x = trial.suggest_float("x", -1.0, 1.0)
+        if trial.number in {int(n) for n in os.environ.get("BENCH_HOG_TRIALS", "").split(",") if n}:
+            hoard = []
+            for _ in range(40):
+                hoard.append(b"\\x01" * (25 * 1024 * 1024))
+                time.sleep(0.02)
+            time.sleep(5)
+        return x * x
+    """
+)
+
+PLAIN_WORKER = textwrap.dedent(
+    """
+    import sys, optuna
+    sys.path.insert(0, sys.argv[1])
+    from bench_objective import objective
+    from optuna_guard.storage import open_storage
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=sys.argv[2], storage=open_storage(sys.argv[3]))
+    study.optimize(objective, n_trials=int(sys.argv[4]))
+    """
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def _create_study(url: str) -> str:
+    import optuna
+
+    from optuna_guard.storage import open_storage
+
+    name = f"bench-{uuid.uuid4().hex[:10]}"
+    optuna.create_study(study_name=name, storage=open_storage(url))
+    return name
+
+
+def _count(url: str, name: str) -> int:
+    import optuna
+
+    from optuna_guard.storage import open_storage
+
+    return len(optuna.load_study(study_name=name, storage=open_storage(url)).trials)
+
+
+def run_plain(workdir: str, url: str, workers: int, trials: int) -> float:
+    name = _create_study(url)
+    per_worker = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen([PYTHON, "-c", PLAIN_WORKER, workdir, name, url, str(n)], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in per_worker]
+    for proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError("a plain worker failed")
+    elapsed = time.perf_counter() - started
+    assert _count(url, name) == trials
+    return elapsed
+
+
+def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool) -> float:
+    name = _create_study(url)
+    args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:objective", "--study-name", name,
+            "--storage", url, "--workers", str(workers), "--n-trials", str(trials), "--display", "off",
+            "--log-dir", os.path.join(workdir, "logs", name)]
+    if not guard:
+        args.append("--no-guard")
+    started = time.perf_counter()
+    result = subprocess.run(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"launcher failed: {result.stderr[-500:]}")
+    assert _count(url, name) == trials
+    return elapsed
+
+
+def bench_throughput(workdir: str, urls: dict[str, str], trials: int, repeats: int) -> None:
+    print(f"\n1) Throughput: {trials} trials of ~20 ms (wall time incl. process start-up; best of {repeats})")
+    header = f"{'storage':<10} {'workers':>7} {'plain tr/s':>11} {'launcher tr/s':>14} {'ratio':>6} {'+@guard tr/s':>13} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for label, url in urls.items():
+        for workers in (1, 2, 4):
+            plain, bare, guarded = [], [], []
+            for _ in range(repeats):
+                plain.append(run_plain(workdir, url, workers, trials))
+                bare.append(run_launcher(workdir, url, workers, trials, guard=False))
+                guarded.append(run_launcher(workdir, url, workers, trials, guard=True))
+            p, b, g = trials / min(plain), trials / min(bare), trials / min(guarded)
+            print(f"{label:<10} {workers:>7} {p:>11.1f} {b:>14.1f} {b / p:>6.2f} {g:>13.1f} {g / p:>6.2f}", flush=True)
+
+
+def bench_kill_to_replacement(workdir: str, kills: int = 3) -> None:
+    print(f"\n2) Hard kill -> replacement worker running a trial (SQLite, 1 worker, {kills} kills, --kill-wait 1)")
+    idle = _idle_rss_gb(workdir)
+    url = f"sqlite:///{workdir}/kill.db"
+    name = _create_study(url)
+    log_dir = os.path.join(workdir, "logs", name)
+    hog_trials = ",".join(str(2 * i) for i in range(kills))
+    args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:hog", "--study-name", name,
+            "--storage", url, "--workers", "1", "--n-trials", str(2 * kills), "--display", "off", "--no-guard",
+            "--max-worker-rss-gb", f"{idle + 0.3:.3f}", "--log-dir", log_dir]
+    subprocess.run(args, env=_env(BENCH_HOG_TRIALS=hog_trials), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    events = [json.loads(line) for line in open(os.path.join(log_dir, "events.jsonl"))]
+    gaps = []
+    for index, event in enumerate(events):
+        if event["event"] != "worker_killed":
+            continue
+        later = [e for e in events[index + 1:] if e["event"] == "trial_started" and e["pid"] != event["pid"]]
+        if later:
+            gaps.append(later[0]["ts"] - event["ts"])
+    print(f"kills: {len(gaps)}   kill -> replacement running a trial: median {statistics.median(gaps):.2f}s, "
+          f"max {max(gaps):.2f}s  (each: {', '.join(f'{g:.2f}' for g in gaps)})")
+
+
+def _idle_rss_gb(workdir: str) -> float:
+    script = ("import os, optuna, optuna_guard.supervisor._worker\n"
+              "from optuna_guard.supervisor._tree import tree_rss_bytes\n"
+              "print(tree_rss_bytes(os.getpid()) / 2**30)")
+    return float(subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, check=True).stdout)
+
+
+def bench_supervisor_cpu(workdir: str, workers: int = 8, window: float = 30.0) -> None:
+    print(f"\n3) Supervisor CPU with {workers} idle-ish workers (trials sleep 1 s; default 0.25 s watchdog)")
+    url = f"sqlite:///{workdir}/cpu.db"
+    name = _create_study(url)
+    args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:objective", "--study-name", name,
+            "--storage", url, "--workers", str(workers), "--display", "off",
+            "--log-dir", os.path.join(workdir, "logs", name)]
+    proc = subprocess.Popen(args, env=_env(BENCH_TRIAL_S="1.0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        supervisor = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 90
+        while _count_running(url, name) < workers and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(3.0)  # all workers past start-up
+        cpu0, wall0 = sum(supervisor.cpu_times()[:2]), time.monotonic()
+        time.sleep(window)
+        cpu1, wall1 = sum(supervisor.cpu_times()[:2]), time.monotonic()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finished = _count(url, name)
+    print(f"supervisor CPU: {100 * (cpu1 - cpu0) / (wall1 - wall0):.2f} % of one core over {wall1 - wall0:.0f}s "
+          f"({finished} trials by {workers} workers; exit code {proc.returncode})")
+
+
+def _count_running(url: str, name: str) -> int:
+    import optuna
+    from optuna.trial import TrialState
+
+    from optuna_guard.storage import open_storage
+
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument("--only", choices=("throughput", "kill", "cpu"), default=None)
+    args = parser.parse_args()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench_launcher_") as workdir:
+        with open(os.path.join(workdir, "bench_objective.py"), "w") as handle:
+            handle.write(OBJECTIVE)
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
+        if args.only in (None, "throughput"):
+            urls = {"sqlite": f"sqlite:///{workdir}/throughput.db"}
+            if not args.skip_postgres:
+                urls["postgres"] = POSTGRES_URL
+            bench_throughput(workdir, urls, args.trials, args.repeats)
+        if args.only in (None, "kill"):
+            bench_kill_to_replacement(workdir)
+        if args.only in (None, "cpu"):
+            bench_supervisor_cpu(workdir)
+        print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
