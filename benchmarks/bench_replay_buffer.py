@@ -114,9 +114,9 @@ def torchrl_buffer(capacity: int, batch_size: int):
 
 # ------------------------------------------------------------------------------ timing
 def best_rates(
-    contenders: dict[str, Callable[[], None]], calls: dict[str, int], nbytes: int, rounds: int
+    contenders: dict[str, Callable[[], None]], nbytes: int, rounds: int, seconds: float = 0.3
 ) -> dict[str, float]:
-    """GB/s of each contender: best of ``rounds``, taking turns so all see the same load.
+    """GB/s of each contender: best of ``rounds`` of >= ``seconds`` each, taking turns.
 
     The machine is shared (other test runs): the best round is the one least disturbed, the
     usual choice for micro-benchmarks (``timeit`` reports the minimum for the same reason).
@@ -124,12 +124,15 @@ def best_rates(
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            n = calls[name]
+            calls = 0
             start = time.perf_counter()
-            for _ in range(n):
+            while True:
                 fn()
-            seconds = time.perf_counter() - start
-            best[name] = max(best.get(name, 0.0), n * nbytes / seconds / GBYTES)
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    break
+            best[name] = max(best.get(name, 0.0), calls * nbytes / elapsed / GBYTES)
     return best
 
 
@@ -147,7 +150,7 @@ def cycling(fn: Callable[[object], None], inputs: list) -> Callable[[], None]:
 def bench_extend(capacity: int, batch_rows: int, rounds: int) -> dict[str, float]:
     batches = [make_batch(batch_rows, s) for s in range(8)]
     flat_batches = [torch.ones(batch_rows * ROW_BYTES, dtype=torch.uint8) for _ in range(8)]
-    calls = max(capacity // batch_rows, 20)  # one pass over the ring per round
+    calls = max(capacity // batch_rows, 20)  # one pass over the ring
     raw = RawCopy(capacity)
     ours = ReplayBuffer(capacity, FIELDS, prefault=True)
     naive = NaiveListBuffer(capacity)
@@ -163,7 +166,7 @@ def bench_extend(capacity: int, batch_rows: int, rounds: int) -> dict[str, float
     for fn in contenders.values():  # warm-up: a full pass commits every page of every buffer
         for _ in range(calls):
             fn()
-    result = best_rates(contenders, dict.fromkeys(contenders, calls), batch_rows * ROW_BYTES, rounds)
+    result = best_rates(contenders, batch_rows * ROW_BYTES, rounds)
     del raw, ours, naive, rb, contenders
     gc.collect()
     return result
@@ -193,13 +196,11 @@ def bench_sample(capacity: int, batch_size: int, rounds: int) -> dict[str, float
         "ReplayBuffer": lambda: ours.sample(batch_size),
         "naive list+cat": lambda: naive.sample(batch_size),
     }
-    calls = {"raw copy_": 200, "ReplayBuffer": 200, "naive list+cat": 2}
     if rb is not None:
         contenders["torchrl LazyTensorStorage"] = rb.sample
-        calls["torchrl LazyTensorStorage"] = 200
     for fn in contenders.values():
         fn()
-    result = best_rates(contenders, calls, nbytes, rounds)
+    result = best_rates(contenders, nbytes, rounds)
     del raw, ours, naive, rb, contenders
     gc.collect()
     return result
@@ -333,7 +334,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, two rounds")
     parser.add_argument("--capacity", type=int, default=500_000)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: one per worker, as when the launcher runs a worker per "
+        "core; also far steadier on a shared machine than threads contending for 2 cores)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     capacity = 50_000 if args.quick else args.capacity
     rounds = 2 if args.quick else 7
     cycles = 300 if args.quick else 2_000
