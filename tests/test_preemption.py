@@ -107,11 +107,11 @@ _WORKER = textwrap.dedent(
         ckpt = TrialCheckpointer(trial, root=root)
         loaded = ckpt.load()
         state, start = loaded if loaded else ({"total": 0.0}, 0)
-        for step in range(start + 1, 121):
+        for step in range(start + 1, 61):
             time.sleep(0.02)                      # one "training step"
             state["total"] += x
             trial.report(state["total"], step)
-            if ckpt.should_save(step, every=50):   # cadence, SIGUSR1, or a stop
+            if ckpt.should_save(step, every=25):   # cadence, SIGUSR1, or a stop
                 ckpt.save(state, step)             # raises TrialPreempted after saving if stopping
         return state["total"]
 
@@ -132,7 +132,7 @@ def test_sigterm_to_a_worker_saves_tags_and_exits_99_then_the_retry_resumes(tmp_
     deadline = time.monotonic() + 60
     while True:  # wait until the trial is well into its steps
         trials = study.get_trials()
-        if trials and len(trials[0].intermediate_values) >= 12:
+        if trials and len(trials[0].intermediate_values) >= 8:
             break
         assert proc.poll() is None and time.monotonic() < deadline, "worker never got going"
         time.sleep(0.05)
@@ -146,7 +146,7 @@ def test_sigterm_to_a_worker_saves_tags_and_exits_99_then_the_retry_resumes(tmp_
     assert trial.user_attrs[tags.PREEMPTED] is True
     assert trial.user_attrs[tags.KILL_REASON] == "preempted: SIGTERM"
     stopped_at = max(trial.intermediate_values)
-    assert 12 <= stopped_at < 120
+    assert 8 <= stopped_at < 60
 
     number = enqueue_retry(study, trial, RetryPolicy(max_retries=1))
     assert subprocess.run(args, timeout=60).returncode == 0
@@ -154,7 +154,7 @@ def test_sigterm_to_a_worker_saves_tags_and_exits_99_then_the_retry_resumes(tmp_
     assert retry.state == TrialState.COMPLETE
     assert retry.user_attrs[tags.RESUMED_FROM_STEP] == stopped_at  # saved at the stop, not at step 0
     assert min(retry.intermediate_values) == stopped_at + 1
-    assert retry.value == pytest.approx(120 * trial.params["x"])
+    assert retry.value == pytest.approx(60 * trial.params["x"])
 
 
 # -- SLURM scripts -----------------------------------------------------------------------------
