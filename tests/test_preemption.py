@@ -235,6 +235,26 @@ def test_sbatch_requeues_on_exit_99(tmp_path: Path, rc: str, restarts: str, scri
     assert ("scontrol requeue 1234" in calls) is requeued
 
 
+def test_script_arguments_are_accepted_by_the_real_cli(tmp_path: Path) -> None:
+    """The options the scripts pass are the ones `optuna-guard run` has."""
+    import shlex
+
+    from optuna_guard.cli import build_parser
+
+    bin_dir = _stub_bin(tmp_path)
+    env = _env(tmp_path, bin_dir, OPTUNA_GUARD_N_TRIALS="10", OPTUNA_GUARD_RETRY_SHRINK="hooks:halve",
+               OPTUNA_GUARD_SEED="1", SLURM_ARRAY_JOB_ID="5", SLURM_ARRAY_TASK_ID="0")
+    for script in (SBATCH, ARRAY):
+        subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, check=True)
+    k8s_job = next(d for d in yaml.safe_load_all(K8S_JOB.read_text()) if d["kind"] == "Job")
+    k8s_args = k8s_job["spec"]["template"]["spec"]["containers"][0]["args"]
+    launches = [shlex.split(c)[1:] for c in _calls(tmp_path) if c.startswith("launcher ")] + [k8s_args]
+    assert len(launches) == 3
+    for args in launches:
+        parsed = build_parser().parse_args(args)  # exits 2 on an unknown option
+        assert parsed.command == "run" and parsed.retry == 2
+
+
 def test_sbatch_study_wide_target_runs_only_the_missing_trials(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'target.db'}"
     study = optuna.create_study(storage=open_storage(url), study_name="resnet")
