@@ -28,13 +28,19 @@ DISTS = {
 }
 
 
+BIG_NEIGHBOUR = {"batch": 500, "width": 2000, "opt": "adam"}  # ~12.2 GB
+
+
 def true_peak_gb(batch: int, width: int, opt: str = "sgd") -> float:
     """The memory model of the fake trials: a base plus activations ~ batch x width."""
     return (0.6 + 9.0 * (batch / 512) * (width / 2048)) * (1.3 if opt == "adam" else 1.0)
 
 
-def study_with_history(n: int, *, seed: int = 0, killed: list[dict] | None = None) -> optuna.Study:
-    """A study with ``n`` COMPLETE trials that carry peak_rss_gb (and optional killed ones)."""
+def study_with_history(
+    n: int, *, seed: int = 0, killed: list[dict] | None = None, big: list[dict] | None = None
+) -> optuna.Study:
+    """A study with ``n`` random COMPLETE trials that carry peak_rss_gb, plus COMPLETE trials
+    at the ``big`` params and killed (PRUNED, 3 GB at the kill) trials at the ``killed`` params."""
     study = optuna.create_study()
     sampler = optuna.samplers.RandomSampler(seed=seed)
     space = optuna.create_study(sampler=sampler)
@@ -49,6 +55,11 @@ def study_with_history(n: int, *, seed: int = 0, killed: list[dict] | None = Non
                 distributions=DISTS,
                 user_attrs={tags.PEAK_RSS_GB: round(true_peak_gb(**params), 2)},
             )
+        )
+    for params in big or []:
+        study.add_trial(
+            create_trial(value=1.0, params=params, distributions=DISTS,
+                         user_attrs={tags.PEAK_RSS_GB: round(true_peak_gb(**params), 2)})
         )
     for params in killed or []:
         study.add_trial(
@@ -69,15 +80,10 @@ def ask_with(study: optuna.Study, **params) -> optuna.Trial:
 
 @pytest.mark.parametrize("method", ["regression", "knn"])
 def test_prunes_a_trial_predicted_to_exceed_available_memory(method: str) -> None:
-    study = study_with_history(30)
+    # knn does not extrapolate: it needs a finished trial next to the big corner
+    study = study_with_history(30, big=[BIG_NEIGHBOUR] if method == "knn" else None)
     # 512 x 2048 with adam needs ~12.5 GB; 6 GB are available, this worker holds 0.5 GB
     trial = ask_with(study, batch=512, width=2048, opt="adam")
-    # knn cannot extrapolate: give it a finished neighbour of the big corner
-    if method == "knn":
-        study.add_trial(
-            create_trial(value=1.0, params={"batch": 500, "width": 2000, "opt": "adam"}, distributions=DISTS,
-                         user_attrs={tags.PEAK_RSS_GB: round(true_peak_gb(500, 2000, "adam"), 2)})
-        )
     with pytest.raises(optuna.TrialPruned, match=r"predicted OOM: ~\d+\.\d GB needed, 6\.0 GB available"):
         preflight_check(trial, probe=FakeProbe(available_gb=6.0, held_gb=0.5), method=method, margin_gb=1.0)
     study.tell(trial, state=TrialState.PRUNED)
@@ -153,14 +159,14 @@ def test_max_trial_rss_limit_is_predicted_too() -> None:
     study = study_with_history(30)
     trial = ask_with(study, batch=512, width=2048, opt="sgd")
     with pytest.raises(optuna.TrialPruned, match="over the max_trial_rss_gb limit of 5.0 GB"):
-        preflight_check(trial, probe=FakeProbe(available_gb=100.0), margin_gb=1.0, max_trial_rss_gb=5.0)
+        preflight_check(trial, probe=FakeProbe(available_gb=100.0), margin_gb=1.0, max_trial_rss_gb=5.0, method="regression")
 
 
 def test_a_pruned_trial_gets_a_violated_memory_constraint_when_a_budget_is_known() -> None:
     study = study_with_history(30)
     trial = ask_with(study, batch=512, width=2048, opt="adam")
     with pytest.raises(optuna.TrialPruned):
-        preflight_check(trial, probe=FakeProbe(available_gb=6.0), margin_gb=1.0, budget_gb=8.0)
+        preflight_check(trial, probe=FakeProbe(available_gb=6.0), margin_gb=1.0, budget_gb=8.0, method="regression")
     study.tell(trial, state=TrialState.PRUNED)
     frozen = study.trials[trial.number]
     predicted = frozen.user_attrs[tags.PREDICTED_PEAK_GB]
@@ -172,11 +178,12 @@ def test_margin_defaults_to_the_guards_min_available_gb(monkeypatch) -> None:
     need = true_peak_gb(256, 1024) - 0.5  # ~2.4 GB beyond what the worker holds
     monkeypatch.setenv("OPTUNA_GUARD_MIN_AVAILABLE_GB", "0.5")
     monkeypatch.setenv("OPTUNA_GUARD_WARN_AVAILABLE_GB", "1.0")
-    assert not preflight_check(ask_with(study, batch=256, width=1024, opt="sgd"), probe=FakeProbe(available_gb=need + 1.0)).prune
+    probe = FakeProbe(available_gb=need + 1.0)
+    assert not preflight_check(ask_with(study, batch=256, width=1024, opt="sgd"), probe=probe, method="regression").prune
     monkeypatch.setenv("OPTUNA_GUARD_MIN_AVAILABLE_GB", "2.0")
     monkeypatch.setenv("OPTUNA_GUARD_WARN_AVAILABLE_GB", "4.0")
     with pytest.raises(optuna.TrialPruned):
-        preflight_check(ask_with(study, batch=256, width=1024, opt="sgd"), probe=FakeProbe(available_gb=need + 1.0))
+        preflight_check(ask_with(study, batch=256, width=1024, opt="sgd"), probe=probe, method="regression")
 
 
 def test_params_drawn_early_are_the_ones_the_objective_gets() -> None:
@@ -204,6 +211,15 @@ def test_params_drawn_early_are_the_ones_the_objective_gets() -> None:
         assert not result.abstained
 
 
+def test_knn_does_not_extrapolate_but_the_regression_does() -> None:
+    study = study_with_history(30)  # nothing near 512 x 2048 yet
+    probe = FakeProbe(available_gb=6.0)
+    result = preflight_check(ask_with(study, batch=512, width=2048, opt="adam"), probe=probe, margin_gb=1.0)
+    assert not result.prune  # knn: abstains (nothing similar) or averages smaller neighbours
+    with pytest.raises(optuna.TrialPruned):
+        preflight_check(ask_with(study, batch=512, width=2048, opt="adam"), probe=probe, margin_gb=1.0, method="regression")
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [({"min_history": 1}, "min_history"), ({"k": 0}, "k must be"), ({"margin_gb": -1.0}, "margin_gb")])
 def test_bad_settings_are_config_errors(kwargs, match) -> None:
     study = study_with_history(10)
@@ -213,7 +229,7 @@ def test_bad_settings_are_config_errors(kwargs, match) -> None:
 
 def test_through_guard_the_objective_never_runs_when_pruned() -> None:
     trial_guard = pytest.importorskip("optuna_guard.trial_guard", reason="the guard is not built yet")
-    study = study_with_history(20)
+    study = study_with_history(19, big=[BIG_NEIGHBOUR])  # the default knn prunes next to it
     ran = []
 
     @trial_guard.guard(preflight=True, memory_budget_gb=8.0, min_available_gb=1.0, warn_available_gb=1.5, probe=FakeProbe(available_gb=6.0, held_gb=0.5))

@@ -2,7 +2,7 @@
 
 Two estimators over the trials that carry a ``peak_rss_gb`` tag:
 
-- ``regression`` (default): ``peak = base + exp(a + sum_i b_i * f_i)``, a fixed part (the
+- ``regression``: ``peak = base + exp(a + sum_i b_i * f_i)``, a fixed part (the
   interpreter, framework, data) plus a power law in the params. Each numeric param enters as
   ``log(x)`` when its range is positive (else ``x``) scaled to [0, 1] by its distribution, each
   categorical one-hot, so ``exp(...)`` is a product of sizes (batch x width x sequence length)
@@ -11,13 +11,14 @@ Two estimators over the trials that carry a ``peak_rss_gb`` tag:
   least squares on ``log(peak - base)``. Such a fit extrapolates to bigger configurations
   nobody has tried yet. Fitted on trials that were *not* killed: a killed trial's peak is only
   what it reached before the kill (a lower bound), which would pull the fit down.
-- ``knn``: the inverse-distance weighted mean of the ``k`` nearest trials (same scaled params;
+- ``knn`` (default): the inverse-distance weighted mean of the ``k`` nearest trials (same scaled params;
   a categorical counts 1 when it differs), killed ones included. It never extrapolates and
   abstains when even the nearest trial is farther than ``max_distance``.
 
-Both then raise the estimate to the need of any killed trial with nearly the same params
-(distance <= ``KILLED_FLOOR_DISTANCE``). A killed trial was still growing when it was stopped,
-so its need is counted as its peak times ``KILLED_GROWTH`` (in knn too).
+A killed trial was still growing when it was stopped, so its need is counted as its peak times
+``KILLED_GROWTH``. The estimate is raised to that need when a killed trial is nearly the same:
+for the regression, within ``KILLED_FLOOR_DISTANCE`` and ranked by the fit at most as big as
+this trial (the fit underestimates there); for knn, practically identical params.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from optuna_guard.analysis._filters import is_killed
 
 METHODS = ("regression", "knn")
 KILLED_FLOOR_DISTANCE = 0.1
+SAME_PARAMS_DISTANCE = 0.02
 KILLED_GROWTH = 1.1
 PREFLIGHT_LIMIT = "preflight"  # kill_limit of trials the pre-flight check pruned
 _RIDGE = 1e-4
@@ -86,7 +88,7 @@ def estimate_peak(
     distributions: Mapping[str, BaseDistribution],
     history: Sequence[FrozenTrial],
     *,
-    method: str = "regression",
+    method: str = "knn",
     min_history: int = 8,
     k: int = 5,
     max_distance: float = 0.35,
@@ -101,13 +103,18 @@ def estimate_peak(
         if peak is None or not _has_params(trial, names, distributions):
             continue
         observations.append((trial, peak * KILLED_GROWTH if is_killed(trial) else peak))
+    predict = None
     if method == "regression":
-        result = _regression(params, names, distributions, observations, min_history)
+        fit = _fit_regression(names, distributions, observations, min_history)
+        if isinstance(fit, Abstention):
+            return fit
+        predict = fit.predict
+        result: PeakEstimate | Abstention = fit.estimate(params)
     else:
         result = _knn(params, names, distributions, observations, min_history, k, max_distance)
     if isinstance(result, Abstention):
         return result
-    return _apply_killed_floor(result, params, names, distributions, observations)
+    return _apply_killed_floor(result, params, names, distributions, observations, predict)
 
 
 # -- features -------------------------------------------------------------------------------
@@ -162,10 +169,37 @@ def _distance(a: Mapping[str, Any], b: Mapping[str, Any], names: Sequence[str], 
 # -- estimators -----------------------------------------------------------------------------
 
 
-def _regression(params, names, distributions, observations, min_history) -> PeakEstimate | Abstention:
+@dataclasses.dataclass(frozen=True)
+class _Fit:
+    """``peak = base + exp(coef . [1, features])`` fitted on trials that were not killed."""
+
+    names: tuple[str, ...]
+    distributions: Mapping[str, BaseDistribution]
+    base: float
+    coef: np.ndarray
+    error: float
+    n_trials: int
+
+    def predict(self, params: Mapping[str, Any]) -> float:
+        x = np.array([1.0, *_features(params, self.names, self.distributions)])
+        return float(self.base + math.exp(min(float(x @ self.coef), 30.0)))
+
+    def estimate(self, params: Mapping[str, Any]) -> PeakEstimate:
+        return PeakEstimate(
+            peak_gb=self.predict(params),
+            method="regression",
+            n_trials=self.n_trials,
+            detail=(
+                f"fit on {self.n_trials} finished trials: {self.base:.1f} GB base + power law, "
+                f"typical error {100 * self.error:.0f}%"
+            ),
+        )
+
+
+def _fit_regression(names, distributions, observations, min_history) -> _Fit | Abstention:
     usable = [(t, peak) for t, peak in observations if not is_killed(t)]
-    x_new = np.array([1.0, *_features(params, names, distributions)])
-    needed = max(min_history, len(x_new) + 1)
+    n_features = 1 + len(_features({n: _any_value(distributions[n]) for n in names}, names, distributions))
+    needed = max(min_history, n_features + 1)
     if len(usable) < needed:
         return Abstention(
             f"only {len(usable)} finished trial(s) with a peak_rss_gb tag and these params; "
@@ -182,15 +216,15 @@ def _regression(params, names, distributions, observations, min_history) -> Peak
         fitted = base + np.exp(np.minimum(x @ coef, 30.0))
         error = float(np.sqrt(np.mean((fitted / peaks - 1.0) ** 2)))
         if best is None or error < best[0]:
-            best = (error, base, coef)
+            best = (error, float(base), coef)
     error, base, coef = best
-    peak = float(base + math.exp(min(float(x_new @ coef), 30.0)))
-    return PeakEstimate(
-        peak_gb=peak,
-        method="regression",
-        n_trials=len(usable),
-        detail=f"fit on {len(usable)} finished trials: {base:.1f} GB base + power law, typical error {100 * error:.0f}%",
-    )
+    return _Fit(tuple(names), distributions, base, coef, error, len(usable))
+
+
+def _any_value(dist: BaseDistribution) -> Any:
+    if isinstance(dist, CategoricalDistribution):
+        return dist.choices[0]
+    return dist.low  # type: ignore[attr-defined]
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -222,18 +256,31 @@ def _knn(params, names, distributions, observations, min_history, k, max_distanc
     )
 
 
-def _apply_killed_floor(estimate: PeakEstimate, params, names, distributions, observations) -> PeakEstimate:
-    floor_trials = [
-        (t, peak)
-        for t, peak in observations
-        if is_killed(t) and peak > estimate.peak_gb and _distance(params, t.params, names, distributions) <= KILLED_FLOOR_DISTANCE
-    ]
+def _apply_killed_floor(estimate: PeakEstimate, params, names, distributions, observations, predict) -> PeakEstimate:
+    """Raise the estimate to the need of a killed trial with nearly the same params.
+
+    With the regression, only when the fit ranks this trial at least as big as the killed one
+    (then the fit demonstrably underestimates there); a slightly smaller configuration next to
+    a killed one is left to the fit, because the best valid trials often sit right there. With
+    knn (which already averages killed neighbours in), only for practically the same params.
+    """
+    floor_trials = []
+    for trial, need in observations:
+        if not is_killed(trial) or need <= estimate.peak_gb:
+            continue
+        distance = _distance(params, trial.params, names, distributions)
+        if predict is not None:
+            if distance > KILLED_FLOOR_DISTANCE or predict(trial.params) > estimate.peak_gb + 1e-9:
+                continue
+        elif distance > SAME_PARAMS_DISTANCE:
+            continue
+        floor_trials.append((trial, need))
     if not floor_trials:
         return estimate
-    trial, peak = max(floor_trials, key=lambda item: item[1])
+    trial, need = max(floor_trials, key=lambda item: item[1])
     return dataclasses.replace(
         estimate,
-        peak_gb=peak,
+        peak_gb=need,
         nearest=(trial.number,),
-        detail=f"trial #{trial.number} with nearly the same params was killed at {peak / KILLED_GROWTH:.1f} GB ({estimate.detail})",
+        detail=f"trial #{trial.number} with nearly the same params was killed at {need / KILLED_GROWTH:.1f} GB ({estimate.detail})",
     )
