@@ -289,8 +289,8 @@ def guard(
 
     def decorate(objective: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(objective)
-        def guarded(trial: Any, *args: Any, **kwargs: Any) -> Any:
-            return _run_guarded(objective, settings, trial, args, kwargs)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            return _run_guarded(objective, settings, _find_trial(args, kwargs), args, kwargs)
 
         guarded.__optuna_guard__ = limits  # type: ignore[attr-defined]
         guarded.__optuna_guard_settings__ = settings  # type: ignore[attr-defined]
@@ -310,6 +310,19 @@ class _GuardSettings:
 
     def __repr__(self) -> str:
         return f"GuardSettings(limits={self.limits!r}, budget_gb={self.budget_gb}, preflight={self.preflight})"
+
+
+def _find_trial(args: tuple, kwargs: dict) -> Any:
+    """The trial among the arguments: the first Optuna trial (so methods and class-based
+    objectives work: ``def __call__(self, trial)``), else a ``trial=`` keyword, else the first."""
+    for value in args:
+        if isinstance(value, optuna.trial.BaseTrial):
+            return value
+    if "trial" in kwargs:
+        return kwargs["trial"]
+    if not args:
+        raise TypeError("a guarded objective needs the trial as an argument")
+    return args[0]
 
 
 def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial: Any, args: tuple, kwargs: dict) -> Any:
@@ -334,13 +347,13 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
             if below_warning(limits, system):
                 _warn_once(trial, f"Trial #{number} start", system, limits)
             if settings.preflight:
-                _run_preflight(trial, probe)
+                _run_preflight(trial, probe, settings)
             SAMPLER.register(watch)
             value: Any = None
             interrupted = False
             try:
                 try:
-                    value = objective(trial, *args, **kwargs)
+                    value = objective(*args, **kwargs)
                 finally:
                     watch.finish()
             except _GuardInterrupt as exc:
@@ -413,12 +426,19 @@ def _fail_value(trial: Any) -> Any:
     return float("nan") if len(directions) == 1 else [float("nan")] * len(directions)
 
 
-def _run_preflight(trial: Any, probe: MemoryProbe) -> None:
+def _run_preflight(trial: Any, probe: MemoryProbe, settings: _GuardSettings) -> None:
+    """The analysis package's pre-flight check, with this guard's own limits (not the env's)."""
     try:
         from optuna_guard.analysis.preflight import preflight_check
     except ImportError as exc:
         raise ConfigError(f"preflight=True needs optuna_guard.analysis.preflight, which cannot be imported: {exc}.") from None
-    preflight_check(trial, probe=probe)
+    preflight_check(
+        trial,
+        probe=probe,
+        margin_gb=settings.limits.min_available_gb or 0.0,
+        max_trial_rss_gb=settings.limits.max_trial_rss_gb,
+        budget_gb=settings.budget_gb,
+    )
 
 
 def _finish_trial(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _GuardSettings, *, killed: bool, started: float) -> None:

@@ -40,11 +40,11 @@ def _median_scores(number):
     return [10.0, 10.0, 10.0] if number == 3 else [1.0, 1.0, 1.0]
 
 
-def test_impossible_threshold_prunes_and_tags_with_the_real_probe(sqlite_url) -> None:
+def test_impossible_threshold_prunes_and_tags_with_the_real_probe() -> None:
     pruner = MemoryGuardPruner(MedianPruner(), min_available_gb=100_000.0, warn_available_gb=100_000.0)
-    study = optuna.create_study(storage=sqlite_url, study_name="p", pruner=pruner)
+    study = optuna.create_study(pruner=pruner)
     study.optimize(_cv_objective(lambda n: [1.0, 2.0, 3.0]), n_trials=2)
-    for trial in optuna.load_study(study_name="p", storage=sqlite_url).trials:
+    for trial in study.trials:
         assert trial.state == TrialState.PRUNED
         assert list(trial.intermediate_values) == [0]  # stopped at the first split
         assert trial.user_attrs[tags.EMERGENCY_KILLED] is True
@@ -139,3 +139,23 @@ def test_properties_and_repr() -> None:
     assert pruner.wrapped is inner
     assert pruner.limits.min_available_gb == 1.0
     assert "MedianPruner" in repr(pruner)
+
+
+@pytest.mark.parametrize("url_fixture", ["postgres_url", "mysql_url"])
+def test_tags_reach_server_storages(request, url_fixture, unique_study_name) -> None:
+    """The pruner tags a FrozenTrial through study._storage (Optuna's cached RDB storage)."""
+    url = request.getfixturevalue(url_fixture)
+    probe = FakeProbe(available_gb=10.0)
+
+    def on_step(number, step):
+        probe.set(available_gb=1.0 if step == 1 else 10.0)
+
+    study = optuna.create_study(storage=url, study_name=unique_study_name, pruner=MemoryGuardPruner(probe=probe))
+    try:
+        study.optimize(_cv_objective(lambda n: [1.0, 1.0, 1.0], on_step=on_step), n_trials=1)
+        [trial] = optuna.load_study(study_name=unique_study_name, storage=url).trials
+        assert trial.state == TrialState.PRUNED
+        assert trial.user_attrs[tags.EMERGENCY_KILLED] is True
+        assert trial.user_attrs[tags.KILL_REASON] == "OOM prevention [Trial #0 step 1]: available 1.00 GB < 2.00 GB"
+    finally:
+        optuna.delete_study(study_name=unique_study_name, storage=url)

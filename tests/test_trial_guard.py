@@ -157,6 +157,21 @@ def test_guard_bare_and_with_arguments_keeps_name_and_signature() -> None:
     assert study.trials[0].value == pytest.approx(study.trials[0].params["x"] * 3.0)
 
 
+def test_guard_on_a_class_based_objective() -> None:
+    class Objective:
+        def __init__(self, scale):
+            self.scale = scale
+
+        @guard(probe=FakeProbe(rss_gb=0.75))
+        def __call__(self, trial):
+            return trial.suggest_float("x", 0, 1) * self.scale
+
+    study = _study()
+    study.optimize(Objective(2.0), n_trials=2)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert all(t.user_attrs[tags.PEAK_RSS_GB] == 0.75 for t in study.trials)
+
+
 def test_start_check_prunes_before_the_objective_runs() -> None:
     ran = []
     probe = FakeProbe(available_gb=1.0)
@@ -436,7 +451,7 @@ def test_memory_budget_from_the_environment(monkeypatch) -> None:
 def test_preflight_runs_before_the_objective(monkeypatch, via_env) -> None:
     seen = []
 
-    def preflight_check(trial, *, probe=None, **_):
+    def preflight_check(trial, *, probe=None, **_settings):
         seen.append((trial.number, probe))
         if trial.number == 0:
             trial.set_user_attr(tags.KILL_REASON, "predicted OOM: ~9.0 GB needed, 1.0 GB available")
@@ -466,6 +481,38 @@ def test_preflight_runs_before_the_objective(monkeypatch, via_env) -> None:
     assert study.trials[0].user_attrs[tags.KILL_REASON].startswith("predicted OOM")
     assert tags.PEAK_RSS_GB in study.trials[0].user_attrs
     assert study.trials[1].state == TrialState.COMPLETE
+
+
+def test_preflight_with_the_real_check_prunes_a_config_predicted_not_to_fit() -> None:
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    study = _study()
+    for width in range(1, 11):  # history: peak grows with width (0.5 GB + 0.5 GB per unit)
+        study.add_trial(
+            create_trial(
+                params={"width": width},
+                distributions={"width": IntDistribution(1, 100)},
+                value=float(width),
+                user_attrs={tags.PEAK_RSS_GB: 0.5 + 0.5 * width},
+            )
+        )
+    study.enqueue_trial({"width": 100})  # ~50 GB predicted, 4 GB available
+    study.enqueue_trial({"width": 2})
+    ran = []
+
+    @guard(preflight=True, min_available_gb=1.0, warn_available_gb=1.0, probe=FakeProbe(available_gb=4.0, rss_gb=0.5))
+    def objective(trial):
+        ran.append(trial.suggest_int("width", 1, 100))
+        return 0.0
+
+    study.optimize(objective, n_trials=2)
+    wide, narrow = study.trials[10:]
+    assert ran == [2]
+    assert wide.state == TrialState.PRUNED
+    assert wide.user_attrs[tags.EMERGENCY_KILLED] is True
+    assert wide.user_attrs[tags.KILL_REASON].startswith("predicted OOM")
+    assert narrow.state == TrialState.COMPLETE
 
 
 def test_garbage_is_collected_after_each_trial(monkeypatch) -> None:
