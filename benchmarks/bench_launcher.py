@@ -86,6 +86,16 @@ def _create_study(url: str) -> str:
     return name
 
 
+def _steady_seconds(url: str, name: str) -> float:
+    """First trial start to last trial end, from the storage: throughput without start-up."""
+    import optuna
+
+    from optuna_guard.storage import open_storage
+
+    trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=False)
+    return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+
+
 def _count(url: str, name: str) -> int:
     import optuna
 
@@ -94,7 +104,7 @@ def _count(url: str, name: str) -> int:
     return len(optuna.load_study(study_name=name, storage=open_storage(url)).trials)
 
 
-def run_plain(workdir: str, url: str, workers: int, trials: int) -> float:
+def run_plain(workdir: str, url: str, workers: int, trials: int) -> tuple[float, float]:
     name = _create_study(url)
     per_worker = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
     started = time.perf_counter()
@@ -105,10 +115,10 @@ def run_plain(workdir: str, url: str, workers: int, trials: int) -> float:
             raise RuntimeError("a plain worker failed")
     elapsed = time.perf_counter() - started
     assert _count(url, name) == trials
-    return elapsed
+    return elapsed, _steady_seconds(url, name)
 
 
-def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool) -> float:
+def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool) -> tuple[float, float]:
     name = _create_study(url)
     args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:objective", "--study-name", name,
             "--storage", url, "--workers", str(workers), "--n-trials", str(trials), "--display", "off",
@@ -121,23 +131,29 @@ def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool)
     if result.returncode != 0:
         raise RuntimeError(f"launcher failed: {result.stderr[-500:]}")
     assert _count(url, name) == trials
-    return elapsed
+    return elapsed, _steady_seconds(url, name)
 
 
-def bench_throughput(workdir: str, urls: dict[str, str], trials: int, repeats: int) -> None:
-    print(f"\n1) Throughput: {trials} trials of ~20 ms (wall time incl. process start-up; best of {repeats})")
-    header = f"{'storage':<10} {'workers':>7} {'plain tr/s':>11} {'launcher tr/s':>14} {'ratio':>6} {'+@guard tr/s':>13} {'ratio':>6}"
+def bench_throughput(workdir: str, urls: dict[str, str], trials: int, repeats: int, trial_ms: float) -> None:
+    print(f"\n1) Throughput: {trials} trials of {trial_ms:g} ms, best of {repeats}. 'e2e' = wall time from starting the "
+          "processes to the last exit; 'steady' = first trial start to last trial end (from the storage)")
+    header = (f"{'storage':<9}{'workers':>8} | {'plain e2e':>9} {'launcher':>9} {'ratio':>6} {'+@guard':>8} {'ratio':>6} | "
+              f"{'plain st.':>9} {'launcher':>9} {'ratio':>6} {'+@guard':>8} {'ratio':>6}   (trials/s)")
     print(header)
     print("-" * len(header))
     for label, url in urls.items():
         for workers in (1, 2, 4):
-            plain, bare, guarded = [], [], []
-            for _ in range(repeats):
-                plain.append(run_plain(workdir, url, workers, trials))
-                bare.append(run_launcher(workdir, url, workers, trials, guard=False))
-                guarded.append(run_launcher(workdir, url, workers, trials, guard=True))
-            p, b, g = trials / min(plain), trials / min(bare), trials / min(guarded)
-            print(f"{label:<10} {workers:>7} {p:>11.1f} {b:>14.1f} {b / p:>6.2f} {g:>13.1f} {g / p:>6.2f}", flush=True)
+            runs: dict[str, list[tuple[float, float]]] = {"plain": [], "bare": [], "guard": []}
+            for _ in range(repeats):  # interleaved, so drifting load hits all three alike
+                runs["plain"].append(run_plain(workdir, url, workers, trials))
+                runs["bare"].append(run_launcher(workdir, url, workers, trials, guard=False))
+                runs["guard"].append(run_launcher(workdir, url, workers, trials, guard=True))
+            e2e = {k: trials / min(r[0] for r in v) for k, v in runs.items()}
+            steady = {k: trials / min(r[1] for r in v) for k, v in runs.items()}
+            print(f"{label:<9}{workers:>8} | {e2e['plain']:>9.1f} {e2e['bare']:>9.1f} {e2e['bare'] / e2e['plain']:>6.2f} "
+                  f"{e2e['guard']:>8.1f} {e2e['guard'] / e2e['plain']:>6.2f} | {steady['plain']:>9.1f} {steady['bare']:>9.1f} "
+                  f"{steady['bare'] / steady['plain']:>6.2f} {steady['guard']:>8.1f} {steady['guard'] / steady['plain']:>6.2f}",
+                  flush=True)
 
 
 def bench_kill_to_replacement(workdir: str, kills: int = 3) -> None:
@@ -209,6 +225,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--trial-ms", type=float, default=20.0, help="length of a short trial (default 20 ms)")
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--only", choices=("throughput", "kill", "cpu"), default=None)
     args = parser.parse_args()
@@ -223,7 +240,9 @@ def main() -> None:
             urls = {"sqlite": f"sqlite:///{workdir}/throughput.db"}
             if not args.skip_postgres:
                 urls["postgres"] = POSTGRES_URL
-            bench_throughput(workdir, urls, args.trials, args.repeats)
+            os.environ["BENCH_TRIAL_S"] = str(args.trial_ms / 1000.0)
+            bench_throughput(workdir, urls, args.trials, args.repeats, args.trial_ms)
+            os.environ.pop("BENCH_TRIAL_S")
         if args.only in (None, "kill"):
             bench_kill_to_replacement(workdir)
         if args.only in (None, "cpu"):

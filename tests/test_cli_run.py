@@ -25,7 +25,7 @@ def _run_args(study: str, url: str, logs: str, *extra: str) -> list[str]:
         # guarded (default): the in-trial guard stops the trial within moments of the SIGTERM
         ("launcher_slow.py:objective", [], "preempted: SIGTERM"),
         # unguarded native sleep: nothing stops it, so it is killed when the grace period ends
-        ("launcher_slow.py:stubborn", ["--no-guard"], "worker killed after the 3s grace period"),
+        ("launcher_slow.py:stubborn", ["--no-guard"], "worker killed after the 2s grace period"),
     ],
 )
 def test_sigterm_mid_trial_exits_99_within_grace_and_leaves_nothing_running(objective, extra, expected, tmp_path, unique_study_name):
@@ -34,7 +34,7 @@ def test_sigterm_mid_trial_exits_99_within_grace_and_leaves_nothing_running(obje
     spec = os.path.join(os.path.dirname(__file__), "objectives", objective)
     env = dict(os.environ, LAUNCHER_TEST_TRIAL_S="60")
     proc = start_cli(*_run_args(unique_study_name, url, logs, spec, "--workers", "2", "--n-trials", "10",
-                                "--grace-period", "3", "--status-interval", "600", *extra), cwd=str(tmp_path), env=env)
+                                "--grace-period", "2", "--status-interval", "600", *extra), cwd=str(tmp_path), env=env)
     try:
         events_path = os.path.join(logs, "events.jsonl")
         wait_for(lambda: os.path.exists(events_path)
@@ -50,7 +50,7 @@ def test_sigterm_mid_trial_exits_99_within_grace_and_leaves_nothing_running(obje
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 99, stderr
-    assert elapsed < 3 + 4.0  # grace period plus kill and bookkeeping
+    assert elapsed < 2 + 4.0  # grace period plus kill and bookkeeping
     assert "PID" in stderr and "healthy (age:" in stderr  # the SIGUSR1 snapshot
     trials = trials_of(url, unique_study_name)
     assert_nothing_running(trials)

@@ -38,22 +38,21 @@ def test_three_workers_finish_exactly_t_trials(backend, request, tmp_path, uniqu
     assert_nothing_running(trials)
 
 
-def test_second_launch_adds_t_more_trials_and_keeps_direction(sqlite_url, tmp_path, unique_study_name, quiet_optuna):
-    """T counts this launch's trials; a study created with maximize is found again."""
+def test_function_objective_and_existing_direction(sqlite_url, tmp_path, unique_study_name, quiet_optuna):
+    """A module-level function is launched by its spec; another direction is refused."""
     sys.path.insert(0, OBJECTIVES)
     try:
         from launcher_quick import maximize_me  # a function object: launch() turns it into a spec
     finally:
         sys.path.remove(OBJECTIVES)
 
-    first = launch(maximize_me, study_name=unique_study_name, storage=sqlite_url, direction="maximize",
-                   workers=2, n_trials=3, log_dir=str(tmp_path / "a"), **FAST)
-    second = launch(objective_spec("launcher_quick", "maximize_me"), study_name=unique_study_name,
-                    storage=sqlite_url, direction="maximize", workers=1, n_trials=2, log_dir=str(tmp_path / "b"), **FAST)
-    assert (first.finished, second.finished) == (3, 2)
+    summary = launch(maximize_me, study_name=unique_study_name, storage=sqlite_url, direction="maximize",
+                     workers=2, n_trials=3, log_dir=str(tmp_path / "a"), **FAST)
+    assert summary.finished == 3 and summary.best_value is not None
     trials = trials_of(sqlite_url, unique_study_name)
-    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert summary.best_value == max(t.value for t in trials)  # the study was created with maximize
     with pytest.raises(ConfigError, match="already exists with direction maximize"):
         launch(objective_spec("launcher_quick"), study_name=unique_study_name, storage=sqlite_url,
                workers=1, n_trials=1, log_dir=str(tmp_path / "c"), **FAST)
-    assert len(trials_of(sqlite_url, unique_study_name)) == 5  # nothing ran
+    assert len(trials_of(sqlite_url, unique_study_name)) == 3  # nothing ran

@@ -39,7 +39,7 @@ def test_self_sigkilled_trials_fail_tagged_worker_crashed(postgres_url, tmp_path
 def test_workers_dying_at_boot_stop_the_launch_with_exit_3(tmp_path, unique_study_name):
     started = time.monotonic()
     result = cli("run", objective_spec("launcher_bootcrash"), "--study-name", unique_study_name,
-                 "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--workers", "2", "--n-trials", "5",
+                 "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--workers", "1", "--n-trials", "5",
                  "--log-dir", str(tmp_path / "logs"), "--check-interval", "0.05", "--display", "off", cwd=str(tmp_path))
     assert result.returncode == 3, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("optuna-guard run: error:")]

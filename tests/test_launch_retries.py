@@ -48,7 +48,7 @@ def test_worker_sigkilled_at_step_5_is_retried_and_resumes_from_the_step_5_check
 
 def test_sigterm_preempts_then_the_same_command_resumes_from_checkpoints(tmp_path, unique_study_name):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    env = dict(os.environ, LAUNCHER_TEST_CKPT_DIR=str(tmp_path / "ckpt"), LAUNCHER_TEST_STEP_S="0.4")
+    env = dict(os.environ, LAUNCHER_TEST_CKPT_DIR=str(tmp_path / "ckpt"), LAUNCHER_TEST_STEP_S="0.25")
     command = ["run", objective_spec("launcher_resume"), "--study-name", unique_study_name, "--storage", url,
                "--workers", "2", "--n-trials", "2", "--retry", "1", "--grace-period", "10", "--check-interval", "0.05",
                "--log-dir", str(tmp_path / "logs"), "--display", "off"]
@@ -142,7 +142,7 @@ def test_time_budget_stops_starting_trials_and_exits_99(sqlite_url, tmp_path, un
 def test_time_budget_expiry_preempts_the_running_trial(sqlite_url, tmp_path, unique_study_name, monkeypatch, quiet_optuna):
     monkeypatch.setenv("LAUNCHER_TEST_TRIAL_S", "60")
     summary = launch(objective_spec("launcher_slow"), study_name=unique_study_name, storage=sqlite_url,
-                     workers=1, n_trials=5, time_budget=10.0, log_dir=str(tmp_path / "logs"),
+                     workers=1, n_trials=5, time_budget=7.0, log_dir=str(tmp_path / "logs"),
                      **dict(FAST, grace_period=0.5))
     trials = trials_of(sqlite_url, unique_study_name)
     assert summary.exit_code == 99 and summary.stop_reason == "time budget expired"

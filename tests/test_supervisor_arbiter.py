@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import uuid
 
 import optuna
 import pytest
@@ -13,10 +14,23 @@ from optuna.trial import TrialState
 
 from optuna_guard import events, tags
 from optuna_guard.exceptions import CrashLoopError
+from optuna_guard.storage import open_storage
 from optuna_guard.supervisor import _protocol
 from optuna_guard.supervisor._arbiter import Arbiter, WorkerHandle
 from optuna_guard.supervisor._config import LaunchConfig
 from supervisor_helpers import FakeProc, PerPidProbe, read_events
+
+
+_SHARED: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_storage(tmp_path_factory):
+    """One SQLite storage for the module (opening a storage runs the schema check, ~1 s)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('arbiter') / 'units.db'}"
+    _SHARED.update(url=url, storage=open_storage(url))
+    yield
+    _SHARED.clear()
 
 
 class Clock:
@@ -31,9 +45,10 @@ class Harness:
     """An Arbiter on a real SQLite study whose workers are FakeProcs with socket pairs."""
 
     def __init__(self, tmp_path, **config) -> None:
-        self.url = f"sqlite:///{tmp_path / 'study.db'}"
-        self.study = optuna.create_study(study_name="units", storage=self.url)
-        options = dict(objective="m:f", study_name="units", storage=self.url, workers=2, n_trials=10,
+        self.url = _SHARED["url"]
+        name = f"units-{uuid.uuid4().hex[:10]}"
+        self.study = optuna.create_study(study_name=name, storage=_SHARED["storage"])
+        options = dict(objective="m:f", study_name=name, storage=self.url, workers=2, n_trials=10,
                        max_worker_rss_gb=8.0, min_available_gb=2.0, warn_available_gb=4.0, kill_wait=1.0,
                        grace_period=5.0, log_dir=str(tmp_path / "logs"))
         options.update(config)

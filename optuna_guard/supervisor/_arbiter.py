@@ -242,7 +242,7 @@ class Arbiter:
             messages, closed = [], True
             self._send_signal(worker, signal.SIGKILL, tree=True)
         for message in messages:
-            self.handle_message(worker, message)
+            self._handle_safely(worker, message)
         if closed:
             self._unregister(worker)
             self._reap_now = True
@@ -250,6 +250,14 @@ class Arbiter:
                 worker.proc.wait(timeout=0.1)
             except (subprocess.TimeoutExpired, AttributeError, TypeError):
                 pass
+
+    def _handle_safely(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        """A malformed message from one worker must not take the launch down."""
+        try:
+            self.handle_message(worker, message)
+        except (KeyError, TypeError, ValueError) as exc:
+            _log.error("Worker %d (pid %d) sent a message the supervisor cannot use (%r: %s); ignored.",
+                       worker.worker_id, worker.pid, message, exc)
 
     def handle_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -451,7 +459,7 @@ class Arbiter:
                 except _protocol.ProtocolError:
                     messages = []
                 for message in messages:
-                    self.handle_message(worker, message)
+                    self._handle_safely(worker, message)
                 self._unregister(worker)
             worker.channel.close()
             self.workers.remove(worker)

@@ -117,12 +117,17 @@ class WorkerLoop:
 
         self.channel.send(self.protocol.STARTED, number=trial.number, trial_id=trial._trial_id)
         self._started_at = time.monotonic()
-        trial.set_user_attr(tags.WORKER_ID, self.settings.worker_id)
-        trial.set_user_attr(tags.WORKER_PID, self.pid)
-        trial.set_user_attr(tags.HOSTNAME, self.hostname)
+        # The three worker tags are three database transactions; they are written on a thread
+        # while the objective starts (joined before the trial can end), not before it.
+        tagger = threading.Thread(target=self._write_worker_tags, args=(trial._trial_id,),
+                                  name="optuna-guard-tags", daemon=True)
+        tagger.start()
         try:
-            preemption.raise_if_stop_requested(trial)
-            value = self.objective(trial)
+            try:
+                preemption.raise_if_stop_requested(trial)
+                value = self.objective(trial)
+            finally:
+                tagger.join()
         except optuna.TrialPruned:
             self._tag_final_attempt(trial)
             raise
@@ -145,6 +150,17 @@ class WorkerLoop:
         if self.retries is not None and not _is_finite_value(value):
             self._tag_final_attempt(trial)  # e.g. @guard(on_trip="fail") returns NaN
         return value
+
+    def _write_worker_tags(self, trial_id: int) -> None:
+        from optuna_guard import tags
+
+        storage = self.study._storage
+        try:
+            storage.set_trial_user_attr(trial_id, tags.WORKER_ID, self.settings.worker_id)
+            storage.set_trial_user_attr(trial_id, tags.WORKER_PID, self.pid)
+            storage.set_trial_user_attr(trial_id, tags.HOSTNAME, self.hostname)
+        except Exception as exc:  # e.g. the storage gone past its deadline; the trial goes on
+            logging.getLogger("optuna_guard.supervisor.worker").error("Could not tag trial id %d: %s", trial_id, exc)
 
     def _tag_final_attempt(self, trial: Any) -> None:
         if self.retries is None:
@@ -200,9 +216,6 @@ def _configure_logging() -> None:
         stream=sys.stderr,
     )
     warnings.simplefilter("ignore", category=FutureWarning)
-    import optuna
-
-    warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def main() -> int:
@@ -240,12 +253,15 @@ def main() -> int:
 
 
 def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any]]:
+    from optuna_guard.supervisor._objective_spec import load_objective
+
+    objective = load_objective(settings.objective)  # first: a module that cannot load fails fast
     import optuna
 
-    from optuna_guard.supervisor._objective_spec import load_objective
     from optuna_guard.supervisor._study import make_pruner, make_sampler, open_checked_storage
 
-    objective = _guarded(load_objective(settings.objective), settings.guard)
+    warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+    objective = _guarded(objective, settings.guard)
     storage: Any = open_checked_storage(
         settings.storage,
         connect_timeout=settings.connect_timeout,
