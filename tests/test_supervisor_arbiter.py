@@ -281,3 +281,13 @@ def test_shutdown_sweeps_running_trials_of_its_workers_only(tmp_path):
     assert h.state(0).state == TrialState.FAIL and h.state(0).user_attrs[tags.WORKER_CRASHED] is True
     assert h.state(0).user_attrs[tags.KILL_REASON] == "launcher stopped: launcher error: boom"
     assert h.state(1).state == TrialState.RUNNING  # another launcher's trial: its heartbeat handles it
+
+
+def test_victim_is_chosen_by_process_when_a_slot_is_shared_with_its_replacement(tmp_path):
+    h = Harness(tmp_path)
+    leaving = h.add_worker(1, 101, rss_gb=1.0)
+    leaving.deny_reason = "recycle: age 3601s >= 3600s"  # exiting; its replacement has the same slot
+    h.add_worker(1, 102, rss_gb=8.5, trial=True)
+    h.arbiter.check_memory(h.clock.now)
+    assert h.signals == [(102, signal.SIGTERM, True)]
+    assert leaving.kill is None

@@ -565,7 +565,8 @@ class Arbiter:
             if worker.kill is None:
                 candidates.append(_policies.VictimCandidate(
                     worker_id=worker.worker_id, tree_rss_bytes=worker.rss_bytes,
-                    in_trial=worker.trial_id is not None, trial_started_at=worker.trial_started_at))
+                    in_trial=worker.trial_id is not None, trial_started_at=worker.trial_started_at,
+                    pid=worker.pid))
         available = self.system.available_bytes if self.system else None
         self._maybe_warn(now, available)
         if any(w.kill is not None and w.kill.kind == MEMORY_KILL for w in self.workers):
@@ -573,7 +574,7 @@ class Arbiter:
         limit_gb = self.config.max_worker_rss_gb
         victim = _policies.over_limit(candidates, limit_gb)
         if victim is not None:
-            worker = self._worker_by_id(victim.worker_id)
+            worker = self._worker_by_pid(victim.pid)
             reason = (f"worker memory limit: worker {worker.worker_id} tree RSS {worker.rss_bytes / GB:.2f} GB > "
                       f"{limit_gb:.2f} GB")
             self.kill_for_memory(worker, reason, "max_worker_rss_gb", available, now)
@@ -583,7 +584,7 @@ class Arbiter:
             choice = _policies.choose_victim(candidates)
             if choice is None:
                 return
-            worker = self._worker_by_id(choice.worker_id)
+            worker = self._worker_by_pid(choice.pid)
             reason = (f"system memory low: {available / GB:.2f} GB available < {min_gb:.2f} GB; worker "
                       f"{worker.worker_id} used the most memory (tree RSS {worker.rss_bytes / GB:.2f} GB)")
             self.kill_for_memory(worker, reason, "min_available_gb", available, now)
@@ -801,11 +802,11 @@ class Arbiter:
                 pass
             worker.registered = False
 
-    def _worker_by_id(self, worker_id: int) -> WorkerHandle:
+    def _worker_by_pid(self, pid: int) -> WorkerHandle:
         for worker in self.workers:
-            if worker.worker_id == worker_id and worker.kill is None:
+            if worker.pid == pid:
                 return worker
-        raise KeyError(worker_id)
+        raise KeyError(pid)
 
     def _tree_rss(self, pid: int) -> int:
         if self.probe is not None:

@@ -51,6 +51,7 @@ class VictimCandidate:
     tree_rss_bytes: int
     in_trial: bool
     trial_started_at: float | None = None
+    pid: int = 0  # identifies the process (a slot id is shared with a replacement for a moment)
 
 
 def choose_victim(candidates: Sequence[VictimCandidate]) -> VictimCandidate | None:
