@@ -4,12 +4,19 @@ bounded in the objectives, so a broken watchdog fails the test instead of the ma
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from optuna.trial import TrialState
 
 from optuna_guard import events, tags
 from optuna_guard.supervisor import launch
-from supervisor_helpers import FAST, assert_nothing_running, idle_worker_rss_gb, objective_spec, read_events, trials_of
+from optuna_guard._units import GB
+from optuna_guard.supervisor._tree import tree_rss_bytes
+from supervisor_helpers import (
+    FAST, assert_nothing_running, idle_worker_rss_gb, objective_spec, read_events, trials_of, wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +86,66 @@ def test_guarded_allocation_is_stopped_softly_inside_the_worker(idle_gb, sqlite_
     assert trials[1].state == TrialState.COMPLETE
     assert summary.finished == 2
     assert_nothing_running(trials)
+
+
+class _LowOnceProbe:
+    """Supervisor-side probe: real process trees, plenty of memory, except for exactly one
+    reading after ``arm()`` that reports the system nearly out of memory."""
+
+    def __init__(self) -> None:
+        from optuna_guard.memory import SystemProbe
+
+        self._real = SystemProbe()
+        self._armed = threading.Event()
+
+    def arm(self) -> None:
+        self._armed.set()
+
+    def system(self):
+        from optuna_guard.memory import SystemMemory
+
+        reading = self._real.system()
+        if self._armed.is_set():
+            self._armed.clear()
+            return SystemMemory(total_bytes=reading.total_bytes, available_bytes=int(0.1 * GB),
+                                used_bytes=reading.total_bytes - int(0.1 * GB), percent=99.0)
+        return reading
+
+    def process_tree_rss(self, pid: int) -> int:
+        return tree_rss_bytes(pid)
+
+    def gpus(self):
+        return []
+
+
+def test_system_memory_kill_of_a_guarded_worker_stops_its_trial_cooperatively(
+    sqlite_url, tmp_path, unique_study_name, monkeypatch, quiet_optuna
+):
+    """The supervisor tells the victim why first; the guarded trial stops at once and is ended
+    PRUNED with the kill's tags (not as a preemption) before any SIGKILL is needed."""
+    monkeypatch.setenv("LAUNCHER_TEST_TRIAL_S", "60")
+    probe = _LowOnceProbe()
+    events_path = tmp_path / "logs" / "events.jsonl"
+
+    def arm_when_running() -> None:
+        wait_for(lambda: events_path.exists() and any(e["event"] == events.TRIAL_STARTED for e in read_events(str(events_path))),
+                 timeout=60, what="the trial to start")
+        time.sleep(0.5)  # well inside the objective
+        probe.arm()
+
+    threading.Thread(target=arm_when_running, daemon=True).start()
+    started = time.monotonic()
+    summary = launch(objective_spec("launcher_slow"), study_name=unique_study_name, storage=sqlite_url, workers=1,
+                     n_trials=1, log_dir=str(tmp_path / "logs"), probe=probe,
+                     **dict(FAST, kill_wait=20.0, min_available_gb=0.5, warn_available_gb=1.0))
+    assert time.monotonic() - started < 40  # far less than kill_wait + the 60 s trial
+    (trial,) = trials_of(sqlite_url, unique_study_name)
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs[tags.EMERGENCY_KILLED] is True
+    assert trial.user_attrs[tags.KILL_LIMIT] == "min_available_gb"
+    assert trial.user_attrs[tags.KILL_REASON].startswith("system memory low: 0.10 GB available < 0.50 GB; worker 1")
+    assert trial.user_attrs[tags.PREEMPTED] is False  # the guard's stop was turned into the kill
+    assert summary.kills == 1 and summary.crashes == 0
+    log = read_events(str(events_path))
+    assert [e["trial_number"] for e in log if e["event"] == events.TRIAL_KILLED] == [0]
+    assert any(e["event"] == events.MEMORY_WARNING for e in log)

@@ -378,6 +378,10 @@ class Arbiter:
             self.durations.append(float(duration))
         self.emit(events.TRIAL_FINISHED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number,
                   state=state, duration_s=duration)
+        if worker.kill is not None and worker.kill.kind == MEMORY_KILL and worker.kill.trial_number == number:
+            # the worker stopped the trial itself after the kill notice, with the kill's tags
+            self.emit(events.TRIAL_KILLED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number,
+                      reason=worker.kill.reason, state=state)
 
     def end_trial(self, worker: WorkerHandle, state: TrialState, user_attrs: dict[str, Any]) -> str | None:
         """End the dead worker's trial from outside (tags first, then state), counted as finished.
