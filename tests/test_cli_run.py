@@ -81,6 +81,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, unique_study_name):
         "recycle over kill": (_run_args(unique_study_name, url, logs, quick, "--max-worker-rss-gb", "2", "--recycle-worker-rss-gb", "3"),
                               "--recycle-worker-rss-gb"),
         "not a url": (_run_args(unique_study_name, "study.db", logs, quick), "is not a database URL"),
+        "bad time budget": (_run_args(unique_study_name, url, logs, quick, "--time-budget", "soon"), "--time-budget"),
+        "bad retry-on": (_run_args(unique_study_name, url, logs, quick, "--retry", "1", "--retry-on", "bored"), "retry_on"),
+        "bad shrink hook": (_run_args(unique_study_name, url, logs, quick, "--retry", "1", "--retry-shrink",
+                                      str(tmp_path / "nope.py:halve")), "does not exist"),
     }
     procs = {name: (start_cli(*args, cwd=str(tmp_path)), needle) for name, (args, needle) in cases.items()}
     for name, (proc, needle) in procs.items():
