@@ -28,9 +28,9 @@ Variants (each: TPESampler(seed) with Optuna 5 defaults, 100 trials, 5 seeds):
   PRUNED                killed trials end PRUNED (the guard's default), no constraint
   constraint            PRUNED + memory constraint (budget 10 GB)
   constraint (budget 9 GB)   PRUNED + constraint with a budget 1 GB under the kill point
-  constraint+preflight  PRUNED + constraint (10 GB) + pre-flight check (default: nearest
-                        neighbours)
-  constraint+preflight(regr)  the same with the regression estimator (method="regression")
+  constraint+preflight  PRUNED + constraint (10 GB) + pre-flight check (default method
+                        "auto": the base + power-law fit while it fits, else nearest neighbours)
+  constraint+preflight(knn)  the same with method="knn" (nearest neighbours only)
   ..., 100 ran          the pre-flight rows again, stopping after 100 trials that actually ran
                         (a pre-flight prune costs ~0 s, so it need not use up the trial budget)
 
@@ -103,7 +103,7 @@ class Variant:
     name: str
     killed_state: str  # "fail" or "pruned"
     budget_gb: float | None  # memory constraint budget, None: no constraint
-    preflight: str | None  # None, "regression" or "knn"
+    preflight: str | None  # None, or the pre-flight method: "auto", "regression", "knn"
     free_preflight: bool = False  # pre-flight prunes do not count towards the trial budget
 
 
@@ -112,10 +112,10 @@ VARIANTS = (
     Variant("PRUNED", "pruned", None, None),
     Variant("constraint", "pruned", BUDGET_GB, None),
     Variant("constraint (budget 9 GB)", "pruned", 9.0, None),
-    Variant("constraint+preflight", "pruned", BUDGET_GB, "knn"),
-    Variant("constraint+preflight(regr)", "pruned", BUDGET_GB, "regression"),
-    Variant("c+preflight, 100 ran", "pruned", BUDGET_GB, "knn", free_preflight=True),
-    Variant("c+preflight(regr), 100 ran", "pruned", BUDGET_GB, "regression", free_preflight=True),
+    Variant("constraint+preflight", "pruned", BUDGET_GB, "auto"),
+    Variant("constraint+preflight(knn)", "pruned", BUDGET_GB, "knn"),
+    Variant("c+preflight, 100 ran", "pruned", BUDGET_GB, "auto", free_preflight=True),
+    Variant("c+preflight(knn), 100 ran", "pruned", BUDGET_GB, "knn", free_preflight=True),
 )
 OURS = "constraint+preflight"
 

@@ -162,10 +162,13 @@ def write_event_log(path: str | os.PathLike[str]) -> str:
     for worker, pid, trial, start, end, how in runs:
         emit(start, "trial_started", worker_id=worker, pid=pid, trial_number=trial)
         if how == "trial_killed":
+            # as the launcher does: worker_killed when it decides, trial_killed when it reaped
+            # the worker and ended the trial (seconds later)
             emit(end, "worker_killed", worker_id=worker, pid=pid, trial_number=trial,
-                 reason="tree RSS over the limit", rss_gb=9.0, available_gb=1.2)
-            emit(end, "trial_killed", worker_id=worker, pid=pid, trial_number=trial, reason="tree RSS over the limit")
-            emit(end + 1, "worker_started", worker_id=worker, pid=pid + 2)
+                 reason="tree RSS over the limit", rss_gb=9.0, available_gb=1.2, limit="max_worker_rss_gb")
+            emit(end + 7, "trial_killed", worker_id=worker, pid=pid, trial_number=trial,
+                 reason="tree RSS over the limit", state="PRUNED")
+            emit(end + 8, "worker_started", worker_id=worker, pid=pid + 2)
         elif how is None:
             emit(end, "worker_crashed", worker_id=worker, pid=pid, trial_number=trial, reason="signal 11")
             emit(end + 1, "worker_started", worker_id=worker, pid=pid + 2)
@@ -173,11 +176,11 @@ def write_event_log(path: str | os.PathLike[str]) -> str:
             emit(end, how, worker_id=worker, pid=pid, trial_number=trial)
     emit(326, "worker_recycled", worker_id=0, pid=1004, reason="RSS 3.1 GB over the recycle limit")
     emit(327, "worker_started", worker_id=0, pid=1006)
-    for second in range(0, 390, 10):
+    for second in range(0, 390, 10):  # the launcher's format: one reading of the system and all workers
         available = 20.0 - (16.5 if 200 <= second < 270 else 0.0) - second / 100.0
-        emit(second + 0.5, "memory_sample", worker_id=None, pid=None, available_gb=round(available, 2))
-        emit(second + 0.6, "memory_sample", worker_id=0, pid=1000, rss_gb=round(1.0 + (second % 60) / 20.0, 2))
-        emit(second + 0.7, "memory_sample", worker_id=1, pid=1001, rss_gb=round(0.8 + (second % 50) / 25.0, 2))
+        emit(second + 0.5, "memory_sample", available_gb=round(available, 2), total_gb=24.0, used_percent=50.0,
+             workers=[{"worker_id": 0, "pid": 1000, "rss_gb": round(1.0 + (second % 60) / 20.0, 2), "trial_number": None},
+                      {"worker_id": 1, "pid": 1001, "rss_gb": round(0.8 + (second % 50) / 25.0, 2), "trial_number": None}])
     emit(395, "launch_finished", worker_id=None, pid=100)
     lines.sort(key=lambda r: r["ts"])
     with open(path, "w", encoding="utf-8") as handle:

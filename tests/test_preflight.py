@@ -9,7 +9,7 @@ import sys
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from optuna_guard import tags
@@ -211,13 +211,48 @@ def test_params_drawn_early_are_the_ones_the_objective_gets() -> None:
         assert not result.abstained
 
 
-def test_knn_does_not_extrapolate_but_the_regression_does() -> None:
+def test_knn_does_not_extrapolate_but_the_regression_and_auto_do() -> None:
     study = study_with_history(30)  # nothing near 512 x 2048 yet
     probe = FakeProbe(available_gb=6.0)
-    result = preflight_check(ask_with(study, batch=512, width=2048, opt="adam"), probe=probe, margin_gb=1.0)
+    result = preflight_check(ask_with(study, batch=512, width=2048, opt="adam"), probe=probe, margin_gb=1.0, method="knn")
     assert not result.prune  # knn: abstains (nothing similar) or averages smaller neighbours
-    with pytest.raises(optuna.TrialPruned):
-        preflight_check(ask_with(study, batch=512, width=2048, opt="adam"), probe=probe, margin_gb=1.0, method="regression")
+    for method in ("regression", "auto"):  # the power law fits this history: auto uses it
+        with pytest.raises(optuna.TrialPruned, match="base \\+ power law"):
+            preflight_check(ask_with(study, batch=512, width=2048, opt="adam"), probe=probe, margin_gb=1.0, method=method)
+
+
+def test_auto_falls_back_to_neighbours_when_memory_is_no_power_law() -> None:
+    # memory jumps at batch 128 (e.g. a different kernel kicks in): no base + power law fits
+    study = optuna.create_study()
+    for batch in (16, 24, 32, 48, 64, 96, 120, 128, 136, 192, 256, 384, 512, 40, 200, 300):
+        for width, opt in ((64, "sgd"), (1024, "adam")):
+            study.add_trial(create_trial(value=1.0, params={"batch": batch, "width": width, "opt": opt}, distributions=DISTS,
+                                         user_attrs={tags.PEAK_RSS_GB: 1.0 if batch < 128 else 5.0}))
+    result = preflight_check(ask_with(study, batch=170, width=512, opt="sgd"), probe=FakeProbe(available_gb=20.0), margin_gb=1.0)
+    assert result.estimate.method == "knn" and "too large" in result.estimate.detail
+    assert result.estimate.peak_gb == pytest.approx(5.0, rel=0.1)
+
+
+def test_params_that_do_not_move_memory_do_not_pick_the_neighbours() -> None:
+    # Memory depends on batch only; x1..x3 (think lr, dropout, weight decay) do not move it.
+    # The candidate matches small-batch trials exactly in x1..x3, so by plain distance those
+    # are its neighbours (~1 GB); weighted by how much each param moves memory, the big-batch
+    # trials are (~5.4 GB).
+    dists = {"batch": IntDistribution(16, 512, log=True), **{f"x{i}": FloatDistribution(0.0, 1.0) for i in (1, 2, 3)}}
+    study = optuna.create_study()
+
+    def add(batch: int, x: float) -> None:
+        study.add_trial(create_trial(value=1.0, params={"batch": batch, "x1": x, "x2": x, "x3": x}, distributions=dists,
+                                     user_attrs={tags.PEAK_RSS_GB: 0.5 + batch / 100}))
+
+    for batch in (16, 24, 32, 40, 48):
+        for x in (0.0, 0.25, 0.5, 0.75, 1.0):
+            add(batch, x)
+    for batch in (480, 500, 512):
+        add(batch, 0.5)
+    result = preflight_check(ask_with(study, batch=490, x1=0.0, x2=0.0, x3=0.0), probe=FakeProbe(available_gb=20.0),
+                             margin_gb=1.0, method="knn")
+    assert result.estimate.peak_gb == pytest.approx(0.5 + 490 / 100, rel=0.15)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"min_history": 1}, "min_history"), ({"k": 0}, "k must be"), ({"margin_gb": -1.0}, "margin_gb")])

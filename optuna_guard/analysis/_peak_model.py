@@ -1,6 +1,8 @@
 """Estimating a trial's peak memory from finished trials with similar params.
 
-Two estimators over the trials that carry a ``peak_rss_gb`` tag:
+Two estimators over the trials that carry a ``peak_rss_gb`` tag; ``auto`` (the default) uses the
+regression while it fits the history well (typical relative error <= ``AUTO_MAX_FIT_ERROR``)
+and knn otherwise (memory that is no power law of the params, or too few trials for the fit):
 
 - ``regression``: ``peak = base + exp(a + sum_i b_i * f_i)``, a fixed part (the
   interpreter, framework, data) plus a power law in the params. Each numeric param enters as
@@ -11,8 +13,9 @@ Two estimators over the trials that carry a ``peak_rss_gb`` tag:
   least squares on ``log(peak - base)``. Such a fit extrapolates to bigger configurations
   nobody has tried yet. Fitted on trials that were *not* killed: a killed trial's peak is only
   what it reached before the kill (a lower bound), which would pull the fit down.
-- ``knn`` (default): the inverse-distance weighted mean of the ``k`` nearest trials (same scaled params;
-  a categorical counts 1 when it differs), killed ones included. It never extrapolates and
+- ``knn``: the inverse-distance weighted mean of the ``k`` nearest trials (same scaled
+  params; a categorical counts 1 when it differs; each param weighted by how much it moves
+  memory in the history, see ``relevance``), killed ones included. It never extrapolates and
   abstains when even the nearest trial is farther than ``max_distance``.
 
 A killed trial was still growing when it was stopped, so its need is counted as its peak times
@@ -34,7 +37,8 @@ from optuna.trial import FrozenTrial
 from optuna_guard import tags
 from optuna_guard.analysis._filters import is_killed
 
-METHODS = ("regression", "knn")
+METHODS = ("auto", "regression", "knn")
+AUTO_MAX_FIT_ERROR = 0.15  # "auto" uses the regression while its typical relative error is below this
 KILLED_FLOOR_DISTANCE = 0.1
 SAME_PARAMS_DISTANCE = 0.02
 KILLED_GROWTH = 1.1
@@ -44,6 +48,7 @@ _RIDGE = 1e-4
 # of the smallest observed peak; the one whose fit has the smallest relative error is kept.
 _BASE_FRACTIONS = np.linspace(0.0, 0.95, 20)
 _EPS_DISTANCE = 0.05
+_MIN_RELEVANCE = 0.1  # below this a param's correlation with memory counts as none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,7 @@ class PeakEstimate:
     n_trials: int  # trials the estimate was computed from
     nearest: tuple[int, ...] = ()  # numbers of the nearest trials (knn), or the killed floor
     detail: str = ""  # a short sentence for logs and the kill reason
+    error: float = 0.0  # typical relative error: the fit's (regression) or the neighbours' spread (knn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +94,7 @@ def estimate_peak(
     distributions: Mapping[str, BaseDistribution],
     history: Sequence[FrozenTrial],
     *,
-    method: str = "knn",
+    method: str = "auto",
     min_history: int = 8,
     k: int = 5,
     max_distance: float = 0.35,
@@ -103,18 +109,24 @@ def estimate_peak(
         if peak is None or not _has_params(trial, names, distributions):
             continue
         observations.append((trial, peak * KILLED_GROWTH if is_killed(trial) else peak))
+    weights = relevance(names, distributions, observations)
     predict = None
-    if method == "regression":
-        fit = _fit_regression(names, distributions, observations, min_history)
-        if isinstance(fit, Abstention):
-            return fit
+    result: PeakEstimate | Abstention
+    fit = _fit_regression(names, distributions, observations, min_history) if method != "knn" else None
+    if method == "regression" and isinstance(fit, Abstention):
+        return fit
+    if isinstance(fit, _Fit) and (method == "regression" or fit.error <= AUTO_MAX_FIT_ERROR):
         predict = fit.predict
-        result: PeakEstimate | Abstention = fit.estimate(params)
-    else:
-        result = _knn(params, names, distributions, observations, min_history, k, max_distance)
+        result = fit.estimate(params)
+    else:  # knn, or auto when the fit is poor or not possible yet
+        result = _knn(params, names, distributions, observations, min_history, k, max_distance, weights)
+        if isinstance(fit, _Fit) and not isinstance(result, Abstention):
+            result = dataclasses.replace(
+                result, detail=f"{result.detail}; the fit's typical error {100 * fit.error:.0f}% was too large"
+            )
     if isinstance(result, Abstention):
         return result
-    return _apply_killed_floor(result, params, names, distributions, observations, predict)
+    return _apply_killed_floor(result, params, names, distributions, observations, predict, weights)
 
 
 # -- features -------------------------------------------------------------------------------
@@ -152,18 +164,62 @@ def _features(params: Mapping[str, Any], names: Sequence[str], distributions: Ma
     return row
 
 
-def _distance(a: Mapping[str, Any], b: Mapping[str, Any], names: Sequence[str], distributions: Mapping[str, BaseDistribution]) -> float:
-    """Root mean square difference of the scaled params; a differing categorical counts 1."""
+def _distance(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    names: Sequence[str],
+    distributions: Mapping[str, BaseDistribution],
+    weights: Mapping[str, float] | None = None,
+) -> float:
+    """Weighted root mean square difference of the scaled params (a differing categorical
+    counts 1); ``weights`` default to 1 for every param."""
     if not names:
         return 0.0
     total = 0.0
+    weight_sum = 0.0
     for name in names:
         dist = distributions[name]
+        weight = 1.0 if weights is None else weights.get(name, 0.0)
         if isinstance(dist, CategoricalDistribution):
-            total += 0.0 if a[name] == b[name] else 1.0
+            diff = 0.0 if a[name] == b[name] else 1.0
         else:
-            total += (_scale(a[name], dist) - _scale(b[name], dist)) ** 2
-    return math.sqrt(total / len(names))
+            diff = (_scale(a[name], dist) - _scale(b[name], dist)) ** 2
+        total += weight * diff
+        weight_sum += weight
+    return math.sqrt(total / weight_sum) if weight_sum > 0 else 0.0
+
+
+def relevance(names: Sequence[str], distributions: Mapping[str, BaseDistribution], observations) -> dict[str, float]:
+    """How much each param moves memory: |correlation| of its scaled value with log(need) for a
+    numeric param, the correlation ratio for a categorical one (0..1).
+
+    Nearest neighbours are found with these weights, so params that do not change memory
+    (learning rate, dropout, ...) do not decide which trials count as "similar". When no param
+    shows any effect, all weigh the same.
+    """
+    if len(observations) < 3:
+        return {name: 1.0 for name in names}
+    y = np.log(np.array([need for _, need in observations]))
+    weights: dict[str, float] = {}
+    for name in names:
+        dist = distributions[name]
+        values = [t.params[name] for t, _ in observations]
+        if isinstance(dist, CategoricalDistribution):
+            total = float(np.sum((y - y.mean()) ** 2))
+            between = 0.0
+            for choice in set(values):
+                group = y[[v == choice for v in values]]
+                between += len(group) * float(group.mean() - y.mean()) ** 2
+            weights[name] = math.sqrt(between / total) if total > 0 else 0.0
+        else:
+            x = np.array([_scale(v, dist) for v in values])
+            if x.std() == 0 or y.std() == 0:
+                weights[name] = 0.0
+            else:
+                weights[name] = abs(float(np.corrcoef(x, y)[0, 1]))
+    if not any(w > _MIN_RELEVANCE for w in weights.values()):
+        return {name: 1.0 for name in names}
+    return {name: (w if w > _MIN_RELEVANCE else 0.0) for name, w in weights.items()}
 
 
 # -- estimators -----------------------------------------------------------------------------
@@ -193,6 +249,7 @@ class _Fit:
                 f"fit on {self.n_trials} finished trials: {self.base:.1f} GB base + power law, "
                 f"typical error {100 * self.error:.0f}%"
             ),
+            error=self.error,
         )
 
 
@@ -234,29 +291,31 @@ def _ridge(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.linalg.solve(xw.T @ x + penalty, xw.T @ y)
 
 
-def _knn(params, names, distributions, observations, min_history, k, max_distance) -> PeakEstimate | Abstention:
+def _knn(params, names, distributions, observations, min_history, k, max_distance, weights) -> PeakEstimate | Abstention:
     if len(observations) < min_history:
         return Abstention(
             f"only {len(observations)} finished trial(s) with a peak_rss_gb tag and these params; need {min_history}"
         )
     ranked = sorted(
-        ((_distance(params, t.params, names, distributions), t, peak) for t, peak in observations),
+        ((_distance(params, t.params, names, distributions, weights), t, peak) for t, peak in observations),
         key=lambda item: (item[0], -item[1].number),
     )[:k]
     if ranked[0][0] > max_distance:
         return Abstention(f"no finished trial with similar params (nearest at distance {ranked[0][0]:.2f} > {max_distance})")
-    weights = [1.0 / (d + _EPS_DISTANCE) for d, _, _ in ranked]
-    peak = sum(w * p for w, (_, _, p) in zip(weights, ranked)) / sum(weights)
+    closeness = [1.0 / (d + _EPS_DISTANCE) for d, _, _ in ranked]
+    peak = sum(w * p for w, (_, _, p) in zip(closeness, ranked)) / sum(closeness)
+    spread = math.sqrt(sum(w * (p - peak) ** 2 for w, (_, _, p) in zip(closeness, ranked)) / sum(closeness))
     return PeakEstimate(
         peak_gb=peak,
         method="knn",
         n_trials=len(ranked),
         nearest=tuple(t.number for _, t, _ in ranked),
         detail=f"{len(ranked)} nearest trials " + ", ".join(f"#{t.number} {p:.1f} GB" for _, t, p in ranked),
+        error=spread / peak if peak > 0 else 0.0,
     )
 
 
-def _apply_killed_floor(estimate: PeakEstimate, params, names, distributions, observations, predict) -> PeakEstimate:
+def _apply_killed_floor(estimate: PeakEstimate, params, names, distributions, observations, predict, weights) -> PeakEstimate:
     """Raise the estimate to the need of a killed trial with nearly the same params.
 
     With the regression, only when the fit ranks this trial at least as big as the killed one
@@ -268,7 +327,7 @@ def _apply_killed_floor(estimate: PeakEstimate, params, names, distributions, ob
     for trial, need in observations:
         if not is_killed(trial) or need <= estimate.peak_gb:
             continue
-        distance = _distance(params, trial.params, names, distributions)
+        distance = _distance(params, trial.params, names, distributions, weights)
         if predict is not None:
             if distance > KILLED_FLOOR_DISTANCE or predict(trial.params) > estimate.peak_gb + 1e-9:
                 continue

@@ -92,9 +92,19 @@ def worker_memory(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             row["recycles"] += 1
         elif name == ev.WORKER_CRASHED:
             row["crashes"] += 1
-        value = record.get("rss_gb")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            rss.setdefault(wid, []).append(float(value))
+        value = _number(record.get("rss_gb"))
+        if value is not None:
+            rss.setdefault(wid, []).append(value)
+    for record in events:  # the launcher's periodic readings of every worker
+        for reading in _worker_readings(record):
+            row = workers.get(reading["worker_id"])
+            if row is None:
+                continue
+            if reading.get("pid") is not None and reading["pid"] not in row["pids"]:
+                row["pids"].append(reading["pid"])
+            value = _number(reading.get("rss_gb"))
+            if value is not None:
+                rss.setdefault(reading["worker_id"], []).append(value)
     for wid, values in rss.items():
         workers[wid]["peak_rss_gb"] = round(max(values), 2)
         workers[wid]["mean_rss_gb"] = round(statistics.fmean(values), 2)
@@ -188,7 +198,8 @@ def markers(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def memory_samples(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``memory_sample`` events: available memory (and a worker's RSS when given) over time."""
+    """``memory_sample`` events as flat readings: the system's available memory (worker_id None)
+    and each worker's RSS (from the event's ``workers`` list, or its own worker_id/rss_gb)."""
     samples = []
     for record in events:
         if record["event"] != ev.MEMORY_SAMPLE:
@@ -201,7 +212,19 @@ def memory_samples(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "rss_gb": _number(record.get("rss_gb")),
             }
         )
+        for reading in _worker_readings(record):
+            samples.append(
+                {"ts": record["ts"], "available_gb": None, "worker_id": reading["worker_id"], "rss_gb": _number(reading.get("rss_gb"))}
+            )
     return samples
+
+
+def _worker_readings(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The per-worker readings that memory_sample and status events carry in ``workers``."""
+    readings = record.get("workers")
+    if not isinstance(readings, list):
+        return []
+    return [r for r in readings if isinstance(r, Mapping) and r.get("worker_id") is not None]
 
 
 def _same_kill(previous: Mapping[str, Any] | None, record: Mapping[str, Any]) -> bool:
@@ -209,8 +232,8 @@ def _same_kill(previous: Mapping[str, Any] | None, record: Mapping[str, Any]) ->
     if previous is None or previous["event"] == record["event"]:
         return False
     a, b = previous.get("trial_number"), record.get("trial_number")
-    if a is not None and b is not None and a != b:
-        return False
+    if a is not None and b is not None:
+        return a == b  # worker_killed at the decision, trial_killed when the worker is reaped
     return abs(record["ts"] - previous["ts"]) <= _SAME_KILL_WINDOW_S
 
 

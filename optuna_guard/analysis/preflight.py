@@ -10,11 +10,11 @@ objective). How it decides:
    params that every finished trial has (Optuna's intersection search space) are drawn now,
    through the normal ``trial.suggest_*`` calls: the objective's own ``suggest_*`` calls later
    return the same values. Params the objective suggests only sometimes are left alone.
-3. Estimate: ``optuna_guard.analysis._peak_model.estimate_peak``: by default the nearest
-   finished trials (``method="knn"``: it never extrapolates, so it prunes only next to trials
-   that were big or killed), or ``method="regression"`` (a base + power-law fit that also
-   predicts configurations nobody tried: fewer kills, more pruned trials); it abstains when it
-   has too little to go on.
+3. Estimate: ``optuna_guard.analysis._peak_model.estimate_peak``, ``method="auto"`` by default:
+   a base + power-law fit of the peak on the params (it also predicts configurations nobody
+   tried) while that fit's typical error on the history is <= 15 %, else the nearest finished
+   trials (``"knn"``, which never extrapolates); ``"regression"`` or ``"knn"`` force one. It
+   abstains when it has too little to go on.
 4. Decision: the trial needs ``predicted peak - RSS this worker already holds``. If that is more
    than ``available now - margin_gb`` (the margin defaults to the guard's ``min_available_gb``:
    the guard would kill the trial there), or the predicted peak is over ``max_trial_rss_gb``,
@@ -73,7 +73,7 @@ def preflight_check(
     margin_gb: float | None = None,
     min_history: int = 8,
     k: int = 5,
-    method: str = "knn",
+    method: str = "auto",
     budget_gb: float | None = None,
     max_trial_rss_gb: float | None = None,
     pin_params: bool = True,
