@@ -3,7 +3,6 @@ abstains with too little history, and leaves the objective's params as it drew t
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sys
 
@@ -84,7 +83,7 @@ def test_prunes_a_trial_predicted_to_exceed_available_memory(method: str) -> Non
     study = study_with_history(30, big=[BIG_NEIGHBOUR] if method == "knn" else None)
     # 512 x 2048 with adam needs ~12.5 GB; 6 GB are available, this worker holds 0.5 GB
     trial = ask_with(study, batch=512, width=2048, opt="adam")
-    with pytest.raises(optuna.TrialPruned, match=r"predicted OOM: ~\d+\.\d GB needed, 6\.0 GB available"):
+    with pytest.raises(optuna.TrialPruned, match=r"predicted OOM: ~\d+\.\d+ GB needed, 6\.00 GB available"):
         preflight_check(trial, probe=FakeProbe(available_gb=6.0, held_gb=0.5), method=method, margin_gb=1.0)
     study.tell(trial, state=TrialState.PRUNED)
 
@@ -158,7 +157,7 @@ def test_a_killed_trial_with_nearly_the_same_params_sets_a_floor() -> None:
 def test_max_trial_rss_limit_is_predicted_too() -> None:
     study = study_with_history(30)
     trial = ask_with(study, batch=512, width=2048, opt="sgd")
-    with pytest.raises(optuna.TrialPruned, match="over the max_trial_rss_gb limit of 5.0 GB"):
+    with pytest.raises(optuna.TrialPruned, match="over the max_trial_rss_gb limit of 5.00 GB"):
         preflight_check(trial, probe=FakeProbe(available_gb=100.0), margin_gb=1.0, max_trial_rss_gb=5.0, method="regression")
 
 

@@ -102,7 +102,7 @@ def test_html_report_renders_offline_in_chromium(html_report: pathlib.Path, chro
     assert len(tables) >= 5
 
     height = chromium.execute_script("return document.documentElement.scrollHeight")
-    chromium.set_window_size(1400, min(int(height) + 40, 6000))  # the whole page in one screenshot
+    chromium.set_window_size(1400, min(int(height) + 300, 6000))  # the whole page in one screenshot
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report_browser.png"
     chromium.save_screenshot(str(shot))

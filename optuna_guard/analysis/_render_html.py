@@ -86,7 +86,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     parts.append("<h2>Trials per worker over time</h2>")
     parts.append(_timeline_note(report))
     parts.append(_figure_html(_timeline_figure(report), "plot-timeline", "no trial has a start time yet"))
-    parts.append("<h2>Available memory over time</h2>")
+    parts.append("<h2>Memory over time</h2>")
     parts.append(
         _figure_html(
             _memory_over_time_figure(report),
@@ -332,7 +332,9 @@ def _timeline_figure(report: Mapping[str, Any]) -> Any:
 
 
 def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
+    """Available memory (top) and each worker's RSS (bottom, its own scale), kills marked."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     plots = report["plots"]
     samples = plots["memory_samples"]
@@ -340,7 +342,9 @@ def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
     rss = [s for s in samples if s["rss_gb"] is not None and s["worker_id"] is not None]
     if not available and not rss:
         return None
-    fig = go.Figure()
+    rows = (["available memory (GB)"] if available else []) + (["worker RSS (GB)"] if rss else [])
+    fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=rows)
+    rss_row = len(rows)
     if available:
         fig.add_trace(
             go.Scatter(
@@ -349,7 +353,9 @@ def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
                 mode="lines",
                 name="available (system)",
                 line={"color": "#1f77b4", "width": 2},
-            )
+            ),
+            row=1,
+            col=1,
         )
     for worker in sorted({s["worker_id"] for s in rss}, key=str):
         chosen = [s for s in rss if s["worker_id"] == worker]
@@ -359,27 +365,56 @@ def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
                 y=[s["rss_gb"] for s in chosen],
                 mode="lines",
                 name=f"{_worker_label(worker)} RSS",
-                line={"width": 1, "dash": "dot"},
-            )
+                line={"width": 1.5},
+            ),
+            row=rss_row,
+            col=1,
         )
     kills = [m for m in plots["markers"] if m["event"] in ("worker_killed", "trial_killed")]
     if kills:
+        on_available = bool(available)
         fig.add_trace(
             go.Scatter(
                 x=[_when(m["ts"]) for m in kills],
-                y=[m["available_gb"] if m["available_gb"] is not None else _nearest(available, m["ts"]) for m in kills],
+                y=[
+                    (m["available_gb"] if m["available_gb"] is not None else _nearest(available, m["ts"]))
+                    if on_available
+                    else m["rss_gb"]
+                    for m in kills
+                ],
                 mode="markers",
                 name="kill",
                 marker={"symbol": "x", "size": 13, "color": "#d62728"},
                 text=[f"{_worker_label(m['worker_id'])}, trial {m['trial_number']}: {m['reason'] or ''}" for m in kills],
                 hovertemplate="%{text}<extra>kill</extra>",
-            )
+                legendgroup="kill",
+            ),
+            row=1,
+            col=1,
         )
+        with_rss = [m for m in kills if m["rss_gb"] is not None]
+        if on_available and rss and with_rss:  # the same kills on the killed worker's RSS line
+            fig.add_trace(
+                go.Scatter(
+                    x=[_when(m["ts"]) for m in with_rss],
+                    y=[m["rss_gb"] for m in with_rss],
+                    mode="markers",
+                    name="kill",
+                    showlegend=False,
+                    legendgroup="kill",
+                    marker={"symbol": "x", "size": 13, "color": "#d62728"},
+                    text=[f"{_worker_label(m['worker_id'])}, trial {m['trial_number']}: {m['reason'] or ''}" for m in with_rss],
+                    hovertemplate="%{text}<extra>kill</extra>",
+                ),
+                row=rss_row,
+                col=1,
+            )
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_xaxes(type="date")
+    fig.update_xaxes(title_text="time", row=len(rows), col=1)
     fig.update_layout(
-        height=360,
-        xaxis={"type": "date", "title": "time"},
-        yaxis={"title": "GB", "rangemode": "tozero"},
-        margin={"l": 60, "r": 20, "t": 30, "b": 50},
+        height=260 * len(rows) + 80,
+        margin={"l": 60, "r": 20, "t": 40, "b": 50},
         template="plotly_white",
     )
     return fig

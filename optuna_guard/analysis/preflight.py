@@ -125,14 +125,14 @@ def preflight_check(
     reason = None
     if needed_gb > available_gb - margin_gb:
         reason = (
-            f"predicted OOM: ~{needed_gb:.1f} GB needed, {available_gb:.1f} GB available "
-            f"(predicted peak {estimate.peak_gb:.1f} GB from {estimate.detail}; "
-            f"{held_gb:.1f} GB already held; {margin_gb:.1f} GB margin)"
+            f"predicted OOM: ~{_gb(needed_gb)} GB needed, {_gb(available_gb)} GB available "
+            f"(predicted peak {_gb(estimate.peak_gb)} GB from {estimate.detail}; "
+            f"{_gb(held_gb)} GB already held; {_gb(margin_gb)} GB margin)"
         )
     elif max_trial_rss_gb is not None and estimate.peak_gb > max_trial_rss_gb:
         reason = (
-            f"predicted OOM: ~{estimate.peak_gb:.1f} GB needed, over the max_trial_rss_gb limit of "
-            f"{max_trial_rss_gb:.1f} GB ({estimate.detail})"
+            f"predicted OOM: ~{_gb(estimate.peak_gb)} GB needed, over the max_trial_rss_gb limit of "
+            f"{_gb(max_trial_rss_gb)} GB ({estimate.detail})"
         )
     if reason is None:
         return PreflightResult(
@@ -152,6 +152,11 @@ def preflight_check(
         reason,
     )
     raise optuna.TrialPruned(reason)
+
+
+def _gb(value: float) -> str:
+    """GB with enough digits to tell 0.55 from 0.6, and no false precision for big values."""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
 def _validate(min_history: int, k: int) -> None:
