@@ -22,15 +22,14 @@ import functools
 import gc
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+# torch is importable here: the package __init__ checked it and gave the install hint.
+import torch
 
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.replay_buffer._device import resolve_device
 from optuna_guard.replay_buffer._fields import dtype_name
-from optuna_guard.replay_buffer._torch import import_torch
-
-if TYPE_CHECKING:
-    import torch
 
 STATE_FORMAT = "optuna_guard.ReplayBufferList"
 STATE_VERSION = 1
@@ -93,7 +92,6 @@ class ReplayBufferList(list):
         ``traj_list`` leaves the old contents in place; if building the new contents fails
         (out of memory), the buffer is left empty rather than half-built.
         """
-        torch = import_torch()
         fields = self._fields_of(traj_list)
         self.clear()  # release the previous generation BEFORE allocating the next
         try:
@@ -115,11 +113,10 @@ class ReplayBufferList(list):
         """``gc.collect()`` and, for a CUDA buffer, hand cached CUDA blocks back to the driver."""
         gc.collect()
         if self.device.type == "cuda":
-            import_torch().cuda.empty_cache()
+            torch.cuda.empty_cache()
 
     def _fields_of(self, traj_list: Iterable[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
         """Transpose trajectories into lists of per-field parts; ConfigError on bad input."""
-        torch = import_torch()
         if isinstance(traj_list, torch.Tensor) or not isinstance(traj_list, Iterable):
             raise ConfigError(
                 "traj_list must be a list of trajectories (tuples of tensors) but got "
@@ -172,29 +169,25 @@ class ReplayBufferList(list):
         return fields
 
     def _concatenate(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """``torch.cat(parts)`` written straight into one new tensor on the buffer's device.
+        """``torch.cat(parts)`` into one new tensor on the buffer's device (the one allocation).
 
         Called under ``no_grad``: the new tensor never joins the parts' autograd graph, which is
-        what ``detach()`` would give, without keeping a view of the caller's storage.
+        what ``detach()`` would give, without keeping a view of the caller's storage. Parts on
+        another device or with other dtypes are copied straight into the result (no ``cat``
+        on the rollout device followed by ``.to()``: that would be two copies).
         """
-        torch = import_torch()
         first = parts[0]
-        same = all(p.dtype == first.dtype and p.device == self.device for p in parts)
-        dtype = (
-            first.dtype if same else functools.reduce(torch.promote_types, [p.dtype for p in parts])
-        )
-        out = self._allocate((sum(p.shape[0] for p in parts), *first.shape[1:]), dtype)
-        if same:
-            return torch.cat(parts, dim=0, out=out)
+        dtype, device = first.dtype, self.device
+        if all(p.dtype == dtype and p.device == device for p in parts):
+            return torch.cat(parts, dim=0)  # plain cat: faster than cat(out=...) for small parts
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])
+        rows = sum(p.shape[0] for p in parts)
+        out = torch.empty((rows, *first.shape[1:]), dtype=dtype, device=device)
         offset = 0
-        for part in parts:  # another device or dtype: copy_ converts while it copies
+        for part in parts:  # copy_ converts dtype and device while it copies
             out[offset : offset + part.shape[0]].copy_(part)
             offset += part.shape[0]
         return out
-
-    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The only allocation of an update (a seam for tests that check what is alive then)."""
-        return import_torch().empty(shape, dtype=dtype, device=self.device)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -212,7 +205,6 @@ class ReplayBufferList(list):
         When the buffer already holds data, the saved fields must match it in number, trailing
         shape and dtype (a checkpoint of another agent is refused, not silently loaded).
         """
-        torch = import_torch()
 
         def bad(reason: str) -> ConfigError:
             return ConfigError(f"cannot load ReplayBufferList state: {reason}.")

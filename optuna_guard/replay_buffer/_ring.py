@@ -11,7 +11,10 @@ hours later. Writes detach their input: copying a tensor that requires grad into
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+# torch is importable here: the package __init__ checked it and gave the install hint.
+import torch
 
 from optuna_guard._logging import get_logger
 from optuna_guard._units import GB
@@ -25,10 +28,6 @@ from optuna_guard.replay_buffer._memory_check import (
     validate_on_insufficient,
     validate_safety_margin,
 )
-from optuna_guard.replay_buffer._torch import import_torch
-
-if TYPE_CHECKING:
-    import torch
 
 _log = get_logger(__name__)
 
@@ -74,7 +73,6 @@ class ReplayBuffer:
         prefault: bool = False,
         probe: MemoryProbe | None = None,
     ) -> None:
-        torch = import_torch()
         self._capacity = _positive_int("capacity", capacity)
         self._fields = parse_fields(fields)
         self._device = resolve_device(device, what="ReplayBuffer")
@@ -203,7 +201,9 @@ class ReplayBuffer:
         self._position = 0
         self._size = 0
 
-    def _collect(self, mapping: Mapping[str, Any] | None, values: dict[str, Any]) -> dict:
+    def _collect(self, mapping: Mapping[str, Any] | None, values: dict[str, Any]) -> Mapping:
+        if not values and isinstance(mapping, Mapping) and mapping.keys() == self._fields.keys():
+            return mapping  # the common case, checked in one comparison
         if mapping is not None and not isinstance(mapping, Mapping):
             raise ConfigError(
                 f"expected a mapping of field -> values but got {type(mapping).__name__}."
@@ -219,34 +219,31 @@ class ReplayBuffer:
             )
         return merged
 
-    def _coerce(self, batch: dict[str, Any], *, single: bool) -> list[torch.Tensor]:
+    def _coerce(self, batch: Mapping[str, Any], *, single: bool) -> list[torch.Tensor]:
         """Detached tensors of shape (N, *field.shape) in field order, or a ConfigError.
 
         Kept lean: it runs on every ``extend``, and small batches are dominated by Python time.
         """
-        torch = import_torch()
+        tensor_type = torch.Tensor
         out: list[torch.Tensor] = []
         rows = -1
-        for name, field in self._fields.items():
+        for name, (shape, dtype) in self._fields.items():
             value = batch[name]
-            tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-            shape = tensor.shape
-            if single:
-                ok = shape == field.shape
+            if isinstance(value, tensor_type):
+                tensor = value.detach() if value.requires_grad else value
             else:
-                ok = len(shape) == len(field.shape) + 1 and shape[1:] == field.shape
-            if not ok:
-                expected = tuple(field.shape) if single else ("N", *field.shape)
-                raise ConfigError(
-                    f"field {name!r}: expected shape {expected} but got {tuple(shape)}."
-                )
-            if tensor.dtype != field.dtype and not torch.can_cast(tensor.dtype, field.dtype):
+                tensor = torch.as_tensor(value)
+            if single:
+                if tensor.shape != shape:
+                    self._bad_shape(name, tensor, single)
+                tensor = tensor.unsqueeze(0)
+            elif tensor.dim() != len(shape) + 1 or tensor.shape[1:] != shape:
+                self._bad_shape(name, tensor, single)
+            if tensor.dtype != dtype and not torch.can_cast(tensor.dtype, dtype):
                 raise ConfigError(
                     f"field {name!r}: cannot store {dtype_name(tensor.dtype)} values in a "
-                    f"{dtype_name(field.dtype)} field without losing data; convert them first."
+                    f"{dtype_name(dtype)} field without losing data; convert them first."
                 )
-            if single:
-                tensor = tensor.unsqueeze(0)
             if rows < 0:
                 rows = tensor.shape[0]
             elif tensor.shape[0] != rows:
@@ -256,6 +253,13 @@ class ReplayBuffer:
                 )
             out.append(tensor)
         return out
+
+    def _bad_shape(self, name: str, tensor: torch.Tensor, single: bool) -> None:
+        shape = self._fields[name].shape
+        expected = tuple(shape) if single else ("N", *shape)
+        raise ConfigError(
+            f"field {name!r}: expected shape {expected} but got {tuple(tensor.shape)}."
+        )
 
     def _write(self, data: list[torch.Tensor]) -> None:
         """Copy detached rows into place (no ``no_grad`` needed: neither side requires grad)."""
@@ -288,7 +292,6 @@ class ReplayBuffer:
         A seeded ``torch.Generator`` gives reproducible batches; a CPU generator works for a CUDA
         buffer too (the indices are drawn on the generator's device and moved).
         """
-        torch = import_torch()
         _positive_int("batch_size", batch_size)
         if self._size == 0:
             raise ConfigError("cannot sample from an empty ReplayBuffer; add transitions first.")
@@ -302,7 +305,6 @@ class ReplayBuffer:
 
     def contents(self) -> dict[str, torch.Tensor]:
         """Copies of the valid rows, oldest first (for inspection and tests, not the hot path)."""
-        torch = import_torch()
         if not self.full:
             return {name: t[: self._size].clone() for name, t in self._storage.items()}
         p = self._position
@@ -336,7 +338,6 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` into the preallocated storage (validated first)."""
-        torch = import_torch()
         self._validate_state(state)
         size = state["size"]
         with torch.no_grad():
@@ -346,7 +347,6 @@ class ReplayBuffer:
         self._position = state["position"]
 
     def _validate_state(self, state: Mapping[str, Any]) -> None:
-        torch = import_torch()
 
         def bad(reason: str) -> ConfigError:
             return ConfigError(f"cannot load ReplayBuffer state: {reason}.")
