@@ -8,7 +8,7 @@ A synthetic objective with SIMULATED memory (nothing is allocated; safe and fast
 * peak memory = 0.8 GB + 40 GB x (batch/512) x (width/2048), x1.3 with adam (optimizer state),
   x(1 +- 5 %) noise per trial;
 * the machine has 12 GB available and the guard stops a trial when less than 2 GB would be
-  left, so a trial needing more than 10 GB is killed (about 1 in 7 random configurations);
+  left, so a trial needing more than 10 GB is killed (about 1 in 6 random configurations);
 * loss falls with model size (log2 of batch x width), has an optimum in lr and a small optimizer
   effect, so the best valid value lies right at the memory limit;
 * a trial lasts 60 s x (1 + 8 x batch/512 x width/2048) simulated seconds; a killed trial is
