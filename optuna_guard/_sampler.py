@@ -34,6 +34,11 @@ from optuna_guard._units import GB
 from optuna_guard.limits import MemoryLimits
 from optuna_guard.memory import GpuMemory, MemoryProbe, SystemMemory
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Windows
+    resource = None  # type: ignore[assignment]
+
 _log = get_logger(__name__)
 
 # Fastest sampling when a limit is about to be reached, and while an interrupt waits for a
@@ -111,7 +116,7 @@ class TrialWatch:
         self.min_available_bytes: int | None = None
         self.available_at_trip: int | None = None
         self.peak_gpu_bytes: int | None = None
-        self.fault_base: int | None = None
+        self.fault_base = _own_minor_faults()  # in the trial's thread: a syscall, no file I/O
 
     def observe(self, system: SystemMemory | None, rss_bytes: int | None, gpus: Sequence[GpuMemory] = ()) -> None:
         if rss_bytes is not None and rss_bytes > self.peak_rss_bytes:
@@ -181,6 +186,14 @@ def _at_safe_point(thread_id: int, frame_id: int) -> bool:
             return False
         frame = frame.f_back
     return False  # the guard wrapper is not on the stack: the trial is not running there
+
+
+def _own_minor_faults() -> int:
+    """Minor page faults of the calling thread so far (same counter as its /proc stat)."""
+    try:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):  # RUSAGE_THREAD is Linux-only
+        return 0
 
 
 def _minor_faults(native_id: int) -> int:
@@ -265,8 +278,8 @@ class Sampler:
             if not due:
                 wait = max(min(w.started + w.limits.interval for w in watches) - now, MIN_INTERVAL_S)
             else:
-                try:
-                    wait = self.tick(due)
+                try:  # a reading is taken for the due trials, but applies to all of them
+                    wait = self.tick(watches)
                 except Exception:  # the sampler must outlive any bug or probe failure
                     _log.exception("The optuna-guard sampler failed to take a reading; retrying.")
                     wait = poll
@@ -299,10 +312,6 @@ class Sampler:
             self._probe_errors.discard(key)
             previous = self._previous.get(key)
             self._previous[key] = (now, system, rss)
-            if len(group) > 1:
-                for watch in group:
-                    if watch.fault_base is None:
-                        watch.fault_base = _minor_faults(watch.native_id)
             candidates: list[tuple[TrialWatch, Trip]] = []
             busy = False
             for watch in group:
@@ -348,8 +357,8 @@ class Sampler:
             return candidates[0]
 
         def grown(item: tuple[TrialWatch, Trip]) -> tuple[int, float]:
-            watch = item[0]
-            return (_minor_faults(watch.native_id) - (watch.fault_base or 0), watch.started)
+            watch = item[0]  # ties: the older trial (it had longer to grow)
+            return (_minor_faults(watch.native_id) - watch.fault_base, -watch.started)
 
         return max(candidates, key=grown)
 

@@ -275,6 +275,40 @@ def test_runaway_allocation_is_stopped_mid_split_and_the_next_trial_completes(n_
     assert current_rss_gb() < limit - 0.1
 
 
+@pytest.mark.parametrize("allocating", [0, 1])
+def test_with_n_jobs_2_the_trial_that_grows_is_the_victim(allocating) -> None:
+    """Both running trials see the same (fake) process RSS over the limit; the one whose thread
+    is growing is stopped, the sleeping one completes once memory is back."""
+    probe = FakeProbe(rss_gb=0.5)
+    started = threading.Barrier(2, timeout=10)
+
+    @guard(max_trial_rss_gb=1.0, interval=0.05, probe=probe)
+    def objective(trial):
+        started.wait()
+        deadline = time.monotonic() + 3.0
+        if trial.number != allocating:
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+            return 0.0
+        probe.set(rss_gb=5.0)
+        chunks = []
+        try:
+            while time.monotonic() < deadline:
+                if len(chunks) < 25:  # grows by 8 MB steps, 200 MB at most
+                    chunks.append(np.ones(8 * 1024**2 // 8))
+                time.sleep(0.005)
+        finally:
+            probe.set(rss_gb=0.5)  # the trial's memory goes when its frames unwind
+        return 0.0
+
+    study = _study()
+    study.optimize(objective, n_trials=2, n_jobs=2)
+    states = {t.number: t.state for t in study.trials}
+    assert states[allocating] == TrialState.PRUNED
+    assert states[1 - allocating] == TrialState.COMPLETE
+    assert study.trials[allocating].user_attrs[tags.KILL_LIMIT] == "max_trial_rss_gb"
+
+
 def test_on_trip_fail_ends_the_trial_fail_and_the_study_goes_on() -> None:
     gc.collect()
     limit = round(current_rss_gb() + 0.3, 3)
