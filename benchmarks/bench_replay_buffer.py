@@ -278,10 +278,10 @@ def rss_case(name: str, cycles: int, rows: int, varying: bool) -> dict:
     for i in range(warmup):
         buffer.update_buffer(rollout(sizes[i % len(sizes)]))
     after_warmup = rss_mb()
-    start = time.perf_counter()
+    start = time.process_time()  # one torch thread: CPU time, robust to a busy machine
     for i in range(warmup, cycles):
         buffer.update_buffer(rollout(sizes[i % len(sizes)]))
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     return {
         "after_warmup_mb": after_warmup,
         "end_mb": rss_mb(),
@@ -378,7 +378,9 @@ def main() -> None:
             + [f"{res[n]:.3f}" if n in res else "-" for n in names]
             + [f"{100 * res['ReplayBuffer'] / res['raw copy_']:.0f} %"]
         )
-    print_table("sample throughput, GB/s of batch (best of rounds)", ["batch", *names, "ours/raw"], rows)
+    print_table(
+        "sample throughput, GB/s of batch (best of rounds)", ["batch", *names, "ours/raw"], rows
+    )
 
     rows = []
     for varying in (False, True):
@@ -399,7 +401,7 @@ def main() -> None:
             )
     print_table(
         "RSS over update_buffer cycles (2,048 rows in 4 trajectories; varying: 256..4,096; MiB)",
-        ["buffer", "sizes", "cycles", "after warm-up", "end", "growth", "ms/update"],
+        ["buffer", "sizes", "cycles", "after warm-up", "end", "growth", "ms/update+rollout"],
         rows,
     )
 
@@ -418,6 +420,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1].endswith("-case"):
+        torch.set_num_threads(1)
     if len(sys.argv) > 1 and sys.argv[1] == "--rss-case":
         name, cycles, rows, varying = sys.argv[2:6]
         print(json.dumps(rss_case(name, int(cycles), int(rows), bool(int(varying)))))

@@ -447,7 +447,9 @@ def test_sample_refuses_empty_buffer_and_bad_batch_size() -> None:
         buffer.sample(0)
 
 
-@pytest.mark.parametrize("rows", [0, 13, 40, 97], ids=["empty", "partial", "exactly-full", "wrapped"])
+@pytest.mark.parametrize(
+    "rows", [0, 13, 40, 97], ids=["empty", "partial", "exactly-full", "wrapped"]
+)
 def test_ring_state_dict_round_trip_through_torch_save(rows: int) -> None:
     buffer = ReplayBuffer(40, FIELDS)
     if rows:
@@ -542,7 +544,9 @@ def test_buffer_larger_than_available_memory_raises_and_allocates_nothing(
 ) -> None:
     allocations: list[tuple] = []
     real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k))
+    monkeypatch.setattr(
+        torch, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k)
+    )
     probe = FakeProbe(available_bytes=100 * MB)
     rss_before = psutil.Process().memory_info().rss
     with pytest.raises(InsufficientMemoryError) as info:
