@@ -5,7 +5,7 @@ feature matrix of the whole data set and copies the training rows of each fold, 
 need hundreds of MB. The guard stops them before they take the machine down:
 
 * ``@guard(max_trial_rss_gb=...)``: a sampler thread stops a trial mid-split once the process
-  tree grows past the limit (here: the RSS at start + 200 MB, so wide trials trip on any
+  tree grows past the limit (here: the RSS at start + 150 MB, so wide trials trip on any
   machine without pressuring it);
 * ``check_memory(trial, "split k/K")`` before each split stops a trial when the machine (or its
   cgroup) runs short of available memory;
@@ -37,7 +37,7 @@ from optuna_guard._units import GB
 from optuna_guard.memory import process_tree_rss, system_memory
 from optuna_guard.storage import default_storage_url, open_storage
 
-N_SAMPLES, N_INPUTS, N_FOLDS, BLOCK_ROWS = 12_000, 16, 5, 1_000
+N_SAMPLES, N_INPUTS, N_FOLDS, BLOCK_ROWS = 8_000, 16, 5, 1_000
 
 
 def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +67,7 @@ def take_rows(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_ridge_sgd(z: np.ndarray, y: np.ndarray, alpha: float, lr: float, epochs: int = 3, batch: int = 512) -> np.ndarray:
+def fit_ridge_sgd(z: np.ndarray, y: np.ndarray, alpha: float, lr: float, epochs: int = 2, batch: int = 512) -> np.ndarray:
     rng = np.random.default_rng(0)
     w = np.zeros(z.shape[1])
     for _ in range(epochs):
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Guarded k-fold CV study (random-feature ridge regression).")
     parser.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
     parser.add_argument("--storage", default=None, help="storage URL (default: optuna_guard.db in the current directory)")
-    parser.add_argument("--headroom-mb", type=float, default=200.0, help="max_trial_rss_gb = RSS at start + this (default 200 MB)")
+    parser.add_argument("--headroom-mb", type=float, default=150.0, help="max_trial_rss_gb = RSS at start + this (default 150 MB)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.trials < 1:
