@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "CheckpointCleanupCallback": "optuna_guard.checkpoint",
     "CheckpointError": "optuna_guard.exceptions",
     "ConfigError": "optuna_guard.exceptions",
     "CrashLoopError": "optuna_guard.exceptions",
@@ -23,7 +24,10 @@ _EXPORTS: dict[str, str] = {
     "MemoryGuardPruner": "optuna_guard.pruners",
     "MemoryLimits": "optuna_guard.limits",
     "ObjectiveSpecError": "optuna_guard.exceptions",
+    "ResilientStorage": "optuna_guard.resilience",
+    "RetryPolicy": "optuna_guard.retries",
     "StorageUnavailableError": "optuna_guard.exceptions",
+    "TimeBudget": "optuna_guard.time_budget",
     "TrialCheckpointer": "optuna_guard.checkpoint",
     "check_memory": "optuna_guard.trial_guard",
     "guard": "optuna_guard.trial_guard",
