@@ -343,7 +343,19 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
         try:
             trip = find_trip(limits, system, rss, gpus)
             if trip is not None:
-                _emergency_stop(trial, trip, f"Trial #{number} start", action=_action(limits))
+                others = SAMPLER.active_count()
+                if not others:
+                    _emergency_stop(trial, trip, f"Trial #{number} start", action=_action(limits))
+                # With n_jobs > 1 the memory belongs to the trials already running: this one has
+                # not allocated anything yet. The sampler stops the one that grew.
+                _log.warning(
+                    "Trial #%d starts while %s (%s), with %d other guarded trial(s) running in this "
+                    "process; the sampler stops the one that grew.",
+                    number,
+                    trip.detail,
+                    trip.limit,
+                    others,
+                )
             if below_warning(limits, system):
                 _warn_once(trial, f"Trial #{number} start", system, limits)
             if settings.preflight:

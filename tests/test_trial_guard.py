@@ -309,6 +309,35 @@ def test_with_n_jobs_2_the_trial_that_grows_is_the_victim(allocating) -> None:
     assert study.trials[allocating].user_attrs[tags.KILL_LIMIT] == "max_trial_rss_gb"
 
 
+def test_a_trial_starting_while_others_run_over_a_shared_limit_is_not_blamed(caplog) -> None:
+    """With other guarded trials running in the process, a limit already exceeded at start is
+    theirs: the new trial starts, and the sampler picks the victim by growth."""
+    from optuna_guard._sampler import SAMPLER, TrialWatch
+
+    caplog.set_level(logging.WARNING, logger="optuna_guard")
+    other = TrialWatch(number=99, limits=MemoryLimits(min_available_gb=None, warn_available_gb=None), probe=FakeProbe(), frame_id=0)
+    SAMPLER.register(other)
+    ran = []
+    try:
+
+        @guard(max_trial_rss_gb=1.0, interval=0.05, probe=FakeProbe(rss_gb=5.0))
+        def objective(trial):
+            ran.append(trial.number)
+            for _ in range(200):
+                time.sleep(0.01)
+            return 0.0
+
+        study = _study()
+        study.optimize(objective, n_trials=1)
+    finally:
+        other.finish()
+    trial = study.trials[0]
+    assert ran == [0]
+    assert trial.state == TrialState.PRUNED
+    assert "mid-trial" in trial.user_attrs[tags.KILL_REASON]  # stopped by the sampler, not at start
+    assert any("1 other guarded trial(s) running" in r.getMessage() for r in caplog.records)
+
+
 def test_on_trip_fail_ends_the_trial_fail_and_the_study_goes_on() -> None:
     gc.collect()
     limit = round(current_rss_gb() + 0.3, 3)
