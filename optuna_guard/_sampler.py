@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from optuna_guard import preemption
 from optuna_guard._logging import get_logger

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Any
 
 import optuna
 from optuna.pruners import BasePruner

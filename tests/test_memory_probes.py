@@ -3,7 +3,6 @@ tree, and GPUs through a fake NVML; plus sanity checks on the real machine."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
