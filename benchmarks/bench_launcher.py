@@ -30,6 +30,8 @@ import textwrap
 import time
 import uuid
 
+import resource
+
 import psutil
 
 PYTHON = sys.executable
@@ -104,8 +106,14 @@ def _count(url: str, name: str) -> int:
     return len(optuna.load_study(study_name=name, storage=open_storage(url)).trials)
 
 
-def run_plain(workdir: str, url: str, workers: int, trials: int) -> tuple[float, float]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_plain(workdir: str, url: str, workers: int, trials: int) -> tuple[float, float, float]:
     name = _create_study(url)
+    cpu0 = _children_cpu()
     per_worker = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
     started = time.perf_counter()
     procs = [subprocess.Popen([PYTHON, "-c", PLAIN_WORKER, workdir, name, url, str(n)], env=_env(),
@@ -114,12 +122,14 @@ def run_plain(workdir: str, url: str, workers: int, trials: int) -> tuple[float,
         if proc.wait() != 0:
             raise RuntimeError("a plain worker failed")
     elapsed = time.perf_counter() - started
+    cpu = _children_cpu() - cpu0
     assert _count(url, name) == trials
-    return elapsed, _steady_seconds(url, name)
+    return elapsed, _steady_seconds(url, name), cpu
 
 
-def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool) -> tuple[float, float]:
+def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool) -> tuple[float, float, float]:
     name = _create_study(url)
+    cpu0 = _children_cpu()
     args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:objective", "--study-name", name,
             "--storage", url, "--workers", str(workers), "--n-trials", str(trials), "--display", "off",
             "--log-dir", os.path.join(workdir, "logs", name)]
@@ -130,29 +140,34 @@ def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"launcher failed: {result.stderr[-500:]}")
+    cpu = _children_cpu() - cpu0
     assert _count(url, name) == trials
-    return elapsed, _steady_seconds(url, name)
+    return elapsed, _steady_seconds(url, name), cpu
 
 
 def bench_throughput(workdir: str, urls: dict[str, str], trials: int, repeats: int, trial_ms: float) -> None:
     print(f"\n1) Throughput: {trials} trials of {trial_ms:g} ms, best of {repeats}. 'e2e' = wall time from starting the "
-          "processes to the last exit; 'steady' = first trial start to last trial end (from the storage)")
+          "processes to the last exit; 'steady' = first trial start to last trial end (from the storage); "
+          "'CPU' = CPU ms per trial of all processes (supervisor + workers), which shared-machine load does not skew")
     header = (f"{'storage':<9}{'workers':>8} | {'plain e2e':>9} {'launcher':>9} {'ratio':>6} {'+@guard':>8} {'ratio':>6} | "
-              f"{'plain st.':>9} {'launcher':>9} {'ratio':>6} {'+@guard':>8} {'ratio':>6}   (trials/s)")
+              f"{'plain st.':>9} {'launcher':>9} {'ratio':>6} {'+@guard':>8} {'ratio':>6} | "
+              f"{'CPU plain':>9} {'launcher':>9} {'+@guard':>8}")
     print(header)
     print("-" * len(header))
     for label, url in urls.items():
         for workers in (1, 2, 4):
-            runs: dict[str, list[tuple[float, float]]] = {"plain": [], "bare": [], "guard": []}
+            runs: dict[str, list[tuple[float, float, float]]] = {"plain": [], "bare": [], "guard": []}
             for _ in range(repeats):  # interleaved, so drifting load hits all three alike
                 runs["plain"].append(run_plain(workdir, url, workers, trials))
                 runs["bare"].append(run_launcher(workdir, url, workers, trials, guard=False))
                 runs["guard"].append(run_launcher(workdir, url, workers, trials, guard=True))
             e2e = {k: trials / min(r[0] for r in v) for k, v in runs.items()}
             steady = {k: trials / min(r[1] for r in v) for k, v in runs.items()}
+            cpu = {k: 1000 * min(r[2] for r in v) / trials for k, v in runs.items()}
             print(f"{label:<9}{workers:>8} | {e2e['plain']:>9.1f} {e2e['bare']:>9.1f} {e2e['bare'] / e2e['plain']:>6.2f} "
                   f"{e2e['guard']:>8.1f} {e2e['guard'] / e2e['plain']:>6.2f} | {steady['plain']:>9.1f} {steady['bare']:>9.1f} "
-                  f"{steady['bare'] / steady['plain']:>6.2f} {steady['guard']:>8.1f} {steady['guard'] / steady['plain']:>6.2f}",
+                  f"{steady['bare'] / steady['plain']:>6.2f} {steady['guard']:>8.1f} {steady['guard'] / steady['plain']:>6.2f} | "
+                  f"{cpu['plain']:>9.1f} {cpu['bare']:>9.1f} {cpu['guard']:>8.1f}",
                   flush=True)
 
 

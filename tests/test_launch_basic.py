@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import sys
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -56,3 +57,29 @@ def test_function_objective_and_existing_direction(sqlite_url, tmp_path, unique_
         launch(objective_spec("launcher_quick"), study_name=unique_study_name, storage=sqlite_url,
                workers=1, n_trials=1, log_dir=str(tmp_path / "c"), **FAST)
     assert len(trials_of(sqlite_url, unique_study_name)) == 3  # nothing ran
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_heartbeat_rows_and_stale_trials_of_a_dead_launcher_are_failed(sqlite_url, tmp_path, unique_study_name, quiet_optuna):
+    """Workers keep Optuna's heartbeat rows for their trials, and fail RUNNING trials whose
+    heartbeat stopped long ago (a launcher on another host that died) before their trials."""
+    import sqlalchemy
+
+    from optuna_guard.storage import open_storage
+
+    hb_storage = open_storage(sqlite_url, heartbeat_interval=30, grace_period=300)
+    study = optuna.create_study(study_name=unique_study_name, storage=hb_storage)
+    zombie = study.ask()
+    hb_storage.record_heartbeat(zombie._trial_id)
+    with hb_storage.engine.begin() as connection:
+        connection.execute(sqlalchemy.text(
+            "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id = :id"),
+            {"id": zombie._trial_id})
+    launch(objective_spec("launcher_quick"), study_name=unique_study_name, storage=sqlite_url,
+           workers=1, n_trials=2, log_dir=str(tmp_path / "logs"), **FAST)
+    trials = trials_of(sqlite_url, unique_study_name)
+    assert trials[0].state == TrialState.FAIL  # failed as stale by the launcher's worker
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2
+    with hb_storage.engine.connect() as connection:
+        beats = {row[0] for row in connection.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+    assert {t._trial_id for t in trials[1:]} <= beats

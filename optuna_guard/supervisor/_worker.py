@@ -5,8 +5,8 @@ configured by ``OPTUNA_GUARD_WORKER_*`` environment variables and talking to the
 the inherited socket in ``OPTUNA_GUARD_WORKER_FD`` (see :mod:`._protocol`).
 
 Per ticket it runs exactly one trial with ``study.optimize(objective, n_trials=1,
-catch=(Exception,))`` so Optuna's own machinery stays in charge: the RDB heartbeat thread,
-``fail_stale_trials`` of dead launchers before each ask, invalid-value handling and logging.
+catch=(Exception,))`` so Optuna's own machinery stays in charge (value checks, tell, logging).
+Optuna's RDB heartbeat rows are kept by :mod:`._heartbeat` at a fraction of the per-trial cost.
 The objective is wrapped so the supervisor learns the trial number first thing, the trial gets
 ``worker_id``/``worker_pid``/``hostname``, and unguarded objectives get ``@guard``.
 
@@ -85,6 +85,7 @@ class WorkerLoop:
         self.callbacks: list[Callable[[Any, Any], None]] = [self._report_finished]
         self.retry_hook: Callable[[Any, Any], None] | None = None
         self.retries: _WorkerRetries | None = None
+        self.heartbeat: Any = None  # TrialHeartbeat, or None when heartbeats are off
 
     def run(self) -> int:
         from optuna_guard import preemption
@@ -99,6 +100,8 @@ class WorkerLoop:
                 return EXIT_OK
             if preemption.stop_requested():
                 return EXIT_OK  # the ticket is returned when the supervisor sees us exit
+            if self.heartbeat is not None:
+                self.heartbeat.fail_stale_trials_if_due()
             self.run_one_trial()
 
     def run_one_trial(self) -> None:
@@ -122,12 +125,16 @@ class WorkerLoop:
         tagger = threading.Thread(target=self._write_worker_tags, args=(trial._trial_id,),
                                   name="optuna-guard-tags", daemon=True)
         tagger.start()
+        if self.heartbeat is not None:
+            self.heartbeat.begin(trial._trial_id)
         try:
             try:
                 preemption.raise_if_stop_requested(trial)
                 value = self.objective(trial)
             finally:
                 tagger.join()
+                if self.heartbeat is not None:
+                    self.heartbeat.end()
         except optuna.TrialPruned:
             self._tag_final_attempt(trial)
             raise
@@ -159,6 +166,8 @@ class WorkerLoop:
             storage.set_trial_user_attr(trial_id, tags.WORKER_ID, self.settings.worker_id)
             storage.set_trial_user_attr(trial_id, tags.WORKER_PID, self.pid)
             storage.set_trial_user_attr(trial_id, tags.HOSTNAME, self.hostname)
+            if self.heartbeat is not None:
+                self.heartbeat.beat(trial_id)  # the first beat: from now on the trial has a heartbeat row
         except Exception as exc:  # e.g. the storage gone past its deadline; the trial goes on
             logging.getLogger("optuna_guard.supervisor.worker").error("Could not tag trial id %d: %s", trial_id, exc)
 
@@ -240,6 +249,13 @@ def main() -> int:
         channel.send(_protocol.FATAL, error=message)
         return EXIT_FATAL
     loop = WorkerLoop(settings, channel, inbox, study, objective)
+    try:
+        loop.heartbeat = _make_heartbeat(settings, channel)
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error("Worker %d cannot start its heartbeat: %s", settings.worker_id, message)
+        channel.send(_protocol.FATAL, error=message)
+        return EXIT_FATAL
     _install_retries(loop, settings, study)
     channel.send(_protocol.HELLO, pid=os.getpid())
     try:
@@ -262,12 +278,10 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
 
     warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
     objective = _guarded(objective, settings.guard)
+    # The trial storage has no heartbeat of its own: TrialHeartbeat keeps Optuna's heartbeat
+    # rows for the running trial on a second storage, without Optuna's per-trial cost.
     storage: Any = open_checked_storage(
-        settings.storage,
-        connect_timeout=settings.connect_timeout,
-        heartbeat_interval=settings.heartbeat_interval,
-        heartbeat_grace=settings.heartbeat_grace,
-        skip_setup=True,  # the supervisor created the tables and checked the schema
+        settings.storage, connect_timeout=settings.connect_timeout, skip_setup=True,  # tables exist
     )
     _OPEN_STORAGES.append(storage)
     storage = _maybe_resilient(storage, settings, channel)
@@ -279,6 +293,25 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
         pruner=make_pruner(settings.pruner),
     )
     return study, objective
+
+
+def _make_heartbeat(settings: Any, channel: Any = None) -> Any:
+    """The worker's TrialHeartbeat, or None when heartbeats are off."""
+    if settings.heartbeat_interval is None:
+        return None
+    from optuna_guard.supervisor._heartbeat import TrialHeartbeat
+    from optuna_guard.supervisor._study import open_checked_storage
+
+    storage: Any = open_checked_storage(
+        settings.storage,
+        connect_timeout=settings.connect_timeout,
+        heartbeat_interval=settings.heartbeat_interval,
+        heartbeat_grace=settings.heartbeat_grace,
+        skip_setup=True,
+    )
+    _OPEN_STORAGES.append(storage)
+    storage = _maybe_resilient(storage, settings, channel)
+    return TrialHeartbeat(storage, settings.study_name, settings.heartbeat_interval)
 
 
 def _maybe_resilient(storage: Any, settings: Any, channel: Any = None) -> Any:
