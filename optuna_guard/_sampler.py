@@ -20,6 +20,7 @@ Optuna or the next trial.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import sys
@@ -224,7 +225,8 @@ class Sampler:
         self._watches: list[TrialWatch] = []
         self._thread: threading.Thread | None = None
         self._blocked = False
-        self._previous: dict[int, tuple[float, SystemMemory, int | None]] = {}
+        # recent readings per probe, to estimate how fast memory grows (see tick)
+        self._history: dict[int, collections.deque[tuple[float, SystemMemory, int | None]]] = {}
         self._probe_errors: set[int] = set()
 
     def register(self, watch: TrialWatch) -> None:
@@ -254,7 +256,7 @@ class Sampler:
         self._watches = []
         self._thread = None
         self._blocked = False
-        self._previous = {}
+        self._history = {}
 
     def _run(self) -> None:
         idle_since: float | None = None
@@ -268,7 +270,7 @@ class Sampler:
                     if now - idle_since >= self.IDLE_BLOCK_S:
                         self._wake.clear()
                         self._blocked = True
-                        self._previous.clear()
+                        self._history.clear()
             if not watches:
                 self._sleep(None if self._blocked else poll)
                 continue
@@ -310,8 +312,14 @@ class Sampler:
                     _log.error("Memory probe %r failed (%s); trials using it are not watched until it recovers.", probe, exc)
                 continue
             self._probe_errors.discard(key)
-            previous = self._previous.get(key)
-            self._previous[key] = (now, system, rss)
+            # Growth is bursty (an allocation, then compute), so the rate is taken over the last
+            # ~2 intervals, not between the last two (possibly 5 ms apart) readings.
+            history = self._history.setdefault(key, collections.deque())
+            window = 2 * min(w.limits.interval for w in group)
+            while history and now - history[0][0] > window:
+                history.popleft()
+            previous = history[0] if history else None
+            history.append((now, system, rss))
             candidates: list[tuple[TrialWatch, Trip]] = []
             busy = False
             for watch in group:

@@ -582,16 +582,19 @@ def test_garbage_is_collected_after_each_trial(monkeypatch) -> None:
     calls = []
     real_collect = gc.collect
     monkeypatch.setattr(trial_guard.gc, "collect", lambda *a: calls.append(a) or real_collect(*a))
-    monkeypatch.setattr(trial_guard, "_gc_budget", trial_guard._GcBudget())
+    budget = trial_guard._GcBudget()
+    monkeypatch.setattr(trial_guard, "_gc_budget", budget)
 
     @guard(probe=FakeProbe())
     def objective(trial):
         return 0.0
 
     study = _study()
+    budget.last_full -= 60.0  # the last full collection was a minute ago
     study.optimize(objective, n_trials=3)
-    assert calls[0] == ()  # first trial: a full collection
-    assert len(calls) == 3  # one collection per trial (young generation when full ones are too frequent)
+    assert calls[0] == ()  # due: a full collection
+    assert calls[1:] == [(0,), (0,)]  # then young-generation ones: full ones would be too frequent
+    assert budget.last_cost > 0  # measured
     calls.clear()
     trial_guard._collect_garbage(force=True, trial_seconds=0.001)
     assert calls == [()]  # a stopped trial always gets a full collection
