@@ -72,7 +72,7 @@ class MemoryGuardPruner(BasePruner):
         self._wrapped = wrapped
         self._limits = limits
         self._probe = probe
-        self._warned: set[tuple[int, int]] = set()
+        self._warned: set[tuple[int, object]] = set()
 
     @property
     def limits(self) -> MemoryLimits:
@@ -110,7 +110,7 @@ class MemoryGuardPruner(BasePruner):
             gc.collect()
             return True
         if below_warning(limits, system):
-            key = (id(storage), trial._trial_id)
+            key = (trial._trial_id, trial.datetime_start)  # unique across studies and storages
             if key not in self._warned:
                 if len(self._warned) > 4096:
                     self._warned.clear()

@@ -129,7 +129,8 @@ def _where(trial: Any, context: str) -> str:
 
 
 def _warn_once(trial: Any, context: str, system: SystemMemory, limits: MemoryLimits) -> None:
-    key = (id(getattr(trial, "storage", None)), getattr(trial, "_trial_id", id(trial)), context)
+    # the start time tells trials apart across studies and storages (ids of freed objects repeat)
+    key = (getattr(trial, "_trial_id", id(trial)), getattr(trial, "datetime_start", None), context)
     with _warned_lock:
         if key in _warned:
             return
