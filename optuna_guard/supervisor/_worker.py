@@ -120,9 +120,11 @@ class WorkerLoop:
 
         self.channel.send(self.protocol.STARTED, number=trial.number, trial_id=trial._trial_id)
         self._started_at = time.monotonic()
-        # The three worker tags are three database transactions; they are written on a thread
-        # while the objective starts (joined before the trial can end), not before it.
-        tagger = threading.Thread(target=self._write_worker_tags, args=(trial._trial_id,),
+        # New trials are created with the worker tags (see _tagging); a popped WAITING trial is
+        # tagged here, with the trial's first heartbeat, on a thread while the objective starts
+        # (joined before the trial can end).
+        tagged = trial.user_attrs.get(tags.WORKER_PID) == self.pid
+        tagger = threading.Thread(target=self._write_worker_tags, args=(trial._trial_id, tagged),
                                   name="optuna-guard-tags", daemon=True)
         tagger.start()
         if self.heartbeat is not None:
@@ -158,14 +160,15 @@ class WorkerLoop:
             self._tag_final_attempt(trial)  # e.g. @guard(on_trip="fail") returns NaN
         return value
 
-    def _write_worker_tags(self, trial_id: int) -> None:
+    def _write_worker_tags(self, trial_id: int, tagged: bool) -> None:
         from optuna_guard import tags
 
         storage = self.study._storage
         try:
-            storage.set_trial_user_attr(trial_id, tags.WORKER_ID, self.settings.worker_id)
-            storage.set_trial_user_attr(trial_id, tags.WORKER_PID, self.pid)
-            storage.set_trial_user_attr(trial_id, tags.HOSTNAME, self.hostname)
+            if not tagged:  # a WAITING trial we popped (enqueued or a retry): tag it now
+                storage.set_trial_user_attr(trial_id, tags.WORKER_ID, self.settings.worker_id)
+                storage.set_trial_user_attr(trial_id, tags.WORKER_PID, self.pid)
+                storage.set_trial_user_attr(trial_id, tags.HOSTNAME, self.hostname)
             if self.heartbeat is not None:
                 self.heartbeat.beat(trial_id)  # the first beat: from now on the trial has a heartbeat row
         except Exception as exc:  # e.g. the storage gone past its deadline; the trial goes on
@@ -284,6 +287,7 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
         settings.storage, connect_timeout=settings.connect_timeout, skip_setup=True,  # tables exist
     )
     _OPEN_STORAGES.append(storage)
+    storage = _tagging(storage, _worker_tags(settings))
     storage = _maybe_resilient(storage, settings, channel)
     seed = None if settings.seed is None else settings.seed + settings.spawn_index
     study = optuna.load_study(
@@ -293,6 +297,42 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
         pruner=make_pruner(settings.pruner),
     )
     return study, objective
+
+
+def _worker_tags(settings: Any) -> dict[str, Any]:
+    from optuna_guard import tags
+
+    return {tags.WORKER_ID: settings.worker_id, tags.WORKER_PID: os.getpid(), tags.HOSTNAME: socket.gethostname()}
+
+
+def _tagging(storage: Any, worker_tags: dict[str, Any]) -> Any:
+    """The RDB storage behind Optuna's cache, creating every new RUNNING trial with the worker
+    tags in the same insert (three separate attribute writes cost more than a short trial's
+    bookkeeping). Falls back to the plain storage if Optuna's cache class is not available;
+    the worker then writes the tags itself."""
+    try:
+        from optuna.storages._cached_storage import _CachedStorage
+    except ImportError:  # pragma: no cover - another Optuna layout
+        return storage
+    import copy
+    import datetime
+
+    from optuna.trial import FrozenTrial, TrialState
+
+    class _TaggingCachedStorage(_CachedStorage):
+        def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+            if template_trial is None:
+                template_trial = FrozenTrial(
+                    number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
+                    datetime_complete=None, params={}, distributions={}, user_attrs=dict(worker_tags),
+                    system_attrs={}, intermediate_values={}, trial_id=-1,
+                )
+            elif template_trial.state == TrialState.RUNNING:  # not enqueued WAITING trials or retries
+                template_trial = copy.copy(template_trial)
+                template_trial.user_attrs = {**worker_tags, **template_trial.user_attrs}
+            return super().create_new_trial(study_id, template_trial)
+
+    return _TaggingCachedStorage(storage)
 
 
 def _make_heartbeat(settings: Any, channel: Any = None) -> Any:
