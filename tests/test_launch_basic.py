@@ -59,7 +59,7 @@ def test_function_objective_and_existing_direction(sqlite_url, tmp_path, unique_
     assert len(trials_of(sqlite_url, unique_study_name)) == 3  # nothing ran
 
 
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage:UserWarning")
 def test_heartbeat_rows_and_stale_trials_of_a_dead_launcher_are_failed(sqlite_url, tmp_path, unique_study_name, quiet_optuna):
     """Workers keep Optuna's heartbeat rows for their trials, and fail RUNNING trials whose
     heartbeat stopped long ago (a launcher on another host that died) before their trials."""
