@@ -291,3 +291,22 @@ def test_victim_is_chosen_by_process_when_a_slot_is_shared_with_its_replacement(
     h.arbiter.check_memory(h.clock.now)
     assert h.signals == [(102, signal.SIGTERM, True)]
     assert leaving.kill is None
+
+
+def test_worker_dying_between_trial_creation_and_objective_start_leaves_nothing_running(tmp_path):
+    """The trial exists (created with the worker's pid and host) but the supervisor never heard
+    'started': it is found by those tags and ended FAIL, and counts toward T."""
+    h = Harness(tmp_path)
+    worker = h.add_worker(1, 101)
+    worker.ticket = True  # granted, then the worker died inside Optuna's ask()
+    orphan = h.study.ask()
+    orphan.set_user_attr(tags.WORKER_PID, 101)
+    orphan.set_user_attr(tags.HOSTNAME, socket.gethostname())
+    worker.proc.returncode = -9
+    h.arbiter.reap(h.clock.now)
+    trial = h.state(0)
+    assert trial.state == TrialState.FAIL and trial.user_attrs[tags.WORKER_CRASHED] is True
+    assert trial.user_attrs[tags.KILL_REASON] == ("worker exited with SIGKILL — perhaps the kernel OOM killer before "
+                                                  "its objective started")
+    h.arbiter.merge_late_finished()
+    assert list(h.arbiter.finished_states) == [orphan._trial_id]

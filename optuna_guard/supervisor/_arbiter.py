@@ -12,6 +12,7 @@ Side effects sit in small methods (``_spawn_process``, ``_send_signal``) so test
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import os
@@ -153,6 +154,7 @@ class Arbiter:
         self._counter_lock = threading.Lock()
         self._storage_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._storage_jobs: list[concurrent.futures.Future[None]] = []
+        self._late_finished: collections.deque[tuple[int, str]] = collections.deque()
         self._rss_recycle_after_one = 0
         self._warned_recycle_loop = False
         self._next_spawn_index = 0
@@ -211,6 +213,7 @@ class Arbiter:
     def tick(self, now: float) -> None:
         """One pass of the watchdog (each step is a method of its own)."""
         self.reap(now)
+        self.merge_late_finished()
         self.advance_kills(now)
         self.check_memory(now)
         self.check_time_budget(now)
@@ -414,6 +417,24 @@ class Arbiter:
         if policy is not None:
             self.retry_trial(trial_id, number, worker_id)
 
+    def _sweep_dead_worker_job(self, pid: int, worker_id: int, reason: str, preempted: bool) -> None:
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if (trial.user_attrs.get(tags.WORKER_PID) != pid or trial.user_attrs.get(tags.HOSTNAME) != self.hostname
+                    or trial._trial_id in self.started_trials):
+                continue
+            attrs = {tags.KILL_REASON: reason, (tags.PREEMPTED if preempted else tags.WORKER_CRASHED): True}
+            if end_trial_from_outside(self.storage, trial._trial_id, TrialState.FAIL, user_attrs=attrs):
+                self._late_finished.append((trial._trial_id, "FAIL"))
+                _log.warning("Trial %d of worker %d (pid %d) ended FAIL: %s.", trial.number, worker_id, pid, reason)
+                if self.retry_policy is not None:
+                    self.retry_trial(trial._trial_id, trial.number, worker_id)
+
+    def merge_late_finished(self) -> None:
+        """Trials the storage thread found and ended count toward T (merged on the loop thread)."""
+        while self._late_finished:
+            trial_id, state = self._late_finished.popleft()
+            self.finished_states.setdefault(trial_id, state)
+
     def retry_trial(self, trial_id: int, number: int | None, worker_id: int | None) -> int | None:
         """Queue a retry of a trial the supervisor ended, if the retry policy wants one."""
         from optuna_guard.retries import enqueue_retry
@@ -472,6 +493,13 @@ class Arbiter:
     def handle_exit(self, worker: WorkerHandle, code: int, now: float) -> None:
         description = _policies.describe_exit(code)
         age = now - worker.started_at
+        if worker.ticket and worker.trial_id is None:
+            # Granted a ticket but never reported its trial: it may have died between Optuna
+            # creating the trial and the objective starting. New trials carry the worker's pid
+            # and host from their creating insert, so look for one in the storage.
+            why = (f"preempted: {self.stop_reason}; {description} before its objective started" if self.stopping
+                   else f"{description} before its objective started")
+            self.submit_storage_job(self._sweep_dead_worker_job, worker.pid, worker.worker_id, why, self.stopping)
         if worker.kill is not None and worker.kill.kind == MEMORY_KILL:
             state = TrialState.FAIL if self.config.on_kill == "fail" else TrialState.PRUNED
             number = worker.trial_number
@@ -986,6 +1014,7 @@ class Arbiter:
         if self._storage_pool is not None:
             self._storage_pool.shutdown(wait=False)
         self.sweep_running(reason)
+        self.merge_late_finished()
         self.emit(events.LAUNCH_FINISHED, reason=reason, exit_code=self.exit_code,
                   finished=len(self.finished_states))
 
