@@ -117,7 +117,9 @@ class TrialWatch:
         self.min_available_bytes: int | None = None
         self.available_at_trip: int | None = None
         self.peak_gpu_bytes: int | None = None
-        self.fault_base = _own_minor_faults()  # in the trial's thread: a syscall, no file I/O
+        # page faults when a second trial joined the process (see Sampler.register)
+        self.fault_base: int | None = None
+        self.unregistered = False
 
     def observe(self, system: SystemMemory | None, rss_bytes: int | None, gpus: Sequence[GpuMemory] = ()) -> None:
         if rss_bytes is not None and rss_bytes > self.peak_rss_bytes:
@@ -146,12 +148,15 @@ class TrialWatch:
         it, it propagates from here; the guard wrapper calls this inside the ``try`` that
         catches it and calls it again.
         """
+        if self.unregistered:
+            return
         with self.lock:
             was_active = self.active
             self.active = False
         if was_active and self.injected_at is not None and _absorb_pending_interrupt():
             self.absorbed = True
         SAMPLER.unregister(self)
+        self.unregistered = True
 
     def try_inject(self, kind: str, trip: Trip | None) -> bool:
         """Called by the sampler: decide to stop this trial, and inject now if it is safe."""
@@ -230,7 +235,15 @@ class Sampler:
         self._probe_errors: set[int] = set()
 
     def register(self, watch: TrialWatch) -> None:
+        """Called in the trial's thread. With other trials running (``n_jobs > 1``), page-fault
+        baselines are taken now for all of them: "grew the most" is then measured from the
+        moment they started sharing the process (with one trial nobody needs it, nor pays)."""
         with self._lock:
+            if self._watches:
+                watch.fault_base = _own_minor_faults()
+                for other in self._watches:
+                    if other.fault_base is None:
+                        other.fault_base = _minor_faults(other.native_id)
             self._watches.append(watch)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="optuna-guard-sampler", daemon=True)
@@ -366,7 +379,7 @@ class Sampler:
 
         def grown(item: tuple[TrialWatch, Trip]) -> tuple[int, float]:
             watch = item[0]  # ties: the older trial (it had longer to grow)
-            return (_minor_faults(watch.native_id) - watch.fault_base, -watch.started)
+            return (_minor_faults(watch.native_id) - (watch.fault_base or 0), -watch.started)
 
         return max(candidates, key=grown)
 

@@ -553,10 +553,12 @@ def _collect_garbage(*, force: bool, trial_seconds: float) -> None:
     interpreter's own young-generation collections do (an explicit one measured as pure cost).
     Then empty the CUDA cache if torch has CUDA initialised."""
     now = time.perf_counter()
-    with _gc_budget.lock:
-        due = force or now - _gc_budget.last_full >= _gc_budget.last_cost / GC_TIME_SHARE
-        if due:
-            _gc_budget.last_full = now  # claim it, so concurrent trials do not all collect
+    due = force or now - _gc_budget.last_full >= _gc_budget.last_cost / GC_TIME_SHARE
+    if due:
+        with _gc_budget.lock:  # claim it, so concurrent trials do not all collect
+            due = force or now - _gc_budget.last_full >= _gc_budget.last_cost / GC_TIME_SHARE
+            if due:
+                _gc_budget.last_full = now
     if due:
         gc.collect()
         _gc_budget.last_cost = time.perf_counter() - now
