@@ -82,8 +82,8 @@ class WorkerLoop:
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
         self._started_at = 0.0
-        self.callbacks: list[Callable[[Any, Any], None]] = [self._report_finished]
         self.retry_hook: Callable[[Any, Any], None] | None = None
+        self._outcome: tuple[int, int, str] | None = None  # (number, trial id, state) of the last trial
         self.retries: _WorkerRetries | None = None
         self.heartbeat: Any = None  # TrialHeartbeat, or None when heartbeats are off
 
@@ -105,13 +105,25 @@ class WorkerLoop:
             self.run_one_trial()
 
     def run_one_trial(self) -> None:
+        """One trial through ``study.optimize``, then report it. Without retries the end state
+        is taken from how the objective ended (Optuna's callback would re-read the trial from
+        the storage: a query per trial); with retries the callback's FrozenTrial is needed."""
+        self._outcome = None
         self.study.optimize(
             self._run_objective,
             n_trials=1,
             catch=(Exception,),
-            callbacks=self.callbacks,
+            callbacks=[self._after_trial] if self.retry_hook is not None else None,
             gc_after_trial=self.settings.gc_after_trial,
         )
+        if self.retry_hook is None and self._outcome is not None:
+            number, trial_id, state = self._outcome
+            self._report_finished(number, trial_id, state)
+
+    def _after_trial(self, study: Any, frozen: Any) -> None:
+        self._report_finished(frozen.number, frozen._trial_id, frozen.state.name)
+        if self.retry_hook is not None:
+            self.retry_hook(study, frozen)
 
     def _run_objective(self, trial: Any) -> Any:
         import optuna
@@ -129,6 +141,7 @@ class WorkerLoop:
         tagger.start()
         if self.heartbeat is not None:
             self.heartbeat.begin(trial._trial_id)
+        self._outcome = (trial.number, trial._trial_id, "FAIL")
         try:
             try:
                 preemption.raise_if_stop_requested(trial)
@@ -138,6 +151,7 @@ class WorkerLoop:
                 if self.heartbeat is not None:
                     self.heartbeat.end()
         except optuna.TrialPruned:
+            self._outcome = (trial.number, trial._trial_id, "PRUNED")
             self._tag_final_attempt(trial)
             raise
         except Exception as exc:
@@ -155,8 +169,11 @@ class WorkerLoop:
             self._tag_final_attempt(trial)
             if self.settings.on_kill == "fail":
                 raise RuntimeError(reason) from exc
+            self._outcome = (trial.number, trial._trial_id, "PRUNED")
             raise optuna.TrialPruned(reason) from exc
-        if self.retries is not None and not _is_finite_value(value):
+        if _is_finite_value(value, len(self.study.directions)):
+            self._outcome = (trial.number, trial._trial_id, "COMPLETE")
+        elif self.retries is not None:
             self._tag_final_attempt(trial)  # e.g. @guard(on_trip="fail") returns NaN
         return value
 
@@ -182,25 +199,26 @@ class WorkerLoop:
         except Exception as exc:  # tagging must never change how the trial ends
             logging.getLogger("optuna_guard.supervisor.worker").error("Could not tag trial %d: %s", trial.number, exc)
 
-    def _report_finished(self, study: Any, frozen: Any) -> None:
+    def _report_finished(self, number: int, trial_id: int, state: str) -> None:
         duration = time.monotonic() - self._started_at if self._started_at else None
         self.channel.send(
             self.protocol.FINISHED,
-            number=frozen.number,
-            trial_id=frozen._trial_id,
-            state=frozen.state.name,
+            number=number,
+            trial_id=trial_id,
+            state=state,
             duration=None if duration is None else round(duration, 3),
         )
-        if self.retry_hook is not None:
-            self.retry_hook(study, frozen)
 
 
-def _is_finite_value(value: Any) -> bool:
+def _is_finite_value(value: Any, n_objectives: int = 1) -> bool:
+    """Whether Optuna will accept ``value`` as a COMPLETE result (finite, one per objective)."""
     import math
 
-    values = value if isinstance(value, (list, tuple)) else [value]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) != n_objectives:
+        return False
     try:
-        return all(v is not None and math.isfinite(float(v)) for v in values)
+        return all(v is not None and not isinstance(v, bool) and math.isfinite(float(v)) for v in values)
     except (TypeError, ValueError):
         return False
 
