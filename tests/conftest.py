@@ -22,6 +22,23 @@ POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MYSQL_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 
 
+_SERVER_MARKERS = {"postgres": ("postgres", "postgres_url"), "mysql": ("mysql", "mysql_url")}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test that talks to a server, so ``-m "not postgres"`` selects what it says.
+
+    A test needs a server when it takes the ``postgres_url``/``mysql_url`` fixture or is
+    parametrized with that backend (``request.getfixturevalue(f"{backend}_url")``).
+    """
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        values = {v for v in params.values() if isinstance(v, str)}
+        for marker, names in _SERVER_MARKERS.items():
+            if names[1] in item.fixturenames or values & set(names):
+                item.add_marker(getattr(pytest.mark, marker))
+
+
 @pytest.fixture()
 def sqlite_url(tmp_path) -> str:
     """A fresh SQLite file storage URL in the test's tmp_path."""
