@@ -34,4 +34,7 @@ done
 psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" | grep -q 1 \
   || psql -h 127.0.0.1 -U postgres -c 'CREATE DATABASE test' >/dev/null
 mysql -h 127.0.0.1 -uroot -e 'CREATE DATABASE IF NOT EXISTS test' >/dev/null
+# A one-node SLURM cluster for tests/slurm/ (they skip with the reason when it cannot start).
+as_root bash scripts/slurm/local_cluster.sh \
+  || echo "dev setup: the local SLURM cluster did not start; tests/slurm/ will be skipped." >&2
 echo "dev setup done: $(.venv/bin/python -c 'import optuna, optuna_guard; print("optuna", optuna.__version__, "optuna_guard", optuna_guard.__version__)')"
