@@ -18,8 +18,8 @@ A synthetic objective with SIMULATED memory (nothing is allocated; safe and fast
 The guard is simulated the way ``@guard`` behaves: every trial gets ``peak_rss_gb``; a killed
 trial is tagged (``emergency_killed``, ``kill_reason``, ``kill_limit``, ...) and ends PRUNED (or
 FAIL for the naive baseline); with a budget it writes ``memory = peak - budget`` (killed:
-clearly violated) through ``optuna_guard.analysis.constraints.set_memory_constraint``. The
-pre-flight check is the real ``optuna_guard.analysis.preflight.preflight_check`` with a probe
+clearly violated) through ``optuna_guard.oom_aware.constraints.set_memory_constraint``. The
+pre-flight check is the real ``optuna_guard.oom_aware.preflight.preflight_check`` with a probe
 that reports the simulated 12 GB.
 
 Variants (each: TPESampler(seed) with Optuna 5 defaults, 100 trials, 5 seeds):
@@ -52,8 +52,8 @@ import optuna
 
 from optuna_guard import tags
 from optuna_guard._units import GB
-from optuna_guard.analysis.constraints import set_memory_constraint
-from optuna_guard.analysis.preflight import preflight_check
+from optuna_guard.oom_aware.constraints import set_memory_constraint
+from optuna_guard.oom_aware.preflight import preflight_check
 from optuna_guard.memory import SystemMemory
 
 AVAILABLE_GB = 12.0  # what the machine has free for the trial

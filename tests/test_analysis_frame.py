@@ -136,7 +136,7 @@ def test_missing_pandas_names_the_extra(monkeypatch) -> None:
 
 def test_importing_the_package_does_not_import_pandas_or_plotly() -> None:
     code = (
-        "import sys, optuna_guard, optuna_guard.analysis, optuna_guard.analysis.preflight;"
+        "import sys, optuna_guard, optuna_guard.analysis, optuna_guard.oom_aware.preflight;"
         "print(sorted(m for m in ('pandas', 'plotly', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_guard import tags
-from optuna_guard.analysis import constraints as c
+from optuna_guard.oom_aware import constraints as c
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.storage import end_trial_from_outside
 

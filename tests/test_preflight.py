@@ -12,7 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from optuna_guard import tags
-from optuna_guard.analysis.preflight import preflight_check
+from optuna_guard.oom_aware.preflight import preflight_check
 from optuna_guard.exceptions import ConfigError
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -12,13 +12,13 @@ from optuna_guard.analysis._render_html import render_html
 from optuna_guard.analysis._render_json import render_json
 from optuna_guard.analysis._render_text import render_text
 from optuna_guard.analysis._summary import REPORT_KEYS, REPORT_SCHEMA, REPORT_VERSION, build_report
-from optuna_guard.analysis.constraints import (
+from optuna_guard.oom_aware.constraints import (
     is_memory_feasible,
     memory_constraint,
     memory_constraint_value,
     set_memory_constraint,
 )
-from optuna_guard.analysis.preflight import PreflightResult, preflight_check
+from optuna_guard.oom_aware.preflight import PreflightResult, preflight_check
 
 __all__ = [
     "END_STATES",

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial
 
 from optuna_guard import tags
 from optuna_guard.analysis._classify import end_state, retry_history, retry_origin
-from optuna_guard.analysis.constraints import memory_constraint
+from optuna_guard.oom_aware.constraints import memory_constraint
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas

@@ -21,8 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_guard import __version__, tags
 from optuna_guard.analysis import _classify, _timeline
 from optuna_guard.analysis._filters import is_killed
-from optuna_guard.analysis._peak_model import observed_peak
-from optuna_guard.analysis.constraints import memory_constraint
+from optuna_guard.oom_aware._peak_model import observed_peak
+from optuna_guard.oom_aware.constraints import memory_constraint
 
 REPORT_SCHEMA = "optuna-guard-report"
 REPORT_VERSION = 1

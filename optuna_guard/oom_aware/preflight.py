@@ -10,7 +10,7 @@ objective). How it decides:
    params that every finished trial has (Optuna's intersection search space) are drawn now,
    through the normal ``trial.suggest_*`` calls: the objective's own ``suggest_*`` calls later
    return the same values. Params the objective suggests only sometimes are left alone.
-3. Estimate: ``optuna_guard.analysis._peak_model.estimate_peak``, ``method="auto"`` by default:
+3. Estimate: ``optuna_guard.oom_aware._peak_model.estimate_peak``, ``method="auto"`` by default:
    a base + power-law fit of the peak on the params (it also predicts configurations nobody
    tried) while that fit's typical error on the history is <= 15 %, else the nearest finished
    trials (``"knn"``, which never extrapolates); ``"regression"`` or ``"knn"`` force one. It
@@ -38,8 +38,8 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_guard import tags
 from optuna_guard._logging import get_logger
 from optuna_guard._units import GB, to_gb
-from optuna_guard.analysis._peak_model import PREFLIGHT_LIMIT, Abstention, PeakEstimate, estimate_peak, observed_peak
-from optuna_guard.analysis.constraints import budget_from_env, set_memory_constraint
+from optuna_guard.oom_aware._peak_model import PREFLIGHT_LIMIT, Abstention, PeakEstimate, estimate_peak, observed_peak
+from optuna_guard.oom_aware.constraints import budget_from_env, set_memory_constraint
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.limits import MemoryLimits
 from optuna_guard.memory import MemoryProbe, default_probe

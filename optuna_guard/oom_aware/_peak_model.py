@@ -35,7 +35,6 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial
 
 from optuna_guard import tags
-from optuna_guard.analysis._filters import is_killed
 
 METHODS = ("auto", "regression", "knn")
 AUTO_MAX_FIT_ERROR = 0.15  # "auto" uses the regression while its typical relative error is below this
@@ -49,6 +48,11 @@ _RIDGE = 1e-4
 _BASE_FRACTIONS = np.linspace(0.0, 0.95, 20)
 _EPS_DISTANCE = 0.05
 _MIN_RELEVANCE = 0.1  # below this a param's correlation with memory counts as none
+
+
+def is_killed(trial: FrozenTrial) -> bool:
+    """True when a memory limit stopped this trial: its peak is a lower bound, not the need."""
+    return bool(trial.user_attrs.get(tags.EMERGENCY_KILLED, False))
 
 
 @dataclasses.dataclass(frozen=True)
