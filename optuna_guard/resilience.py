@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import math
 import os
 import random
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -57,6 +60,7 @@ __all__ = [
     "ResilientStorage",
     "RetrySettings",
     "call_with_retry",
+    "is_permanent_storage_error",
     "is_transient_db_error",
 ]
 
@@ -117,14 +121,40 @@ class RetrySettings:
         return base * (0.5 + 0.5 * self.random())
 
 
-# -- which errors are transient ---------------------------------------------------------------
+# -- which errors are transient, which are permanent ------------------------------------------
 
 _TRANSIENT_DBAPI_NAMES = {"OperationalError", "InterfaceError"}
 _TRANSIENT_DBAPI_MODULES = ("psycopg", "psycopg2", "pymysql", "MySQLdb", "mysql", "asyncpg", "pg8000")
 # SQLite reports most permanent problems as OperationalError too; only these pass with time.
 _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "busy", "disk i/o error")
-_PERMANENT_HINTS = ("no such table", "no such column", "syntax error", "does not exist", "permission denied",
-                    "password authentication failed", "unknown database", "access denied")
+# Messages of errors that waiting does not fix: a wrong schema, a wrong name, wrong credentials,
+# a host name that does not resolve. Everything else an OperationalError says (connection
+# refused/reset/terminated, too many clients, starting up, shutting down, lock wait timeout,
+# deadlock) passes with time.
+_PERMANENT_HINTS = (
+    "no such table", "no such column", "syntax error", "does not exist", "permission denied",
+    "password authentication failed", "no password supplied", "authentication failed",
+    "unknown database", "access denied", "could not translate host name", "name or service not known",
+    "nodename nor servname", "unknown mysql server host", "unknown host", "invalid dsn",
+    "invalid connection option", "wrongpass", "noauth", "invalid password", "db index is out of range",
+)
+# A resolver that is down right now (EAI_AGAIN) is not the same as a name that does not exist.
+_TRANSIENT_OVERRIDES = ("temporary failure in name resolution", "try again")
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "EPIPE", "ETIMEDOUT", "ENETUNREACH",
+        "EHOSTUNREACH", "ENETDOWN", "EHOSTDOWN", "ENETRESET", "ENOTCONN",
+    ) if hasattr(errno, name)
+)
+_GRPC_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
+_GRPC_PERMANENT = ("UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED")
+# What a storage proxy answers when its own database failed: UNKNOWN with the server's
+# exception text; these words say the database, not the request, is the problem.
+_GRPC_UNKNOWN_TRANSIENT = (
+    "connection", "server closed", "starting up", "shutting down", "too many", "timeout", "timed out",
+    "terminating", "database is locked", "could not connect", "lock wait", "deadlock",
+    "storage unreachable",  # a proxy whose own ResilientStorage gave up (StorageUnavailableError)
+)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -134,6 +164,62 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(current)
         current = current.__cause__ or current.__context__
     return seen
+
+
+def _text(exc: BaseException) -> str:
+    return " ".join(str(exc).split()).lower()
+
+
+def _says_permanent(text: str) -> bool:
+    return any(hint in text for hint in _PERMANENT_HINTS) and not any(
+        hint in text for hint in _TRANSIENT_OVERRIDES
+    )
+
+
+def _grpc_code(exc: BaseException) -> str | None:
+    """The status code name of a ``grpc.RpcError`` (None for anything else)."""
+    if "grpc" not in sys.modules or not isinstance(exc, sys.modules["grpc"].RpcError):
+        return None
+    code = getattr(exc, "code", None)
+    try:
+        status = code() if callable(code) else None
+    except Exception:
+        return None
+    return getattr(status, "name", None)
+
+
+def _grpc_details(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    try:
+        return " ".join(str(details() if callable(details) else "").split()).lower()
+    except Exception:
+        return ""
+
+
+def _grpc_unresolvable(details: str) -> bool:
+    """gRPC's own resolver: "DNS resolution failed" / "errors resolving host: ... Domain name not found"."""
+    unresolved = "dns resolution failed" in details or "domain name not found" in details
+    return unresolved and not any(hint in details for hint in _TRANSIENT_OVERRIDES)
+
+
+def _redis_transient(exc: BaseException) -> bool | None:
+    if "redis" not in sys.modules:
+        return None
+    r = sys.modules["redis"].exceptions
+    if isinstance(exc, (r.AuthenticationError, getattr(r, "AuthorizationError", r.AuthenticationError),
+                        getattr(r, "NoPermissionError", r.AuthenticationError))):
+        return False
+    if isinstance(exc, (r.ConnectionError, r.TimeoutError, r.BusyLoadingError)):
+        return not _says_permanent(_text(exc))
+    transient_responses = tuple(
+        getattr(r, name) for name in ("ReadOnlyError", "TryAgainError", "ClusterDownError", "MasterDownError")
+        if hasattr(r, name)
+    )
+    if isinstance(exc, transient_responses):
+        return True
+    if isinstance(exc, r.RedisError):
+        return False
+    return None
 
 
 def _is_transient_one(exc: BaseException) -> bool | None:
@@ -155,27 +241,83 @@ def _is_transient_one(exc: BaseException) -> bool | None:
         return _transient_by_message(exc, exc)
     if module == "sqlite3" and type(exc).__name__ == "OperationalError":
         return any(hint in str(exc).lower() for hint in _SQLITE_TRANSIENT)
+    code = _grpc_code(exc)
+    if code is not None:
+        if code in _GRPC_TRANSIENT:
+            details = _grpc_details(exc)
+            return not (_says_permanent(details) or _grpc_unresolvable(details))
+        if code == "UNKNOWN":
+            details = _grpc_details(exc)
+            return any(hint in details for hint in _GRPC_UNKNOWN_TRANSIENT) and not _says_permanent(details)
+        return False
+    if module == "redis":
+        decided = _redis_transient(exc)
+        if decided is not None:
+            return decided
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == getattr(socket, "EAI_AGAIN", -3)
     if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
     return None
 
 
 def _transient_by_message(exc: BaseException, orig: Any) -> bool:
-    text = str(orig if orig is not None else exc).lower()
+    text = _text(orig if orig is not None else exc)
     if type(orig).__module__.split(".")[0] == "sqlite3":
         return any(hint in text for hint in _SQLITE_TRANSIENT)
-    return not any(hint in text for hint in _PERMANENT_HINTS)
+    return not _says_permanent(text)
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
-    """True for errors that a working database would not raise: lost or refused connections,
-    a server shutting down or starting up, SQLite busy. Optuna wraps the driver's error in a
-    StorageInternalError, so the cause chain is followed."""
+    """True for errors that a working storage would not raise: lost, refused, reset or
+    terminated connections, too many clients, a server shutting down or starting up, lock
+    timeouts and deadlocks, SQLite busy, gRPC UNAVAILABLE/DEADLINE_EXCEEDED, Redis connection
+    errors, timeouts and BusyLoading. Optuna wraps the driver's error in a StorageInternalError,
+    so the cause chain is followed."""
     for link in _chain(exc):
         decided = _is_transient_one(link)
         if decided is not None:
             return decided
     return False
+
+
+def _is_permanent_one(exc: BaseException) -> bool:
+    import sqlalchemy.exc as sa_exc
+
+    if isinstance(exc, ConfigError):
+        return True
+    if isinstance(exc, (ImportError, sa_exc.ArgumentError, sa_exc.NoSuchModuleError)):
+        return True  # missing driver, unparseable URL, unknown dialect
+    if isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)):
+        return True  # a journal file in a directory that is missing or not ours
+    if isinstance(exc, socket.gaierror):
+        return exc.errno != getattr(socket, "EAI_AGAIN", -3)
+    code = _grpc_code(exc)
+    if code is not None:
+        return code in _GRPC_PERMANENT or (
+            code == "UNAVAILABLE" and _grpc_unresolvable(_grpc_details(exc))
+        )
+    if type(exc).__module__.split(".")[0] == "redis":
+        r = sys.modules["redis"].exceptions
+        if isinstance(exc, (r.AuthenticationError, getattr(r, "AuthorizationError", r.AuthenticationError))):
+            return True
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.ProgrammingError)) or (
+        type(exc).__module__.split(".")[0] in (*_TRANSIENT_DBAPI_MODULES, "redis")
+    ):
+        return _says_permanent(_text(exc))
+    if isinstance(exc, ValueError) and "url" in _text(exc):
+        return True  # e.g. redis: "Redis URL must specify one of the following schemes"
+    return False
+
+
+def is_permanent_storage_error(exc: BaseException) -> bool:
+    """True when opening or using the storage failed for a reason that waiting will not fix:
+    a bad URL or scheme, a missing driver, a host name that does not resolve, failed
+    authentication, a missing database. The launcher exits 2 on these instead of retrying.
+    An error can be neither permanent nor transient (a bug, a full disk): callers decide."""
+    return any(_is_permanent_one(link) for link in _chain(exc))
 
 
 def _summary(exc: BaseException) -> str:
