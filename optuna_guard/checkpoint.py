@@ -16,6 +16,7 @@ previous good one.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
 import hashlib
@@ -75,6 +76,14 @@ def _forget_pool_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+# (study name, trial number) of trials already warned about a full disk: one warning per trial.
+_disk_full_lock = threading.Lock()
+_disk_full_warned: collections.OrderedDict[tuple[str | None, int], None] = collections.OrderedDict()
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointInfo(NamedTuple):
@@ -262,6 +271,11 @@ class TrialCheckpointer:
             return dict(trial.system_attrs)
         return {}
 
+    @property
+    def location(self) -> str:
+        """Where this chain's checkpoints go, for messages."""
+        return str(self.directory)
+
     def __repr__(self) -> str:
         return (
             f"TrialCheckpointer(trial={self.number}, original={self.original_number}, "
@@ -284,25 +298,80 @@ class TrialCheckpointer:
             return True
         return every_seconds is not None and time.monotonic() - self._last_save_monotonic >= every_seconds
 
-    def save(self, state: Any, step: int) -> Path:
+    def save(self, state: Any, step: int) -> Path | None:
         """Write a checkpoint of ``state`` at ``step`` atomically and durably; return the
         payload path. Then, if the trial was asked to stop, tag it and raise TrialPreempted
-        (a save is a preemption boundary: the state is safe before the trial ends)."""
+        (a save is a preemption boundary: the state is safe before the trial ends).
+
+        A full disk (ENOSPC, EDQUOT) does not fail the trial: the older checkpoints that
+        ``keep_last`` lets go are removed and the save is tried once more; if that fails too,
+        a warning is logged (once per trial), nothing is left half-written, and None is
+        returned so training goes on. Other OS errors raise :class:`CheckpointError`."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be an integer >= 0 but got {step!r}.")
+        path: Path | None
         try:
-            path = self._save(state, step)
+            path = self._save_making_room(state, step)
         except OSError as exc:
-            message = f"Trial {self.number} could not save checkpoint step {step} in {self.directory}: {exc}"
+            message = f"Trial {self.number} could not save checkpoint step {step} in {self.location}: {exc}"
             if preemption.stop_requested():
                 _log.error("%s; stopping without it.", message)
                 preemption.raise_if_stop_requested(self._trial)
-            raise CheckpointError(message) from exc
+            if not _is_disk_full(exc):
+                raise CheckpointError(message) from exc
+            self._warn_disk_full(message)
+            path = None
         preemption.consume_checkpoint_request()
         if preemption.stop_requested():
             _log.warning("Trial %d saved checkpoint step %d before stopping (%s).", self.number, step, preemption.stop_reason())
             preemption.raise_if_stop_requested(self._trial)
         return path
+
+    def _save_making_room(self, state: Any, step: int) -> Path:
+        """``_save``; on a full disk, rotate away what ``keep_last`` allows and retry once."""
+        try:
+            return self._save(state, step)
+        except OSError as exc:
+            if not _is_disk_full(exc):
+                raise
+            freed = self._make_room()
+            _log.info(
+                "Trial %d: disk full saving checkpoint step %d; removed %d older checkpoint(s) "
+                "that keep_last=%d lets go, retrying once.", self.number, step, freed, self.keep_last,
+            )
+            return self._save(state, step)
+
+    def _make_room(self) -> int:
+        """Remove the checkpoints the save in progress would rotate away anyway: all but the
+        newest ``keep_last - 1`` (but never the only good one: with ``keep_last=1`` a failed
+        retry would otherwise leave the chain with nothing to resume from)."""
+        keep = max(self.keep_last - 1, 1)
+        removed = 0
+        for info in self.checkpoints()[keep:]:
+            for path in (info.manifest, info.payload):  # manifest first: never a manifest without payload
+                _unlink_quietly(path)
+            removed += 1
+        if self.directory.is_dir():  # leftovers of crashed saves hold space too
+            for entry in self.directory.iterdir():
+                if entry.name.startswith(_TMP_PREFIX):
+                    _unlink_quietly(entry)
+        return removed
+
+    def _warn_disk_full(self, message: str) -> None:
+        key = (self.study_name, self.number)
+        with _disk_full_lock:
+            first = key not in _disk_full_warned
+            _disk_full_warned[key] = None
+            while len(_disk_full_warned) > 1024:
+                _disk_full_warned.popitem(last=False)
+        if first:
+            _log.warning(
+                "%s; the trial goes on without this checkpoint (a retry resumes from the last one "
+                "saved). Free disk space or lower keep_last; further failures of this trial are "
+                "logged at DEBUG.", message,
+            )
+        else:
+            _log.debug("%s; the trial goes on without it.", message)
 
     def _save(self, state: Any, step: int) -> Path:
         started = time.monotonic()
@@ -340,7 +409,11 @@ class TrialCheckpointer:
             "saved_ns": time.time_ns(),
         }
         encoded = json.dumps(record, indent=1).encode()
-        _write_atomically(self.directory, manifest, lambda f: f.write(encoded), pool)
+        try:
+            _write_atomically(self.directory, manifest, lambda f: f.write(encoded), pool)
+        except BaseException:
+            _unlink_quietly(payload)  # a payload without manifest is no checkpoint, only used space
+            raise
         self.last_saved_step = step
         self._last_save_monotonic = time.monotonic()
         self._rotate(keep=payload, save_started=time.time() - (time.monotonic() - started))
@@ -511,6 +584,9 @@ def _precheck(info: CheckpointInfo) -> str | None:
         return f"is truncated or overwritten ({size} bytes, manifest says {info.size})"
     if info.format not in ("torch", "pickle"):
         return f"has unknown format {info.format!r}"
+    named = _NAME_RE.match(info.payload.name[: -len(_PAYLOAD_SUFFIX)])
+    if named is None or int(named.group(1)) != info.step:
+        return f"has a manifest that says step {info.step} but the payload is named {info.payload.name}"
     return None
 
 
@@ -537,6 +613,8 @@ def _verified_payload(info: CheckpointInfo, map_location: Any) -> tuple[Any, str
         return None, "is corrupted (SHA-256 does not match its manifest)"
     if error is not None:
         return None, f"cannot be read ({type(error).__name__}: {error})"
+    if payload.get("step") != info.step:  # the manifest was edited: it is not trusted
+        return None, f"has a manifest that says step {info.step} but the payload holds step {payload.get('step')!r}"
     return payload, None
 
 
