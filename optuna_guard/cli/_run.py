@@ -1,6 +1,7 @@
 """``optuna-guard run``: N supervised workers on one study (a thin layer over ``launch``).
 
     optuna-guard run OBJECTIVE --study-name NAME [--storage URL] [--workers N] [--n-trials T]
+        [--study-trials N]
         [--direction minimize|maximize] [--sampler tpe|random|...] [--seed S]
         [--max-worker-rss-gb GB] [--recycle-worker-rss-gb GB] [--min-available-gb GB]
         [--warn-available-gb GB] [--max-worker-age SECONDS] [--max-trials-per-worker K]
@@ -84,6 +85,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--workers", type=_integer(1), default=1, metavar="N", help="worker processes (default 1)")
     parser.add_argument("--n-trials", type=_integer(1), default=None, metavar="T",
                         help="trials in total across all workers (default: until stopped)")
+    parser.add_argument("--study-trials", type=_integer(1), default=None, metavar="N",
+                        help="study-wide target: stop once the study has N finished (COMPLETE or PRUNED) "
+                             "trials, counted in the storage over every launch, host and requeue; a launch "
+                             "on a study that has them already exits 0 at once (default: none)")
     parser.add_argument("--direction", default="minimize", metavar="minimize|maximize",
                         help="study direction; comma-separated for multi-objective (default minimize)")
     parser.add_argument("--sampler", default=None, metavar="NAME",
@@ -155,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         storage=args.storage,
         workers=args.workers,
         n_trials=args.n_trials,
+        study_trials=args.study_trials,
         directions=normalize_directions(args.direction, None),
         sampler=args.sampler,
         pruner=args.pruner,

@@ -118,6 +118,7 @@ class Arbiter:
         clock: Callable[[], float] = time.monotonic,
         retry_policy: Any = None,
         time_budget: Any = None,
+        study_target: Any = None,
     ) -> None:
         self.config = config
         self.study = study
@@ -129,6 +130,7 @@ class Arbiter:
         self.clock = clock
         self.retry_policy = retry_policy
         self.time_budget = time_budget
+        self.study_target = study_target  # _study_target.StudyTarget of --study-trials, or None
         self.hostname = socket.gethostname()
 
         self.workers: list[WorkerHandle] = []
@@ -206,6 +208,8 @@ class Arbiter:
         if self.live_workers():
             return False
         if self.stopping or self.out_of_time:
+            return True
+        if self.study_target is not None and self.study_target.reached:
             return True
         target = self.config.n_trials
         return target is not None and len(self.finished_states) >= target
@@ -317,6 +321,10 @@ class Arbiter:
         in_flight = sum(1 for w in self.workers if w.busy)
         if target is not None and len(self.finished_states) + in_flight >= target:
             return False, f"done: {target} trials finished or running"
+        if self.study_target is not None:
+            denial = self.study_target.deny_reason(in_flight, self.finished_states)
+            if denial is not None:
+                return False, f"done: {denial}"
         if self.out_of_time or (self.time_budget is not None and not self.time_budget.allows_new_trial(self.durations)):
             self.on_out_of_time()
             self.skipped_for_time += 1  # tickets refused (the count reported when there is no T)
@@ -699,6 +707,12 @@ class Arbiter:
         while len(counted) < self.config.workers:
             if target is not None:
                 need = target - len(self.finished_states) - sum(1 for w in self.workers if w.busy)
+                if need <= waiting:
+                    return
+            if self.study_target is not None:  # its count is refreshed at every ticket request
+                if self.study_target.reached:
+                    return
+                need = self.study_target.target - self.study_target.finished - sum(1 for w in self.workers if w.busy)
                 if need <= waiting:
                     return
             if self._memory_hold():

@@ -73,6 +73,8 @@ class LaunchConfig:
     retry_shrink: str | None = None
     time_budget: float | None = None
     storage_deadline: float | None = 300.0
+    # issue 11: a target over every launch of the study (counted in the storage)
+    study_trials: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("workers", self.workers, minimum=1, hint="start at least one worker")
@@ -148,6 +150,8 @@ class LaunchConfig:
             object.__setattr__(self, "retry_on", tuple(self.retry_on))
         _check_number("time_budget", self.time_budget, positive=True, allow_none=True)
         _check_number("storage_deadline", self.storage_deadline, positive=True, allow_none=True)
+        if self.study_trials is not None:
+            _check_int("study_trials", self.study_trials, minimum=1, hint="or leave it unset for no study-wide target")
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -206,6 +210,7 @@ _OPTION_NAMES = {
     "status_interval": "--status-interval",
     "retry": "--retry",
     "time_budget": "--time-budget",
+    "study_trials": "--study-trials",
 }
 
 

@@ -27,6 +27,7 @@ from optuna_guard.supervisor._study import (
     probe_connection,
     resolve_storage_url,
 )
+from optuna_guard.supervisor._study_target import StudyTarget
 from optuna_guard.supervisor._summary import LaunchSummary
 
 _log = get_logger(__name__)
@@ -134,7 +135,12 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     storage = open_checked_storage(url, connect_timeout=config.connect_timeout)
     relay = OutageRelay()
     storage = _resilient(storage, config, relay)
+    study_target = _study_target(config, storage)
+    if study_target is not None and study_target.reached:
+        return _nothing_to_run(config, study_target, time.monotonic() - started)
     study = create_or_check_study(storage, config.study_name, config.directions)
+    if study_target is not None:
+        study_target.study_id = study._study_id
     make_sampler(config.sampler, config.seed)  # fails here (exit 2), not in every worker
     make_pruner(config.pruner)
     try:
@@ -149,7 +155,7 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     )
     arbiter = Arbiter(
         config, study, url, probe=probe, event_log=event_log, display=make_display(config.display),
-        retry_policy=retry_policy, time_budget=budget,
+        retry_policy=retry_policy, time_budget=budget, study_target=study_target,
     )
     relay.arbiter = arbiter
     try:
@@ -249,6 +255,37 @@ def _retry_policy(config: LaunchConfig) -> Any:
     if config.retry_shrink:
         kwargs["shrink"] = config.retry_shrink
     return RetryPolicy(**kwargs)
+
+
+def _study_target(config: LaunchConfig, storage: Any) -> StudyTarget | None:
+    """The ``--study-trials`` target, counted once before the study is loaded (a study that has
+    it already runs nothing and prints one line)."""
+    if config.study_trials is None:
+        return None
+    try:
+        study_id = storage.get_study_id_from_name(config.study_name)
+    except KeyError:  # a new study: nothing finished yet
+        return StudyTarget(config.study_trials, storage, None)
+    target = StudyTarget(config.study_trials, storage, study_id)
+    target.count()
+    return target
+
+
+def _nothing_to_run(config: LaunchConfig, target: StudyTarget, duration: float) -> LaunchSummary:
+    """The one-line result of a launch on a study that already reached ``--study-trials``
+    (a requeued SLURM job after the last trial finished): exit 0, no worker started."""
+    return LaunchSummary(
+        study_name=config.study_name,
+        storage=mask_url(config.storage or ""),
+        exit_code=0,
+        n_trials=config.n_trials,
+        finished=0,
+        states={},
+        stop_reason=(f"nothing to run, the study already has {target.finished} finished trials "
+                     f"(--study-trials {target.target})"),
+        duration_s=round(duration, 3),
+        event_log=None,
+    )
 
 
 def _time_budget(config: LaunchConfig) -> Any:
