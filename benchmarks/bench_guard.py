@@ -26,7 +26,7 @@ import optuna
 import psutil
 
 from optuna_guard import check_memory, guard
-from optuna_guard._sampler import SAMPLER
+from optuna_guard._watcher import WATCHER
 from optuna_guard._units import GB, MB
 from optuna_guard.limits import MemoryLimits
 from optuna_guard.memory import process_tree_rss
@@ -61,7 +61,7 @@ def bench_sampler_cpu(seconds: float) -> tuple[float, float]:
     @guard
     def objective(trial):
         time.sleep(0.3)  # let the sampler settle
-        sampler = SAMPLER._thread
+        sampler = WATCHER.thread
         assert sampler is not None and sampler.native_id is not None
         proc = psutil.Process()
 

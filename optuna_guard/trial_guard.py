@@ -1,9 +1,9 @@
 """check_memory and @guard: stop a trial before it runs the machine out of memory.
 
 ``check_memory(trial, "split 3/5")`` is the explicit boundary users put before each CV split;
-``@guard`` checks at trial start, watches the trial from the process-wide sampler thread (see
-``optuna_guard._sampler``) so a runaway allocation in the middle of a split is stopped within
-about one sampling period, records ``peak_rss_gb`` / ``min_available_gb`` (``peak_gpu_gb``) on
+``@guard`` checks at trial start, watches the trial from the process-wide watcher thread (see
+``optuna_guard._watcher``) so a runaway allocation in the middle of a split is stopped within
+about one sampling period, records ``peak_rss_gb`` / ``lowest_available_gb`` (``peak_gpu_gb``) on
 every trial, and collects garbage afterwards. A stopped trial is tagged (``emergency_killed``,
 ``kill_reason``, ``kill_limit``, ``available_gb_at_kill``) while it is still RUNNING - Optuna
 refuses attributes on finished trials - and then ends PRUNED (``on_trip="prune"``: samplers
@@ -27,7 +27,7 @@ import optuna
 
 from optuna_guard import preemption, tags
 from optuna_guard._logging import get_logger
-from optuna_guard._sampler import INTERRUPT_PREEMPT, SAMPLER, TrialWatch, _GuardInterrupt, take_delivered
+from optuna_guard._watcher import STUCK_AFTER_S, WATCHER, OnStuck, TrialWatch, default_on_stuck
 from optuna_guard._trips import Trip, below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import ConfigError
@@ -150,12 +150,7 @@ def _warn_once(trial: Any, context: str, system: SystemMemory, limits: MemoryLim
 def kill_tags(trip: Trip, context: str, trial: Any) -> dict[str, Any]:
     """The user attributes of a trial stopped by a memory limit."""
     label = context or f"Trial #{getattr(trial, 'number', '?')}"
-    return {
-        tags.EMERGENCY_KILLED: True,
-        tags.KILL_REASON: f"OOM prevention [{label}]: {trip.detail}",
-        tags.KILL_LIMIT: trip.limit,
-        tags.AVAILABLE_GB_AT_KILL: to_gb(trip.available_bytes),
-    }
+    return tags.killed(f"OOM prevention [{label}]: {trip.detail}", limit=trip.limit, available_gb=to_gb(trip.available_bytes))
 
 
 def write_user_attrs(trial: Any, attrs: Mapping[str, Any], storage: Any = None) -> None:
@@ -236,6 +231,8 @@ def guard(
     on_trip: str = ...,
     memory_budget_gb: float | None = ...,
     preflight: bool = ...,
+    on_stuck: OnStuck | None = ...,
+    stuck_after: float = ...,
     probe: MemoryProbe | None = ...,
 ) -> Callable[[F], F]: ...
 
@@ -253,6 +250,8 @@ def guard(
     on_trip: Any = _UNSET,
     memory_budget_gb: Any = _UNSET,
     preflight: Any = _UNSET,
+    on_stuck: Any = None,
+    stuck_after: Any = STUCK_AFTER_S,
     probe: MemoryProbe | None = None,
 ) -> Any:
     """Guard an Optuna objective against running the machine out of memory.
@@ -263,7 +262,7 @@ def guard(
     ``None`` switches a limit off. ``memory_budget_gb`` (env ``OPTUNA_GUARD_MEMORY_BUDGET_GB``)
     writes the Optuna constraint ``memory = peak_rss_gb - budget`` on every trial;
     ``preflight=True`` (env ``OPTUNA_GUARD_PREFLIGHT=1``) runs
-    ``optuna_guard.analysis.preflight.preflight_check`` before the objective. The wrapper keeps
+    ``optuna_guard.oom_aware.preflight.preflight_check`` before the objective. The wrapper keeps
     the function's name and signature and carries its limits as ``__optuna_guard__``.
     """
     overrides = {
@@ -286,7 +285,14 @@ def guard(
     budget = _env_budget(os.environ) if memory_budget_gb is _UNSET else (None if memory_budget_gb is None else _check_budget(memory_budget_gb))
     if preflight is _UNSET:
         preflight = os.environ.get(PREFLIGHT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
-    settings = _GuardSettings(limits=limits, budget_gb=budget, preflight=bool(preflight), probe=probe)
+    settings = _GuardSettings(
+        limits=limits,
+        budget_gb=budget,
+        preflight=bool(preflight),
+        probe=probe,
+        on_stuck=_check_on_stuck(on_stuck),
+        stuck_after=_check_stuck_after(stuck_after),
+    )
 
     def decorate(objective: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(objective)
@@ -300,17 +306,49 @@ def guard(
     return decorate(func) if func is not None else decorate
 
 
-class _GuardSettings:
-    __slots__ = ("limits", "budget_gb", "preflight", "probe")
+def _check_on_stuck(value: Any) -> OnStuck:
+    if value is None:
+        return default_on_stuck()
+    if value not in ("exit", "warn"):
+        raise ConfigError(f"on_stuck must be 'exit' or 'warn' but got {value!r}.")
+    return value  # type: ignore[no-any-return]
 
-    def __init__(self, *, limits: MemoryLimits, budget_gb: float | None, preflight: bool, probe: MemoryProbe | None) -> None:
+
+def _check_stuck_after(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"stuck_after must be a positive number of seconds but got {value!r}.")
+    return float(value)
+
+
+class _GuardSettings:
+    """Everything one ``@guard(...)`` decided, validated once at decoration time. New options
+    are keyword-only fields here and keyword arguments of ``guard``."""
+
+    __slots__ = ("limits", "budget_gb", "preflight", "probe", "on_stuck", "stuck_after", "budget_warned")
+
+    def __init__(
+        self,
+        *,
+        limits: MemoryLimits,
+        budget_gb: float | None,
+        preflight: bool,
+        probe: MemoryProbe | None,
+        on_stuck: OnStuck = "exit",
+        stuck_after: float = STUCK_AFTER_S,
+    ) -> None:
         self.limits = limits
         self.budget_gb = budget_gb
         self.preflight = preflight
         self.probe = probe
+        self.on_stuck = on_stuck
+        self.stuck_after = stuck_after
+        self.budget_warned = False
 
     def __repr__(self) -> str:
-        return f"GuardSettings(limits={self.limits!r}, budget_gb={self.budget_gb}, preflight={self.preflight})"
+        return (
+            f"GuardSettings(limits={self.limits!r}, budget_gb={self.budget_gb}, preflight={self.preflight}, "
+            f"on_stuck={self.on_stuck!r}, stuck_after={self.stuck_after})"
+        )
 
 
 def _find_trial(args: tuple, kwargs: dict) -> Any:
@@ -331,9 +369,9 @@ class _RecentReadings:
 
     Why: a reading is a few kernel file reads, and right after a trial (cold caches) that costs
     ~100 us here; with 10 ms trials, reading at every start and end would be most of the
-    guard's cost. A reading at most 20 ms old is far fresher than the sampler's 100 ms period.
+    guard's cost. A reading at most 20 ms old is far fresher than the watcher's 100 ms period.
     The cache holds the probe itself (an ``is`` check; no id reuse); ``check_memory`` and the
-    sampler always read afresh.
+    watcher always read afresh.
     """
 
     FRESH_S = 0.02
@@ -370,68 +408,87 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
     probe = settings.probe or default_probe()
     preemption.raise_if_stop_requested(trial)
     number = getattr(trial, "number", -1)
-    watch = TrialWatch(number=number, limits=limits, probe=probe, frame_id=id(sys._getframe()))
     killed = False
     started = time.perf_counter()
-    take_delivered()
+    watch = WATCHER.watch(trial, limits, probe, on_stuck=settings.on_stuck, stuck_after=settings.stuck_after)
     _inside_guard.depth = getattr(_inside_guard, "depth", 0) + 1
     try:
-        system = _READINGS.system(probe)
-        rss = _READINGS.tree_rss(probe) if needs_rss(limits) else None
-        gpus = probe.gpus()
-        watch.observe(system, rss, gpus)
-        try:
-            trip = find_trip(limits, system, rss, gpus)
-            if trip is not None:
-                others = SAMPLER.active_count()
-                if not others:
-                    _emergency_stop(trial, trip, f"Trial #{number} start", action=_action(limits))
-                # With n_jobs > 1 the memory belongs to the trials already running: this one has
-                # not allocated anything yet. The sampler stops the one that grew.
-                _log.warning(
-                    "Trial #%d starts while %s (%s), with %d other guarded trial(s) running in this "
-                    "process; the sampler stops the one that grew.",
-                    number,
-                    trip.detail,
-                    trip.limit,
-                    others,
-                )
-            if below_warning(limits, system):
-                _warn_once(trial, f"Trial #{number} start", system, limits)
-            if settings.preflight:
-                _run_preflight(trial, probe, settings)
-            SAMPLER.register(watch)
-            value: Any = None
-            interrupted = False
+        with watch:
+            _check_at_start(trial, watch, probe, settings)
             try:
-                try:
-                    value = objective(*args, **kwargs)
-                finally:
-                    watch.finish()
-            except _GuardInterrupt as exc:
-                watch.finish()
+                value = watch.run(objective, *args, **kwargs)
+            except BaseException as exc:
+                if not watch.stopped_by(exc) or isinstance(exc, MemoryLimitPruned):
+                    raise
+                _log.warning("Trial #%d wrapped the guard's interrupt in %s; it is ended as a memory stop.", number, type(exc).__name__)
                 _release_frames(exc)
-                interrupted = True
-            if interrupted:  # outside the except block, so the new exception has no __context__
-                take_delivered()
-                return _stopped_by_sampler(trial, watch, limits)
-            if take_delivered() and watch.interrupt is not None:
+                value = None
+        if watch.stopped:
+            if not watch.ended_by_interrupt:
                 _log.warning("Trial #%d caught the guard's interrupt and went on; it is stopped anyway.", number)
-                return _stopped_by_sampler(trial, watch, limits)
-            if watch.interrupt is not None:
-                kind, trip = watch.interrupt
-                _log.info("Trial #%d finished before the guard could stop it (%s); its result is kept.", number, trip.detail if trip else kind)
-            return value
-        except MemoryLimitPruned as exc:
-            killed = True
-            _release_frames(exc)
-            if limits.on_trip == "fail":
-                return _fail_value(trial)
-            raise
+            return _stopped_by_watcher(trial, watch, limits)
+        if watch.interrupt is not None:
+            kind, trip = watch.interrupt
+            _log.info("Trial #%d finished before the guard could stop it (%s); its result is kept.", number, trip.detail if trip else kind)
+        return value
+    except MemoryLimitPruned as exc:
+        killed = True
+        _release_frames(exc)
+        if limits.on_trip == "fail":
+            return _fail_value(trial)
+        raise
     finally:
         _inside_guard.depth -= 1
-        watch.finish()
-        _finish_trial(trial, watch, probe, settings, killed=killed or _was_killed(watch), started=started)
+        _finish_trial(trial, watch, probe, settings, killed=killed or watch.stopped_for_memory, started=started)
+
+
+def _check_at_start(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _GuardSettings) -> None:
+    """The start check: limits (shared readings), the warning level, the budget, pre-flight."""
+    limits = settings.limits
+    number = watch.number
+    system = _READINGS.system(probe)
+    rss = _READINGS.tree_rss(probe) if needs_rss(limits) or settings.budget_gb is not None else None
+    gpus = probe.gpus()
+    watch.observe(system, rss, gpus)
+    if rss is not None:
+        _warn_if_budget_below_rss(settings, rss)
+    trip = find_trip(limits, system, rss if needs_rss(limits) else None, gpus)
+    if trip is not None:
+        others = watch.others()
+        if not others:
+            _emergency_stop(trial, trip, f"Trial #{number} start", action=_action(limits))
+        # With n_jobs > 1 the memory belongs to the trials already running: this one has
+        # not allocated anything yet. The watcher stops the one that grew.
+        _log.warning(
+            "Trial #%d starts while %s (%s), with %d other guarded trial(s) running in this "
+            "process; the watcher stops the one that grew.",
+            number,
+            trip.detail,
+            trip.limit,
+            others,
+        )
+    if below_warning(limits, system):
+        _warn_once(trial, f"Trial #{number} start", system, limits)
+    if settings.preflight:
+        _run_preflight(trial, probe, settings)
+
+
+def _warn_if_budget_below_rss(settings: _GuardSettings, rss_bytes: int) -> None:
+    """Once per guard: a budget under what the process holds before the trial allocates
+    anything makes every trial infeasible (or stopped at start), which is rarely meant."""
+    if settings.budget_warned:
+        return
+    for name, budget in (("memory_budget_gb", settings.budget_gb), ("max_trial_rss_gb", settings.limits.max_trial_rss_gb)):
+        if budget is not None and rss_bytes >= budget * GB:
+            settings.budget_warned = True
+            _log.warning(
+                "%s=%.2f GB is below this process's own RSS before the trial (%.2f GB): every trial will be %s. "
+                "Raise it above the interpreter's baseline (RSS without a trial running).",
+                name,
+                budget,
+                rss_bytes / GB,
+                "infeasible" if name == "memory_budget_gb" else "stopped at start",
+            )
 
 
 def _release_frames(exc: BaseException) -> None:
@@ -440,23 +497,22 @@ def _release_frames(exc: BaseException) -> None:
     exception and a full garbage collection breaks the frame/exception cycle - after the next
     trial has started, which then sees the memory still in use."""
     traceback.clear_frames(exc.__traceback__)
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc:
+        traceback.clear_frames(cause.__traceback__)
 
 
 def _action(limits: MemoryLimits) -> str:
     return "failed" if limits.on_trip == "fail" else "pruned"
 
 
-def _was_killed(watch: TrialWatch) -> bool:
-    return watch.stopped and watch.interrupt is not None and watch.interrupt[0] != INTERRUPT_PREEMPT
-
-
-def _stopped_by_sampler(trial: Any, watch: TrialWatch, limits: MemoryLimits) -> Any:
-    """The sampler interrupted the objective: tag and end the trial the configured way."""
+def _stopped_by_watcher(trial: Any, watch: TrialWatch, limits: MemoryLimits) -> Any:
+    """The watcher interrupted the objective: tag and end the trial the configured way."""
     assert watch.interrupt is not None
     kind, trip = watch.interrupt
-    if kind == INTERRUPT_PREEMPT or trip is None:
+    if not watch.stopped_for_memory or trip is None:
         preemption.raise_if_stop_requested(trial)
-        write_user_attrs(trial, {tags.PREEMPTED: True, tags.KILL_REASON: "preempted: stop requested"})
+        write_user_attrs(trial, tags.preempted("stop requested"))
         raise preemption.TrialPreempted(f"Trial #{watch.number} preempted: stop requested")
     if watch.available_at_trip is not None:
         trip = Trip(trip.limit, trip.detail, watch.available_at_trip)
@@ -481,9 +537,9 @@ def _fail_value(trial: Any) -> Any:
 def _run_preflight(trial: Any, probe: MemoryProbe, settings: _GuardSettings) -> None:
     """The analysis package's pre-flight check, with this guard's own limits (not the env's)."""
     try:
-        from optuna_guard.analysis.preflight import preflight_check
+        from optuna_guard.oom_aware.preflight import preflight_check
     except ImportError as exc:
-        raise ConfigError(f"preflight=True needs optuna_guard.analysis.preflight, which cannot be imported: {exc}.") from None
+        raise ConfigError(f"preflight=True needs optuna_guard.oom_aware.preflight, which cannot be imported: {exc}.") from None
     preflight_check(
         trial,
         probe=probe,
@@ -496,16 +552,11 @@ def _run_preflight(trial: Any, probe: MemoryProbe, settings: _GuardSettings) -> 
 def _finish_trial(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _GuardSettings, *, killed: bool, started: float) -> None:
     """Write the trial's memory tags (and constraint) while it is RUNNING, then collect garbage."""
     try:  # the tree RSS now, for trials shorter than one sampling period (the start reading
-        # and the sampler cover the rest; available memory needs no second read here)
+        # and the watcher cover the rest; available memory needs no second read here)
         watch.observe(None, _READINGS.tree_rss(probe), ())
     except Exception as exc:
         _log.debug("Final memory reading of Trial #%d failed: %s", watch.number, exc)
-    attrs: dict[str, Any] = {tags.PEAK_RSS_GB: to_gb(watch.peak_rss_bytes)}
-    if watch.min_available_bytes is not None:
-        attrs[tags.MIN_AVAILABLE_GB] = to_gb(watch.min_available_bytes)
-    if watch.peak_gpu_bytes is not None:
-        attrs[tags.PEAK_GPU_GB] = to_gb(watch.peak_gpu_bytes)
-    write_user_attrs(trial, attrs)
+    write_user_attrs(trial, tags.memory_seen(watch.peak_rss_bytes, watch.min_available_bytes, watch.peak_gpu_bytes))
     if settings.budget_gb is not None:
         _write_constraint(trial, to_gb(watch.peak_rss_bytes), settings.budget_gb, killed)
     _collect_garbage(force=killed, trial_seconds=time.perf_counter() - started)
@@ -515,7 +566,7 @@ def _write_constraint(trial: Any, peak_gb: float, budget_gb: float, killed: bool
     if not hasattr(trial, "set_constraint"):
         return
     try:
-        from optuna_guard.analysis.constraints import set_memory_constraint
+        from optuna_guard.oom_aware.constraints import set_memory_constraint
 
         set_memory_constraint(trial, peak_gb, budget_gb, killed=killed)
     except ImportError:

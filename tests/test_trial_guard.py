@@ -312,11 +312,11 @@ def test_with_n_jobs_2_the_trial_that_grows_is_the_victim(allocating) -> None:
 def test_a_trial_starting_while_others_run_over_a_shared_limit_is_not_blamed(caplog) -> None:
     """With other guarded trials running in the process, a limit already exceeded at start is
     theirs: the new trial starts, and the sampler picks the victim by growth."""
-    from optuna_guard._sampler import SAMPLER, TrialWatch
+    from optuna_guard._watcher import WATCHER, TrialWatch
 
     caplog.set_level(logging.WARNING, logger="optuna_guard")
-    other = TrialWatch(number=99, limits=MemoryLimits(min_available_gb=None, warn_available_gb=None), probe=FakeProbe(), frame_id=0)
-    SAMPLER.register(other)
+    other = TrialWatch(number=99, limits=MemoryLimits(min_available_gb=None, warn_available_gb=None), probe=FakeProbe())
+    WATCHER.register(other)
     ran = []
     try:
 
@@ -520,9 +520,9 @@ def test_preflight_runs_before_the_objective(monkeypatch, via_env) -> None:
             trial.set_user_attr(tags.KILL_REASON, "predicted OOM: ~9.0 GB needed, 1.0 GB available")
             raise optuna.TrialPruned("predicted OOM")
 
-    fake_module = types.ModuleType("optuna_guard.analysis.preflight")
+    fake_module = types.ModuleType("optuna_guard.oom_aware.preflight")
     fake_module.preflight_check = preflight_check
-    monkeypatch.setitem(sys.modules, "optuna_guard.analysis.preflight", fake_module)
+    monkeypatch.setitem(sys.modules, "optuna_guard.oom_aware.preflight", fake_module)
     probe = FakeProbe()
     ran = []
     if via_env:
