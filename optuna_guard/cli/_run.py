@@ -144,6 +144,14 @@ def add_parser(subparsers: Any) -> None:
                         help="how long workers and the supervisor retry a storage outage (default 300)")
     parser.add_argument("--display", choices=("auto", "rich", "plain", "off"), default="auto",
                         help="live progress display (default: rich on a terminal)")
+    parser.add_argument("--cache", action="store_true",
+                        help="serve a trial whose params already COMPLETEd (same objective version) from that result")
+    parser.add_argument("--fingerprint-extra", action="append", default=[], metavar="PATH_OR_STRING",
+                        help="an input the objective depends on (config file, data-set version); repeatable")
+    parser.add_argument("--allow-changed-objective", action="store_true",
+                        help="accept a changed objective fingerprint: record a new objective_version")
+    parser.add_argument("--sampler-history", choices=("all", "current"), default="all",
+                        help="which objective versions the sampler learns from (default all)")
     parser.set_defaults(func=run)
 
 
@@ -190,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         storage_deadline=args.storage_deadline,
         display=args.display,
+        cache=args.cache,
+        fingerprint_extra=tuple(args.fingerprint_extra),
+        allow_changed_objective=args.allow_changed_objective,
+        sampler_history=args.sampler_history,
     )
     summary = run_launch(config)
     print(summary)

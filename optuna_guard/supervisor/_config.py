@@ -75,6 +75,13 @@ class LaunchConfig:
     storage_deadline: float | None = 300.0
     # issue 11: a target over every launch of the study (counted in the storage)
     study_trials: int | None = None
+    # issue 13: objective fingerprint and result cache (objective_version/digest are set by launch())
+    cache: bool = False
+    fingerprint_extra: tuple[str, ...] = ()
+    allow_changed_objective: bool = False
+    sampler_history: str = "all"
+    objective_version: int | None = None
+    objective_digest: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("workers", self.workers, minimum=1, hint="start at least one worker")
@@ -152,6 +159,9 @@ class LaunchConfig:
         _check_number("storage_deadline", self.storage_deadline, positive=True, allow_none=True)
         if self.study_trials is not None:
             _check_int("study_trials", self.study_trials, minimum=1, hint="or leave it unset for no study-wide target")
+        object.__setattr__(self, "fingerprint_extra", tuple(self.fingerprint_extra))
+        if self.sampler_history not in ("all", "current"):
+            raise ConfigError(f"--sampler-history must be 'current' or 'all' but got {self.sampler_history!r}.")
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -175,6 +185,11 @@ class LaunchConfig:
             env["OPTUNA_GUARD_MEMORY_BUDGET_GB"] = _fmt(self.memory_budget_gb)
         if self.preflight:
             env["OPTUNA_GUARD_PREFLIGHT"] = "1"
+        if self.objective_version is not None:  # issue 13: the launcher's fingerprint decision
+            from optuna_guard.resume import launcher_env
+
+            env.update(launcher_env(self.objective_version, self.objective_digest or "", cache=self.cache,
+                                    sampler_history=self.sampler_history))
         return env
 
     def python_env(self, base: Any = None) -> dict[str, str]:

@@ -131,6 +131,9 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     if config.retry_shrink:
         config = config.replace(retry_shrink=_objective_spec.normalize_spec(config.retry_shrink))
     retry_policy = _retry_policy(config)
+    from optuna_guard.resume import launch_fingerprint, prepare_launch  # issue 13
+
+    fingerprint = launch_fingerprint(config)
     probe_connection(url, config.connect_timeout)
     storage = open_checked_storage(url, connect_timeout=config.connect_timeout)
     relay = OutageRelay()
@@ -139,6 +142,7 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     if study_target is not None and study_target.reached:
         return _nothing_to_run(config, study_target, time.monotonic() - started)
     study = create_or_check_study(storage, config.study_name, config.directions)
+    config = prepare_launch(config, study, fingerprint)  # a changed objective: exit 2, no worker started
     if study_target is not None:
         study_target.study_id = study._study_id
     make_sampler(config.sampler, config.seed)  # fails here (exit 2), not in every worker

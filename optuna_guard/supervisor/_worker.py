@@ -305,7 +305,9 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
         settings.storage, connect_timeout=settings.connect_timeout, skip_setup=True,  # tables exist
     )
     _OPEN_STORAGES.append(storage)
-    storage = _tagging(storage, _worker_tags(settings))
+    from optuna_guard import resume  # issue 13: objective version, result cache, sampler history
+
+    storage = _tagging(storage, {**_worker_tags(settings), **resume.worker_tags(os.environ)})
     storage = _maybe_resilient(storage, settings, channel)
     seed = None if settings.seed is None else settings.seed + settings.spawn_index
     study = optuna.load_study(
@@ -314,6 +316,7 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
         sampler=make_sampler(settings.sampler, seed),
         pruner=make_pruner(settings.pruner),
     )
+    objective = resume.install_in_worker(study, objective, os.environ)
     return study, objective
 
 
