@@ -330,6 +330,10 @@ def _at_safe_point(thread_id: int, frame_id: int) -> bool:
     return False  # run() is not on the stack: the trial is not running there
 
 
+def _code_name(frame: Any) -> str:
+    return getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+
+
 def _where_blocked(watch: TrialWatch) -> str:
     """Why an interrupt has no effect, in words, from the trial thread's top frames."""
     frames = _top_frames(watch.thread_id, watch.frame_id)
@@ -340,7 +344,7 @@ def _where_blocked(watch: TrialWatch) -> str:
         root = _module_root(frame)
         if root in _WAIT_MODULES:
             return (
-                f"its thread waits in {frame.f_globals.get('__name__', root)}.{frame.f_code.co_name}() for another "
+                f"its thread waits in {frame.f_globals.get('__name__', root)}.{_code_name(frame)}() for another "
                 "thread (a thread pool's Future, a Queue or an Event), which cannot be interrupted"
             )
     if watch.deliveries:
@@ -597,7 +601,7 @@ class MemoryWatcher:
         if not watch.pending_warned and over >= min(2.0, watch.stuck_after / 2):
             watch.pending_warned = True
             _log.warning(
-                "Trial #%d has been over its memory limit for %.1f s and has not stopped: %s; on_stuck=%r acts after %.0f s.",
+                "Trial #%d has been over its memory limit for %.1f s and has not stopped: %s; on_stuck=%r acts after %g s.",
                 watch.number,
                 over,
                 _where_blocked(watch),
@@ -620,15 +624,17 @@ class MemoryWatcher:
                 why,
             )
             return
-        _log.critical(
-            "EMERGENCY EXIT: Trial #%d is still over its memory limit after %.0f s (%s): %s. Ending it FAIL "
-            "and exiting the process (status %d) before the machine runs out of memory (on_stuck='exit').",
-            watch.number,
-            over,
-            trip.detail,
-            why,
-            EXIT_STUCK,
+        message = (
+            f"EMERGENCY EXIT: Trial #{watch.number} is still over its memory limit after {over:.1f} s "
+            f"({trip.detail}): {why}. Ending it FAIL and exiting the process (status {EXIT_STUCK}) before "
+            "the machine runs out of memory (on_stuck='exit')."
         )
+        _log.critical(message)
+        try:  # also straight to stderr: the package logger may have no handler, and we vanish
+            sys.stderr.write(f"optuna-guard: {message}\n")
+            sys.stderr.flush()
+        except Exception:
+            pass
         _end_trial_failed(watch, trip, f"{why}; process exited after {over:.0f} s over the limit")
         logging.shutdown()  # flush the handlers: os._exit skips atexit
         self.exit(EXIT_STUCK)
