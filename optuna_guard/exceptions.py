@@ -27,6 +27,11 @@ class CrashLoopError(GuardError):
     """Workers keep dying before they start their first trial; the launch is stopped."""
 
 
+class MemoryStallError(GuardError):
+    """No worker could start for ``--memory-stall-timeout``: the memory is held outside the
+    study (another job, an escaped process); the launch stops with exit code 4."""
+
+
 class CheckpointError(GuardError):
     """A checkpoint could not be written or no readable checkpoint exists."""
 
@@ -37,6 +42,7 @@ __all__ = [
     "CrashLoopError",
     "GuardError",
     "InsufficientMemoryError",
+    "MemoryStallError",
     "ObjectiveSpecError",
     "StorageUnavailableError",
 ]

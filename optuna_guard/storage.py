@@ -61,6 +61,7 @@ def open_storage(
             f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db or "
             "postgresql+psycopg://user@host/db"
         )
+    _check_not_in_memory(url)
     kwargs: dict[str, Any] = dict(engine_kwargs or {})
     is_sqlite = url.startswith("sqlite")
     if is_sqlite:
@@ -84,6 +85,19 @@ def open_storage(
         sqlalchemy.event.listen(storage.engine, "connect", _enable_sqlite_wal)
         storage.engine.dispose()  # reconnect so every pooled connection gets the pragmas
     return storage
+
+
+def _check_not_in_memory(url: str) -> None:
+    """An in-memory SQLite database lives in one connection of one process: workers (and the
+    pool's next connection) would each see an empty database of their own."""
+    if not url.startswith("sqlite"):
+        return
+    path = url.split("://", 1)[1].lstrip("/").split("?", 1)[0]
+    if path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in url:
+        raise ConfigError(
+            f"storage URL {url!r} is an in-memory SQLite database, which worker processes can never share; "
+            "use a file, e.g. sqlite:///study.db"
+        )
 
 
 def end_trial_from_outside(

@@ -97,12 +97,15 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, unique_study_name):
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg://postgres@127.0.0.1:1/test", "mysql+pymysql://root@127.0.0.1:1/test"])
 def test_unreachable_storage_is_a_one_line_error_within_10s(url, tmp_path, unique_study_name):
+    # "connection refused" may be a restarting server: retried up to --storage-deadline, then
+    # exit 1 (not 2: the input may be right); see tests/test_faults_storage.py (issue 10)
     started = time.monotonic()
-    result = cli(*_run_args(unique_study_name, url, str(tmp_path / "logs"), objective_spec("launcher_quick")), cwd=str(tmp_path))
+    result = cli(*_run_args(unique_study_name, url, str(tmp_path / "logs"), objective_spec("launcher_quick"),
+                            "--storage-deadline", "2"), cwd=str(tmp_path))
     assert time.monotonic() - started < 10
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1
-    assert lines[0].startswith(f"optuna-guard run: error: cannot reach storage {url}:")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert lines[-1].startswith(f"optuna-guard run: error: cannot reach storage {url}:")
 
 
 def test_unknown_direction_and_sampler_exit_2(tmp_path, unique_study_name):

@@ -3,7 +3,9 @@
 Each sub-command lives in its own module ``optuna_guard.cli._<name>`` exposing
 ``add_parser(subparsers)``; the parser it adds sets ``func(args) -> int`` (the exit code).
 
-Exit codes: 0 done, 1 error, 2 bad input, 3 crash loop, 99 stopped by a signal or time budget.
+Exit codes: 0 done, 1 error (also: storage unreachable past --storage-deadline), 2 bad input,
+3 crash loop, 4 memory held outside the study (no worker could start for --memory-stall-timeout),
+99 stopped by a signal or time budget.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import logging
 import sys
 from typing import NoReturn, Sequence
 
-from optuna_guard.exceptions import ConfigError, CrashLoopError, GuardError, StorageUnavailableError
+from optuna_guard.exceptions import ConfigError, CrashLoopError, GuardError, MemoryStallError, StorageUnavailableError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_CRASH_LOOP = 3
+EXIT_MEMORY_STALL = 4
 EXIT_STOPPED = 99
 
 _COMMAND_MODULES = ("_monitor", "_run", "_status", "_report")
@@ -69,12 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, StorageUnavailableError) as exc:
+    except ConfigError as exc:
         print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StorageUnavailableError as exc:  # transient, past the deadline: not the user's input
+        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except CrashLoopError as exc:
         print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CRASH_LOOP
+    except MemoryStallError as exc:
+        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_MEMORY_STALL
     except GuardError as exc:
         print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

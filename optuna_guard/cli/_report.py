@@ -73,8 +73,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(content)
     else:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(content)
+        try:
+            with open(args.output, "w", encoding="utf-8") as handle:
+                handle.write(content)
+        except OSError as exc:
+            print(f"optuna-guard report: error: cannot write {args.output!r}: {exc.strerror or exc}.", file=sys.stderr)
+            return 1
         _log.info("Report on study %r written to %s (%s).", args.study_name, args.output, args.format)
     return 0
 

@@ -19,6 +19,8 @@ from optuna_guard.supervisor._arbiter import Arbiter
 from optuna_guard.supervisor._config import LaunchConfig, normalize_directions
 from optuna_guard.supervisor._status import make_display
 from optuna_guard.supervisor._study import (
+    check_study_name,
+    check_writable_dir,
     create_or_check_study,
     make_pruner,
     make_sampler,
@@ -131,11 +133,20 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     if config.retry_shrink:
         config = config.replace(retry_shrink=_objective_spec.normalize_spec(config.retry_shrink))
     retry_policy = _retry_policy(config)
+    # Every input is checked before anything is written to the storage (no empty study left
+    # behind by a bad --sampler or --log-dir).
+    make_sampler(config.sampler, config.seed)  # fails here (exit 2), not in every worker
+    make_pruner(config.pruner)
+    check_study_name(config.study_name)
+    check_writable_dir(config.log_dir, "--log-dir")
+    check_writable_dir(os.path.dirname(os.path.abspath(config.event_log_path)), "--event-log")
     from optuna_guard.resume import launch_fingerprint, prepare_launch  # issue 13
 
     fingerprint = launch_fingerprint(config)
-    probe_connection(url, config.connect_timeout)
-    storage = open_checked_storage(url, connect_timeout=config.connect_timeout)
+    # Transient storage errors are ridden out up to --storage-deadline; exit 2 only for
+    # errors that retrying cannot fix.
+    probe_connection(url, config.connect_timeout, config.storage_deadline)
+    storage = open_checked_storage(url, connect_timeout=config.connect_timeout, deadline_s=config.storage_deadline)
     relay = OutageRelay()
     storage = _resilient(storage, config, relay)
     study_target = _study_target(config, storage)
@@ -145,8 +156,6 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     config = prepare_launch(config, study, fingerprint)  # a changed objective: exit 2, no worker started
     if study_target is not None:
         study_target.study_id = study._study_id
-    make_sampler(config.sampler, config.seed)  # fails here (exit 2), not in every worker
-    make_pruner(config.pruner)
     try:
         os.makedirs(config.log_dir, exist_ok=True)
         event_log = events.EventLog(config.event_log_path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import optuna
 
@@ -15,6 +15,8 @@ from optuna_guard.exceptions import ConfigError, StorageUnavailableError
 from optuna_guard.storage import default_storage_url, open_storage
 
 _log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def mask_url(url: str) -> str:
@@ -36,10 +38,12 @@ def resolve_storage_url(url: str | None) -> str:
     return url or default_storage_url()
 
 
-def probe_connection(url: str, timeout: float) -> None:
-    """Connect once with strict timeouts (handshake reads included) so an unreachable or silent
-    server is a one-line StorageUnavailableError within about ``timeout`` seconds. Runs in a
-    thread with a hard deadline because some drivers can still block past their own timeouts."""
+def probe_connection(url: str, timeout: float, deadline_s: float | None = None) -> None:
+    """Connect once with strict timeouts (handshake reads included) so a silent server cannot
+    hang the launch. Errors that retrying cannot fix (bad URL, unknown host, authentication,
+    unknown database, missing driver) are a one-line ConfigError at once; transient ones
+    (refused, terminated, too many connections, server starting) are retried with backoff for
+    up to ``deadline_s`` seconds (``--storage-deadline``), then StorageUnavailableError."""
     if "://" not in url:
         raise ConfigError(
             f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db or "
@@ -47,6 +51,12 @@ def probe_connection(url: str, timeout: float) -> None:
         )
     if url.startswith("sqlite"):
         return
+    _with_start_retries(url, lambda: _probe_once(url, timeout), deadline_s, "connecting to the storage")
+
+
+def _probe_once(url: str, timeout: float) -> None:
+    """One connection attempt in a thread with a hard deadline (some drivers block past their
+    own timeouts); raises what the driver raised, or TimeoutError."""
     import threading
 
     import sqlalchemy
@@ -66,29 +76,53 @@ def probe_connection(url: str, timeout: float) -> None:
             finally:
                 engine.dispose()
             outcome.append(None)
-        except BaseException as exc:  # reported below
+        except BaseException as exc:  # reported by the caller
             outcome.append(exc)
 
     thread = threading.Thread(target=attempt, name="optuna-guard-storage-probe", daemon=True)
     thread.start()
     thread.join(seconds + 3.0)
     if not outcome:
-        raise StorageUnavailableError(
-            f"cannot reach storage {mask_url(url)}: no answer within {seconds + 3:.0f}s; check --storage and that the server is running."
-        )
-    error = outcome[0]
-    if error is None:
-        return
-    if isinstance(error, ImportError):
+        raise TimeoutError(f"no answer within {seconds + 3:.0f}s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _with_start_retries(url: str, call: Callable[[], T], deadline_s: float | None, what: str) -> T:
+    """``call()``, with permanent storage errors turned into one-line ConfigErrors and transient
+    ones retried (logged once per outage, with its duration) until ``deadline_s``."""
+    from optuna_guard.resilience import RetrySettings, call_with_retry, is_transient_db_error
+
+    try:
+        if deadline_s is None:
+            return call()
+        return call_with_retry(call, settings=RetrySettings(deadline_s=deadline_s), what=what)
+    except ConfigError:
+        raise
+    except StorageUnavailableError as exc:  # still transient at the deadline
+        raise StorageUnavailableError(f"cannot reach storage {mask_url(url)}: {exc}") from None
+    except ImportError as exc:
         raise ConfigError(
-            f"storage {mask_url(url)}: the database driver is not installed ({error}); "
+            f"storage {mask_url(url)}: the database driver is not installed ({exc.__cause__ or exc}); "
             "install optuna-guard[postgres] or optuna-guard[mysql]."
-        )
-    if isinstance(error, sqlalchemy.exc.ArgumentError):
-        raise ConfigError(f"storage URL {mask_url(url)} is invalid: {_first_line(error)}.")
-    raise StorageUnavailableError(
-        f"cannot reach storage {mask_url(url)}: {_first_line(error)}; check --storage and that the server is running."
-    )
+        ) from None
+    except Exception as exc:
+        if _is_bad_url(exc):
+            raise ConfigError(f"storage URL {mask_url(url)} is invalid: {_first_line(exc)}.") from None
+        if is_transient_db_error(exc) or isinstance(exc, TimeoutError):
+            raise StorageUnavailableError(
+                f"cannot reach storage {mask_url(url)}: {_first_line(exc)}; the server may be down "
+                f"(retried for {deadline_s or 0:g}s, --storage-deadline)."
+            ) from None
+        raise ConfigError(
+            f"cannot use storage {mask_url(url)}: {_first_line(exc)}; check --storage."
+        ) from None
+
+
+def _is_bad_url(exc: BaseException) -> bool:
+    import sqlalchemy.exc
+
+    return isinstance(exc, (sqlalchemy.exc.ArgumentError, ValueError)) and not isinstance(exc, ConfigError)
 
 
 def open_checked_storage(
@@ -98,11 +132,12 @@ def open_checked_storage(
     heartbeat_interval: int | None = None,
     heartbeat_grace: int | None = None,
     skip_setup: bool = False,
+    deadline_s: float | None = None,
 ) -> optuna.storages.RDBStorage:
-    """open_storage, turning "cannot connect" into a one-line StorageUnavailableError."""
-    import sqlalchemy.exc
+    """open_storage (Optuna's RDBStorage queries the database in its constructor), with
+    transient errors retried until ``deadline_s`` and the rest as one-line errors."""
 
-    try:
+    def attempt() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return open_storage(
@@ -112,20 +147,14 @@ def open_checked_storage(
                 engine_kwargs=engine_kwargs_for(url, connect_timeout),
                 skip_setup=skip_setup,
             )
-    except ConfigError:
-        raise
-    except ImportError as exc:
-        raise ConfigError(
-            f"storage {mask_url(url)}: the database driver is not installed ({exc.__cause__ or exc}); "
-            "install optuna-guard[postgres] or optuna-guard[mysql]."
-        ) from None
-    except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
-        raise StorageUnavailableError(
-            f"cannot reach storage {mask_url(url)}: {_first_line(exc)}; check --storage and that the server is running."
-        ) from None
+
+    return _with_start_retries(url, attempt, deadline_s, "opening the storage")
 
 
 def _first_line(exc: BaseException) -> str:
+    """The most specific message in the chain (Optuna wraps the driver's error in its own)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
     return text[0] if text else type(orig).__name__
@@ -135,12 +164,16 @@ def create_or_check_study(
     storage: optuna.storages.BaseStorage, study_name: str, directions: Sequence[str]
 ) -> optuna.Study:
     """Create the study if missing; an existing study with other directions is a ConfigError."""
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        directions=list(directions),
-        load_if_exists=True,
-    )
+    check_study_name(study_name)
+    try:
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            directions=list(directions),
+            load_if_exists=True,
+        )
+    except optuna.exceptions.StorageInternalError as exc:  # transient ones were retried below us
+        raise ConfigError(f"cannot create study {study_name[:60]!r}: {_first_line(exc)}.") from None
     existing = [d.name.lower() for d in study.directions]
     if existing != [d.lower() for d in directions]:
         raise ConfigError(
@@ -148,6 +181,37 @@ def create_or_check_study(
             f"--direction {','.join(directions)} was given; use the study's direction or another --study-name."
         )
     return study
+
+
+def check_writable_dir(path: str, option: str) -> None:
+    """A directory we will create or write into, checked without creating it (so a failed
+    launch leaves nothing behind)."""
+    import os
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{option} {path!r} is not usable: {probe!r} is not a directory.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path!r} is not writable ({probe!r} denies writing); choose another directory.")
+
+
+MAX_STUDY_NAME_LENGTH = 512  # optuna's studies.study_name column (MAX_INDEXED_STRING_LENGTH)
+
+
+def check_study_name(study_name: str) -> None:
+    """Names longer than Optuna's column fail inside the database driver with a traceback."""
+    if not study_name:
+        raise ConfigError("--study-name is empty; give the study a name.")
+    if len(study_name) > MAX_STUDY_NAME_LENGTH:
+        raise ConfigError(
+            f"--study-name is {len(study_name)} characters long; Optuna stores at most "
+            f"{MAX_STUDY_NAME_LENGTH} (study names are indexed); use a shorter name."
+        )
 
 
 def make_sampler(name: str | None, seed: int | None) -> optuna.samplers.BaseSampler | None:
