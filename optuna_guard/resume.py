@@ -307,3 +307,26 @@ def resolve_version_filter(study: optuna.Study, objective_version: int | str | N
     if isinstance(objective_version, bool) or not isinstance(objective_version, int) or objective_version < 1:
         raise ConfigError(f"objective_version must be 'current', 'all' or a version number >= 1 but got {objective_version!r}.")
     return objective_version
+
+
+def guard_hook(fingerprint: Any, cache: Any, on_changed: Any) -> ResumeHook | None:
+    """The hook of ``@guard(fingerprint=..., cache=..., on_changed_objective=...)``, or None.
+
+    ``fingerprint=None`` (the default) means on when ``cache=True``. In a launcher worker the
+    launcher already checked the fingerprint and tags the version; the guard then only adds the
+    cache when the launch itself runs without ``--cache``."""
+    if fingerprint not in (None, True, False):
+        raise ConfigError(f"fingerprint must be True, False or None but got {fingerprint!r}.")
+    if cache not in (True, False):
+        raise ConfigError(f"cache must be True or False but got {cache!r}.")
+    if on_changed not in ON_CHANGED:
+        raise ConfigError(f"on_changed_objective must be 'warn' or 'raise' but got {on_changed!r}.")
+    if cache and fingerprint is False:
+        raise ConfigError("cache=True needs the objective fingerprint (it keys the cache); drop fingerprint=False.")
+    if under_launcher():
+        if cache and os.environ.get(ENV_CACHE) != "1":
+            return ResumeHook(cache=True, version=int(os.environ[ENV_VERSION]), digest=os.environ.get(ENV_DIGEST, ""))
+        return None
+    if not (cache or fingerprint):
+        return None
+    return ResumeHook(cache=bool(cache), on_changed=on_changed)

@@ -47,7 +47,8 @@ __all__ = [
 ShrinkHook = Callable[[dict[str, Any]], dict[str, Any]]
 
 # The ends a retry can be asked for; each is the name of the boolean tag that marks it.
-RETRYABLE_ENDS = frozenset({tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED, tags.DIVERGED})
+RETRYABLE_ENDS = frozenset({tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED, tags.DIVERGED,
+                            tags.WORKER_LOST, tags.TIMED_OUT})
 
 # Optuna's own retry-chain system attrs (optuna/storages/_callbacks.py).
 FAILED_TRIAL = "failed_trial"
@@ -90,13 +91,14 @@ class RetryPolicy:
 
     ``max_retries`` counts retries per original trial (0 disables retries). ``retry_on`` and
     ``shrink_on`` are sets of end tags (``emergency_killed``, ``worker_crashed``, ``preempted``,
-    ``diverged``). ``shrink`` is a function ``params -> params`` (or a ``module:function`` /
+    ``diverged``, ``worker_lost``, ``timed_out``). ``shrink`` is a function ``params -> params`` (or a ``module:function`` /
     ``file.py:function`` spec) applied to the params of a retry whose trial ended in one of
     ``shrink_on``.
     """
 
     max_retries: int = 0
-    retry_on: frozenset[str] = frozenset({tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED})
+    retry_on: frozenset[str] = frozenset({tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED,
+                                          tags.WORKER_LOST, tags.TIMED_OUT})
     shrink: ShrinkHook | None = None
     shrink_on: frozenset[str] = frozenset({tags.EMERGENCY_KILLED})
 

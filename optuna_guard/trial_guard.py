@@ -31,7 +31,7 @@ from optuna_guard._watcher import STUCK_AFTER_S, WATCHER, OnStuck, TrialWatch, d
 from optuna_guard._trips import Trip, below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import ConfigError
-from optuna_guard.limits import MemoryLimits
+from optuna_guard.limits import MemoryLimits, warn_level_for
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
 
 _log = get_logger(__name__)
@@ -68,10 +68,14 @@ def _limits_for(safe_threshold_gb: Any, warning_threshold_gb: Any) -> MemoryLimi
     limits = _threshold_limits.get(key)  # type: ignore[arg-type]
     if limits is None:
         for name, value in (("safe_threshold_gb", safe_threshold_gb), ("warning_threshold_gb", warning_threshold_gb)):
+            if value is None and name == "warning_threshold_gb":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
                 raise ConfigError(f"{name} must be a finite number of GB but got {value!r}.")
             if value < 0:
                 raise ConfigError(f"{name} cannot be negative but got {value}; use 0 to switch it off.")
+        if warning_threshold_gb is None:
+            warning_threshold_gb = warn_level_for(safe_threshold_gb)
         if warning_threshold_gb < safe_threshold_gb:
             raise ConfigError(
                 f"warning_threshold_gb ({warning_threshold_gb}) cannot be below safe_threshold_gb "
@@ -87,28 +91,37 @@ def check_memory(
     trial: Any,
     context: str = "",
     safe_threshold_gb: float = 2.0,
-    warning_threshold_gb: float = 4.0,
+    warning_threshold_gb: float | None = None,
     *,
+    min_available_gb: float | None = None,
+    warn_available_gb: float | None = None,
     limits: MemoryLimits | None = None,
     probe: MemoryProbe | None = None,
 ) -> SystemMemory:
     """Stop the trial now if memory is short; call it at trial start and before each CV split.
 
-    Below ``warning_threshold_gb`` of available memory (cgroup aware) it logs a warning, once
-    per trial and context. Below ``safe_threshold_gb`` it tags the trial (``emergency_killed``,
-    ``kill_reason="OOM prevention [<context>]: ..."``, ``available_gb_at_kill``,
-    ``kill_limit="safe_threshold_gb"``), logs an EMERGENCY BRAKE error, collects garbage and
-    raises :class:`MemoryLimitPruned` (an ``optuna.TrialPruned``).
+    Below the warning level of available memory (cgroup aware) it logs a warning, once per
+    trial and context. Below the stop level it tags the trial (``emergency_killed``,
+    ``kill_reason="OOM prevention [<context>]: ..."``, ``available_gb_at_kill``, ``kill_limit``),
+    logs an EMERGENCY BRAKE error, collects garbage and raises :class:`MemoryLimitPruned` (an
+    ``optuna.TrialPruned``).
 
-    ``limits`` checks a whole :class:`MemoryLimits` instead of the two thresholds (which are
-    then ignored); ``kill_limit`` is then the field that tripped. A stop requested by a signal
-    (see ``optuna_guard.preemption``) raises ``TrialPreempted`` here. Returns the reading.
+    Levels: ``min_available_gb`` / ``warn_available_gb`` (the names used everywhere else;
+    ``kill_limit="min_available_gb"``), or the seed's positional aliases ``safe_threshold_gb``
+    (default 2.0) / ``warning_threshold_gb`` (``kill_limit="safe_threshold_gb"``). The warning
+    level defaults to 4 GB, or stop + 2 GB when the stop level is 4 GB or more. ``limits``
+    checks a whole :class:`MemoryLimits` instead (the levels are then ignored). A stop
+    requested by a signal (see ``optuna_guard.preemption``) raises ``TrialPreempted`` here.
+    Returns the reading.
     """
     preemption.raise_if_stop_requested(trial)
     available_name = "min_available_gb"
     if limits is None:
-        limits = _limits_for(safe_threshold_gb, warning_threshold_gb)
-        available_name = "safe_threshold_gb"
+        if min_available_gb is not None or warn_available_gb is not None:
+            limits = _limits_for(2.0 if min_available_gb is None else min_available_gb, warn_available_gb)
+        else:
+            limits = _limits_for(safe_threshold_gb, warning_threshold_gb)
+            available_name = "safe_threshold_gb"
     probe = probe or default_probe()
     system = probe.system()
     rss = probe.process_tree_rss(os.getpid()) if needs_rss(limits) else None
@@ -234,6 +247,9 @@ def guard(
     on_stuck: OnStuck | None = ...,
     stuck_after: float = ...,
     probe: MemoryProbe | None = ...,
+    fingerprint: bool | None = ...,
+    cache: bool = ...,
+    on_changed_objective: str = ...,
 ) -> Callable[[F], F]: ...
 
 
@@ -253,6 +269,9 @@ def guard(
     on_stuck: Any = None,
     stuck_after: Any = STUCK_AFTER_S,
     probe: MemoryProbe | None = None,
+    fingerprint: Any = None,
+    cache: Any = False,
+    on_changed_objective: Any = "warn",
 ) -> Any:
     """Guard an Optuna objective against running the machine out of memory.
 
@@ -264,6 +283,11 @@ def guard(
     ``preflight=True`` (env ``OPTUNA_GUARD_PREFLIGHT=1``) runs
     ``optuna_guard.oom_aware.preflight.preflight_check`` before the objective. The wrapper keeps
     the function's name and signature and carries its limits as ``__optuna_guard__``.
+    ``fingerprint=True`` records the objective's fingerprint on the study and tags trials
+    ``objective_version`` (a changed objective warns, or raises with
+    ``on_changed_objective="raise"``); ``cache=True`` completes a trial whose params already
+    COMPLETEd in this version with that result, without calling the objective (see
+    docs/resume_and_cache.md).
     """
     overrides = {
         name: value
@@ -294,10 +318,17 @@ def guard(
         stuck_after=_check_stuck_after(stuck_after),
     )
 
+    from optuna_guard.resume import cached_value, guard_hook
+
+    resume_hook = guard_hook(fingerprint, cache, on_changed_objective)
+
     def decorate(objective: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(objective)
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            return _run_guarded(objective, settings, _find_trial(args, kwargs), args, kwargs)
+            trial = _find_trial(args, kwargs)
+            if resume_hook is not None and (hit := resume_hook.start_trial(trial, objective)) is not None:
+                return cached_value(hit)  # issue 13: a repeat of a COMPLETE configuration
+            return _run_guarded(objective, settings, trial, args, kwargs)
 
         guarded.__optuna_guard__ = limits  # type: ignore[attr-defined]
         guarded.__optuna_guard_settings__ = settings  # type: ignore[attr-defined]

@@ -273,14 +273,20 @@ def test_shutdown_sweeps_running_trials_of_its_workers_only(tmp_path):
     ours = h.study.ask()
     ours.set_user_attr(tags.WORKER_PID, 4242)
     ours.set_user_attr(tags.HOSTNAME, socket.gethostname())
+    ours.set_user_attr(tags.LAUNCH_ID, h.arbiter.launch_id)
     other_host = h.study.ask()
     other_host.set_user_attr(tags.WORKER_PID, 4242)
     other_host.set_user_attr(tags.HOSTNAME, "another-host")
+    other_launch = h.study.ask()  # same host, a pid this launch once used: another launch's live trial
+    other_launch.set_user_attr(tags.WORKER_PID, 4242)
+    other_launch.set_user_attr(tags.HOSTNAME, socket.gethostname())
+    other_launch.set_user_attr(tags.LAUNCH_ID, "another-launch")
     h.arbiter.all_pids.add(4242)
     h.arbiter.shutdown("launcher error: boom")
     assert h.state(0).state == TrialState.FAIL and h.state(0).user_attrs[tags.WORKER_CRASHED] is True
     assert h.state(0).user_attrs[tags.KILL_REASON] == "launcher stopped: launcher error: boom"
     assert h.state(1).state == TrialState.RUNNING  # another launcher's trial: its heartbeat handles it
+    assert h.state(2).state == TrialState.RUNNING  # pid reuse never makes a trial ours
 
 
 def test_victim_is_chosen_by_process_when_a_slot_is_shared_with_its_replacement(tmp_path):
@@ -302,6 +308,7 @@ def test_worker_dying_between_trial_creation_and_objective_start_leaves_nothing_
     orphan = h.study.ask()
     orphan.set_user_attr(tags.WORKER_PID, 101)
     orphan.set_user_attr(tags.HOSTNAME, socket.gethostname())
+    orphan.set_user_attr(tags.LAUNCH_ID, h.arbiter.launch_id)
     worker.proc.returncode = -9
     h.arbiter.reap(h.clock.now)
     trial = h.state(0)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Callable
 
 import optuna
@@ -36,7 +37,7 @@ from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import CrashLoopError
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
 from optuna_guard.storage import end_trial_from_outside
-from optuna_guard.supervisor import _policies, _protocol, _tree
+from optuna_guard.supervisor import _lifeline, _policies, _protocol, _tree
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, worker_status_line
 
@@ -132,6 +133,8 @@ class Arbiter:
         self.time_budget = time_budget
         self.study_target = study_target  # _study_target.StudyTarget of --study-trials, or None
         self.hostname = socket.gethostname()
+        self.launch_id = uuid.uuid4().hex  # tagged on every trial; sweeps match it, never a bare pid
+        self.heartbeat: Any = None  # _heartbeat.SupervisorHeartbeat while running
 
         self.workers: list[WorkerHandle] = []
         self.all_pids: set[int] = set()
@@ -182,8 +185,11 @@ class Arbiter:
         self._install_signal_handlers()
         self.display.start()
         self.emit(events.LAUNCH_STARTED, reason=f"study {self.config.study_name!r}", workers=self.config.workers,
-                  n_trials=self.config.n_trials, hostname=self.hostname, supervisor_pid=os.getpid())
+                  n_trials=self.config.n_trials, hostname=self.hostname, supervisor_pid=os.getpid(),
+                  launch_id=self.launch_id)
+        _log.info("Launch %s on host %s (supervisor pid %d).", self.launch_id, self.hostname, os.getpid())
         try:
+            self.heartbeat = self._start_heartbeat()
             self.tick(self.clock())
             while not self.done():
                 self.wait_for_io()
@@ -216,6 +222,8 @@ class Arbiter:
 
     def tick(self, now: float) -> None:
         """One pass of the watchdog (each step is a method of its own)."""
+        if self.heartbeat is not None:  # the heartbeat thread beats for the trials of live workers
+            self.heartbeat.live_trials = frozenset(w.trial_id for w in self.workers if w.trial_id is not None)
         self.reap(now)
         self.merge_late_finished()
         self.advance_kills(now)
@@ -295,6 +303,12 @@ class Arbiter:
                       source="worker")
         elif op == _protocol.FATAL:
             worker.fatal_error = str(message.get("error"))
+        elif op == _protocol.LOST:
+            reason = (f"trial {message.get('number')} was ended {message.get('state')} from outside while worker "
+                      f"{worker.worker_id} ran it; its result {message.get('value')} is lost")
+            _log.warning("%s.", reason[:1].upper() + reason[1:])
+            self.emit(events.TRIAL_LOST, worker_id=worker.worker_id, pid=worker.pid, trial_number=message.get("number"),
+                      state=message.get("state"), value=message.get("value"), reason=reason)
         else:
             _log.warning("Worker %d (pid %d) sent an unknown message %r; ignored.", worker.worker_id, worker.pid, op)
 
@@ -427,7 +441,7 @@ class Arbiter:
 
     def _sweep_dead_worker_job(self, pid: int, worker_id: int, reason: str, preempted: bool) -> None:
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if (trial.user_attrs.get(tags.WORKER_PID) != pid or trial.user_attrs.get(tags.HOSTNAME) != self.hostname
+            if (trial.user_attrs.get(tags.WORKER_PID) != pid or trial.user_attrs.get(tags.LAUNCH_ID) != self.launch_id
                     or trial._trial_id in self.started_trials):
                 continue
             attrs = {tags.KILL_REASON: reason, (tags.PREEMPTED if preempted else tags.WORKER_CRASHED): True}
@@ -765,12 +779,17 @@ class Arbiter:
             retry_on=self.config.retry_on,
             retry_shrink=self.config.retry_shrink,
             storage_deadline=self.config.storage_deadline,
+            launch_id=self.launch_id,
+            supervisor_pid=os.getpid(),
+            grace_period=self.config.grace_period,
         )
         env = self.config.python_env()
         env.update(self.config.guard_env())
         env.update(settings.to_env())
         env[_protocol.ENV_FD] = str(child_sock.fileno())
         env["PYTHONUNBUFFERED"] = "1"
+        env[_lifeline.ENV_LAUNCH_ID] = self.launch_id  # inherited by every descendant: found in /proc/*/environ
+        env[_lifeline.ENV_WORKER_MARK] = f"{self.launch_id}/{spawn_index}"
         log_path = os.path.join(self.config.log_dir, f"worker_{slot}.log")
         try:
             proc = self._spawn_process(env, log_path, child_sock.fileno(), slot, spawn_index)
@@ -797,6 +816,28 @@ class Arbiter:
             if slot not in used:
                 return slot
         return self.config.workers + 1  # pragma: no cover - reconcile never asks for more
+
+    def _start_heartbeat(self) -> Any:
+        """The supervisor's heartbeat thread (lease, Optuna heartbeats, lost-trial sweep) on a
+        storage of its own; None when heartbeats are off."""
+        from optuna_guard.supervisor._heartbeat import SupervisorHeartbeat
+        from optuna_guard.supervisor._study import open_checked_storage
+
+        if self.config.heartbeat_interval is None:
+            return None
+        storage = open_checked_storage(self.storage_url, connect_timeout=self.config.connect_timeout,
+                                       heartbeat_interval=self.config.heartbeat_interval,
+                                       heartbeat_grace=self.config.heartbeat_grace, skip_setup=True)
+
+        def count_retry() -> None:
+            with self._counter_lock:
+                self.retries += 1
+
+        return SupervisorHeartbeat(
+            storage, self.config.study_name, self.launch_id, self.config.heartbeat_interval,
+            self.config.heartbeat_grace or 2 * self.config.heartbeat_interval,
+            retry_policy=self.retry_policy, emit=self.emit, on_retried=count_retry,
+        ).start()
 
     def _spawn_process(self, env: dict[str, str], log_path: str, child_fd: int, slot: int, spawn_index: int) -> Any:
         """The one place that starts a process (own session, so its whole tree can be signalled)."""
@@ -826,6 +867,8 @@ class Arbiter:
                 pass
             return
         descendants = _tree.descendants(pid)
+        marked = _tree.pids_with_env(f"{_lifeline.ENV_WORKER_MARK}={self.launch_id}/{worker.spawn_index}".encode())
+        descendants.extend(p for p in marked if p not in descendants)  # daemonised ones left the tree
         try:
             os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -958,7 +1001,7 @@ class Arbiter:
         self._wakeup_w.setblocking(False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, None)
         self._old_wakeup_fd = signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):  # SIGHUP: ssh disconnect
             self._old_handlers[signum] = signal.signal(signum, self._enqueue_signal)
 
     def _enqueue_signal(self, signum: int, _frame: Any) -> None:
@@ -1022,6 +1065,7 @@ class Arbiter:
                     pass
                 if self.workers:
                     time.sleep(0.02)
+        self._kill_launch_leftovers()
         deadline_s = (self.config.storage_deadline or 0.0) + 30.0
         if not self.wait_for_storage(timeout=deadline_s):
             _log.error("Storage writes still pending after %.0fs; some trials may stay RUNNING until a heartbeat check.", deadline_s)
@@ -1029,8 +1073,19 @@ class Arbiter:
             self._storage_pool.shutdown(wait=False)
         self.sweep_running(reason)
         self.merge_late_finished()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.emit(events.LAUNCH_FINISHED, reason=reason, exit_code=self.exit_code,
                   finished=len(self.finished_states))
+
+    def _kill_launch_leftovers(self) -> None:
+        """SIGKILL any process still carrying this launch's marker (a daemonised grandchild)."""
+        for pid in _tree.pids_with_env(f"{_lifeline.ENV_LAUNCH_ID}={self.launch_id}".encode()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                _log.warning("Process %d of this launch outlived its worker (daemonised?); killed.", pid)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def sweep_running(self, reason: str) -> None:
         """A last look in the storage: RUNNING trials of this launch's workers get FAIL."""
@@ -1040,10 +1095,7 @@ class Arbiter:
             _log.error("Could not check the storage for RUNNING trials at exit: %s", exc)
             return
         for trial in running:
-            ours = trial._trial_id in self.started_trials or (
-                trial.user_attrs.get(tags.WORKER_PID) in self.all_pids
-                and trial.user_attrs.get(tags.HOSTNAME) == self.hostname
-            )
+            ours = trial._trial_id in self.started_trials or trial.user_attrs.get(tags.LAUNCH_ID) == self.launch_id
             if not ours:
                 continue
             why = f"launcher stopped: {reason}"

@@ -300,6 +300,10 @@ class WorkerSettings:
     retry_on: tuple[str, ...] | None = None
     retry_shrink: str | None = None
     storage_deadline: float | None = None
+    # issue 9 (supervision): whose worker this is, and how long it may take to stop
+    launch_id: str = ""
+    supervisor_pid: int | None = None
+    grace_period: float = 120.0
 
     def to_env(self) -> dict[str, str]:
         env: dict[str, str] = {}

@@ -1,86 +1,195 @@
-"""Optuna's RDB heartbeat for a worker's running trial, without Optuna's per-trial cost.
+"""Liveness beaten by the supervisor, not by a thread inside the worker.
 
-Optuna's ``study.optimize`` on a heartbeat-enabled storage runs, *for every trial*, a stale-trial
-query (``fail_stale_trials``) and a heartbeat thread whose first beat is another transaction:
-about 15 ms of CPU per trial here, more than the launcher's whole bookkeeping. A worker runs one
-trial per ``optimize`` call, so instead it opens its trial storage without a heartbeat and keeps
-the same database rows itself:
+A heartbeat thread inside the worker stops when the trial holds the GIL (a long ``re``/``sort``/
+C-extension call) or the worker is SIGSTOPped, and a sibling then fails a live trial and its
+result is lost. The supervisor sees its workers as processes, so it beats for them: every
+``interval`` this thread
 
-- a beat for the running trial when it starts (written on the worker's tag thread, alongside
-  the objective) and then every ``interval`` seconds from one long-lived thread;
-- ``fail_stale_trials`` at most once per ``interval`` (before the worker's next trial), not
-  before every trial.
+1. renews the launch's lease (:mod:`._lease`, a study system attr; any storage);
+2. on RDB storages also calls Optuna's ``record_heartbeat(trial_id)`` for each trial of a live
+   worker, so plain ``study.optimize`` workers with a heartbeat on the same study never fail
+   our live trials;
+3. ends the RUNNING trials of lost launches (lease expired, or on this host with no process
+   left) and the trials Optuna's own stale rule finds (no heartbeat row beaten for the grace
+   period: a dead host), tags first (``worker_lost`` + ``kill_reason``), then FAIL, and
+   re-queues them under ``--retry``.
 
-The rows and the stale rule are Optuna's own (``trial_heartbeats``, ``grace_period``), so
-launchers on other hosts and plain Optuna workers with a heartbeat fail our stale trials and we
-fail theirs, exactly as with ``optimize``'s heartbeat. The heartbeat storage is a second
-RDBStorage on the same URL (with ``heartbeat_interval`` set), wrapped for outages like the
-trial storage, so stale checks pause right after a database outage.
+After a storage error the thread judges nobody for one grace period: others could not renew
+their leases either.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
+from optuna_guard import events, tags
 from optuna_guard._logging import get_logger
+from optuna_guard.supervisor import _lease, _tree
+from optuna_guard.supervisor._lifeline import ENV_LAUNCH_ID
 
 _log = get_logger(__name__)
 
 
-class TrialHeartbeat:
-    """Beats for the worker's current trial; ``begin``/``end`` bracket each trial."""
+def launch_alive_here(launch_id: str, lease: _lease.Lease | None) -> bool:
+    """A launch on this host lives while its supervisor (pid + start time) or any process
+    carrying its marker does (orphaned workers wind down by themselves)."""
+    if lease is not None and _tree.is_same_process(lease.pid, lease.pid_start):
+        return True
+    return bool(_tree.pids_with_env(f"{ENV_LAUNCH_ID}={launch_id}".encode()))
 
-    def __init__(self, storage: Any, study_name: str, interval: float, *, clock: Any = time.monotonic) -> None:
+
+class SupervisorHeartbeat:
+    """The launch's lease, Optuna heartbeats for live trials, and the lost-trial sweep.
+
+    ``storage`` is a storage of the thread's own (an RDBStorage opened with
+    ``heartbeat_interval``/``grace_period`` enables Optuna's stale rule); ``live_trials`` is a
+    frozenset the arbiter replaces each tick. ``retry_policy`` re-queues lost trials.
+    """
+
+    def __init__(
+        self,
+        storage: Any,
+        study_name: str,
+        launch_id: str,
+        interval: float,
+        grace: float,
+        *,
+        retry_policy: Any = None,
+        emit: Callable[..., None] | None = None,
+        on_retried: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        alive_here: Callable[[str, _lease.Lease | None], bool] = launch_alive_here,
+    ) -> None:
         import optuna
 
-        self._storage = storage
-        self._interval = float(interval)
+        self.storage = storage
+        self.launch_id = launch_id
+        self.interval = float(interval)
+        self.grace = float(grace)
+        self.retry_policy = retry_policy
+        self._emit = emit or (lambda *a, **k: None)
+        self._on_retried = on_retried or (lambda: None)
         self._clock = clock
-        self._current: int | None = None
-        self._stop = threading.Event()
-        self._last_stale_check: float | None = None
+        self._alive_here = alive_here
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.pid_start = _tree.start_time_ticks(self.pid)
+        self.live_trials: frozenset[int] = frozenset()
+        self.lost_count = 0
+        self._blind_until = 0.0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._study = optuna.load_study(study_name=study_name, storage=storage)
+            self.study = optuna.load_study(study_name=study_name, storage=storage)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "SupervisorHeartbeat":
+        """Write the lease and sweep once (synchronously, before any worker starts), then beat
+        on a thread."""
+        self.beat_once()
         self._thread = threading.Thread(target=self._run, name="optuna-guard-heartbeat", daemon=True)
         self._thread.start()
+        return self
 
-    def begin(self, trial_id: int) -> None:
-        self._current = trial_id
-
-    def end(self) -> None:
-        self._current = None
-
-    def beat(self, trial_id: int) -> None:
-        """Record a heartbeat now (failures are logged: a missed beat is not worth a trial)."""
-        try:
-            self._storage.record_heartbeat(trial_id)
-        except Exception as exc:
-            _log.warning("Heartbeat of trial id %d not recorded: %s: %s", trial_id, type(exc).__name__, exc)
-
-    def fail_stale_trials_if_due(self) -> None:
-        """Optuna's ``fail_stale_trials`` (trials of dead launchers anywhere), once per interval."""
-        now = self._clock()
-        if self._last_stale_check is not None and now - self._last_stale_check < self._interval:
-            return
-        self._last_stale_check = now
-        import optuna
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self._study)
-        except Exception as exc:
-            _log.warning("Stale-trial check failed: %s: %s", type(exc).__name__, exc)
-
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop beating and mark the lease ended (this launch leaves nothing RUNNING)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 5.0)
+        try:
+            self._write_lease(ended=True)
+        except Exception as exc:
+            _log.debug("could not mark the lease ended: %s", exc)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            trial_id = self._current
-            if trial_id is not None:
-                self.beat(trial_id)
+        while not self._stop.wait(self.interval):
+            self.beat_once()
+
+    # ------------------------------------------------------------------ one beat
+    def beat_once(self) -> None:
+        now = self._clock()
+        try:
+            self._write_lease()
+            self._record_optuna_heartbeats()
+        except Exception as exc:
+            self._blind_until = now + self.grace
+            _log.warning("Heartbeat not recorded: %s: %s", type(exc).__name__, exc)
+            return
+        if now < self._blind_until:
+            return
+        try:
+            self.sweep_lost(now)
+        except Exception as exc:
+            self._blind_until = now + self.grace
+            _log.warning("Lost-trial check failed: %s: %s", type(exc).__name__, exc)
+
+    def _write_lease(self, ended: bool = False) -> None:
+        lease = _lease.make_lease(self.launch_id, self.host, self.pid, self.pid_start, self.grace,
+                                  self.live_trials, now=self._clock(), ended=ended)
+        self.storage.set_study_system_attr(self.study._study_id, _lease.lease_key(self.launch_id), lease.to_attr())
+
+    def _record_optuna_heartbeats(self) -> None:
+        record = getattr(self.storage, "record_heartbeat", None)
+        if record is None:
+            return
+        for trial_id in self.live_trials:
+            record(trial_id)
+
+    def sweep_lost(self, now: float) -> int:
+        """End (and retry) the RUNNING trials of lost launches and Optuna-stale trials."""
+        from optuna.trial import TrialState
+
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return 0
+        leases = _lease.leases_from_system_attrs(self.storage.get_study_system_attrs(self.study._study_id))
+        found = _lease.lost_trials(running, leases, own_launch_id=self.launch_id, own_host=self.host, now=now,
+                                   launch_alive_here=self._alive_here)
+        seen = {trial._trial_id for trial, _ in found}
+        for trial_id in self._optuna_stale_ids():
+            if trial_id in seen or trial_id in self.live_trials:
+                continue
+            trial = self.storage.get_trial(trial_id)
+            if trial.user_attrs.get(tags.LAUNCH_ID) == self.launch_id:
+                continue  # ours: the arbiter sees our workers
+            where = f"host {trial.user_attrs.get(tags.HOSTNAME, '?')}, pid {trial.user_attrs.get(tags.WORKER_PID, '?')}"
+            found.append((trial, f"worker lost: no heartbeat for over {self.grace:.0f}s ({where})"))
+        for trial, reason in found:
+            self.end_lost(trial, reason)
+        return len(found)
+
+    def _optuna_stale_ids(self) -> list[int]:
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        if not hasattr(self.storage, "_get_stale_trial_ids") or not is_heartbeat_enabled(self.storage):
+            return []
+        return list(self.storage._get_stale_trial_ids(self.study._study_id))
+
+    def end_lost(self, trial: Any, reason: str) -> bool:
+        from optuna.trial import TrialState
+
+        from optuna_guard.retries import enqueue_retry
+        from optuna_guard.storage import end_trial_from_outside
+
+        attrs: dict[str, Any] = {tags.WORKER_LOST: True, tags.KILL_REASON: reason}
+        policy = self.retry_policy
+        if policy is not None:
+            attrs.update(policy.final_tags({**trial.user_attrs, **attrs}, policy.attempt(trial)))
+        if not end_trial_from_outside(self.storage, trial._trial_id, TrialState.FAIL, user_attrs=attrs):
+            return False
+        self.lost_count += 1
+        _log.warning("Trial %d ended FAIL tagged worker_lost: %s.", trial.number, reason)
+        self._emit(events.TRIAL_LOST, trial_number=trial.number, reason=reason, state="FAIL")
+        if policy is not None:
+            retry_number = enqueue_retry(self.study, self.storage.get_trial(trial._trial_id), policy)
+            if retry_number is not None:
+                self._on_retried()
+                self._emit(events.TRIAL_RETRIED, trial_number=trial.number, retry_number=retry_number,
+                           reason=f"trial {trial.number} re-queued as trial {retry_number}")
+        return True

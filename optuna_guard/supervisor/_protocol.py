@@ -13,6 +13,8 @@ Worker -> supervisor:
     {"op": "retried", "number": 7, "retry_number": 12}     (retries) the worker re-queued a trial
     {"op": "outage", "outage": "began"|"ended", "seconds": 12.5, "what": "..."}  storage outage
     {"op": "fatal", "error": "one line"}                   worker cannot run (e.g. objective spec)
+    {"op": "lost", "number": 7, "trial_id": 8, "state": "FAIL", "value": "0.25"}  the trial was
+                                                           ended from outside; its result is lost
 Supervisor -> worker:
     {"op": "grant"}                                        run exactly one trial
     {"op": "deny", "reason": "recycle: age 3601s >= 3600s"}  exit after this
@@ -34,6 +36,7 @@ FINISHED = "finished"
 RETRIED = "retried"
 OUTAGE = "outage"
 FATAL = "fatal"
+LOST = "lost"
 GRANT = "grant"
 DENY = "deny"
 KILL = "kill"

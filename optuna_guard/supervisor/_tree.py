@@ -75,3 +75,63 @@ def tree_rss_bytes(pid: int) -> int:
     if own == 0:
         return 0
     return own + sum(rss_bytes(child) for child in descendants(pid))
+
+
+def start_time_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or None
+    if it is gone. A pid plus this value names one process for good: a reused pid differs."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    try:  # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def is_same_process(pid: int, start_ticks: int | None) -> bool:
+    """True while the process ``pid`` started at ``start_ticks`` is alive (a zombie counts as gone)."""
+    if start_ticks is None:
+        return False
+    if start_time_ticks(pid) != start_ticks:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+        return data[data.rindex(b")") + 2:data.rindex(b")") + 3] != b"Z"
+    except (OSError, ValueError):
+        return False
+
+
+def process_state(pid: int) -> str | None:
+    """One-letter kernel state of ``pid`` (R, S, D, T stopped, t traced, Z zombie), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+        return data[data.rindex(b")") + 2:data.rindex(b")") + 3].decode()
+    except (OSError, ValueError):
+        return None
+
+
+def pids_with_env(marker: bytes) -> list[int]:
+    """Every pid whose environment holds ``marker`` (an exact ``NAME=value`` entry), found in
+    /proc/*/environ. Finds descendants that left the process tree (setsid + double fork);
+    processes of other users are skipped when unreadable."""
+    found: list[int] = []
+    own = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid == own:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                entries = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in entries:
+            found.append(pid)
+    return found

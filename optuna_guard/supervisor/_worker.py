@@ -6,7 +6,9 @@ the inherited socket in ``OPTUNA_GUARD_WORKER_FD`` (see :mod:`._protocol`).
 
 Per ticket it runs exactly one trial with ``study.optimize(objective, n_trials=1,
 catch=(Exception,))`` so Optuna's own machinery stays in charge (value checks, tell, logging).
-Optuna's RDB heartbeat rows are kept by :mod:`._heartbeat` at a fraction of the per-trial cost.
+The worker runs no heartbeat thread (the GIL or a SIGSTOP would freeze it): the supervisor
+beats for the trials of its live workers (:mod:`._heartbeat`). The worker watches its
+supervisor instead (:mod:`._lifeline`) and winds down when it is gone.
 The objective is wrapped so the supervisor learns the trial number first thing, the trial gets
 ``worker_id``/``worker_pid``/``hostname``, and unguarded objectives get ``@guard``.
 
@@ -43,6 +45,7 @@ class _Inbox:
         self._channel = channel
         self._replies: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
         self.kill_notice: dict[str, Any] | None = None
+        self.on_eof: Callable[[str], None] | None = None  # the lifeline: the supervisor is gone
         self._thread = threading.Thread(target=self._run, name="optuna-guard-inbox", daemon=True)
         self._thread.start()
 
@@ -55,6 +58,8 @@ class _Inbox:
             except self._protocol.ProtocolError:
                 message = None
             if message is None:
+                if self.on_eof is not None:
+                    self.on_eof("ticket socket closed")
                 self._replies.put(None)
                 return
             if message.get("op") == self._protocol.KILL:
@@ -85,7 +90,8 @@ class WorkerLoop:
         self.retry_hook: Callable[[Any, Any], None] | None = None
         self._outcome: tuple[int, int, str] | None = None  # (number, trial id, state) of the last trial
         self.retries: _WorkerRetries | None = None
-        self.heartbeat: Any = None  # TrialHeartbeat, or None when heartbeats are off
+        self.current: tuple[Any, int] | None = None  # (storage, trial id) while a trial runs
+        self._last_value: Any = None
 
     def run(self) -> int:
         from optuna_guard import preemption
@@ -100,25 +106,50 @@ class WorkerLoop:
                 return EXIT_OK
             if preemption.stop_requested():
                 return EXIT_OK  # the ticket is returned when the supervisor sees us exit
-            if self.heartbeat is not None:
-                self.heartbeat.fail_stale_trials_if_due()
             self.run_one_trial()
 
     def run_one_trial(self) -> None:
         """One trial through ``study.optimize``, then report it. Without retries the end state
         is taken from how the objective ended (Optuna's callback would re-read the trial from
         the storage: a query per trial); with retries the callback's FrozenTrial is needed."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
         self._outcome = None
-        self.study.optimize(
-            self._run_objective,
-            n_trials=1,
-            catch=(Exception,),
-            callbacks=[self._after_trial] if self.retry_hook is not None else None,
-            gc_after_trial=self.settings.gc_after_trial,
-        )
+        self._last_value = None
+        try:
+            self.study.optimize(
+                self._run_objective,
+                n_trials=1,
+                catch=(Exception,),
+                callbacks=[self._after_trial] if self.retry_hook is not None else None,
+                gc_after_trial=self.settings.gc_after_trial,
+            )
+        except UpdateFinishedTrialError as exc:
+            self._report_lost_result(exc)
+            return
+        finally:
+            self.current = None  # only now: Optuna's tell has stored how the trial ended
         if self.retry_hook is None and self._outcome is not None:
             number, trial_id, state = self._outcome
             self._report_finished(number, trial_id, state)
+
+    def _report_lost_result(self, exc: Exception) -> None:
+        """The trial was ended from outside while it ran (a supervisor or another host judged it
+        lost): its value cannot be stored. Say so, report the state the storage holds, and go
+        on with the next ticket instead of crashing."""
+        if self._outcome is None:
+            raise exc
+        number, trial_id, _state = self._outcome
+        try:
+            state = self.study._storage.get_trial(trial_id).state.name
+        except Exception:
+            state = "FAIL"
+        logging.getLogger("optuna_guard.supervisor.worker").warning(
+            "Trial %d was ended %s from outside while it ran; its result %r is lost (%s).",
+            number, state, self._last_value, exc)
+        self.channel.send(self.protocol.LOST, number=number, trial_id=trial_id, state=state,
+                          value=repr(self._last_value)[:200])
+        self._report_finished(number, trial_id, state)
 
     def _after_trial(self, study: Any, frozen: Any) -> None:
         self._report_finished(frozen.number, frozen._trial_id, frozen.state.name)
@@ -133,23 +164,21 @@ class WorkerLoop:
         self.channel.send(self.protocol.STARTED, number=trial.number, trial_id=trial._trial_id)
         self._started_at = time.monotonic()
         # New trials are created with the worker tags (see _tagging); a popped WAITING trial is
-        # tagged here, with the trial's first heartbeat, on a thread while the objective starts
+        # tagged here, on a thread while the objective starts
         # (joined before the trial can end).
         tagged = trial.user_attrs.get(tags.WORKER_PID) == self.pid
         tagger = threading.Thread(target=self._write_worker_tags, args=(trial._trial_id, tagged),
                                   name="optuna-guard-tags", daemon=True)
         tagger.start()
-        if self.heartbeat is not None:
-            self.heartbeat.begin(trial._trial_id)
         self._outcome = (trial.number, trial._trial_id, "FAIL")
+        self.current = (self.study._storage, trial._trial_id)
         try:
             try:
                 preemption.raise_if_stop_requested(trial)
                 value = self.objective(trial)
+                self._last_value = value
             finally:
                 tagger.join()
-                if self.heartbeat is not None:
-                    self.heartbeat.end()
         except optuna.TrialPruned:
             self._outcome = (trial.number, trial._trial_id, "PRUNED")
             self._tag_final_attempt(trial)
@@ -183,11 +212,8 @@ class WorkerLoop:
         storage = self.study._storage
         try:
             if not tagged:  # a WAITING trial we popped (enqueued or a retry): tag it now
-                storage.set_trial_user_attr(trial_id, tags.WORKER_ID, self.settings.worker_id)
-                storage.set_trial_user_attr(trial_id, tags.WORKER_PID, self.pid)
-                storage.set_trial_user_attr(trial_id, tags.HOSTNAME, self.hostname)
-            if self.heartbeat is not None:
-                self.heartbeat.beat(trial_id)  # the first beat: from now on the trial has a heartbeat row
+                for key, value in _worker_tags(self.settings).items():
+                    storage.set_trial_user_attr(trial_id, key, value)
         except Exception as exc:  # e.g. the storage gone past its deadline; the trial goes on
             logging.getLogger("optuna_guard.supervisor.worker").error("Could not tag trial id %d: %s", trial_id, exc)
 
@@ -261,6 +287,8 @@ def main() -> int:
     log = logging.getLogger("optuna_guard.supervisor.worker")
     log.info("Worker %d (pid %d) starting: study %r, objective %s.", settings.worker_id, os.getpid(), settings.study_name, settings.objective)
     inbox = _Inbox(channel)
+    holder: list[Any] = []  # the loop, once it exists (the lifeline asks it for the running trial)
+    lifeline = _start_lifeline(settings, inbox, lambda: holder[0].current if holder else None)
     try:
         study, objective = _prepare(settings, channel)
     except Exception as exc:
@@ -270,13 +298,7 @@ def main() -> int:
         channel.send(_protocol.FATAL, error=message)
         return EXIT_FATAL
     loop = WorkerLoop(settings, channel, inbox, study, objective)
-    try:
-        loop.heartbeat = _make_heartbeat(settings, channel)
-    except Exception as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        log.error("Worker %d cannot start its heartbeat: %s", settings.worker_id, message)
-        channel.send(_protocol.FATAL, error=message)
-        return EXIT_FATAL
+    holder.append(loop)
     _install_retries(loop, settings, study)
     channel.send(_protocol.HELLO, pid=os.getpid())
     try:
@@ -285,8 +307,28 @@ def main() -> int:
         log.error("Worker %d stops: an error escaped the trial loop.", settings.worker_id)
         traceback.print_exc()
         return EXIT_TRIAL_ERROR
+    if lifeline is not None and lifeline.lost:
+        from optuna_guard.supervisor._lifeline import EXIT_SUPERVISOR_LOST, kill_own_tree
+
+        kill_own_tree()
+        log.warning("Worker %d (pid %d) exits: %s.", settings.worker_id, os.getpid(), lifeline.reason)
+        return EXIT_SUPERVISOR_LOST
     log.info("Worker %d (pid %d) exits.", settings.worker_id, os.getpid())
     return code
+
+
+def _start_lifeline(settings: Any, inbox: _Inbox, current_trial: Callable[[], Any]) -> Any:
+    """Watch the supervisor (parent-death signal, socket EOF, parent pid); None when the
+    supervisor did not say who it is (a worker started by hand)."""
+    if not settings.supervisor_pid:
+        return None
+    from optuna_guard import preemption
+    from optuna_guard.supervisor._lifeline import Lifeline
+
+    lifeline = Lifeline(settings.supervisor_pid, settings.grace_period, current_trial=current_trial,
+                        on_lost=preemption.request_stop)
+    inbox.on_eof = lifeline.supervisor_gone
+    return lifeline.start()
 
 
 def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any]]:
@@ -323,7 +365,10 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
 def _worker_tags(settings: Any) -> dict[str, Any]:
     from optuna_guard import tags
 
-    return {tags.WORKER_ID: settings.worker_id, tags.WORKER_PID: os.getpid(), tags.HOSTNAME: socket.gethostname()}
+    worker_tags = {tags.WORKER_ID: settings.worker_id, tags.WORKER_PID: os.getpid(), tags.HOSTNAME: socket.gethostname()}
+    if settings.launch_id:
+        worker_tags[tags.LAUNCH_ID] = settings.launch_id
+    return worker_tags
 
 
 def _tagging(storage: Any, worker_tags: dict[str, Any]) -> Any:
@@ -354,25 +399,6 @@ def _tagging(storage: Any, worker_tags: dict[str, Any]) -> Any:
             return super().create_new_trial(study_id, template_trial)
 
     return _TaggingCachedStorage(storage)
-
-
-def _make_heartbeat(settings: Any, channel: Any = None) -> Any:
-    """The worker's TrialHeartbeat, or None when heartbeats are off."""
-    if settings.heartbeat_interval is None:
-        return None
-    from optuna_guard.supervisor._heartbeat import TrialHeartbeat
-    from optuna_guard.supervisor._study import open_checked_storage
-
-    storage: Any = open_checked_storage(
-        settings.storage,
-        connect_timeout=settings.connect_timeout,
-        heartbeat_interval=settings.heartbeat_interval,
-        heartbeat_grace=settings.heartbeat_grace,
-        skip_setup=True,
-    )
-    _OPEN_STORAGES.append(storage)
-    storage = _maybe_resilient(storage, settings, channel)
-    return TrialHeartbeat(storage, settings.study_name, settings.heartbeat_interval)
 
 
 def _maybe_resilient(storage: Any, settings: Any, channel: Any = None) -> Any:

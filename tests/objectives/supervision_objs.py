@@ -1,0 +1,57 @@
+"""Objectives for the supervision tests (lifelines, launch identity, heartbeats, timeouts)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+
+def slow(trial):
+    """SLOW_S seconds of interruptible Python (a guarded trial stops at its next boundary)."""
+    x = trial.suggest_float("x", -10, 10)
+    end = time.monotonic() + float(os.environ.get("SLOW_S", "20"))
+    while time.monotonic() < end:
+        time.sleep(0.1)
+    return x * x
+
+
+def sleep_through(trial):
+    """One uninterruptible SLEEP_S sleep: the guard cannot stop it before it returns."""
+    x = trial.suggest_float("x", -10, 10)
+    time.sleep(float(os.environ.get("SLEEP_S", "30")))
+    return x * x
+
+
+def regex_hold(trial):
+    """Trial 0 holds the GIL in one C call (catastrophic backtracking) for REGEX_N-dependent seconds."""
+    x = trial.suggest_float("x", -10, 10)
+    if trial.number == 0:
+        re.match(r"(a+)+$", "a" * int(os.environ.get("REGEX_N", "26")) + "b")
+    return x * x
+
+
+ALLOC_CHILD = (
+    "import sys, time\n"
+    "n = int(sys.argv[1]); b = bytearray(n)\n"
+    "for i in range(0, n, 4096): b[i] = 1\n"
+    "open(sys.argv[2], 'w').write('ready')\n"
+    "time.sleep(600)\n"
+)
+
+
+def grandchild_daemon(trial):
+    """A helper that daemonises (setsid + '&') and holds GRAND_GB; the trial then waits."""
+    x = trial.suggest_float("x", -10, 10)
+    size = int(float(os.environ.get("GRAND_GB", "0.3")) * 2**30)
+    flag = os.path.join(os.environ["SUPERVISION_TMP"], f"daemon-{trial.number}.ready")
+    script = os.path.join(os.environ["SUPERVISION_TMP"], "alloc_child.py")
+    with open(script, "w") as handle:
+        handle.write(ALLOC_CHILD)
+    subprocess.run(["setsid", "sh", "-c", f"{sys.executable} {script} {size} {flag} &"], check=True)
+    end = time.monotonic() + float(os.environ.get("SLOW_S", "20"))
+    while time.monotonic() < end:
+        time.sleep(0.1)
+    return x * x
