@@ -32,6 +32,7 @@ TRIAL_STARTED = "trial_started"
 TRIAL_FINISHED = "trial_finished"
 TRIAL_KILLED = "trial_killed"
 TRIAL_RETRIED = "trial_retried"
+TRIAL_LOST = "trial_lost"  # ended from outside (its launch judged lost): result or trial lost
 MEMORY_WARNING = "memory_warning"
 MEMORY_SAMPLE = "memory_sample"  # periodic system reading (for the report's timeline)
 SIGNAL = "signal"
@@ -50,6 +51,7 @@ EVENT_NAMES = (
     TRIAL_FINISHED,
     TRIAL_KILLED,
     TRIAL_RETRIED,
+    TRIAL_LOST,
     MEMORY_WARNING,
     MEMORY_SAMPLE,
     SIGNAL,
