@@ -26,13 +26,38 @@ ENV_VARS: dict[str, str] = {
 }
 
 
+# The warning level when none is given: 4 GB, or WARN_MARGIN_GB above a stop level set higher.
+DEFAULT_WARN_AVAILABLE_GB = 4.0
+WARN_MARGIN_GB = 2.0
+
+
+class _DefaultWarn(float):
+    """The default ``warn_available_gb`` (4.0), told apart from an explicit 4.0 by identity so
+    that a stop level set alone above it moves the warning level with it."""
+
+    def __repr__(self) -> str:
+        return repr(float(self))
+
+
+FOLLOW_STOP: float = _DefaultWarn(DEFAULT_WARN_AVAILABLE_GB)
+
+
+def warn_level_for(min_available_gb: float | None) -> float:
+    """The default warning level for a stop level: 4 GB, or stop + 2 GB when the stop is at or
+    above 4 GB (so ``min_available_gb=8`` alone warns below 10 GB instead of being refused)."""
+    if min_available_gb is not None and min_available_gb >= DEFAULT_WARN_AVAILABLE_GB:
+        return float(min_available_gb) + WARN_MARGIN_GB
+    return DEFAULT_WARN_AVAILABLE_GB
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryLimits:
     """Memory limits for one trial. ``None`` switches a limit off.
 
     Attributes:
         min_available_gb: stop the trial when available RAM (cgroup aware) falls below this.
-        warn_available_gb: log a warning (once per trial and context) below this.
+        warn_available_gb: log a warning (once per trial and context) below this. Not given:
+            4 GB, or ``min_available_gb`` + 2 GB when that is 4 GB or more.
         max_ram_percent: stop when used RAM exceeds this percent of the (cgroup) total.
         max_swap_percent: stop when swap use exceeds this percent.
         max_gpu_percent: stop when any GPU's memory use exceeds this percent.
@@ -42,7 +67,7 @@ class MemoryLimits:
     """
 
     min_available_gb: float | None = 2.0
-    warn_available_gb: float | None = 4.0
+    warn_available_gb: float | None = FOLLOW_STOP
     max_ram_percent: float | None = None
     max_swap_percent: float | None = None
     max_gpu_percent: float | None = None
@@ -51,6 +76,11 @@ class MemoryLimits:
     on_trip: OnTrip = "prune"
 
     def __post_init__(self) -> None:
+        if self.warn_available_gb is FOLLOW_STOP:
+            if self.min_available_gb is not None:
+                _require_number("min_available_gb", self.min_available_gb)
+            object.__setattr__(self, "warn_available_gb", warn_level_for(self.min_available_gb))
+            object.__setattr__(self, "_warn_follows_stop", True)
         for name in ("min_available_gb", "warn_available_gb", "max_trial_rss_gb"):
             value = getattr(self, name)
             if value is None:
@@ -99,7 +129,10 @@ class MemoryLimits:
         return cls(**values)
 
     def replace(self, **changes: Any) -> "MemoryLimits":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). A warning level that followed the
+        stop level keeps following it."""
+        if getattr(self, "_warn_follows_stop", False) and "warn_available_gb" not in changes:
+            changes["warn_available_gb"] = FOLLOW_STOP
         return dataclasses.replace(self, **changes)
 
 

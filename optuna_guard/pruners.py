@@ -19,7 +19,7 @@ from optuna_guard._logging import get_logger
 from optuna_guard._trips import below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB
 from optuna_guard.exceptions import ConfigError
-from optuna_guard.limits import MemoryLimits
+from optuna_guard.limits import FOLLOW_STOP, MemoryLimits
 from optuna_guard.memory import MemoryProbe, default_probe
 from optuna_guard.trial_guard import kill_tags, write_user_attrs
 
@@ -32,7 +32,8 @@ class MemoryGuardPruner(BasePruner):
     Args:
         wrapped: the pruner that decides when memory is fine (``None``: never prune then).
         min_available_gb, warn_available_gb, max_ram_percent, max_swap_percent,
-        max_gpu_percent, max_trial_rss_gb: as in :class:`MemoryLimits` (``None`` = off).
+        max_gpu_percent, max_trial_rss_gb: as in :class:`MemoryLimits` (``None`` = off; the
+            warning level follows a stop level set alone at 4 GB or more: stop + 2 GB).
         limits: a whole :class:`MemoryLimits` instead of the individual arguments.
         probe: where readings come from (tests inject a fake).
 
@@ -48,7 +49,7 @@ class MemoryGuardPruner(BasePruner):
         wrapped: BasePruner | None = None,
         *,
         min_available_gb: float | None = 2.0,
-        warn_available_gb: float | None = 4.0,
+        warn_available_gb: float | None = FOLLOW_STOP,
         max_ram_percent: float | None = None,
         max_swap_percent: float | None = None,
         max_gpu_percent: float | None = None,
@@ -88,9 +89,9 @@ class MemoryGuardPruner(BasePruner):
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         storage = study._storage
         if preemption.stop_requested():
-            reason = f"preempted: {preemption.stop_reason()}"
-            write_user_attrs(trial, {tags.PREEMPTED: True, tags.KILL_REASON: reason}, storage)
-            raise preemption.TrialPreempted(f"Trial #{trial.number} {reason}")
+            attrs = tags.preempted(preemption.stop_reason())
+            write_user_attrs(trial, attrs, storage)
+            raise preemption.TrialPreempted(f"Trial #{trial.number} {attrs[tags.KILL_REASON]}")
         limits = self._limits
         probe = self._probe or default_probe()
         system = probe.system()

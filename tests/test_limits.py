@@ -153,3 +153,47 @@ def test_pruner_validates_its_settings() -> None:
         MemoryGuardPruner(max_gpu_percent=0)
     with pytest.raises(ConfigError, match="wrapped"):
         MemoryGuardPruner("median")  # type: ignore[arg-type]
+
+
+# -- the warning level follows a stop level set alone (issue 14 item 4) --------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MemoryLimits(min_available_gb=8),
+        lambda: guard(min_available_gb=8)(lambda trial: 0.0).__optuna_guard__,
+        lambda: MemoryGuardPruner(min_available_gb=8).limits,
+        lambda: MemoryLimits.from_env({"OPTUNA_GUARD_MIN_AVAILABLE_GB": "8"}),
+    ],
+)
+def test_a_stop_level_set_alone_above_the_default_warning_moves_the_warning(make) -> None:
+    limits = make()
+    assert (limits.min_available_gb, limits.warn_available_gb) == (8, 10.0)
+    assert limits.replace(min_available_gb=12).warn_available_gb == 14.0  # keeps following
+    assert MemoryLimits(min_available_gb=3).warn_available_gb == 4.0
+    assert MemoryLimits(min_available_gb=None).warn_available_gb == 4.0
+
+
+def test_an_explicit_warning_below_the_stop_is_still_refused() -> None:
+    with pytest.raises(ConfigError, match="warn_available_gb"):
+        MemoryLimits(min_available_gb=8, warn_available_gb=4.0)
+    with pytest.raises(ConfigError, match="warning_threshold_gb"):
+        check_memory(object(), "x", 8.0, 4.0, probe=FakeProbe())
+
+
+def test_check_memory_names_and_the_seed_aliases(caplog) -> None:
+    import optuna
+
+    study = optuna.create_study()
+    trial = study.ask()
+    check_memory(trial, "seed", 8.0, probe=FakeProbe(available_gb=9.0))  # warns below 10 GB, no error
+    assert any("< 10.00 GB warning level" in r.getMessage() for r in caplog.records)
+    with pytest.raises(optuna.TrialPruned):
+        check_memory(trial, "split", min_available_gb=8.0, probe=FakeProbe(available_gb=7.0))
+    frozen = study._storage.get_trial(trial._trial_id)
+    assert frozen.user_attrs["kill_limit"] == "min_available_gb"
+    trial2 = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        check_memory(trial2, "split", safe_threshold_gb=8.0, probe=FakeProbe(available_gb=7.0))
+    assert study._storage.get_trial(trial2._trial_id).user_attrs["kill_limit"] == "safe_threshold_gb"

@@ -206,7 +206,8 @@ def test_memory_tags_on_every_trial_whatever_its_end() -> None:
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
     for trial in study.trials:
         assert trial.user_attrs[tags.PEAK_RSS_GB] == 1.25
-        assert trial.user_attrs[tags.MIN_AVAILABLE_GB] == 10.0
+        assert trial.user_attrs[tags.LOWEST_AVAILABLE_GB] == 10.0
+        assert trial.user_attrs[tags.MIN_AVAILABLE_GB] == 10.0  # deprecated alias, still written
         assert trial.user_attrs[tags.PEAK_GPU_GB] == 6.0
         assert tags.EMERGENCY_KILLED not in trial.user_attrs
 
@@ -496,6 +497,26 @@ def test_memory_budget_writes_the_constraint_for_complete_and_killed_trials() ->
     assert study.trials[0].system_attrs["constraints:memory"] == pytest.approx(1.0)
     assert study.trials[1].state == TrialState.PRUNED
     assert study.trials[1].system_attrs["constraints:memory"] == pytest.approx(3.0)  # (3-2) + max(2, 1)
+
+
+@pytest.mark.parametrize("setting", ["memory_budget_gb", "max_trial_rss_gb"])
+def test_a_budget_below_the_interpreters_own_rss_warns_once(setting, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="optuna_guard")
+
+    @guard(probe=FakeProbe(rss_gb=1.0), **{setting: 0.5})
+    def objective(trial):
+        return 0.0
+
+    study = _study()
+    study.optimize(objective, n_trials=3)
+    warnings = [r.getMessage() for r in caplog.records if "below this process's own RSS" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{setting}=0.50 GB")
+
+
+def test_no_budget_warning_when_the_budget_fits() -> None:
+    settings = guard(memory_budget_gb=4.0, probe=FakeProbe(rss_gb=1.0))(lambda trial: 0.0).__optuna_guard_settings__
+    trial_guard._warn_if_budget_below_rss(settings, int(1.0 * 2**30))
+    assert settings.budget_warned is False
 
 
 def test_memory_budget_from_the_environment(monkeypatch) -> None:
