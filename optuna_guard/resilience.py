@@ -12,9 +12,12 @@ not do it twice or fail because it already happened:
 
 * ``set_trial_state_values`` to a finished state: if the retry finds the trial already in that
   state with the same values, that is success (the result is not lost, nothing is raised);
-* ``create_new_trial``: the trial is created with a one-off token (system attr
-  ``optuna_guard:create_token``) so a retry finds the trial its first attempt made instead of
-  creating a second one that would stay RUNNING forever;
+* ``create_new_trial`` (RUNNING): the trial is created with a start time to the microsecond
+  chosen here, so a retry finds the trial its first attempt made (RUNNING, that start time, the
+  same params, no intermediate values) instead of creating a second one that would stay RUNNING
+  forever. Nothing extra is written to the trial. A storage that keeps start times to the second
+  only (MySQL's DATETIME) cannot tell such trials apart: the retry then creates a new trial and
+  logs that the first may stay RUNNING until a stale-trial check fails it;
 * ``set_trial_state_values(RUNNING)`` (taking a WAITING trial): a retry that finds the trial
   already RUNNING cannot tell whether this process or another took it; it reports "not taken"
   and records one heartbeat for the trial, so if it was ours Optuna's stale-trial check fails
@@ -24,10 +27,16 @@ not do it twice or fail because it already happened:
 
 Attribute, param, intermediate-value and heartbeat writes are upserts in RDBStorage, safe to
 repeat as they are.
+
+The wrapper behaves as the storage it wraps for Optuna: it pickles and deep-copies (a Study on it
+can go to a ProcessPoolExecutor; the copy gets fresh outage bookkeeping and no ``on_outage``
+listener, which may not pickle), and attribute writes such as ``storage.heartbeat_interval = 1``
+land on the wrapped storage.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import errno
@@ -38,7 +47,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from typing import Any, Callable, Container, Sequence, TypeVar
 
 import optuna
@@ -55,7 +63,6 @@ from optuna_guard.exceptions import ConfigError, StorageUnavailableError
 _log = get_logger(__name__)
 
 __all__ = [
-    "CREATE_TOKEN_ATTR",
     "ENV_DEADLINE",
     "ResilientStorage",
     "RetrySettings",
@@ -67,7 +74,6 @@ __all__ = [
 T = TypeVar("T")
 
 ENV_DEADLINE = "OPTUNA_GUARD_STORAGE_DEADLINE_S"
-CREATE_TOKEN_ATTR = "optuna_guard:create_token"
 
 
 def _non_negative(name: str, value: Any, *, positive: bool = False) -> None:
@@ -476,7 +482,11 @@ class ResilientStorage(BaseStorage):
     ``on_outage(event, seconds, what)`` is called with ``"began"`` and ``"ended"``.
     """
 
-    def __new__(cls, storage: Any, settings: RetrySettings | None = None, **_kwargs: Any) -> ResilientStorage:
+    # The wrapper's own attributes; any other attribute write goes to the wrapped storage.
+    _OWN_ATTRS = frozenset({"_storage", "_rdb", "settings", "idempotent_create", "_tracker"})
+
+    def __new__(cls, storage: Any = None, settings: RetrySettings | None = None, **_kwargs: Any) -> ResilientStorage:
+        # ``storage`` is optional so that pickle and copy can make an empty instance.
         if cls is ResilientStorage and _supports_heartbeat(storage):
             cls = _ResilientHeartbeatStorage
         return super().__new__(cls)
@@ -510,6 +520,24 @@ class ResilientStorage(BaseStorage):
 
     def __repr__(self) -> str:
         return f"ResilientStorage({self._storage!r}, {self.settings!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_tracker"]  # a lock and a listener that may be a closure
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_tracker"] = _OutageTracker()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``storage.heartbeat_interval = 1`` must reach the storage that beats, not the wrapper."""
+        if name not in self._OWN_ATTRS and "_storage" in self.__dict__:
+            for target in (self.__dict__["_storage"], self.__dict__.get("_rdb")):
+                if target is not None and hasattr(target, name):
+                    setattr(target, name, value)
+                    return
+        object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
         """Anything we do not wrap (``engine``, ``url``, ...) comes from the wrapped storage."""
@@ -580,30 +608,43 @@ class ResilientStorage(BaseStorage):
     # -- trials: writes --
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        if template_trial is not None or not self.idempotent_create:
+        template = _with_exact_start(template_trial) if self.idempotent_create else template_trial
+        if template is None:
             return self._call("create_new_trial", self._storage.create_new_trial, study_id, template_trial)
-        token = uuid.uuid4().hex
         attempts = _Attempts()
 
         def attempt() -> int:
             if attempts.failures:
-                found = self._find_created_trial(study_id, token)
+                found = self._find_created_trial(study_id, template)
                 if found is not None:
                     return found
-            template = FrozenTrial(
-                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
-                datetime_complete=None, params={}, distributions={}, user_attrs={},
-                system_attrs={CREATE_TOKEN_ATTR: token}, intermediate_values={}, trial_id=-1,
-            )
             return self._storage.create_new_trial(study_id, template)
 
         return _retry(attempt, self.settings, "create_new_trial", self._tracker, attempts=attempts)
 
-    def _find_created_trial(self, study_id: int, token: str) -> int | None:
-        for trial in self._storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.system_attrs.get(CREATE_TOKEN_ATTR) == token:
-                _log.info("Trial %d was created before the connection dropped; using it.", trial.number)
-                return trial._trial_id
+    def _find_created_trial(self, study_id: int, template: FrozenTrial) -> int | None:
+        """The RUNNING trial our first attempt made, recognised by its start time to the
+        microsecond and its params; None (create again) when none or several match."""
+        running = self._storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        matches = [
+            t for t in running
+            if t.datetime_start == template.datetime_start and t.params == template.params
+            and not t.intermediate_values
+        ]
+        if len(matches) == 1:
+            _log.info("Trial %d was created before the connection dropped; using it.", matches[0].number)
+            return matches[0]._trial_id
+        lossy = any(
+            t.datetime_start is not None and t.datetime_start.replace(microsecond=0)
+            == template.datetime_start.replace(microsecond=0) and t.datetime_start.microsecond == 0
+            for t in running
+        )
+        if matches or lossy:
+            _log.warning(
+                "create_new_trial: cannot tell whether the attempt before the outage created a trial "
+                "(%s); creating another. An extra RUNNING trial, if any, is failed by the stale-trial check.",
+                "several candidates" if matches else "the storage keeps start times to the second",
+            )
         return None
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
@@ -699,6 +740,41 @@ class ResilientStorage(BaseStorage):
 
     def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
         self._storage.check_trial_is_updatable(trial_id, trial_state)
+
+
+def _with_exact_start(template: FrozenTrial | None) -> FrozenTrial | None:
+    """The template to create a RUNNING trial from, with a start time to the microsecond that
+    a retry can recognise (None for WAITING templates: enqueued trials have no start time)."""
+    if template is None:
+        now = _unique_now()
+        return FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, datetime_start=now, datetime_complete=None,
+            params={}, distributions={}, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1,
+        )
+    if template.state != TrialState.RUNNING:
+        return None
+    if template.datetime_start is None:
+        template = copy.copy(template)
+        template.datetime_start = _unique_now()
+    return template
+
+
+_last_start = datetime.datetime.min
+_start_lock = threading.Lock()
+
+
+def _unique_now() -> datetime.datetime:
+    """Now, but never the same instant twice in this process (threads creating trials
+    together), and never on a whole second (so a storage that drops microseconds is noticed)."""
+    global _last_start
+    with _start_lock:
+        now = datetime.datetime.now()
+        if now <= _last_start:
+            now = _last_start + datetime.timedelta(microseconds=1)
+        if now.microsecond == 0:
+            now += datetime.timedelta(microseconds=1)
+        _last_start = now
+        return now
 
 
 def _supports_heartbeat(storage: Any) -> bool:

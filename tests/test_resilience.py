@@ -23,7 +23,6 @@ from optuna.trial import TrialState
 
 from optuna_guard.exceptions import ConfigError, StorageUnavailableError
 from optuna_guard.resilience import (
-    CREATE_TOKEN_ATTR,
     ResilientStorage,
     RetrySettings,
     call_with_retry,
@@ -288,9 +287,9 @@ def test_trial_creation_is_not_duplicated(sqlite_url: str) -> None:
     study, storage = _study(sqlite_url)
     calls = _inject(storage, "create_new_trial", after_commit=True)
     trial = study.ask()
-    assert calls["n"] == 1  # the retry found the trial by its token instead of creating another
+    assert calls["n"] == 1  # the retry found the trial by its start time instead of creating another
     assert len(study.trials) == 1 and trial.number == 0
-    assert study.trials[0].system_attrs[CREATE_TOKEN_ATTR]
+    assert study.trials[0].system_attrs == {}  # nothing of ours visible to other readers
     study.tell(trial, 0.0)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
 
@@ -435,3 +434,61 @@ def test_postgres_restart_mid_study_loses_nothing(caplog: pytest.LogCaptureFixtu
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("Storage outage began") for m in messages)
     assert any(m.startswith("Storage back after") for m in messages)
+
+
+# -- behaving as the storage it wraps (issue 16, item 4) ---------------------------------------
+
+
+def _square(trial: optuna.Trial) -> float:
+    return trial.suggest_float("x", -1, 1) ** 2
+
+
+def _optimize_in_child(study: optuna.Study) -> int:
+    study.optimize(_square, n_trials=2)
+    return os.getpid()
+
+
+def test_a_study_on_it_goes_to_a_process_pool(sqlite_url: str) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    study, storage = _study(sqlite_url)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pids = list(pool.map(_optimize_in_child, [study, study]))
+    assert os.getpid() not in pids
+    trials = study.get_trials()
+    assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert all(t.system_attrs == {} for t in trials)
+
+
+def test_pickled_copy_keeps_retrying_and_drops_the_listener(sqlite_url: str) -> None:
+    import copy
+    import pickle
+
+    heard: list[str] = []
+    storage = ResilientStorage(open_storage(sqlite_url), RetrySettings(**FAST), on_outage=lambda e, s, w: heard.append(e))
+    for clone in (pickle.loads(pickle.dumps(storage)), copy.deepcopy(storage)):
+        assert type(clone) is type(storage) and clone.settings == storage.settings
+        study = optuna.create_study(storage=clone, study_name=f"res-{uuid.uuid4().hex[:8]}")
+        _inject(clone, "set_trial_state_values", after_commit=False)
+        study.optimize(_square, n_trials=1)
+        assert clone.outages == 1 and study.trials[0].state == TrialState.COMPLETE
+    assert heard == [] and storage.outages == 0
+
+
+def test_attribute_writes_reach_the_wrapped_storage(sqlite_url: str) -> None:
+    rdb = open_storage(sqlite_url)
+    storage = ResilientStorage(rdb)
+    assert not is_heartbeat_enabled(storage)
+    storage.heartbeat_interval = 1
+    storage.grace_period = 3
+    assert rdb.heartbeat_interval == 1 and rdb.grace_period == 3
+    assert "heartbeat_interval" not in storage.__dict__
+    assert is_heartbeat_enabled(storage) and storage.get_heartbeat_interval() == 1
+    study = optuna.create_study(storage=storage, study_name=f"res-{uuid.uuid4().hex[:8]}")
+    study.optimize(_square, n_trials=1)
+    with rdb.engine.connect() as conn:
+        beats = conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats")).scalar()
+    assert beats == 1  # Optuna's heartbeat thread ran through the wrapper
+    storage.settings = RetrySettings(deadline_s=1.0)  # the wrapper's own attributes stay its own
+    assert storage.settings.deadline_s == 1.0 and not hasattr(rdb, "settings")
