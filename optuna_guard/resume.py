@@ -330,3 +330,17 @@ def guard_hook(fingerprint: Any, cache: Any, on_changed: Any) -> ResumeHook | No
     if not (cache or fingerprint):
         return None
     return ResumeHook(cache=bool(cache), on_changed=on_changed)
+
+
+def version_option(text: str) -> int | str | None:
+    """``--objective-version current|all|N`` for report/status (argparse type)."""
+    import argparse
+
+    value = text.strip().lower()
+    if value == "all":
+        return None
+    if value == "current":
+        return "current"
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected 'current', 'all' or a version number >= 1, got {text!r}")

@@ -25,16 +25,23 @@ def valid_trials(
     states: Container[TrialState] | Iterable[TrialState] | None = None,
     *,
     complete_only: bool = False,
+    objective_version: int | str | None = None,
 ) -> list[FrozenTrial]:
     """All trials except emergency-killed ones.
 
-    ``complete_only=True`` keeps only COMPLETE trials; ``states`` keeps only the given states.
+    ``complete_only=True`` keeps only COMPLETE trials; ``states`` keeps only the given states;
+    ``objective_version`` ("current" or a number) keeps one objective version's trials.
     """
     if complete_only:
         states = (TrialState.COMPLETE,)
     allowed = tuple(states) if states is not None else None
-    return [
+    trials = [
         t
         for t in study.get_trials(deepcopy=False, states=allowed)
         if not is_killed(t)
     ]
+    if objective_version is None:
+        return trials
+    from optuna_guard.resume import filter_version, resolve_version_filter
+
+    return filter_version(trials, resolve_version_filter(study, objective_version))

@@ -37,7 +37,7 @@ FLOAT_COLUMNS = (
     tags.PEAK_GPU_GB,
     tags.PREDICTED_PEAK_GB,
 )
-INT_COLUMNS = (tags.WORKER_ID, tags.WORKER_PID, tags.RESUMED_FROM_STEP)
+INT_COLUMNS = (tags.WORKER_ID, tags.WORKER_PID, tags.RESUMED_FROM_STEP, "objective_version", "cached_from")
 TEXT_COLUMNS = (tags.KILL_REASON, tags.KILL_LIMIT, tags.HOSTNAME)
 
 # Column order of the guard part of the frame (after number/state/values/times/params).
@@ -62,6 +62,8 @@ TAG_COLUMNS = (
     tags.RETRIES_EXHAUSTED,
     tags.RESUMED_FROM_STEP,
     "constraint_memory",
+    "objective_version",
+    "cached_from",
 )
 
 
@@ -87,17 +89,25 @@ def value_columns(study: optuna.Study) -> list[str]:
     return [f"values_{i}" for i in range(len(study.directions))]
 
 
-def trials_frame(study: optuna.Study, *, user_attrs: bool = True) -> "pandas.DataFrame":
+def trials_frame(
+    study: optuna.Study, *, user_attrs: bool = True, objective_version: int | str | None = None
+) -> "pandas.DataFrame":
     """A pandas DataFrame with one row per trial (all states), ordered by trial number.
 
     Columns: ``number``, ``state`` (Optuna's), ``end_state`` (killed/crashed/preempted/diverged
     or the state), ``value`` or ``values_*``, ``datetime_start``, ``datetime_complete``,
     ``duration`` (Timedelta) and ``duration_s`` (float seconds), ``params_<name>``, then the
     guard tags (see ``TAG_COLUMNS``; ``retry_of`` comes from our tag or Optuna's ``failed_trial``
-    system attribute), ``constraint_memory``, and other user attributes as ``user_attrs_<key>``.
+    system attribute), ``constraint_memory``, ``objective_version`` and ``cached_from`` (the
+    result cache), and other user attributes as ``user_attrs_<key>``. ``objective_version``
+    ("current" or a number) keeps one objective version's trials.
     """
     pd = import_pandas()
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    if objective_version is not None:
+        from optuna_guard.resume import filter_version, resolve_version_filter
+
+        trials = filter_version(trials, resolve_version_filter(study, objective_version))
     value_cols = value_columns(study)
     param_names = _param_names(trials)
     extra_attr_names = _extra_user_attrs(trials) if user_attrs else []

@@ -49,6 +49,11 @@ def print_report(report: Mapping[str, Any], console: Console) -> None:
             f"Memory constraint: {constraint['trials_with_constraint']} trials carry one, "
             f"{constraint['infeasible']} over the budget."
         )
+    for line in _cache_lines(report):
+        console.print(line)
+    objective = report.get("objective") or {}
+    if objective.get("fingerprinted") or len(objective.get("versions", [])) > 1:
+        console.print(_versions_table(objective))
     retries = report["retries"]
     if retries["count"]:
         console.print(
@@ -116,6 +121,43 @@ def _best_table(report: Mapping[str, Any]) -> Table:
     for item in best["trials"]:
         values = ", ".join(_fmt(v) for v in (item["values"] or []))
         table.add_row(str(item["number"]), values, _fmt(item["peak_rss_gb"]), _params(item["params"]))
+    return table
+
+
+def _cache_lines(report: Mapping[str, Any]) -> list[str]:
+    cache = report.get("cache") or {}
+    lines = []
+    if cache.get("served"):
+        lines.append(
+            f"Result cache: {cache['served']} trials served from earlier results, "
+            f"{_fmt(cache['saved_s'])} s of compute saved."
+        )
+    if cache.get("duplicates_computed"):
+        lines.append(
+            f"{cache['duplicates_computed']} configurations were computed more than once "
+            "(proposed again before the first run finished, or without --cache)."
+        )
+    return lines
+
+
+def _versions_table(objective: Mapping[str, Any]) -> Table:
+    current = objective.get("current_version")
+    shown = objective.get("filter")
+    title = "Objective versions" + (f" (current: {current})" if current is not None else "")
+    if shown is not None:
+        title += f" - report limited to version {shown}"
+    elif objective.get("best_from_version") is not None:
+        title += f" - best valid trial above is from version {objective['best_from_version']}"
+    table = Table(title=title)
+    for name in ("version", "fingerprint", "recorded", "trials", "complete", "cached", "best trial", "best value"):
+        table.add_column(name, justify="right" if name in ("version", "trials", "complete", "cached", "best trial") else "left")
+    for row in objective.get("versions", []):
+        best = row.get("best") or {}
+        table.add_row(
+            str(row["version"]), (row.get("digest") or "-")[:12], escape(str(row.get("recorded_at") or "-")),
+            str(row["n_trials"]), str(row["complete"]), str(row["cached"]),
+            str(best.get("number", "-")), _fmt(best.get("value")),
+        )
     return table
 
 

@@ -19,7 +19,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_guard import __version__, tags
-from optuna_guard.analysis import _classify, _timeline
+from optuna_guard.analysis import _classify, _timeline, _versions
 from optuna_guard.analysis._filters import is_killed
 from optuna_guard.oom_aware._peak_model import observed_peak
 from optuna_guard.oom_aware.constraints import memory_constraint
@@ -46,6 +46,8 @@ REPORT_KEYS = (
     "workers",
     "event_log",
     "plots",
+    "objective",
+    "cache",
 )
 STOP_KINDS = (tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED, tags.DIVERGED)
 _STOPPED_EARLY = (_classify.KILLED, _classify.CRASHED, _classify.PREEMPTED)
@@ -57,9 +59,25 @@ def build_report(
     *,
     events: Sequence[Mapping[str, Any]] | None = None,
     event_log_path: str | None = None,
+    objective_version: int | str | None = None,
 ) -> dict[str, Any]:
-    """Everything a report shows about ``study`` (and the launcher's ``events`` when given)."""
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    """Everything a report shows about ``study`` (and the launcher's ``events`` when given).
+
+    ``objective_version`` (a number or "current") limits the report to one objective version;
+    by default every version is shown, with the best trial of each in ``objective``, and
+    ``best`` is taken from the current version when the study has several.
+    """
+    from optuna_guard.resume import resolve_version_filter
+
+    all_trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    version = resolve_version_filter(study, objective_version)
+    trials = _versions.filter_trials(all_trials, version)
+    objective = _versions.objective_section(study, all_trials)
+    objective["filter"] = version
+    best_version = version
+    if best_version is None and len(objective["versions"]) > 1:
+        best_version = objective["current_version"]
+    objective["best_from_version"] = best_version
     by_number = {t.number: t for t in trials}
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
@@ -72,11 +90,13 @@ def build_report(
         "stopped": {kind: _stopped(trials, kind) for kind in STOP_KINDS},
         "retries": _retries(trials),
         "memory_constraint": _constraints(trials),
-        "best": _best(study, trials),
+        "best": _best(study, _versions.filter_trials(trials, best_version)),
         "top_memory": _top_memory(trials),
         "workers": _timeline.worker_memory(events) if events is not None else None,
         "event_log": _event_log_info(events, event_log_path),
         "plots": _plots(trials, by_number, events),
+        "objective": objective,
+        "cache": _versions.cache_section(trials),
     }
     return _jsonable(report)
 

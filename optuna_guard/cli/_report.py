@@ -43,7 +43,15 @@ def add_parser(subparsers: Any) -> None:
         metavar="FILE",
         help="the launcher's event log (events.jsonl): adds memory per worker and the worker timeline",
     )
+    parser.add_argument("--objective-version", type=_version_option, default=None, metavar="current|all|N",
+                        help="report one objective version only (default all, shown per version)")
     parser.set_defaults(func=run)
+
+
+def _version_option(text: str) -> Any:
+    from optuna_guard.resume import version_option
+
+    return version_option(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"output directory {directory!r} does not exist; create it or choose another -o FILE.")
     events = load_events(args.event_log) if args.event_log is not None else None
     study = load_study_readonly(args.study_name, args.storage)
-    report = build_report(study, events=events, event_log_path=args.event_log)
+    report = build_report(study, events=events, event_log_path=args.event_log,
+                          objective_version=getattr(args, "objective_version", None))
 
     if args.format == "json":
         content = render_json(report)

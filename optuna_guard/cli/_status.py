@@ -29,16 +29,27 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--storage", default=None, metavar="URL",
                         help="RDB URL (default: SQLite file optuna_guard.db in the current directory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--objective-version", type=_version_option, default=None, metavar="current|all|N",
+                        help="count only one objective version's trials (default all)")
     parser.set_defaults(func=run)
 
 
-def collect_status(study: Any) -> dict[str, Any]:
+def _version_option(text: str) -> Any:
+    from optuna_guard.resume import version_option
+
+    return version_option(text)
+
+
+def collect_status(study: Any, objective_version: Any = None) -> dict[str, Any]:
     """The status of a study as plain data (what --json prints; the tables show the same)."""
     from optuna.trial import TrialState
 
     from optuna_guard import tags
 
     trials = study.get_trials(deepcopy=False)
+    from optuna_guard.analysis._versions import status_section  # issue 13: fingerprint, versions, cache
+
+    objective, trials = status_section(study, trials, objective_version)
     by_state = collections.Counter(t.state.name for t in trials)
     killed = [t for t in trials if t.user_attrs.get(tags.EMERGENCY_KILLED)]
     crashed = [t for t in trials if t.user_attrs.get(tags.WORKER_CRASHED)]
@@ -76,6 +87,7 @@ def collect_status(study: Any) -> dict[str, Any]:
         "crash_reasons": _reasons(crashed, by_limit=False),
         "preempted": len(preempted),
         "running": running,
+        "objective": objective,
     }
 
 
@@ -113,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
         known = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "") if names else "none"
         raise ConfigError(f"study {args.study_name!r} not found in {mask_url(url)}; studies there: {known}.") from None
-    status = collect_status(study)
+    status = collect_status(study, getattr(args, "objective_version", None))
     status["storage"] = mask_url(url)
     if args.json:
         print(json.dumps(status, default=str))
@@ -136,6 +148,10 @@ def _print_tables(status: dict[str, Any]) -> None:
     if status["best"]:
         best = status["best"]
         console.print(f"Best valid trial {best['number']}: value {best['value']:.6g}, params {best['params']}")
+    from optuna_guard.analysis._versions import status_lines
+
+    for line in status_lines(status.get("objective")):
+        console.print(line)
     console.print(f"Emergency-killed: {status['emergency_killed']}   Crashed: {status['crashed']}   "
                   f"Preempted: {status['preempted']}")
     for title, rows in (("Killed trials by limit", status["killed_by_limit"]), ("Crashed trials by reason", status["crash_reasons"])):
