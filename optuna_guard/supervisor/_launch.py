@@ -164,7 +164,8 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     _log.info(
         "Launching %d worker(s) on study %r (%s), %s; logs in %s.",
         config.workers, config.study_name, mask_url(url),
-        f"{config.n_trials} trials" if config.n_trials else "until stopped", config.log_dir,
+        (f"{config.n_trials} trials" if config.n_trials else "until stopped")
+        + (f", study target {study_target.describe()}" if study_target is not None else ""), config.log_dir,
     )
     arbiter = Arbiter(
         config, study, url, probe=probe, event_log=event_log, display=make_display(config.display),
@@ -186,17 +187,17 @@ def summarize(arbiter: Arbiter, study: optuna.Study, config: LaunchConfig, exit_
     emergency = preempted = 0
     best: float | None = None
     try:
-        for trial in study.get_trials(deepcopy=False):
+        trials = _final_trials(arbiter, study)  # bounded by the exit deadline (issue 10)
+        for trial in trials:
             if trial._trial_id not in ids:
                 continue
             states[trial.state.name] += 1
             emergency += bool(trial.user_attrs.get(tags.EMERGENCY_KILLED))
             preempted += bool(trial.user_attrs.get(tags.PREEMPTED))
         if len(study.directions) == 1:
-            try:
-                best = study.best_value
-            except ValueError:
-                best = None
+            values = [t.value for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+            pick = max if study.direction.name == "MAXIMIZE" else min
+            best = pick(values) if values else None
     except Exception as exc:  # storage gone at the very end: fall back to what the loop saw
         _log.error("Could not read the final trial states from the storage: %s", exc)
         states = collections.Counter(arbiter.finished_states.values())
@@ -221,6 +222,21 @@ def summarize(arbiter: Arbiter, study: optuna.Study, config: LaunchConfig, exit_
         best_value=best,
         event_log=config.event_log_path,
     )
+
+
+def _final_trials(arbiter: Arbiter, study: optuna.Study) -> list[Any]:
+    """The study's trials for the summary, unless the exit's storage time is used up or a
+    second signal asked to skip storage work (then the loop's own counts are reported)."""
+    from optuna_guard.exceptions import StorageUnavailableError
+    from optuna_guard.supervisor import _shutdown
+
+    if arbiter.storage_abandoned:
+        raise StorageUnavailableError("storage work at exit was skipped")
+    done, trials = _shutdown.bounded_call(lambda: study.get_trials(deepcopy=False), arbiter.storage_deadline_at_exit(),
+                                          arbiter.storage_interrupted)
+    if not done:
+        raise StorageUnavailableError("no answer before the exit deadline")
+    return list(trials)
 
 
 # ---------------------------------------------------------------------- issue 4: crash-safe trials
