@@ -21,6 +21,7 @@ from optuna_guard._units import GB
 from optuna_guard.exceptions import ConfigError, InsufficientMemoryError
 from optuna_guard.memory import MemoryProbe
 from optuna_guard.replay_buffer._device import resolve_device
+from optuna_guard.replay_buffer._direct import direct_copy_plan, fast_extend
 from optuna_guard.replay_buffer._fields import Field, dtype_name, parse_fields
 from optuna_guard.replay_buffer._memory_check import (
     DEFAULT_SAFETY_MARGIN,
@@ -116,6 +117,10 @@ class ReplayBuffer:
                 f"{what} could not allocate {self.nbytes_needed / GB:.2f} GB: {exc}".splitlines()[0]
             ) from exc
         self._storage_list = list(self._storage.values())  # field order, for the write loop
+        self._direct = direct_copy_plan(self._storage_list)
+        self._fast_extend = fast_extend(
+            list(self._fields), [f.shape for f in self._fields.values()], self._storage_list
+        )
         self._position = 0
         self._size = 0
         _log.info(
@@ -193,6 +198,13 @@ class ReplayBuffer:
         Wraps around; with N > capacity only the last ``capacity`` rows are kept. All inputs are
         validated before the first row is written, so a bad batch leaves the buffer unchanged.
         """
+        if not values and self._fast_extend is not None and batch is not None:
+            rows = self._fast_extend.rows_written(batch, self._position)
+            if rows is not None:
+                if rows:
+                    self._position = (self._position + rows) % self._capacity
+                    self._size = min(self._size + rows, self._capacity)
+                return
         collected = self._collect(batch, values)
         self._write(self._coerce(collected, single=False))
 
@@ -273,11 +285,22 @@ class ReplayBuffer:
             start = (start + n - cap) % cap
         rows = min(n, cap)
         first = min(rows, cap - start)
-        if first == rows:  # no wrap: one copy per field
-            for dst, src in zip(self._storage_list, data):
+        direct = self._direct
+        for i, (dst, src) in enumerate(zip(self._storage_list, data)):
+            plan = direct[i]
+            if (
+                plan is not None
+                and src.dtype is plan.dtype
+                and src.is_cpu
+                and src.is_contiguous()
+                and not src.is_neg()
+            ):
+                # memmove straight into place: one C call per field instead of torch's
+                # slice + copy_ dispatch, which dominates small batches (see _direct.py)
+                plan.write(src.data_ptr(), start, rows, first)
+            elif first == rows:
                 dst[start : start + rows].copy_(src)
-        else:
-            for dst, src in zip(self._storage_list, data):
+            else:
                 dst[start:].copy_(src[:first])
                 dst[: rows - first].copy_(src[first:])
         self._position = (self._position + n) % cap
