@@ -9,6 +9,8 @@ the pruner it wraps, like Optuna's ``PatientPruner``.
 from __future__ import annotations
 
 import math
+import statistics
+from typing import Any
 
 import optuna
 from optuna.pruners import BasePruner
@@ -17,6 +19,7 @@ from optuna.trial import FrozenTrial
 
 from optuna_guard import preemption, tags
 from optuna_guard._logging import get_logger
+from optuna_guard._wrapping import class_for, warmup_steps
 from optuna_guard.exceptions import ConfigError
 
 _log = get_logger(__name__)
@@ -25,13 +28,20 @@ __all__ = ["DivergencePruner"]
 
 
 class DivergencePruner(BasePruner):
-    """Prune a trial whose latest intermediate value is NaN/Inf, or worse than the best value
-    it reported so far by more than ``explode_factor`` times that value's magnitude.
+    """Prune a trial whose latest intermediate value is NaN/Inf, or exploded: worse than the
+    best value it reported so far and more than ``explode_factor`` times the trial's scale in
+    size.
 
-    For a minimized value with best-so-far ``b``, step ``s`` explodes when
-    ``value > b + (explode_factor - 1) * max(|b|, min_scale)`` (``value > 10 * b`` for a
-    positive loss and the default factor); for a maximized value the mirror image. Explosion is
-    not checked before ``warmup_steps``; NaN/Inf always is.
+    The scale is ``|best|``, or the median size of the earlier values while ``|best|`` is at or
+    below ``min_scale``: for a positive loss with the default factor, ``value > 10 * best``.
+    There is no explosion without a scale: while it is at or below ``min_scale`` (values at
+    zero, ``[0.0, 1e-6]``) only NaN/Inf count, and a value that merely crosses zero (``-0.1``
+    then ``1.0``) is not more than 10x anything. For a maximized value
+    the mirror image. Explosion is not checked before ``warmup_steps`` nor before the wrapped
+    pruner's own ``n_warmup_steps``; NaN/Inf always is.
+
+    Wrapping a ``HyperbandPruner`` keeps its brackets: the wrapper is then also a
+    ``HyperbandPruner`` to Optuna, which keeps filtering trials by bracket.
 
     A pruned trial is tagged ``diverged=True`` and ``kill_reason`` ("NaN at step 12") in the
     storage. Otherwise the decision is the wrapped pruner's (no pruning without one).
@@ -50,6 +60,7 @@ class DivergencePruner(BasePruner):
         min_scale: float = 1e-8,
         stop_boundary: bool = True,
     ) -> None:
+        # the constructor's arguments are checked here; __new__ only picks the class
         if wrapped is not None and not isinstance(wrapped, BasePruner):
             raise ConfigError(f"wrapped must be an Optuna pruner or None but got {wrapped!r}.")
         if explode_factor is not None and (
@@ -68,6 +79,9 @@ class DivergencePruner(BasePruner):
         self._warmup_steps = warmup_steps
         self._min_scale = float(min_scale)
         self._stop_boundary = stop_boundary
+
+    def __new__(cls, wrapped: BasePruner | None = None, *args: Any, **kwargs: Any) -> "DivergencePruner":
+        return super().__new__(class_for(cls, wrapped))
 
     def __repr__(self) -> str:
         return (
@@ -100,20 +114,22 @@ class DivergencePruner(BasePruner):
             return f"NaN at step {step}"
         if math.isinf(value):
             return f"{'+' if value > 0 else '-'}Inf at step {step}"
-        if self._explode_factor is None or step < self._warmup_steps:
+        if self._explode_factor is None or step < max(self._warmup_steps, warmup_steps(self._wrapped)):
             return None
         earlier = [v for s, v in trial.intermediate_values.items() if s < step and math.isfinite(v)]
         if not earlier:
             return None
         maximize = _direction(study) == StudyDirection.MAXIMIZE
         best = max(earlier) if maximize else min(earlier)
-        margin = (self._explode_factor - 1.0) * max(abs(best), self._min_scale)
-        exploded = value < best - margin if maximize else value > best + margin
-        if not exploded:
+        scale = abs(best) if abs(best) > self._min_scale else statistics.median(abs(v) for v in earlier)
+        if scale <= self._min_scale:
+            return None  # no scale to explode from (values at zero)
+        worse = value < best if maximize else value > best
+        if not worse or abs(value) <= self._explode_factor * scale:
             return None
         return (
             f"exploded at step {step}: {value:.4g} is worse than the best so far ({best:.4g}) "
-            f"by more than {self._explode_factor:g}x its size"
+            f"and more than {self._explode_factor:g}x the trial's scale ({scale:.4g})"
         )
 
 
@@ -125,8 +141,8 @@ def _direction(study: optuna.Study) -> StudyDirection:
 def _tag_diverged(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     """Write the tags through the storage (a FrozenTrial cannot), before the trial is pruned."""
     try:
-        study._storage.set_trial_user_attr(trial._trial_id, tags.DIVERGED, True)
-        study._storage.set_trial_user_attr(trial._trial_id, tags.KILL_REASON, reason)
+        for key, value in tags.diverged(reason).items():
+            study._storage.set_trial_user_attr(trial._trial_id, key, value)
     except optuna.exceptions.UpdateFinishedTrialError:
         return
     _log.warning("Trial %d diverged: %s; pruned.", trial.number, reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+from typing import Any
 
 import optuna
 from optuna.pruners import BasePruner
@@ -16,6 +17,7 @@ from optuna.trial import FrozenTrial
 
 from optuna_guard import preemption, tags
 from optuna_guard._logging import get_logger
+from optuna_guard._wrapping import class_for
 from optuna_guard._trips import below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB
 from optuna_guard.exceptions import ConfigError
@@ -40,9 +42,12 @@ class MemoryGuardPruner(BasePruner):
     A pruned trial gets the same tags as ``check_memory`` (``emergency_killed``, ``kill_reason``,
     ``kill_limit``, ``available_gb_at_kill``). A stop requested by a signal raises
     ``TrialPreempted`` from ``should_prune`` (the trial ends FAIL tagged ``preempted``).
-    Note: wrapping ``HyperbandPruner`` hides it from Optuna's bracket filtering (Optuna checks
-    ``isinstance(study.pruner, HyperbandPruner)``), as with any wrapping pruner.
+    Wrapping a ``HyperbandPruner`` keeps its brackets: the wrapper is then also a
+    ``HyperbandPruner`` to Optuna (``optuna.pruners._filter_study`` keeps filtering by bracket).
     """
+
+    def __new__(cls, wrapped: BasePruner | None = None, *args: Any, **kwargs: Any) -> "MemoryGuardPruner":
+        return super().__new__(class_for(cls, wrapped))
 
     def __init__(
         self,

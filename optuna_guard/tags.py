@@ -114,6 +114,11 @@ def crashed(reason: str, *, pid: int | None = None) -> dict[str, Any]:
     return attrs
 
 
+def diverged(reason: str) -> dict[str, Any]:
+    """Tags of a trial pruned because its values diverged ("NaN at step 12")."""
+    return {DIVERGED: True, KILL_REASON: reason}
+
+
 def memory_seen(peak_rss_bytes: int, lowest_available_bytes: int | None, peak_gpu_bytes: int | None) -> dict[str, Any]:
     """The memory tags written on every guarded trial (GB, 2 decimals), with the deprecated
     ``min_available_gb`` key beside ``lowest_available_gb`` for one release."""

@@ -59,9 +59,16 @@ def _run(study: optuna.Study, values: list[float]) -> tuple[optuna.trial.FrozenT
         ([0.5, -math.inf], "maximize", 1, "-Inf at step 1"),
         ([1.0, 0.5, 0.4, 4.5], "minimize", 3, "exploded at step 3"),  # > 10x the best 0.4
         ([1.0, 0.5, 0.4, 3.9], "minimize", None, None),  # < 10x: fine
-        ([-2.0, -3.0, 30.0], "minimize", 2, "exploded at step 2"),  # -3 + 9*3 = 24 < 30
-        ([-2.0, -3.0, 20.0], "minimize", None, None),
-        ([0.8, 0.9, -8.2], "maximize", 2, "exploded at step 2"),  # 0.9 - 9*0.9 = -7.2 > -8.2
+        ([-2.0, -3.0, 31.0], "minimize", 2, "exploded at step 2"),  # |31| > 10 * |-3|
+        ([-2.0, -3.0, 30.0], "minimize", None, None),  # crossing zero, not more than 10x
+        ([0.8, 0.9, -9.1], "maximize", 2, "exploded at step 2"),  # |-9.1| > 10 * 0.9
+        ([0.8, 0.9, -8.2], "maximize", None, None),
+        # issue 16 item 5: no explosion without a scale, and crossing zero is not an explosion
+        ([0.0, 1e-6], "minimize", None, None),
+        ([0.0, 0.0, 1e-3], "minimize", None, None),
+        ([-0.1, 1.0], "minimize", None, None),
+        ([0.1, -1.0], "maximize", None, None),
+        ([1e-3, 0.0, 5.0], "minimize", 2, "exploded at step 2"),  # best 0: scale from the values (5e-4)
         ([0.8, 0.9, 0.1], "maximize", None, None),  # an accuracy drop is not divergence
         ([5.0, 100.0], "minimize", 1, "exploded at step 1"),
     ],
@@ -86,6 +93,51 @@ def test_warmup_delays_explosion_checks_but_not_nan(storage: Any) -> None:
     assert step is None and trial.state == TrialState.COMPLETE
     trial, step = _run(study, [1.0, math.nan])
     assert step == 1 and trial.user_attrs[tags.KILL_REASON] == "NaN at step 1"
+
+
+@pytest.mark.parametrize(
+    "wrapped",
+    [
+        MedianPruner(n_warmup_steps=3),
+        optuna.pruners.PercentilePruner(50.0, n_warmup_steps=3),
+        optuna.pruners.ThresholdPruner(upper=1e9, n_warmup_steps=3),
+        optuna.pruners.PatientPruner(MedianPruner(n_warmup_steps=3), patience=5),
+    ],
+)
+def test_the_wrapped_pruners_warmup_delays_explosion_checks(storage: Any, wrapped) -> None:
+    study = _study(storage, DivergencePruner(wrapped))
+    trial, step = _run(study, [1.0, 50.0, 60.0, 0.5])
+    assert step is None and trial.state == TrialState.COMPLETE
+    trial, step = _run(study, [1.0, 1.0, 1.0, 100.0])
+    assert step == 3 and trial.user_attrs[tags.KILL_REASON].startswith("exploded at step 3")
+    trial, step = _run(study, [1.0, math.nan])
+    assert step == 1  # NaN is never warmed up
+
+
+@pytest.mark.parametrize("make", [lambda p: DivergencePruner(p), lambda p: MemoryGuardPruner(p), lambda p: MemoryGuardPruner(DivergencePruner(p))])
+def test_wrapping_hyperband_keeps_its_brackets(make) -> None:
+    import copy
+    import pickle
+
+    hyperband = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=9, reduction_factor=3)
+    pruner = make(hyperband)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and type(pruner).__name__ in repr(pruner)
+    study = optuna.create_study(pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
+    ids = {}
+    for _ in range(12):
+        trial = study.ask()
+        filtered = optuna.pruners._filter_study(study, study._storage.get_trial(trial._trial_id))
+        assert filtered is not study  # a bracket study, as with the bare HyperbandPruner
+        ids[trial.number] = hyperband._get_bracket_id(study, trial)
+        assert pruner._get_bracket_id(study, trial) == ids[trial.number]
+        trial.report(1.0, 1)
+        trial.should_prune()
+        study.tell(trial, 1.0)
+    assert len(set(ids.values())) > 1
+    assert pruner._n_brackets == hyperband._n_brackets  # other attributes read through
+    for clone in (pickle.loads(pickle.dumps(pruner)), copy.deepcopy(pruner)):
+        assert type(clone) is type(pruner) and isinstance(clone, optuna.pruners.HyperbandPruner)
+    assert not isinstance(DivergencePruner(MedianPruner()), optuna.pruners.HyperbandPruner)
 
 
 def test_explode_factor_none_checks_only_nan(storage: Any) -> None:
