@@ -104,6 +104,9 @@ class WorkerHandle:
         return self.ticket or self.trial_id is not None
 
 
+DUPLICATE_SIGTERM_WINDOW_S = 2.0  # a second SIGTERM this soon is the same request, not "kill now"
+
+
 class Arbiter:
     """Runs one launch. Use :func:`optuna_guard.supervisor.launch` rather than this class."""
 
@@ -132,6 +135,7 @@ class Arbiter:
         self.retry_policy = retry_policy
         self.time_budget = time_budget
         self.study_target = study_target  # _study_target.StudyTarget of --study-trials, or None
+        self._stop_signal_at: float | None = None  # when the signal that began the stop arrived
         self.hostname = socket.gethostname()
         self.launch_id = uuid.uuid4().hex  # tagged on every trial; sweeps match it, never a bare pid
         self.heartbeat: Any = None  # _heartbeat.SupervisorHeartbeat while running
@@ -1039,7 +1043,14 @@ class Arbiter:
                 _log.info("SIGUSR1: status snapshot of %d worker(s).", len(self.workers))
                 self.log_status(now)
             elif not self.stopping:
+                self._stop_signal_at = now
                 self.begin_stop(f"launcher received {name}", now)
+            elif (signum == signal.SIGTERM and self._stop_signal_at is not None
+                  and now - self._stop_signal_at < DUPLICATE_SIGTERM_WINDOW_S):
+                # SLURM (scancel --full, time limit, preemption) signals the batch shell and the job
+                # step; the sbatch script forwards its copy. One stop, one grace period.
+                _log.info("SIGTERM again %.1fs after the first: the same stop; the grace period stands.",
+                          now - self._stop_signal_at)
             else:
                 _log.warning("Second %s: killing all workers now.", name)
                 self.stop_deadline = now
