@@ -95,9 +95,10 @@ def _check_detection(url: str, reader, tmp: Path) -> None:
     a = _launch(url, study, tmp, "a", n_trials=1)
     b = None
     try:
-        running = _wait("launcher A's trial to be 2 steps in", lambda: [
-            t for t in _trials(reader, study) if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2],
-            timeout=120)
+        def a_running():
+            assert a.poll() is None, f"launcher A exited {a.returncode}:\n{_log_text(tmp)[-3000:]}"
+            return [t for t in _trials(reader, study) if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2]
+        running = _wait("launcher A's trial to be 2 steps in", a_running, timeout=120)
         number = running[0].number
         _kill_tree(a)
         t_fault = time.time()
