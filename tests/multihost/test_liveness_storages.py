@@ -155,22 +155,23 @@ def test_liveness_journal_file(tmp_path):
 
 @pytest.fixture()
 def redis_url() -> Iterator[str]:
-    """The machine's Redis, one of its databases; the keys the test's journal wrote are deleted after."""
+    """The machine's Redis with a journal prefix of the test's own; its keys are deleted after."""
     redis = pytest.importorskip("redis")
-    db = 13
-    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
-    before = set(client.keys("*"))
-    yield f"redis://127.0.0.1:6379/{db}"
-    new_keys = set(client.keys("*")) - before
-    if new_keys:
-        client.delete(*new_keys)
+    prefix = f"og-liveness-{uuid.uuid4().hex[:10]}"
+    yield f"redis://127.0.0.1:6379/0?prefix={prefix}"
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    keys = list(client.scan_iter(f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
 
 
 def test_liveness_redis_journal(tmp_path, redis_url):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalRedisBackend
 
-    _check_detection(redis_url, JournalStorage(JournalRedisBackend(redis_url)), tmp_path)
+    prefix = redis_url.split("prefix=")[1]
+    base = redis_url.split("?")[0]
+    _check_detection(redis_url, JournalStorage(JournalRedisBackend(base, prefix=prefix)), tmp_path)
 
 
 @pytest.fixture()
