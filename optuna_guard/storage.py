@@ -47,20 +47,28 @@ def open_storage(
     heartbeat_stale_trial_callback: Any = None,
     engine_kwargs: Mapping[str, Any] | None = None,
     skip_setup: bool = False,
-) -> RDBStorage:
-    """Open an RDB storage made safe for several worker processes.
+) -> optuna.storages.BaseStorage:
+    """Open the storage a URL names, made safe for several worker processes.
 
-    ``url`` defaults to :func:`default_storage_url`. Raises :class:`ConfigError` for a URL
-    that is not an RDB URL. ``skip_setup=True`` skips table creation and the schema version
-    check (about a second per process): for worker processes of a launcher that already
-    opened the same storage normally.
+    Database URLs give an RDBStorage; ``journal:///path/file.log``, ``redis://host:port/db``
+    and ``grpc://host:port`` give Optuna's JournalStorage (file or Redis backend) and
+    GrpcStorageProxy (see :mod:`optuna_guard._storage_urls`; the heartbeat and engine options
+    apply to databases only). ``url`` defaults to :func:`default_storage_url`. Raises
+    :class:`ConfigError` for a URL that names no storage. ``skip_setup=True`` skips table
+    creation and the schema version check (about a second per process): for worker processes
+    of a launcher that already opened the same storage normally.
     """
+    from optuna_guard import _storage_urls
+
     url = url or default_storage_url()
     if "://" not in url:
         raise ConfigError(
-            f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db or "
-            "postgresql+psycopg://user@host/db"
+            f"storage URL {url!r} is not a database URL (nor journal, Redis or gRPC); use e.g. sqlite:///study.db, "
+            "postgresql+psycopg://user@host/db, journal:///path/study.log, redis://host:6379/0 or grpc://host:13000"
         )
+    if not _storage_urls.is_rdb_url(url):
+        timeout = dict(dict(engine_kwargs or {}).get("connect_args", {})).get("connect_timeout", 5.0)
+        return _storage_urls.open_url_storage(_storage_urls.normalize_url(url), connect_timeout=float(timeout))
     _check_not_in_memory(url)
     kwargs: dict[str, Any] = dict(engine_kwargs or {})
     is_sqlite = url.startswith("sqlite")

@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from optuna_guard.exceptions import ConfigError
+from optuna_guard.exceptions import ConfigError, StorageUnavailableError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -27,7 +27,8 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--study-name", required=True, metavar="NAME")
     parser.add_argument("--storage", default=None, metavar="URL",
-                        help="RDB URL (default: SQLite file optuna_guard.db in the current directory)")
+                        help="storage URL: database, journal:///file.log, redis://host:port/db or grpc://host:port "
+                             "(default: SQLite file optuna_guard.db in the current directory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--objective-version", type=_version_option, default=None, metavar="current|all|N",
                         help="count only one objective version's trials (default all)")
@@ -117,8 +118,14 @@ def run(args: argparse.Namespace) -> int:
         path = url[len("sqlite:///"):]
         if path and path != ":memory:" and not os.path.exists(path):
             raise ConfigError(f"storage file {path!r} does not exist; pass --storage with the URL the study was run on.")
-    probe_connection(url, 5.0)
-    storage = open_checked_storage(url)
+    if url.startswith("journal://") and not os.path.isfile(url[len("journal://"):]):
+        raise ConfigError(f"journal file {url[len('journal://'):]!r} does not exist; pass --storage with the URL "
+                          "the study was run on.")
+    try:
+        probe_connection(url, 5.0)
+        storage = open_checked_storage(url)
+    except StorageUnavailableError as exc:  # status does not wait for a server: exit 2, check --storage
+        raise ConfigError(str(exc)) from None
     try:
         study = optuna.load_study(study_name=args.study_name, storage=storage)
     except KeyError:
