@@ -380,6 +380,10 @@ def _tagging(storage: Any, worker_tags: dict[str, Any]) -> Any:
         from optuna.storages._cached_storage import _CachedStorage
     except ImportError:  # pragma: no cover - another Optuna layout
         return storage
+    from optuna.storages import RDBStorage
+
+    if not isinstance(storage, RDBStorage):  # journal/gRPC: no cache, tags written apart
+        return storage
     import copy
     import datetime
 
