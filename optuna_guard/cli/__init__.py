@@ -25,7 +25,7 @@ EXIT_CRASH_LOOP = 3
 EXIT_MEMORY_STALL = 4
 EXIT_STOPPED = 99
 
-_COMMAND_MODULES = ("_monitor", "_run", "_status", "_report")
+_COMMAND_MODULES = ("_monitor", "_run", "_status", "_report", "_storage_proxy")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -111,8 +111,15 @@ def load_study_readonly(study_name: str, storage_url: str | None) -> Any:
     if url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
         engine_kwargs["pool_pre_ping"] = True
+    from optuna_guard._storage_urls import is_rdb_url, open_url_storage, url_kind
+
+    if url_kind(url) == "journal" and not os.path.isfile(url.split("://", 1)[1]):
+        raise ConfigError(f"storage {url!r}: journal file {url.split('://', 1)[1]!r} does not exist; check --storage.")
     try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)
+        if is_rdb_url(url):
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)
+        else:  # journal file, Redis journal, gRPC proxy
+            storage = open_url_storage(url, connect_timeout=CONNECT_TIMEOUT_S)
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise ConfigError(
@@ -124,7 +131,7 @@ def load_study_readonly(study_name: str, storage_url: str | None) -> Any:
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise ConfigError(f"cannot read storage {_redact(url)}: {_first_line(exc)}; check --storage.") from None
     except Exception as exc:  # optuna/alembic wrap some storage errors in their own types
-        if type(exc).__module__.startswith(("optuna", "alembic")):
+        if type(exc).__module__.startswith(("optuna", "alembic", "redis", "grpc")):
             raise ConfigError(f"cannot read storage {_redact(url)}: {_first_line(exc)}; check --storage.") from None
         raise
 

@@ -4,6 +4,7 @@ and building samplers/pruners from their CLI names (shared by supervisor and wor
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import warnings
 from typing import Any, Callable, Sequence, TypeVar
@@ -29,13 +30,16 @@ def engine_kwargs_for(url: str, connect_timeout: float) -> dict[str, Any]:
     timeout = max(1, int(round(connect_timeout)))
     if url.startswith("postgresql"):
         return {"connect_args": {"connect_timeout": timeout}}
-    if url.startswith("mysql"):
+    if url.startswith(("mysql", "redis", "rediss")):  # Redis: open_storage turns it into socket timeouts
         return {"connect_args": {"connect_timeout": timeout}}
     return {}
 
 
 def resolve_storage_url(url: str | None) -> str:
-    return url or default_storage_url()
+    """The URL every process uses: the default SQLite file, or a journal path made absolute."""
+    from optuna_guard._storage_urls import normalize_url
+
+    return normalize_url(url) if url else default_storage_url()
 
 
 def probe_connection(url: str, timeout: float, deadline_s: float | None = None) -> None:
@@ -44,14 +48,33 @@ def probe_connection(url: str, timeout: float, deadline_s: float | None = None) 
     unknown database, missing driver) are a one-line ConfigError at once; transient ones
     (refused, terminated, too many connections, server starting) are retried with backoff for
     up to ``deadline_s`` seconds (``--storage-deadline``), then StorageUnavailableError."""
+    from optuna_guard._storage_urls import is_rdb_url
+
     if "://" not in url:
         raise ConfigError(
-            f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db or "
-            "postgresql+psycopg://user@host/db"
+            f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db, "
+            "postgresql+psycopg://user@host/db, journal:///path/study.log, redis://host:6379/0 or grpc://host:13000"
         )
     if url.startswith("sqlite"):
         return
-    _with_start_retries(url, lambda: _probe_once(url, timeout), deadline_s, "connecting to the storage")
+    probe = _probe_once if is_rdb_url(url) else _probe_url_storage_once
+    _with_start_retries(url, lambda: probe(url, timeout), deadline_s, "connecting to the storage")
+
+
+def _probe_url_storage_once(url: str, timeout: float) -> None:
+    """Journal, Redis and gRPC storages: open once (Redis: connect and read the journal) and,
+    for a gRPC proxy, wait up to ``timeout`` for it to answer."""
+    from optuna_guard._storage_urls import url_kind
+
+    if url_kind(url) == "journal":
+        check_writable_dir(os.path.dirname(url.split("://", 1)[1]), "--storage")
+    storage = open_storage(url, engine_kwargs={"connect_args": {"connect_timeout": timeout}})
+    if url_kind(url) == "grpc":
+        try:
+            storage.wait_server_ready(timeout=max(1.0, timeout))
+            storage.get_all_studies()
+        finally:
+            storage.close()
 
 
 def _probe_once(url: str, timeout: float) -> None:
@@ -133,11 +156,13 @@ def open_checked_storage(
     heartbeat_grace: int | None = None,
     skip_setup: bool = False,
     deadline_s: float | None = None,
-) -> optuna.storages.RDBStorage:
-    """open_storage (Optuna's RDBStorage queries the database in its constructor), with
-    transient errors retried until ``deadline_s`` and the rest as one-line errors."""
+) -> optuna.storages.BaseStorage:
+    """open_storage (Optuna's RDBStorage queries the database in its constructor, JournalStorage
+    reads the journal), with transient errors retried until ``deadline_s`` and the rest as
+    one-line errors. Journal, Redis and gRPC storages have no Optuna heartbeat: the heartbeat
+    options are ignored for them."""
 
-    def attempt() -> optuna.storages.RDBStorage:
+    def attempt() -> optuna.storages.BaseStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return open_storage(
