@@ -2,8 +2,10 @@
 how to describe the way a process ended. Pure so the tests can table-drive them.
 
 Victim policy when the *system* runs low (``--min-available-gb``), documented in
-docs/launcher.md: prefer workers that run a trial (killing an idle worker frees little and loses
-nothing, but its memory is rarely the problem); among them the largest process-tree RSS; on a
+docs/launcher.md: only workers that run a trial (an idle or starting worker is never killed for
+system memory: its memory is rarely the problem and killing it starts a kill/respawn loop), and
+only one whose tree holds at least ``VICTIM_MIN_SHARE`` of the deficit (otherwise the memory is
+held elsewhere and a kill would only lose work); among them the largest process-tree RSS; on a
 tie the trial that started last (the least work lost). One victim at a time: no new victim is
 chosen while an earlier one is still alive.
 """
@@ -54,12 +56,19 @@ class VictimCandidate:
     pid: int = 0  # identifies the process (a slot id is shared with a replacement for a moment)
 
 
-def choose_victim(candidates: Sequence[VictimCandidate]) -> VictimCandidate | None:
-    """The worker to kill when the system is low on memory (see the module docstring)."""
-    if not candidates:
+VICTIM_MIN_SHARE = 0.5  # a low-memory victim must hold at least half of the deficit
+
+
+def choose_victim(candidates: Sequence[VictimCandidate], deficit_bytes: int | None = None) -> VictimCandidate | None:
+    """The worker to kill when the system is ``deficit_bytes`` short of ``--min-available-gb``
+    (see the module docstring); None when no worker in a trial could make a difference."""
+    eligible = [c for c in candidates if c.in_trial]
+    if deficit_bytes is not None:
+        eligible = [c for c in eligible if c.tree_rss_bytes >= VICTIM_MIN_SHARE * deficit_bytes]
+    if not eligible:
         return None
     return max(
-        candidates,
+        eligible,
         key=lambda c: (c.in_trial, c.tree_rss_bytes, c.trial_started_at if c.trial_started_at is not None else float("-inf")),
     )
 
