@@ -90,6 +90,9 @@ def test_worker_over_its_rss_limit_is_killed_sigterm_then_sigkill_and_its_trial_
     h = Harness(tmp_path)
     calm = h.add_worker(1, 101, rss_gb=1.0, trial=True)
     hog = h.add_worker(2, 102, rss_gb=8.25, trial=True)
+    h.arbiter.check_memory(h.clock.now)
+    assert h.signals == []  # the in-trial guard (at 90 % of the limit) gets one sampling interval first
+    h.clock.now += 0.25
     with caplog.at_level(logging.WARNING, logger="optuna_guard"):
         h.arbiter.check_memory(h.clock.now)
     assert h.signals == [(102, signal.SIGTERM, True)]
@@ -219,7 +222,8 @@ def test_reconcile_starts_only_the_workers_the_remaining_trials_need(tmp_path):
     h = Harness(tmp_path, workers=4, n_trials=5)
     started = []
     h.arbiter.spawn = lambda now: started.append(now) or h.add_worker(10 + len(started), 500 + len(started))
-    h.arbiter.reconcile(h.clock.now)
+    for _tick in range(4):  # one worker per tick (issue 10: paced start-up)
+        h.arbiter.reconcile(h.clock.now)
     assert len(started) == 4
     for number, worker in enumerate(h.arbiter.workers):
         worker.proc.returncode = 0
@@ -294,6 +298,8 @@ def test_victim_is_chosen_by_process_when_a_slot_is_shared_with_its_replacement(
     leaving = h.add_worker(1, 101, rss_gb=1.0)
     leaving.deny_reason = "recycle: age 3601s >= 3600s"  # exiting; its replacement has the same slot
     h.add_worker(1, 102, rss_gb=8.5, trial=True)
+    h.arbiter.check_memory(h.clock.now)
+    h.clock.now += 0.25  # the guard's chance (issue 16)
     h.arbiter.check_memory(h.clock.now)
     assert h.signals == [(102, signal.SIGTERM, True)]
     assert leaving.kill is None

@@ -45,7 +45,7 @@ def _c(worker_id, rss_gb, in_trial=True, started=None):
         ([_c(1, 2.0), _c(2, 5.0), _c(3, 3.0)], 2),  # largest tree
         ([_c(1, 2.0), _c(2, 9.0, in_trial=False)], 1),  # a worker running a trial before an idle one
         ([_c(1, 4.0, started=10.0), _c(2, 4.0, started=50.0)], 2),  # tie: the newer trial loses least work
-        ([_c(1, 1.0, in_trial=False), _c(2, 2.0, in_trial=False)], 2),  # nobody in a trial: the largest
+        ([_c(1, 1.0, in_trial=False), _c(2, 2.0, in_trial=False)], None),  # idle workers are never victims (issue 10)
     ],
 )
 def test_choose_victim(candidates, expected):
@@ -126,7 +126,7 @@ def test_launch_config_defaults():
     assert config.recycle_worker_rss_gb == 6.0  # 75 % of the 8 GB hard limit
     assert config.check_interval == 0.25 and config.grace_period == 120 and config.status_interval == 60
     assert config.event_log_path == os.path.join("optuna_guard_logs", "events.jsonl")
-    assert config.guard_env()["OPTUNA_GUARD_MAX_TRIAL_RSS_GB"] == "8.0"
+    assert config.guard_env()["OPTUNA_GUARD_MAX_TRIAL_RSS_GB"] == "7.2"  # 90 % of the worker limit (issue 16)
     off = LaunchConfig(objective="m:f", study_name="s", max_worker_rss_gb=None)
     assert off.recycle_worker_rss_gb is None and off.guard_env()["OPTUNA_GUARD_MAX_TRIAL_RSS_GB"] == "none"
 

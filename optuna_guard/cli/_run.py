@@ -142,6 +142,9 @@ def add_parser(subparsers: Any) -> None:
                         help="wall-clock budget, e.g. 11h30m: no trial starts that cannot finish; exit 99 at the end")
     parser.add_argument("--storage-deadline", type=seconds, default=300.0, metavar="SECONDS",
                         help="how long workers and the supervisor retry a storage outage (default 300)")
+    parser.add_argument("--memory-stall-timeout", type=_number("seconds", positive=True, allow_off=True), default=600.0, metavar="SECONDS",
+                        help="exit 4 when memory held outside the study keeps every worker from starting "
+                             "this long (default 600; 'off' waits forever)")
     parser.add_argument("--display", choices=("auto", "rich", "plain", "off"), default="auto",
                         help="live progress display (default: rich on a terminal)")
     parser.add_argument("--cache", action="store_true",
@@ -197,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         retry_shrink=args.retry_shrink,
         time_budget=args.time_budget,
         storage_deadline=args.storage_deadline,
+        memory_stall_timeout=args.memory_stall_timeout,
         display=args.display,
         cache=args.cache,
         fingerprint_extra=tuple(args.fingerprint_extra),

@@ -73,6 +73,8 @@ class LaunchConfig:
     retry_shrink: str | None = None
     time_budget: float | None = None
     storage_deadline: float | None = 300.0
+    # issue 10: no worker can start for this long because memory is held outside the study -> exit 4
+    memory_stall_timeout: float | None = 600.0
     # issue 11: a target over every launch of the study (counted in the storage)
     study_trials: int | None = None
     # issue 13: objective fingerprint and result cache (objective_version/digest are set by launch())
@@ -157,6 +159,7 @@ class LaunchConfig:
             object.__setattr__(self, "retry_on", tuple(self.retry_on))
         _check_number("time_budget", self.time_budget, positive=True, allow_none=True)
         _check_number("storage_deadline", self.storage_deadline, positive=True, allow_none=True)
+        _check_number("memory_stall_timeout", self.memory_stall_timeout, positive=True, allow_none=True)
         if self.study_trials is not None:
             _check_int("study_trials", self.study_trials, minimum=1, hint="or leave it unset for no study-wide target")
         object.__setattr__(self, "fingerprint_extra", tuple(self.fingerprint_extra))
@@ -168,6 +171,15 @@ class LaunchConfig:
     def event_log_path(self) -> str:
         return self.event_log or os.path.join(self.log_dir, DEFAULT_EVENT_LOG_NAME)
 
+    @property
+    def guard_trial_limit_gb(self) -> float | None:
+        """The in-trial guard's limit under the launcher: GUARD_LIMIT_FRACTION of --max-worker-rss-gb."""
+        from optuna_guard.supervisor._memory_policy import GUARD_LIMIT_FRACTION
+
+        if self.max_worker_rss_gb is None:
+            return None
+        return round(self.max_worker_rss_gb * GUARD_LIMIT_FRACTION, 4)
+
     def guard_env(self) -> dict[str, str]:
         """``OPTUNA_GUARD_*`` variables that configure ``@guard`` defaults inside workers.
 
@@ -178,7 +190,8 @@ class LaunchConfig:
         env = {
             "OPTUNA_GUARD_MIN_AVAILABLE_GB": _fmt(self.min_available_gb),
             "OPTUNA_GUARD_WARN_AVAILABLE_GB": _fmt(self.warn_available_gb),
-            "OPTUNA_GUARD_MAX_TRIAL_RSS_GB": _fmt(self.max_worker_rss_gb),
+            # the guard stops a trial softly a margin under the supervisor's hard limit (issue 16)
+            "OPTUNA_GUARD_MAX_TRIAL_RSS_GB": _fmt(self.guard_trial_limit_gb),
             "OPTUNA_GUARD_ON_TRIP": self.on_kill,
         }
         if self.memory_budget_gb is not None:
