@@ -34,10 +34,10 @@ from optuna.trial import TrialState
 from optuna_guard import events, tags
 from optuna_guard._logging import get_logger
 from optuna_guard._units import GB, to_gb
-from optuna_guard.exceptions import CrashLoopError
+from optuna_guard.exceptions import CrashLoopError, MemoryStallError, StorageUnavailableError
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
 from optuna_guard.storage import end_trial_from_outside
-from optuna_guard.supervisor import _lifeline, _policies, _protocol, _tree
+from optuna_guard.supervisor import _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, worker_status_line
 
@@ -46,6 +46,10 @@ _log = get_logger(__name__)
 EXIT_OK = 0
 EXIT_STOPPED = 99
 LOG_TAIL_LINES = 15
+
+EXIT_WORKER_STORAGE_UNAVAILABLE = 75  # _worker.EXIT_STORAGE_UNAVAILABLE (the worker module is not imported here)
+
+GUARD_CHANCE_S = 0.25  # the in-trial guard samples every 0.1 s: this long over its limit and it could not act
 
 MEMORY_KILL = "memory"
 PREEMPT_KILL = "preempt"
@@ -160,6 +164,7 @@ class Arbiter:
         self.skipped_for_time = 0
         self.worker_starts = 0
         self.boot_failures = 0
+        self.storage_boot_failures = 0  # workers in a row that found the storage unreachable at start
         self._counter_lock = threading.Lock()
         self._storage_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._storage_jobs: list[concurrent.futures.Future[None]] = []
@@ -173,9 +178,17 @@ class Arbiter:
         self.out_of_time = False
         self.stop_reason: str | None = None
         self.stop_deadline: float | None = None
+        self.exit_deadline: float | None = None  # set at the first stop: grace + bounded storage allowance
+        self.skip_storage = False  # a second signal: no more storage work at exit
+        self.storage_abandoned = False  # the exit left storage work undone (the summary must not wait for it)
+        self._pending_job_trials: set[int] = set()
         self.exit_code = EXIT_OK
         self.system: SystemMemory | None = None
         self._memory_hold_logged = False
+        self.start_gate = _memory_policy.StartGate()
+        self._stall = _memory_policy.StallClock()
+        self._over_guard_since: dict[int, float] = {}  # pid -> first reading over the guard's limit
+        self._memory_elsewhere_logged_at: float | None = None
         self._last_warning_at: float | None = None
         self._started = clock()
         self._next_check = self._started
@@ -283,6 +296,7 @@ class Arbiter:
         now = self.clock()
         if op == _protocol.HELLO:
             worker.ready = True
+            self.start_gate.record_boot(self._tree_rss(worker.pid))  # the expected footprint of the next worker
         elif op == _protocol.TICKET:
             granted, reason = self.decide_ticket(worker, now)
             if granted:
@@ -396,6 +410,7 @@ class Arbiter:
         worker.trial_peak_rss = 0
         self.started_trials[trial_id] = number
         self.boot_failures = 0
+        self.storage_boot_failures = 0
         self.emit(events.TRIAL_STARTED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number)
 
     def on_trial_finished(self, worker: WorkerHandle, trial_id: int, number: int, state: str, duration: Any) -> None:
@@ -425,7 +440,8 @@ class Arbiter:
         worker.trial_id = worker.trial_number = worker.trial_started_at = None
         worker.trials_finished += 1
         self.finished_states[trial_id] = state.name  # corrected by the job if the worker won the race
-        self.submit_storage_job(self._end_trial_job, trial_id, number, worker.worker_id, state, dict(user_attrs))
+        self._pending_job_trials.add(trial_id)
+        self.submit_storage_job(self._end_trial_tracked, trial_id, number, worker.worker_id, state, dict(user_attrs))
         return state.name
 
     def _end_trial_job(self, trial_id: int, number: int | None, worker_id: int, state: TrialState,
@@ -475,10 +491,17 @@ class Arbiter:
         return retry_number
 
     def submit_storage_job(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._storage_pool is None:
-            self._storage_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="optuna-guard-storage")
-        future = self._storage_pool.submit(self._run_storage_job, fn, *args)
-        self._storage_jobs.append(future)
+        """Each job on its own daemon thread: end-of-trial writes run concurrently (one outage
+        costs one deadline, not one per trial) and an abandoned retry never blocks the exit."""
+        self._storage_jobs = [f for f in self._storage_jobs if not f.done()]
+        self._storage_jobs.append(_shutdown.run_in_daemon(self._run_storage_job, fn, *args))
+
+    def _end_trial_tracked(self, trial_id: int, *args: Any) -> None:
+        self._pending_job_trials.add(trial_id)
+        try:
+            self._end_trial_job(trial_id, *args)
+        finally:
+            self._pending_job_trials.discard(trial_id)
 
     def _run_storage_job(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
@@ -533,7 +556,8 @@ class Arbiter:
             if final is not None:
                 self.emit(events.TRIAL_KILLED, worker_id=worker.worker_id, pid=worker.pid,
                           trial_number=number, reason=worker.kill.reason, state=final)
-            _log.info("Worker %d (pid %d) is gone (%s).", worker.worker_id, worker.pid, description)
+            _log.info("Worker %d (pid %d) is gone (killed by the launcher: %s).", worker.worker_id, worker.pid,
+                      worker.kill.reason)
             return
         if worker.trial_id is not None and (self.stopping or (worker.kill and worker.kill.kind == PREEMPT_KILL)):
             reason = worker.kill.reason if worker.kill else f"preempted: {self.stop_reason}; {description}"
@@ -556,6 +580,15 @@ class Arbiter:
             self.emit(events.WORKER_CRASHED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number,
                       reason=reason, exit_code=code, age_s=round(age, 1))
             return
+        if worker.kill is not None:  # the launcher killed it itself: no crash, no strike (D17)
+            self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, exit_code=code,
+                      reason=f"killed by the launcher: {worker.kill.reason}")
+            _log.info("Worker %d (pid %d) is gone (killed by the launcher: %s).", worker.worker_id, worker.pid,
+                      worker.kill.reason)
+            return
+        if code == EXIT_WORKER_STORAGE_UNAVAILABLE:
+            self.on_worker_storage_unavailable(worker)
+            return
         if code != 0 or worker.fatal_error:
             self.crashes += 1
             reason = worker.fatal_error or description
@@ -576,6 +609,21 @@ class Arbiter:
                   trials=worker.trials_finished)
         _log.debug("Worker %d (pid %d) exited after %d trials: %s.", worker.worker_id, worker.pid,
                    worker.trials_finished, reason)
+
+    def on_worker_storage_unavailable(self, worker: WorkerHandle) -> None:
+        """A worker that could not reach the storage within --storage-deadline at start: not a
+        crash-loop strike (the database, not the worker, is at fault); a replacement retries.
+        Only an outage that outlasts several deadlines in a row stops the launch."""
+        self.storage_boot_failures += 1
+        _log.warning("Worker %d (pid %d) could not reach the storage within --storage-deadline %.0fs (%d in a row); "
+                     "a new worker will try again.", worker.worker_id, worker.pid, self.config.storage_deadline or 0,
+                     self.storage_boot_failures)
+        self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid,
+                  exit_code=EXIT_WORKER_STORAGE_UNAVAILABLE, reason="storage unreachable at worker start")
+        if self.storage_boot_failures >= 2 * self.config.crash_loop_limit:
+            raise StorageUnavailableError(
+                f"workers could not reach the storage {self.storage_boot_failures} times in a row, "
+                f"each for --storage-deadline {self.config.storage_deadline or 0:.0f}s; stopping.")
 
     def _log_hint(self, worker: WorkerHandle) -> str:
         return f"See {worker.log_path}."
@@ -627,10 +675,11 @@ class Arbiter:
                     pid=worker.pid))
         available = self.system.available_bytes if self.system else None
         self._maybe_warn(now, available)
+        self._track_over_guard(candidates, now)
         if any(w.kill is not None and w.kill.kind == MEMORY_KILL for w in self.workers):
             return  # one victim at a time: wait until it is gone
         limit_gb = self.config.max_worker_rss_gb
-        victim = _policies.over_limit(candidates, limit_gb)
+        victim = self._guard_had_its_chance(_policies.over_limit(candidates, limit_gb), now)
         if victim is not None:
             worker = self._worker_by_pid(victim.pid)
             reason = (f"worker memory limit: worker {worker.worker_id} tree RSS {worker.rss_bytes / GB:.2f} GB > "
@@ -639,13 +688,52 @@ class Arbiter:
             return
         min_gb = self.config.min_available_gb
         if min_gb is not None and available is not None and available < min_gb * GB:
-            choice = _policies.choose_victim(candidates)
+            deficit = int(min_gb * GB) - available
+            choice = _policies.choose_victim(candidates, deficit_bytes=deficit)
             if choice is None:
+                self._log_memory_elsewhere(now, available, deficit)
                 return
             worker = self._worker_by_pid(choice.pid)
             reason = (f"system memory low: {available / GB:.2f} GB available < {min_gb:.2f} GB; worker "
                       f"{worker.worker_id} used the most memory (tree RSS {worker.rss_bytes / GB:.2f} GB)")
             self.kill_for_memory(worker, reason, "min_available_gb", available, now)
+
+    def _track_over_guard(self, candidates: list[_policies.VictimCandidate], now: float) -> None:
+        """Since when each worker is over the in-trial guard's limit (GUARD_LIMIT_FRACTION)."""
+        guard_limit = self.config.guard_trial_limit_gb
+        over_guard = {c.pid for c in candidates if guard_limit is not None and c.tree_rss_bytes > guard_limit * GB}
+        for pid in list(self._over_guard_since):
+            if pid not in over_guard:
+                del self._over_guard_since[pid]
+        for pid in over_guard:
+            self._over_guard_since.setdefault(pid, now)
+
+    def _guard_had_its_chance(self, victim: _policies.VictimCandidate | None, now: float) -> _policies.VictimCandidate | None:
+        """The over-limit victim, once the in-trial guard (which stops trials at
+        GUARD_LIMIT_FRACTION of the limit) had one sampling interval to stop it softly; a worker
+        outside a trial has no guard to wait for."""
+        if victim is None or not victim.in_trial or not self.config.guard:
+            return victim
+        if now - self._over_guard_since.get(victim.pid, now) >= GUARD_CHANCE_S:
+            return victim
+        return None
+
+    def _log_memory_elsewhere(self, now: float, available: int, deficit: int) -> None:
+        """Low memory that no worker's trial can explain: say so (every 30 s), kill nobody."""
+        if self._memory_elsewhere_logged_at is not None and now - self._memory_elsewhere_logged_at < 30.0:
+            return
+        self._memory_elsewhere_logged_at = now
+        outside = _memory_policy.describe_outside(_memory_policy.biggest_outside(self._launch_pids()))
+        _log.warning("System memory low (%.2f GB available, %.2f GB short of --min-available-gb) but no running "
+                     "trial holds a meaningful part of it; no worker is killed. Largest other processes: %s.",
+                     available / GB, deficit / GB, outside)
+
+    def _launch_pids(self) -> set[int]:
+        pids = set()
+        for worker in self.workers:
+            pids.add(worker.pid)
+            pids.update(_tree.descendants(worker.pid))
+        return pids
 
     def kill_for_memory(self, worker: WorkerHandle, reason: str, limit: str, available: int | None, now: float) -> None:
         number = worker.trial_number
@@ -690,8 +778,12 @@ class Arbiter:
         self.stop_reason = reason
         self.exit_code = exit_code
         self.stop_deadline = now + self.config.grace_period
-        _log.warning("Stopping: %s. No new trials; %d worker(s) get %.0fs to finish or stop their trial.",
-                     reason, len(self.workers), self.config.grace_period)
+        budget = _shutdown.exit_budget(self.config.grace_period, self.config.storage_deadline)
+        self.exit_deadline = now + budget
+        _log.warning("Stopping: %s. No new trials; %d worker(s) get %.0fs to finish or stop their trial; the launcher "
+                     "exits within %.0fs (grace period + %.0fs for storage writes; a second signal skips those).",
+                     reason, len(self.workers), self.config.grace_period, budget,
+                     _shutdown.storage_allowance(self.config.storage_deadline))
         for worker in self.workers:
             if worker.kill is None and not worker.stop_sent:
                 worker.stop_sent = True
@@ -734,10 +826,11 @@ class Arbiter:
                 if need <= waiting:
                     return
             if self._memory_hold():
+                self._check_memory_stall(now)
                 return
-            worker = self.spawn(now)
-            counted.append(worker)
-            waiting += 1
+            self._stall.update(now, False)
+            self.spawn(now)
+            return  # one worker per tick: the next start sees memory re-read (issue 10, D8)
 
     def _replaceable(self, worker: WorkerHandle) -> bool:
         """A worker on its way out no longer holds its slot: told to exit, or being killed for its
@@ -749,15 +842,36 @@ class Arbiter:
         return False
 
     def _memory_hold(self) -> bool:
-        """Do not start workers while the system is below --min-available-gb (they would be killed)."""
+        """Do not start a worker unless available memory covers --min-available-gb plus a
+        worker's expected footprint (and what booting workers still have to allocate)."""
         min_gb = self.config.min_available_gb
         system = self.system
-        low = bool(min_gb is not None and system is not None and system.available_bytes < min_gb * GB)
+        if min_gb is None or system is None:
+            return False
+        booting = [w.rss_bytes for w in self.workers if not w.ready and w.kill is None]
+        low = not self.start_gate.may_start(system.available_bytes, int(min_gb * GB), booting)
         if low and not self._memory_hold_logged:
-            _log.warning("Not starting workers while available memory %.2fGB is below --min-available-gb %.2f.",
-                         system.available_bytes / GB, min_gb)  # type: ignore[union-attr]
+            _log.warning("Not starting a worker: available memory %.2f GB does not cover --min-available-gb %.2f GB "
+                         "plus a worker's footprint %.2f GB%s.", system.available_bytes / GB, min_gb,
+                         self.start_gate.footprint / GB,
+                         f" and {len(booting)} booting worker(s)" if booting else "")
         self._memory_hold_logged = low
         return low
+
+    def _check_memory_stall(self, now: float) -> None:
+        """No trial runs, no worker boots and none may start: after --memory-stall-timeout the
+        memory is held outside the study; stop with exit code 4 and say by what."""
+        progressing = any(w.busy or not w.ready for w in self.workers if w.kill is None)
+        stalled_for = self._stall.update(now, not progressing)
+        timeout = self.config.memory_stall_timeout
+        if timeout is None or stalled_for < timeout:
+            return
+        available = self.system.available_bytes / GB if self.system else float("nan")
+        outside = _memory_policy.describe_outside(_memory_policy.biggest_outside(self._launch_pids()))
+        raise MemoryStallError(
+            f"memory held outside the study: for {stalled_for:.0f}s no worker could start (available {available:.2f} GB, "
+            f"needed --min-available-gb {self.config.min_available_gb:.2f} GB + a worker's "
+            f"{self.start_gate.footprint / GB:.2f} GB); largest other processes: {outside}")
 
     def spawn(self, now: float) -> WorkerHandle:
         slot = self._take_slot()
@@ -1052,7 +1166,8 @@ class Arbiter:
                 _log.info("SIGTERM again %.1fs after the first: the same stop; the grace period stands.",
                           now - self._stop_signal_at)
             else:
-                _log.warning("Second %s: killing all workers now.", name)
+                _log.warning("Second %s: killing all workers now; storage writes are skipped.", name)
+                self.skip_storage = True
                 self.stop_deadline = now
                 self.check_stop(now)
 
@@ -1077,12 +1192,7 @@ class Arbiter:
                 if self.workers:
                     time.sleep(0.02)
         self._kill_launch_leftovers()
-        deadline_s = (self.config.storage_deadline or 0.0) + 30.0
-        if not self.wait_for_storage(timeout=deadline_s):
-            _log.error("Storage writes still pending after %.0fs; some trials may stay RUNNING until a heartbeat check.", deadline_s)
-        if self._storage_pool is not None:
-            self._storage_pool.shutdown(wait=False)
-        self.sweep_running(reason)
+        self.finish_storage_work(reason)
         self.merge_late_finished()
         if self.heartbeat is not None:
             self.heartbeat.stop()
@@ -1097,6 +1207,43 @@ class Arbiter:
                 _log.warning("Process %d of this launch outlived its worker (daemonised?); killed.", pid)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def storage_deadline_at_exit(self) -> float:
+        """The clock time by which the exit's storage work must be done (one overall deadline)."""
+        if self.exit_deadline is not None:
+            return max(self.exit_deadline, self.clock() + 1.0)
+        return self.clock() + _shutdown.storage_allowance(self.config.storage_deadline)
+
+    def storage_interrupted(self) -> bool:
+        """A further SIGTERM/SIGINT during the exit (or one already seen) skips the storage work."""
+        while not self.skip_storage:
+            try:
+                signum = self.signal_queue.get_nowait()
+            except queue.Empty:
+                break
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                _log.warning("%s during the exit: skipping the remaining storage writes.", signal.Signals(signum).name)
+                self.skip_storage = True
+        return self.skip_storage
+
+    def finish_storage_work(self, reason: str) -> None:
+        """End-of-trial writes and the RUNNING sweep, within the exit deadline; whatever cannot
+        be done is named (those trials stay RUNNING for the next launch or the heartbeat)."""
+        deadline = self.storage_deadline_at_exit()
+        done = _shutdown.wait_until(self._storage_jobs, deadline, self.storage_interrupted, self.clock)
+        if done:
+            done, _ = _shutdown.bounded_call(lambda: self.sweep_running(reason), deadline,
+                                             self.storage_interrupted, self.clock)
+        if done:
+            return
+        self.storage_abandoned = True
+        maybe_running = sorted(number for trial_id, number in self.started_trials.items()
+                               if trial_id not in self.finished_states or trial_id in self._pending_job_trials)
+        why = "a second signal" if self.skip_storage else "the exit deadline"
+        _log.error("Storage work skipped (%s): trial(s) %s may stay RUNNING until the next launch or Optuna's "
+                   "heartbeat check ends them.", why, ", ".join(map(str, maybe_running)) or "none known")
+        self.emit(events.STORAGE_OUTAGE, outage="abandoned", source="supervisor", trials=maybe_running,
+                  reason=f"storage work at exit skipped ({why})")
 
     def sweep_running(self, reason: str) -> None:
         """A last look in the storage: RUNNING trials of this launch's workers get FAIL."""

@@ -32,6 +32,7 @@ from typing import Any, Callable
 EXIT_OK = 0
 EXIT_TRIAL_ERROR = 1  # an exception escaped study.optimize (storage error, "Cannot tell ...")
 EXIT_FATAL = 70  # cannot start at all: objective or storage unusable (EX_SOFTWARE)
+EXIT_STORAGE_UNAVAILABLE = 75  # storage unreachable past --storage-deadline at start (EX_TEMPFAIL): no crash-loop strike
 
 
 class _Inbox:
@@ -124,7 +125,11 @@ class WorkerLoop:
                 callbacks=[self._after_trial] if self.retry_hook is not None else None,
                 gc_after_trial=self.settings.gc_after_trial,
             )
-        except UpdateFinishedTrialError as exc:
+        except (UpdateFinishedTrialError, ValueError) as exc:
+            # ValueError: Optuna's "Cannot tell a FAIL trial." when the objective itself met the
+            # ended trial first (trial.report after `scontrol suspend` past the heartbeat grace).
+            if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
+                raise
             self._report_lost_result(exc)
             return
         finally:
@@ -291,6 +296,9 @@ def main() -> int:
     lifeline = _start_lifeline(settings, inbox, lambda: holder[0].current if holder else None)
     try:
         study, objective = _prepare(settings, channel)
+    except _storage_unavailable_error() as exc:
+        log.error("Worker %d cannot reach the storage: %s", settings.worker_id, exc)
+        return EXIT_STORAGE_UNAVAILABLE
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.error("Worker %d cannot start: %s", settings.worker_id, message)
@@ -341,10 +349,11 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
 
     warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
     objective = _guarded(objective, settings.guard)
-    # The trial storage has no heartbeat of its own: TrialHeartbeat keeps Optuna's heartbeat
+    # The trial storage has no heartbeat of its own: the supervisor keeps Optuna's heartbeat
     # rows for the running trial on a second storage, without Optuna's per-trial cost.
-    storage: Any = open_checked_storage(
+    storage: Any = open_checked_storage(  # RDBStorage() queries the database: retried up to the deadline
         settings.storage, connect_timeout=settings.connect_timeout, skip_setup=True,  # tables exist
+        deadline_s=settings.storage_deadline,
     )
     _OPEN_STORAGES.append(storage)
     from optuna_guard import resume  # issue 13: objective version, result cache, sampler history
@@ -360,6 +369,12 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
     )
     objective = resume.install_in_worker(study, objective, os.environ)
     return study, objective
+
+
+def _storage_unavailable_error() -> type[BaseException]:
+    from optuna_guard.exceptions import StorageUnavailableError
+
+    return StorageUnavailableError
 
 
 def _worker_tags(settings: Any) -> dict[str, Any]:
