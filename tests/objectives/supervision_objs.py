@@ -25,11 +25,24 @@ def sleep_through(trial):
     return x * x
 
 
+def _first_to_claim(flag: str) -> bool:
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def regex_hold(trial):
-    """Trial 0 holds the GIL in one C call (catastrophic backtracking) for REGEX_N-dependent seconds."""
+    """The first trial (the one that claims REGEX_ONCE_FLAG, else trial 0) holds the GIL in one
+    C call (catastrophic backtracking) for REGEX_N-dependent seconds; the others sleep 0.5 s."""
     x = trial.suggest_float("x", -10, 10)
-    if trial.number == 0:
+    flag = os.environ.get("REGEX_ONCE_FLAG")
+    if (flag and _first_to_claim(flag)) or (not flag and trial.number == 0):
+        trial.set_user_attr("held_gil", True)
         re.match(r"(a+)+$", "a" * int(os.environ.get("REGEX_N", "26")) + "b")
+    else:
+        time.sleep(0.5)
     return x * x
 
 
