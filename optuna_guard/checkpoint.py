@@ -27,6 +27,7 @@ import pickle
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -85,6 +86,15 @@ _disk_full_warned: collections.OrderedDict[tuple[str | None, int], None] = colle
 
 def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_upload_error(exc: BaseException) -> bool:
+    return type(exc).__name__ == "CheckpointStoreError"  # without importing the store module
+
+
+def _is_skippable(exc: BaseException) -> bool:
+    """Failures that cost this checkpoint but must not cost the trial."""
+    return _is_disk_full(exc) or _is_upload_error(exc)
 
 
 class CheckpointInfo(NamedTuple):
@@ -149,12 +159,13 @@ class _HashingWriter:
 
     _SYNC_EARLY_BYTES = 16 * MB
 
-    def __init__(self, raw: BinaryIO, pool: concurrent.futures.Executor) -> None:
+    def __init__(self, raw: BinaryIO, pool: concurrent.futures.Executor, *, durable: bool = True) -> None:
         self._raw = raw
         self._pool = pool
         self.sha256 = hashlib.sha256()
         self.size = 0
         self._unsynced = 0
+        self._durable = durable  # False for a spool file that is uploaded, not kept
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -163,7 +174,7 @@ class _HashingWriter:
             pending = self._pool.submit(self.sha256.update, view)
             self._raw.write(view)
             self._unsynced += nbytes
-            if not pending.done() and self._unsynced >= self._SYNC_EARLY_BYTES:
+            if self._durable and not pending.done() and self._unsynced >= self._SYNC_EARLY_BYTES:
                 self._raw.flush()
                 os.fdatasync(self._raw.fileno())
                 self._unsynced = 0
@@ -257,6 +268,7 @@ class TrialCheckpointer:
         capture_rng: bool = False,
         format: Format = "auto",
         study: Any = None,
+        store: Any = None,
     ) -> None:
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ConfigError(f"keep_last must be an integer >= 1 but got {keep_last!r}.")
@@ -277,9 +289,40 @@ class TrialCheckpointer:
         self.original_number: int = int(original) if original is not None else self.number
         self.study_name: str | None = getattr(study, "study_name", None)
         self.directory: Path = chain_directory(root, self.study_name, self.original_number)
+        self._chain = self._artifact_chain(store, trial, study)
         self.resumed_from_step: int | None = None
         self.last_saved_step: int | None = None
         self._last_save_monotonic = time.monotonic()
+
+    def _artifact_chain(self, store: Any, trial: Any, study: Any) -> Any:
+        """The chain in an artifact store (``store=``, else ``OPTUNA_GUARD_CHECKPOINT_STORE``),
+        or None for checkpoints under the local ``root``."""
+        from optuna_guard import _checkpoint_store as stores
+
+        if store is None:
+            store = stores.store_from_env()
+            if store is None:
+                return None
+        elif isinstance(store, str):
+            store = stores.open_checkpoint_store(store)
+        elif not all(callable(getattr(store, m, None)) for m in ("open_reader", "write", "remove")):
+            raise ConfigError(
+                f"store must be an Optuna artifact store (open_reader/write/remove) or a URL such as "
+                f"file:///shared/dir or s3://bucket/prefix, but got {type(store).__name__}."
+            )
+        if study is None:
+            raise ConfigError("a checkpoint store needs the study: pass study= with a FrozenTrial.")
+        storage = study._storage
+        study_id = getattr(study, "_study_id", None)
+        chain_ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in self.retry_history]
+        return stores.ArtifactChain(
+            store,
+            storage,
+            getattr(trial, "_trial_id", None),
+            self.number,
+            chain_ids,
+            name_prefix=f"{_study_dirname(self.study_name)}.trial-{self.original_number}.",
+        )
 
     @staticmethod
     def _system_attrs(trial: Any, study: Any) -> dict[str, Any]:
@@ -294,12 +337,14 @@ class TrialCheckpointer:
     @property
     def location(self) -> str:
         """Where this chain's checkpoints go, for messages."""
+        if self._chain is not None:
+            return f"{self._chain.url} ({self._chain.name_prefix}*)"
         return str(self.directory)
 
     def __repr__(self) -> str:
         return (
             f"TrialCheckpointer(trial={self.number}, original={self.original_number}, "
-            f"directory={str(self.directory)!r}, keep_last={self.keep_last})"
+            f"location={self.location!r}, keep_last={self.keep_last})"
         )
 
     # -- saving ---------------------------------------------------------------------------
@@ -318,18 +363,20 @@ class TrialCheckpointer:
             return True
         return every_seconds is not None and time.monotonic() - self._last_save_monotonic >= every_seconds
 
-    def save(self, state: Any, step: int) -> Path | None:
+    def save(self, state: Any, step: int) -> Path | str | None:
         """Write a checkpoint of ``state`` at ``step`` atomically and durably; return the
-        payload path. Then, if the trial was asked to stop, tag it and raise TrialPreempted
-        (a save is a preemption boundary: the state is safe before the trial ends).
+        payload path (the artifact id with a store). Then, if the trial was asked to stop, tag
+        it and raise TrialPreempted (a save is a preemption boundary: the state is safe before
+        the trial ends).
 
-        A full disk (ENOSPC, EDQUOT) does not fail the trial: the older checkpoints that
-        ``keep_last`` lets go are removed and the save is tried once more; if that fails too,
-        a warning is logged (once per trial), nothing is left half-written, and None is
-        returned so training goes on. Other OS errors raise :class:`CheckpointError`."""
+        A full disk (ENOSPC, EDQUOT) or a refused upload does not fail the trial: on a full
+        disk the older checkpoints that ``keep_last`` lets go are removed first; the save is
+        tried once more; if that fails too, a warning is logged (once per trial), nothing is
+        left half-written or listed, and None is returned so training goes on. Other OS errors
+        raise :class:`CheckpointError`."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be an integer >= 0 but got {step!r}.")
-        path: Path | None
+        path: Path | str | None
         try:
             path = self._save_making_room(state, step)
         except OSError as exc:
@@ -337,9 +384,9 @@ class TrialCheckpointer:
             if preemption.stop_requested():
                 _log.error("%s; stopping without it.", message)
                 preemption.raise_if_stop_requested(self._trial)
-            if not _is_disk_full(exc):
+            if not _is_skippable(exc):
                 raise CheckpointError(message) from exc
-            self._warn_disk_full(message)
+            self._warn_disk_full(message, exc)
             path = None
         preemption.consume_checkpoint_request()
         if preemption.stop_requested():
@@ -347,11 +394,15 @@ class TrialCheckpointer:
             preemption.raise_if_stop_requested(self._trial)
         return path
 
-    def _save_making_room(self, state: Any, step: int) -> Path:
-        """``_save``; on a full disk, rotate away what ``keep_last`` allows and retry once."""
+    def _save_making_room(self, state: Any, step: int) -> Path | str:
+        """``_save``; on a full disk, rotate away what ``keep_last`` allows and retry once; a
+        refused upload is retried once as it is."""
         try:
             return self._save(state, step)
         except OSError as exc:
+            if _is_upload_error(exc):
+                _log.info("Trial %d: %s; retrying once.", self.number, exc)
+                return self._save(state, step)
             if not _is_disk_full(exc):
                 raise
             freed = self._make_room()
@@ -366,6 +417,8 @@ class TrialCheckpointer:
         newest ``keep_last - 1`` (but never the only good one: with ``keep_last=1`` a failed
         retry would otherwise leave the chain with nothing to resume from)."""
         keep = max(self.keep_last - 1, 1)
+        if self._chain is not None:
+            return self._chain.rotate(keep)
         removed = 0
         for info in self.checkpoints()[keep:]:
             for path in (info.manifest, info.payload):  # manifest first: never a manifest without payload
@@ -377,7 +430,8 @@ class TrialCheckpointer:
                     _unlink_quietly(entry)
         return removed
 
-    def _warn_disk_full(self, message: str) -> None:
+    def _warn_disk_full(self, message: str, exc: BaseException) -> None:
+        """One warning per trial for checkpoints lost to a full disk or a refused upload."""
         key = (self.study_name, self.number)
         with _disk_full_lock:
             first = key not in _disk_full_warned
@@ -385,33 +439,26 @@ class TrialCheckpointer:
             while len(_disk_full_warned) > 1024:
                 _disk_full_warned.popitem(last=False)
         if first:
+            hint = " Free disk space or lower keep_last." if _is_disk_full(exc) else ""
             _log.warning(
                 "%s; the trial goes on without this checkpoint (a retry resumes from the last one "
-                "saved). Free disk space or lower keep_last; further failures of this trial are "
-                "logged at DEBUG.", message,
+                "saved).%s Further failures of this trial are logged at DEBUG.", message, hint,
             )
         else:
             _log.debug("%s; the trial goes on without it.", message)
 
-    def _save(self, state: Any, step: int) -> Path:
-        started = time.monotonic()
-        _makedirs_durable(self.directory)
+    def _save(self, state: Any, step: int) -> Path | str:
         fmt = _resolve_format(self.format)
         payload_obj = {"state": state, "step": step, "rng": capture_rng_state() if self.capture_rng else None}
+        if self._chain is not None:
+            return self._save_to_store(payload_obj, step, fmt)
+        started = time.monotonic()
+        _makedirs_durable(self.directory)
         stem = f"step-{step:010d}-{uuid.uuid4().hex[:8]}"
         payload = self.directory / f"{stem}{_PAYLOAD_SUFFIX}"
         manifest = self.directory / f"{stem}{_MANIFEST_SUFFIX}"
 
-        if fmt == "torch":
-            import torch
-
-            def write_payload(f: Any) -> None:
-                torch.save(payload_obj, f)
-        else:
-
-            def write_payload(f: Any) -> None:
-                pickle.dump(payload_obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-
+        write_payload = _serializer(payload_obj, fmt)
         pool = _hash_pool()
         sha256, size = _write_atomically(self.directory, payload, write_payload, pool)
         record = {
@@ -443,6 +490,24 @@ class TrialCheckpointer:
         )
         return payload
 
+    def _save_to_store(self, payload_obj: dict[str, Any], step: int, fmt: str) -> str:
+        started = time.monotonic()
+        write_payload = _serializer(payload_obj, fmt)
+
+        def spool(f: BinaryIO) -> tuple[str, int]:
+            writer = _HashingWriter(f, _hash_pool(), durable=False)
+            write_payload(writer)
+            return writer.sha256.hexdigest(), writer.size
+
+        saved = self._chain.save(spool, step, fmt, self.keep_last)
+        self.last_saved_step = step
+        self._last_save_monotonic = time.monotonic()
+        _log.debug(
+            "Trial %d saved checkpoint step %d (%.1f MB, %s) in %.2f s to %s.",
+            self.number, step, saved.size / MB, fmt, time.monotonic() - started, self._chain.url,
+        )
+        return saved.artifact_id
+
     def _rotate(self, keep: Path, save_started: float) -> None:
         """Keep the newest ``keep_last`` complete checkpoints; remove older ones, temp files
         of crashed saves and payloads that have no manifest (older than this save, so a
@@ -467,8 +532,11 @@ class TrialCheckpointer:
 
     # -- loading --------------------------------------------------------------------------
 
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """The chain's checkpoints that have a readable manifest, newest first (not verified)."""
+    def checkpoints(self) -> list[Any]:
+        """The chain's checkpoints that have a readable manifest, newest first (not verified):
+        :class:`CheckpointInfo` under a local root, ``StoredCheckpoint`` in an artifact store."""
+        if self._chain is not None:
+            return self._chain.checkpoints()
         if not self.directory.is_dir():
             return []
         found = []
@@ -485,6 +553,8 @@ class TrialCheckpointer:
         """The newest good checkpoint of this trial or of the trials it retries, as
         ``(state, step)``; None when there is none. Bad ones (missing manifest, wrong size or
         SHA-256, unreadable) are skipped with a warning. Writes ``resumed_from_step``."""
+        if self._chain is not None:
+            return self._load_from_store(map_location)
         for info in self.checkpoints():
             payload, problem = _verified_payload(info, map_location)
             if problem is not None:
@@ -501,7 +571,35 @@ class TrialCheckpointer:
             return payload["state"], info.step
         return None
 
-    def _record_resume(self, info: CheckpointInfo) -> None:
+    def _load_from_store(self, map_location: Any) -> tuple[Any, int] | None:
+        chain = self._chain
+        for item in chain.checkpoints():
+            with tempfile.TemporaryFile(prefix="optuna-guard-spool-") as spool:
+                problem = chain.download_verified(item, spool)
+                payload: Any = None
+                if problem is None:
+                    spool.seek(0)
+                    try:
+                        payload = _deserialize(spool, item.format, map_location)
+                    except Exception as exc:
+                        problem = f"cannot be read ({type(exc).__name__}: {exc})"
+                if problem is None and payload.get("step") != item.step:
+                    problem = f"is listed as step {item.step} but the payload holds step {payload.get('step')!r}"
+            if problem is not None:
+                _log.warning(
+                    "Trial %d: checkpoint step %d (%s in %s) %s; skipped, trying the previous one.",
+                    self.number, item.step, item.artifact_id, chain.url, problem,
+                )
+                chain.forget(item)
+                continue
+            if payload.get("rng") is not None and self.capture_rng:
+                restore_rng_state(payload["rng"])
+            self.resumed_from_step = item.step
+            self._record_resume(item)
+            return payload["state"], item.step
+        return None
+
+    def _record_resume(self, info: Any) -> None:
         origin = "its own" if info.trial_number == self.number else f"trial {info.trial_number}'s"
         _log.info("Trial %d resumes from step %d (%s checkpoint).", self.number, info.step, origin)
         set_user_attr = getattr(self._trial, "set_user_attr", None)
@@ -520,6 +618,8 @@ class TrialCheckpointer:
             return False
         if self.keep_on_complete == "best" and (value is None or self._is_best_so_far(value)):
             return False
+        if self._chain is not None:
+            return self._chain.remove_all()
         return remove_directory(self.directory)
 
     def _is_best_so_far(self, value: float) -> bool:
@@ -638,15 +738,39 @@ def _verified_payload(info: CheckpointInfo, map_location: Any) -> tuple[Any, str
     return payload, None
 
 
+def _serializer(payload_obj: dict[str, Any], fmt: str) -> Any:
+    """A function writing ``payload_obj`` to a binary file object in format ``fmt``."""
+    if fmt == "torch":
+        import torch
+
+        def write_payload(f: Any) -> None:
+            torch.save(payload_obj, f)
+    else:
+
+        def write_payload(f: Any) -> None:
+            pickle.dump(payload_obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    return write_payload
+
+
 def _read_payload(info: CheckpointInfo, map_location: Any) -> dict[str, Any]:
     if info.format == "torch":
+        return _deserialize(info.payload, info.format, map_location)
+    with open(info.payload, "rb") as f:
+        return _deserialize(f, info.format, map_location)
+
+
+def _deserialize(source: Any, fmt: str, map_location: Any) -> dict[str, Any]:
+    """A payload from a path (torch) or a binary file object (either format)."""
+    if fmt == "torch":
         import torch
 
         # Our own verified file; it may hold RNG states and arbitrary picklables.
-        payload = torch.load(info.payload, map_location=map_location, weights_only=False)
+        payload = torch.load(source, map_location=map_location, weights_only=False)
+    elif fmt == "pickle":
+        payload = pickle.load(source)
     else:
-        with open(info.payload, "rb") as f:
-            payload = pickle.load(f)
+        raise CheckpointError(f"unknown format {fmt!r}")
     if not isinstance(payload, dict) or "state" not in payload:
         raise CheckpointError("payload is not an optuna-guard checkpoint")
     return payload
@@ -671,12 +795,21 @@ class CheckpointCleanupCallback:
     best trial (the Pareto front for multi-objective studies) are kept.
     """
 
-    def __init__(self, root: str | os.PathLike[str] = "checkpoints", *, keep_best: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str] = "checkpoints", *, keep_best: bool = False, store: Any = None) -> None:
+        from optuna_guard import _checkpoint_store as stores
+
         self.root = Path(root)
         self.keep_best = keep_best
+        if isinstance(store, str):
+            store = stores.open_checkpoint_store(store)
+        self.store = store if store is not None else stores.store_from_env()
+        self._removed_chains: set[int] = set()
 
     def __call__(self, study: Any, trial: FrozenTrial) -> None:
         if not trial.state.is_finished():
+            return
+        if self.store is not None:
+            self._clean_store(study)
             return
         study_dir = self.root / _study_dirname(study.study_name)
         if not study_dir.is_dir():
@@ -699,6 +832,37 @@ class CheckpointCleanupCallback:
             name = f"trial-{original}"
             if name in present and remove_directory(study_dir / name):
                 _log.debug("Removed the checkpoints of finished trial chain %d.", original)
+
+
+    def _clean_store(self, study: Any) -> None:
+        """Artifact-store mode: remove the listed checkpoints of finished chains (once each)."""
+        from optuna_guard._checkpoint_store import CHECKPOINTS_ATTR, StoredCheckpoint, _is_not_found
+
+        trials = study.get_trials(deepcopy=False)
+        listed: dict[int, list[str]] = {}
+        finished: set[int] = set()
+        unfinished: set[int] = set()
+        for t in trials:
+            original = original_trial_number(t)
+            if not t.state.is_finished():
+                unfinished.add(original)
+            elif _chain_finished(t):
+                finished.add(original)
+            for record in t.system_attrs.get(CHECKPOINTS_ATTR) or []:
+                item = StoredCheckpoint.from_record(record)
+                if item is not None:
+                    listed.setdefault(original, []).append(item.artifact_id)
+        keep = set(unfinished)
+        if self.keep_best:
+            keep |= {original_trial_number(t) for t in _best_trials(study)}
+        for original in sorted(finished - keep - self._removed_chains):
+            for artifact_id in listed.get(original, []):
+                try:
+                    self.store.remove(artifact_id)
+                except Exception as exc:
+                    if not _is_not_found(exc):
+                        _log.warning("Could not remove checkpoint %s: %s", artifact_id, exc)
+            self._removed_chains.add(original)
 
 
 def _best_trials(study: Any) -> list[FrozenTrial]:
