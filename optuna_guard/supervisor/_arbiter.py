@@ -37,7 +37,7 @@ from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import CrashLoopError, MemoryStallError, StorageUnavailableError
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
 from optuna_guard.storage import end_trial_from_outside
-from optuna_guard.supervisor import _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
+from optuna_guard.supervisor import _exits, _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, worker_status_line
 
@@ -51,8 +51,8 @@ EXIT_WORKER_STORAGE_UNAVAILABLE = 75  # _worker.EXIT_STORAGE_UNAVAILABLE (the wo
 
 GUARD_CHANCE_S = 0.25  # the in-trial guard samples every 0.1 s: this long over its limit and it could not act
 
-MEMORY_KILL = "memory"
-PREEMPT_KILL = "preempt"
+MEMORY_KILL = _exits.MEMORY_KILL
+PREEMPT_KILL = _exits.PREEMPT_KILL
 
 
 @dataclasses.dataclass
@@ -539,62 +539,73 @@ class Arbiter:
             self.workers.remove(worker)
             self.handle_exit(worker, int(code), now)
 
+    def exit_record(self, worker: WorkerHandle, code: int) -> _exits.ExitRecord:
+        """What the supervisor knows about a reaped worker (see :mod:`._exits`)."""
+        kill = worker.kill
+        return _exits.ExitRecord(
+            code=code, pid=worker.pid, in_trial=worker.trial_id is not None,
+            ticket_without_trial=worker.ticket and worker.trial_id is None,
+            kill_kind=kill.kind if kill else None, kill_reason=kill.reason if kill else None,
+            kill_tags=dict(kill.tags) if kill else {}, stopping=self.stopping, stop_reason=self.stop_reason,
+            fatal_error=worker.fatal_error, trials_started=worker.trials_started, deny_reason=worker.deny_reason,
+            on_kill=self.config.on_kill, oom_killed=self._oom_killed(worker),
+            memory_limit_gb=self.config.max_worker_rss_gb,
+        )
+
+    def _oom_killed(self, worker: WorkerHandle) -> bool:
+        """Whether the kernel OOM-killed inside the worker's own memory cgroup (False without one)."""
+        return False
+
     def handle_exit(self, worker: WorkerHandle, code: int, now: float) -> None:
-        description = _policies.describe_exit(code)
+        """Act on how the worker ended; the decision itself is :func:`._exits.decide`."""
+        decision = _exits.decide(self.exit_record(worker, code))
+        outcome, reason, number = decision.outcome, decision.reason, worker.trial_number
         age = now - worker.started_at
-        if worker.ticket and worker.trial_id is None:
+        if decision.sweep_unreported:
             # Granted a ticket but never reported its trial: it may have died between Optuna
             # creating the trial and the objective starting. New trials carry the worker's pid
-            # and host from their creating insert, so look for one in the storage.
-            why = (f"preempted: {self.stop_reason}; {description} before its objective started" if self.stopping
-                   else f"{description} before its objective started")
+            # and launch id from their creating insert, so look for one in the storage.
+            why = _policies.describe_exit(code) + " before its objective started"
+            if self.stopping:
+                why = f"preempted: {self.stop_reason}; {why}"
             self.submit_storage_job(self._sweep_dead_worker_job, worker.pid, worker.worker_id, why, self.stopping)
-        if worker.kill is not None and worker.kill.kind == MEMORY_KILL:
-            state = TrialState.FAIL if self.config.on_kill == "fail" else TrialState.PRUNED
-            number = worker.trial_number
-            final = self.end_trial(worker, state, worker.kill.tags)
+        final = None
+        if decision.trial_state is not None:
+            final = self.end_trial(worker, TrialState[decision.trial_state], dict(decision.trial_tags))
+        if outcome in (_exits.KILLED_FOR_MEMORY, _exits.OOM_KILLED):
             if final is not None:
                 self.emit(events.TRIAL_KILLED, worker_id=worker.worker_id, pid=worker.pid,
-                          trial_number=number, reason=worker.kill.reason, state=final)
-            _log.info("Worker %d (pid %d) is gone (killed by the launcher: %s).", worker.worker_id, worker.pid,
-                      worker.kill.reason)
-            return
-        if worker.trial_id is not None and (self.stopping or (worker.kill and worker.kill.kind == PREEMPT_KILL)):
-            reason = worker.kill.reason if worker.kill else f"preempted: {self.stop_reason}; {description}"
-            number = worker.trial_number
-            final = self.end_trial(worker, TrialState.FAIL, {tags.PREEMPTED: True, tags.KILL_REASON: reason,
-                                                               tags.WORKER_PID: worker.pid})
+                          trial_number=number, reason=reason, state=final)
+            if outcome == _exits.OOM_KILLED:
+                self.kills += 1
+                _log.warning("Worker %d (pid %d): %s; trial %s ended %s.", worker.worker_id, worker.pid, reason,
+                             number, final)
+            else:
+                _log.info("Worker %d (pid %d) is gone (killed by the launcher: %s).", worker.worker_id, worker.pid,
+                          reason)
+        elif outcome in (_exits.PREEMPTED, _exits.TIMED_OUT):
             if final is not None:
-                self.preempted += 1
-                _log.info("Trial %s of worker %d ended FAIL tagged preempted: %s.", number, worker.worker_id, reason)
+                if outcome == _exits.PREEMPTED:
+                    self.preempted += 1
+                _log.info("Trial %s of worker %d ended FAIL tagged %s: %s.", number, worker.worker_id,
+                          "preempted" if outcome == _exits.PREEMPTED else "timed_out", reason)
             self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, reason=reason, exit_code=code)
-            return
-        if worker.trial_id is not None:
+        elif outcome == _exits.CRASHED_IN_TRIAL:
             self.crashes += 1
-            number = worker.trial_number
-            reason = description
-            self.end_trial(worker, TrialState.FAIL, {tags.WORKER_CRASHED: True, tags.KILL_REASON: reason,
-                                                      tags.WORKER_PID: worker.pid})
             _log.error("Worker %d (pid %d) crashed under trial %s: %s; trial %s marked worker_crashed (FAIL). %s",
                        worker.worker_id, worker.pid, number, reason, number, self._log_hint(worker))
             self.emit(events.WORKER_CRASHED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number,
                       reason=reason, exit_code=code, age_s=round(age, 1))
-            return
-        if worker.kill is not None:  # the launcher killed it itself: no crash, no strike (D17)
-            self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, exit_code=code,
-                      reason=f"killed by the launcher: {worker.kill.reason}")
-            _log.info("Worker %d (pid %d) is gone (killed by the launcher: %s).", worker.worker_id, worker.pid,
-                      worker.kill.reason)
-            return
-        if code == EXIT_WORKER_STORAGE_UNAVAILABLE:
+        elif outcome == _exits.KILLED_IDLE:  # the launcher killed it itself: no crash, no strike (D17)
+            self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, exit_code=code, reason=reason)
+            _log.info("Worker %d (pid %d) is gone (%s).", worker.worker_id, worker.pid, reason)
+        elif outcome == _exits.STORAGE_UNAVAILABLE:
             self.on_worker_storage_unavailable(worker)
-            return
-        if code != 0 or worker.fatal_error:
+        elif outcome in (_exits.BOOT_FAILURE, _exits.DIED_BETWEEN_TRIALS):
             self.crashes += 1
-            reason = worker.fatal_error or description
             self.emit(events.WORKER_CRASHED, worker_id=worker.worker_id, pid=worker.pid, reason=reason,
                       exit_code=code, age_s=round(age, 1))
-            if worker.trials_started == 0 and not self.stopping:
+            if outcome == _exits.BOOT_FAILURE:
                 self.boot_failures += 1
                 _log.error("Worker %d (pid %d) died before its first trial (%s), %d time(s) in a row. %s",
                            worker.worker_id, worker.pid, reason, self.boot_failures, self._log_hint(worker))
@@ -603,12 +614,11 @@ class Arbiter:
             else:
                 _log.error("Worker %d (pid %d) died between trials: %s. %s", worker.worker_id, worker.pid, reason,
                            self._log_hint(worker))
-            return
-        reason = worker.deny_reason or ("stop requested" if self.stopping else "exited by itself")
-        self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, reason=reason, exit_code=code,
-                  trials=worker.trials_finished)
-        _log.debug("Worker %d (pid %d) exited after %d trials: %s.", worker.worker_id, worker.pid,
-                   worker.trials_finished, reason)
+        else:
+            self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, reason=reason, exit_code=code,
+                      trials=worker.trials_finished)
+            _log.debug("Worker %d (pid %d) exited after %d trials: %s.", worker.worker_id, worker.pid,
+                       worker.trials_finished, reason)
 
     def on_worker_storage_unavailable(self, worker: WorkerHandle) -> None:
         """A worker that could not reach the storage within --storage-deadline at start: not a
