@@ -3,7 +3,6 @@ and building samplers/pruners from their CLI names (shared by supervisor and wor
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import warnings
@@ -188,8 +187,15 @@ def _first_line(exc: BaseException) -> str:
 def create_or_check_study(
     storage: optuna.storages.BaseStorage, study_name: str, directions: Sequence[str]
 ) -> optuna.Study:
-    """Create the study if missing; an existing study with other directions is a ConfigError."""
+    """Create the study if missing; an existing study with other directions is a ConfigError.
+    A new study says which way it optimizes: minimize is Optuna's default, and an accuracy
+    minimized by mistake looks like a working study."""
     check_study_name(study_name)
+    try:
+        storage.get_study_id_from_name(study_name)
+        is_new = False
+    except KeyError:
+        is_new = True
     try:
         study = optuna.create_study(
             study_name=study_name,
@@ -205,7 +211,19 @@ def create_or_check_study(
             f"study {study_name!r} already exists with direction {','.join(existing)} but "
             f"--direction {','.join(directions)} was given; use the study's direction or another --study-name."
         )
+    if is_new:
+        _log.info("New study %r: %s.", study_name, describe_directions(existing))
     return study
+
+
+def describe_directions(directions: Sequence[str]) -> str:
+    """"minimizing; pass --direction maximize if your objective is a score" and the like."""
+    words = ["minimizing" if d == "minimize" else "maximizing" for d in directions]
+    if len(words) == 1:
+        hint = ("pass --direction maximize if your objective is a score" if words[0] == "minimizing"
+                else "pass --direction minimize if your objective is a loss")
+        return f"{words[0]}; {hint}"
+    return f"{', '.join(words)} ({len(words)} objectives, in the order the objective returns them)"
 
 
 def check_writable_dir(path: str, option: str) -> None:
@@ -221,8 +239,14 @@ def check_writable_dir(path: str, option: str) -> None:
         probe = parent
     if not os.path.isdir(probe):
         raise ConfigError(f"{option} {path!r} is not usable: {probe!r} is not a directory.")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path!r} is not writable ({probe!r} denies writing); choose another directory.")
+    import tempfile
+
+    try:  # os.access says yes to root everywhere (even /proc): try it, leave nothing behind
+        os.rmdir(tempfile.mkdtemp(prefix=".optuna-guard-check-", dir=probe))
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {path!r} is not writable ({probe!r}: {exc.strerror}); choose another directory."
+        ) from None
 
 
 MAX_STUDY_NAME_LENGTH = 512  # optuna's studies.study_name column (MAX_INDEXED_STRING_LENGTH)
@@ -239,10 +263,18 @@ def check_study_name(study_name: str) -> None:
         )
 
 
+def is_factory_spec(name: str | None) -> bool:
+    """``module:factory`` or ``file.py:factory`` (names never contain a colon)."""
+    return name is not None and ":" in name
+
+
 def make_sampler(name: str | None, seed: int | None) -> optuna.samplers.BaseSampler | None:
-    """A sampler from its CLI name (or ``module:factory``); None means Optuna's default."""
+    """A sampler from its CLI name, or from ``module:factory`` / ``file.py:factory`` (called
+    with ``seed=`` when it takes one); None means Optuna's default."""
     if name is None:
         return optuna.samplers.TPESampler(seed=seed) if seed is not None else None
+    if is_factory_spec(name):
+        return _from_factory("--sampler", name, optuna.samplers.BaseSampler, "an Optuna sampler", seed=seed)
     key = name.lower()
     samplers = optuna.samplers
     try:
@@ -264,20 +296,17 @@ def make_sampler(name: str | None, seed: int | None) -> optuna.samplers.BaseSamp
             return samplers.BruteForceSampler(seed=seed)
     except ImportError as exc:
         raise ConfigError(f"--sampler {name}: a dependency is missing ({exc}); install it or pick another sampler.") from None
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--sampler {name!r} cannot be loaded ({exc}); use a known name or module:factory.") from None
-    sampler = factory(seed=seed) if seed is not None else factory()
-    if not isinstance(sampler, optuna.samplers.BaseSampler):
-        raise ConfigError(f"--sampler {name!r} did not return an Optuna sampler but {type(sampler).__name__}.")
-    return sampler
+    raise ConfigError(f"--sampler {name!r} is unknown; use a sampler name, module:factory or file.py:factory.")
 
 
 def make_pruner(name: str | None) -> optuna.pruners.BasePruner | None:
+    """A pruner from its CLI name (default arguments), or from ``module:factory`` /
+    ``file.py:factory`` for anything with arguments or wrapped (``MemoryGuardPruner``,
+    ``DivergencePruner``); None means Optuna's default."""
     if name is None:
         return None
+    if is_factory_spec(name):
+        return _from_factory("--pruner", name, optuna.pruners.BasePruner, "an Optuna pruner")
     key = name.lower()
     pruners = optuna.pruners
     if key == "median":
@@ -291,5 +320,56 @@ def make_pruner(name: str | None) -> optuna.pruners.BasePruner | None:
     if key == "successive-halving":
         return pruners.SuccessiveHalvingPruner()
     if key == "threshold":
-        raise ConfigError("--pruner threshold needs bounds; pass a pruner in your objective's study instead.")
-    raise ConfigError(f"--pruner {name!r} is unknown.")
+        raise ConfigError("--pruner threshold needs bounds; pass a factory instead: --pruner file.py:make_pruner.")
+    raise ConfigError(f"--pruner {name!r} is unknown; use a pruner name, module:factory or file.py:factory.")
+
+
+def _from_factory(option: str, spec: str, kind: type, what: str, **kwargs: Any) -> Any:
+    """Load ``spec`` with the objective's loader and call it (a class or a function); an
+    instance named directly is taken as it is. The result must be an instance of ``kind``."""
+    from optuna_guard.supervisor._objective_spec import load_callable
+
+    label = f"{option} {spec!r}"
+    try:
+        target = load_callable(spec, label=label, what=f"a function returning {what}")
+    except ConfigError as exc:
+        if "names a" not in str(exc):
+            raise
+        target = _attribute(spec)  # e.g. module:SAMPLER, an instance (instances are not callable)
+    if isinstance(target, kind):
+        return target
+    call_kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if call_kwargs and not _accepts(target, call_kwargs):
+        _log.warning("%s: %s takes no %s argument; --seed is not passed to it.", option, spec, ", ".join(call_kwargs))
+        call_kwargs = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            made = target(**call_kwargs)
+    except Exception as exc:
+        raise ConfigError(f"{label}: calling it failed: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+    if not isinstance(made, kind):
+        raise ConfigError(f"{label} returned {type(made).__name__}, not {what}.")
+    return made
+
+
+def _attribute(spec: str) -> Any:
+    from optuna_guard.supervisor._objective_spec import _load_file, _load_module, is_file_target, split_spec
+
+    target, attr = split_spec(spec)
+    obj = _load_file(target, spec) if is_file_target(target) else _load_module(target, spec)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _accepts(func: Any, kwargs: dict[str, Any]) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return True  # a builtin or C class: try it
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return all(name in params for name in kwargs)
