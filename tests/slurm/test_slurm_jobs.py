@@ -27,6 +27,7 @@ from optuna_guard.retries import original_trial_number
 from slurm_helpers import (
     EXTRA_ARGS,
     OBJECTIVE,
+    OPTUNA_GUARD_BIN,
     SlurmJobs,
     read,
     trials,
@@ -160,12 +161,45 @@ def max_requeues_reached(s: Scenario) -> dict[str, Any]:
             "running": s.count(TrialState.RUNNING)}
 
 
+def has_max_preemptions() -> bool:
+    """The --max-preemptions budget (issue 9, engineer "supervision") is in `optuna-guard run`."""
+    proc = subprocess.run([OPTUNA_GUARD_BIN, "run", "--help"], capture_output=True, text=True, timeout=60)
+    return "--max-preemptions" in proc.stdout
+
+
+def preempted_at_every_job_end(s: Scenario) -> dict[str, Any]:
+    """(6) one trial longer than a job run, --retry 1: finishes after several requeues because
+    each preemption made checkpoint progress (the --max-preemptions budget, not --retry, pays)."""
+    started = time.monotonic()
+    job = s.submit("optuna_guard.sbatch", "--time=2", "--signal=B:TERM@60", OPTUNA_GUARD_STUDY_TRIALS="1",
+                   OPTUNA_GUARD_RETRY="1", OPTUNA_GUARD_EXTRA_ARGS=EXTRA_ARGS + " --max-preemptions 10",
+                   SLURM_TEST_STEPS="75")
+    info = wait_job_done(job, timeout=SCENARIO_TIMEOUT_S)
+    return {"job": job, "info": info, "out": s.output(job), "wall_s": time.monotonic() - started,
+            "trials": s.trials()}
+
+
+def preempted_without_progress(s: Scenario) -> dict[str, Any]:
+    """(7) the same without checkpoints: a chain that makes no progress between preemptions
+    uses up --retry 1 and ends FAIL."""
+    started = time.monotonic()
+    job = s.submit("optuna_guard.sbatch", "--time=2", "--signal=B:TERM@60", OPTUNA_GUARD_STUDY_TRIALS="1",
+                   OPTUNA_GUARD_RETRY="1", OPTUNA_GUARD_MAX_REQUEUES="1",
+                   OPTUNA_GUARD_EXTRA_ARGS=EXTRA_ARGS + " --max-preemptions 10",
+                   SLURM_TEST_STEPS="500", SLURM_TEST_CHECKPOINT="0")
+    info = wait_job_done(job, timeout=SCENARIO_TIMEOUT_S)
+    return {"job": job, "info": info, "out": s.output(job), "wall_s": time.monotonic() - started,
+            "trials": s.trials()}
+
+
 SCENARIOS: dict[str, Callable[[Scenario], dict[str, Any]]] = {
     "requeue": requeue_at_time_limit,
     "array": array_shared_target,
     "scancel": scancel_term_full,
     "suspend": suspend_past_heartbeat_grace,
     "maxrequeue": max_requeues_reached,
+    "chain": preempted_at_every_job_end,
+    "noprogress": preempted_without_progress,
 }
 
 
@@ -174,6 +208,8 @@ def results(request, slurm_jobs: SlurmJobs, slurm_pg_url: str) -> Iterator[dict[
     # Only the scenarios of the selected tests (-k) run.
     wanted = {TEST_SCENARIO[item.function.__name__] for item in request.session.items
               if item.module is request.module and item.function.__name__ in TEST_SCENARIO}
+    if not has_max_preemptions():
+        wanted -= {"chain", "noprogress"}
     # Our own directory: jobs write into it for minutes, pytest's basetemp rotation must not remove it.
     root = tempfile.mkdtemp(prefix="optuna-guard-slurm-")
     storage = optuna.storages.RDBStorage(slurm_pg_url)  # the schema once, one storage for every thread
@@ -196,6 +232,8 @@ TEST_SCENARIO = {
     "test_scancel_signal_term_full_exits_99_requeues_and_resumes": "scancel",
     "test_suspend_past_heartbeat_grace_loses_and_doubles_nothing": "suspend",
     "test_max_requeues_stops_requeueing_and_says_why": "maxrequeue",
+    "test_trial_preempted_at_every_job_end_with_progress_finishes": "chain",
+    "test_chain_without_progress_between_preemptions_fails": "noprogress",
 }
 
 
@@ -276,3 +314,31 @@ def test_max_requeues_stops_requeueing_and_says_why(results):
     assert re.search(r"already requeued 1 times \(OPTUNA_GUARD_MAX_REQUEUES=1\); not requeueing again", out), out[-3000:]
     assert r["info"]["JobState"] == "FAILED" and r["info"]["ExitCode"].startswith("99")
     assert r["running"] == 0
+
+
+needs_max_preemptions = pytest.mark.skipif(
+    not has_max_preemptions(), reason="`optuna-guard run --max-preemptions` (issue 9) has not landed yet")
+
+
+@needs_max_preemptions
+def test_trial_preempted_at_every_job_end_with_progress_finishes(results):
+    r = result(results, "chain")
+    done = [t for t in r["trials"] if t.state == TrialState.COMPLETE]
+    preemptions = [t for t in r["trials"] if t.state == TrialState.FAIL and t.user_attrs.get("preempted")]
+    figures("chain", requeues=restarts(r["info"]), preemptions=len(preemptions),
+            resumed_steps=sorted(t.user_attrs.get("resumed_from_step", 0) for t in r["trials"]),
+            wall_s=round(r["wall_s"]))
+    assert r["info"]["JobState"] == "COMPLETED", r["out"][-3000:]
+    assert len(done) == 1 and len(preemptions) >= 2  # more preemptions than --retry 1 allows
+    assert {original_trial_number(t) for t in r["trials"]} == {0}  # one chain, never given up
+    assert not any(t.state == TrialState.RUNNING for t in r["trials"])
+
+
+@needs_max_preemptions
+def test_chain_without_progress_between_preemptions_fails(results):
+    r = result(results, "noprogress")
+    chain = [t for t in r["trials"] if original_trial_number(t) == 0]
+    figures("noprogress", requeues=restarts(r["info"]), chain=[t.state.name for t in chain], wall_s=round(r["wall_s"]))
+    assert len(chain) == 2, [t.state.name for t in chain]  # the first attempt and one retry (--retry 1)
+    assert all(t.state == TrialState.FAIL for t in chain)  # no progress: the retry budget pays, then it fails
+    assert not any(t.state == TrialState.RUNNING for t in r["trials"])
