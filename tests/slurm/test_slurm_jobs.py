@@ -296,7 +296,7 @@ def test_suspend_past_heartbeat_grace_loses_and_doubles_nothing(results):
             wall_s=round(r["wall_s"]))
     assert r["info_a"]["JobState"] == "COMPLETED", r["out_a"][-3000:]  # the woken launcher ends cleanly
     assert r["info_b"]["JobState"] == "COMPLETED", r["out_b"][-3000:]
-    assert "crashed" not in r["out_a"] and "stops: an error escaped" not in r["worker_log_a"], r["worker_log_a"][-4000:]
+    assert "crashed under" not in r["out_a"] and "stops: an error escaped" not in r["worker_log_a"], r["worker_log_a"][-4000:]
     assert "from outside while it ran" in r["worker_log_a"]  # the woken worker says what happened
     assert stale, "no trial of the suspended job was failed as stale"
     assert len(chains) == len(set(chains)), "a retry chain finished twice"  # not doubled
