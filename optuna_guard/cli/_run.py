@@ -135,11 +135,18 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--retry", type=_integer(0), default=0, metavar="N",
                         help="re-queue killed/crashed/preempted trials up to N times each (default 0)")
     parser.add_argument("--retry-on", default=None, metavar="TAGS",
-                        help="comma-separated end tags to retry (default emergency_killed,worker_crashed,preempted)")
+                        help="comma-separated end tags to retry (default emergency_killed,worker_crashed,preempted,"
+                             "worker_lost,timed_out)")
     parser.add_argument("--retry-shrink", default=None, metavar="module:function",
                         help="function(params) -> params applied to retries of memory-killed trials")
     parser.add_argument("--time-budget", type=_duration, default=None, metavar="DURATION",
                         help="wall-clock budget, e.g. 11h30m: no trial starts that cannot finish; exit 99 at the end")
+    parser.add_argument("--trial-timeout", type=_duration, default=None, metavar="DURATION",
+                        help="a trial running longer (e.g. 2h) is stopped at its next boundary, its worker killed "
+                             "after --grace-period; the trial ends FAIL tagged timed_out (retried under --retry)")
+    parser.add_argument("--max-preemptions", type=_integer(0), default=20, metavar="N",
+                        help="preemptions of one retry chain that made checkpoint progress do not use up --retry; "
+                             "at most N of them (default 20)")
     parser.add_argument("--storage-deadline", type=seconds, default=300.0, metavar="SECONDS",
                         help="how long workers and the supervisor retry a storage outage (default 300)")
     parser.add_argument("--memory-stall-timeout", type=_number("seconds", positive=True, allow_off=True), default=600.0, metavar="SECONDS",
@@ -172,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         n_trials=args.n_trials,
         study_trials=args.study_trials,
+        trial_timeout=args.trial_timeout,
+        max_preemptions=args.max_preemptions,
         directions=normalize_directions(args.direction, None),
         sampler=args.sampler,
         pruner=args.pruner,

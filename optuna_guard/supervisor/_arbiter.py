@@ -37,7 +37,7 @@ from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import CrashLoopError, MemoryStallError, StorageUnavailableError
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
 from optuna_guard.storage import end_trial_from_outside
-from optuna_guard.supervisor import _exits, _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
+from optuna_guard.supervisor import _exits, _hung, _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, worker_status_line
 
@@ -97,6 +97,8 @@ class WorkerHandle:
     stop_sent: bool = False
     fatal_error: str | None = None
     registered: bool = False
+    cpu_ticks: int | None = None  # last CPU reading, and when it last changed (hung-worker health)
+    cpu_changed_at: float | None = None
 
     @property
     def pid(self) -> int:
@@ -245,6 +247,7 @@ class Arbiter:
         self.merge_late_finished()
         self.advance_kills(now)
         self.check_memory(now)
+        self.check_trial_timeouts(now)
         self.check_time_budget(now)
         self.check_stop(now)
         self.reconcile(now)
@@ -1098,7 +1101,34 @@ class Arbiter:
                             "rss_gb": to_gb(w.rss_bytes), "age_s": round(now - w.started_at, 1),
                             "trial_number": w.trial_number} for w in self.workers])
 
+    def check_trial_timeouts(self, now: float) -> None:
+        """--trial-timeout: tell the worker to stop its trial (tags first, FAIL), SIGKILL its tree
+        after the grace period if it did not (a stopped or deadlocked worker cannot answer)."""
+        timeout = self.config.trial_timeout
+        for worker in self.workers:
+            if worker.kill is not None or not _hung.is_overdue(worker.trial_started_at, now, timeout):
+                continue
+            reason, attrs = _hung.timeout_tags(worker.trial_number, now - worker.trial_started_at, timeout,
+                                               _tree.process_state(worker.pid), worker.pid)
+            worker.kill = KillOrder(kind=_exits.TIMEOUT_KILL, reason=reason, tags=attrs, started_at=now,
+                                    sigkill_at=now + self.config.grace_period, trial_number=worker.trial_number)
+            worker.channel.send(_protocol.KILL, reason=reason, tags=attrs, state="FAIL")
+            _log.warning("Worker %d (pid %d): %s; it gets %.0fs to stop the trial before it is killed.",
+                         worker.worker_id, worker.pid, reason, self.config.grace_period)
+            self.emit(events.TRIAL_KILLED, worker_id=worker.worker_id, pid=worker.pid,
+                      trial_number=worker.trial_number, reason=reason, state="FAIL")
+
+    def _hang_note(self, worker: WorkerHandle, now: float) -> str | None:
+        cpu = _tree.cpu_ticks(worker.pid)
+        if cpu != worker.cpu_ticks or worker.cpu_changed_at is None:
+            worker.cpu_ticks, worker.cpu_changed_at = cpu, now
+        idle = now - worker.cpu_changed_at if cpu is not None else None
+        return _hung.health_note(_tree.process_state(worker.pid), idle, worker.trial_id is not None)
+
     def _health(self, worker: WorkerHandle) -> str:
+        note = self._hang_note(worker, self.clock()) if self.probe is None else None
+        if note is not None:
+            return note
         if worker.kill is not None:
             return "killing"
         if self.stopping:

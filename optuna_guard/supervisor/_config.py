@@ -77,6 +77,10 @@ class LaunchConfig:
     memory_stall_timeout: float | None = 600.0
     # issue 11: a target over every launch of the study (counted in the storage)
     study_trials: int | None = None
+    # issue 9: a trial running longer is stopped, then its worker killed after the grace period
+    trial_timeout: float | None = None
+    # issue 9: preemptions with checkpoint progress do not use up --retry; this bounds them
+    max_preemptions: int = 20
     # issue 13: objective fingerprint and result cache (objective_version/digest are set by launch())
     cache: bool = False
     fingerprint_extra: tuple[str, ...] = ()
@@ -162,6 +166,8 @@ class LaunchConfig:
         _check_number("memory_stall_timeout", self.memory_stall_timeout, positive=True, allow_none=True)
         if self.study_trials is not None:
             _check_int("study_trials", self.study_trials, minimum=1, hint="or leave it unset for no study-wide target")
+        _check_number("trial_timeout", self.trial_timeout, positive=True, allow_none=True)
+        _check_int("max_preemptions", self.max_preemptions, minimum=0, hint="0 makes every preemption use up --retry")
         object.__setattr__(self, "fingerprint_extra", tuple(self.fingerprint_extra))
         if self.sampler_history not in ("all", "current"):
             raise ConfigError(f"--sampler-history must be 'current' or 'all' but got {self.sampler_history!r}.")
@@ -239,6 +245,8 @@ _OPTION_NAMES = {
     "retry": "--retry",
     "time_budget": "--time-budget",
     "study_trials": "--study-trials",
+    "trial_timeout": "--trial-timeout",
+    "max_preemptions": "--max-preemptions",
 }
 
 

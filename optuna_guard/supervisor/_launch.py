@@ -87,6 +87,8 @@ def launch(
             python_path = (root, *python_path)
     if isinstance(time_budget, str):
         time_budget = _parse_duration(time_budget)
+    if isinstance(options.get("trial_timeout"), str):
+        options["trial_timeout"] = _parse_duration(options["trial_timeout"])
     try:
         config = LaunchConfig(
             objective=spec,

@@ -135,3 +135,14 @@ def pids_with_env(marker: bytes) -> list[int]:
         if marker in entries:
             found.append(pid)
     return found
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of ``pid`` in clock ticks (/proc/<pid>/stat fields 14-15), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+        fields = data[data.rindex(b")") + 2:].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None

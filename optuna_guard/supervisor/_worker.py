@@ -193,15 +193,15 @@ class WorkerLoop:
             if notice is None:
                 self._tag_final_attempt(trial)
                 raise
-            # The supervisor is killing us for memory; the trial stopped at a boundary in time,
-            # so end it the way a hard kill would (tags, then PRUNED or FAIL).
+            # The supervisor is killing us (memory, or --trial-timeout with state FAIL); the trial
+            # stopped at a boundary in time, so end it the way a hard kill would (tags, then state).
             reason = str(notice.get("reason", "killed by the launcher"))
             if isinstance(exc, preemption.TrialPreempted):
                 trial.set_user_attr(tags.PREEMPTED, False)  # the stop was a kill, not a preemption
             for key, value in (notice.get("tags") or {}).items():
                 trial.set_user_attr(key, value)
             self._tag_final_attempt(trial)
-            if self.settings.on_kill == "fail":
+            if self.settings.on_kill == "fail" or notice.get("state") == "FAIL":
                 raise RuntimeError(reason) from exc
             self._outcome = (trial.number, trial._trial_id, "PRUNED")
             raise optuna.TrialPruned(reason) from exc

@@ -68,3 +68,9 @@ def grandchild_daemon(trial):
     while time.monotonic() < end:
         time.sleep(0.1)
     return x * x
+
+
+def quick(trial):
+    x = trial.suggest_float("x", -10, 10)
+    time.sleep(0.3)
+    return x * x
