@@ -11,11 +11,7 @@ it (system attrs ``failed_trial`` and ``retry_history``), so ``retried_trial_num
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import math
-import os
-import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import optuna
@@ -29,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optuna_guard import tags
 from optuna_guard._logging import get_logger
-from optuna_guard.exceptions import ConfigError, ObjectiveSpecError
+from optuna_guard.exceptions import ConfigError
 
 _log = get_logger(__name__)
 
@@ -138,46 +134,11 @@ class RetryPolicy:
 
 
 def load_shrink_hook(spec: str) -> ShrinkHook:
-    """Import ``module:function`` or ``path/to/file.py:function`` and return the function."""
-    if not isinstance(spec, str) or spec.count(":") < 1:
-        raise ObjectiveSpecError(
-            f"shrink hook {spec!r} is not a spec; use module:function or file.py:function"
-        )
-    target, _, name = spec.rpartition(":")
-    if not target or not name.isidentifier():
-        raise ObjectiveSpecError(
-            f"shrink hook {spec!r} is not a spec; use module:function or file.py:function"
-        )
-    if target.endswith(".py"):
-        module = _import_file(target, spec)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:  # ImportError, or an error raised while importing it
-            raise ObjectiveSpecError(f"shrink hook {spec!r}: cannot import {target!r}: {exc}") from exc
-    hook = getattr(module, name, None)
-    if hook is None or not callable(hook):
-        raise ObjectiveSpecError(f"shrink hook {spec!r}: {target!r} has no function {name!r}")
-    return hook
+    """Import ``module:function`` or ``path/to/file.py:function`` and return the function
+    (the objective's loader, so the same specs work for every option)."""
+    from optuna_guard.supervisor._objective_spec import load_callable
 
-
-def _import_file(path: str, spec_text: str) -> Any:
-    if not os.path.isfile(path):
-        raise ObjectiveSpecError(f"shrink hook {spec_text!r}: file {path!r} does not exist")
-    module_name = f"_optuna_guard_shrink_{abs(hash(os.path.abspath(path)))}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ObjectiveSpecError(f"shrink hook {spec_text!r}: cannot load {path!r} as a module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[module_name]
-        raise ObjectiveSpecError(f"shrink hook {spec_text!r}: importing {path!r} failed: {exc}") from exc
-    return module
+    return load_callable(spec, label=f"shrink hook {spec!r}", what="a function taking and returning params")
 
 
 def _fit_to_distribution(name: str, value: Any, dist: BaseDistribution, trial_number: int) -> Any:

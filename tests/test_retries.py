@@ -135,11 +135,11 @@ def test_load_shrink_hook_from_module_and_file(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
-        ("nocolon", "not a spec"),
-        (":f", "not a spec"),
-        ("mod:", "not a spec"),
-        ("no_such_module_xyz:f", "cannot import"),
-        ("os:no_such_function", "no function"),
+        ("nocolon", "has no ':function' part"),  # the objective's loader and its messages
+        (":f", "is incomplete"),
+        ("mod:", "is incomplete"),
+        ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
+        ("os:no_such_function", "has no attribute 'no_such_function'"),
         ("/nonexistent/file.py:f", "does not exist"),
     ],
 )

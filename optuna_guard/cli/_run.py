@@ -92,9 +92,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--direction", default="minimize", metavar="minimize|maximize",
                         help="study direction; comma-separated for multi-objective (default minimize)")
     parser.add_argument("--sampler", default=None, metavar="NAME",
-                        help="tpe, random, cmaes, gp, qmc, nsgaii, nsgaiii, bruteforce or module:factory")
+                        help="tpe, random, cmaes, gp, qmc, nsgaii, nsgaiii, bruteforce, or module:factory / "
+                             "file.py:factory (called with seed= if it takes one; a relative file is looked for "
+                             "next to the objective)")
     parser.add_argument("--pruner", default=None, metavar="NAME",
-                        help="median, percentile, hyperband, successive-halving or none (default: Optuna's)")
+                        help="median, percentile, hyperband, successive-halving, none, or module:factory / "
+                             "file.py:factory for pruners with arguments or wrapped in MemoryGuardPruner/"
+                             "DivergencePruner (default: Optuna's)")
     parser.add_argument("--seed", type=_integer(0), default=None, metavar="S",
                         help="sampler seed; worker k gets S + k")
     parser.add_argument("--max-worker-rss-gb", type=gb, default=8.0, metavar="GB",

@@ -103,10 +103,12 @@ class LaunchConfig:
         object.__setattr__(self, "directions", directions)
         if self.sampler is not None and self.sampler.lower() not in SAMPLERS and ":" not in self.sampler:
             raise ConfigError(
-                f"--sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)} or module:factory."
+                f"--sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}, module:factory or file.py:factory."
             )
-        if self.pruner is not None and self.pruner.lower() not in PRUNERS:
-            raise ConfigError(f"--pruner {self.pruner!r} is unknown; use one of {', '.join(PRUNERS)}.")
+        if self.pruner is not None and self.pruner.lower() not in PRUNERS and ":" not in self.pruner:
+            raise ConfigError(
+                f"--pruner {self.pruner!r} is unknown; use one of {', '.join(PRUNERS)}, module:factory or file.py:factory."
+            )
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         for name in ("max_worker_rss_gb", "recycle_worker_rss_gb", "memory_budget_gb"):

@@ -22,8 +22,6 @@ from optuna_guard.supervisor._study import (
     check_study_name,
     check_writable_dir,
     create_or_check_study,
-    make_pruner,
-    make_sampler,
     mask_url,
     open_checked_storage,
     probe_connection,
@@ -128,7 +126,13 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     """The body of :func:`launch` for an already validated config (the CLI calls this)."""
     started = time.monotonic()
     spec = _objective_spec.normalize_spec(config.objective)
-    _objective_spec.check_spec_in_subprocess(spec, env=config.python_env())
+    # --sampler/--pruner factories: relative files next to the objective; built once in the
+    # check process (exit 2 on any problem), never in the supervisor, before the storage is touched.
+    sampler, pruner = (_objective_spec.resolve_next_to_objective(x, spec, label=f"--{o} {x!r}") if x and ":" in x
+                       else x for o, x in (("sampler", config.sampler), ("pruner", config.pruner)))
+    _objective_spec.check_spec_in_subprocess(spec, env=config.python_env(), sampler=sampler, pruner=pruner,
+                                             seed=config.seed)
+    config = config.replace(sampler=sampler, pruner=pruner)
     url = resolve_storage_url(config.storage)
     config = config.replace(objective=spec, storage=url, log_dir=os.path.abspath(config.log_dir))
     budget = _time_budget(config)  # the wall clock starts now
@@ -137,8 +141,6 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     retry_policy = _retry_policy(config)
     # Every input is checked before anything is written to the storage (no empty study left
     # behind by a bad --sampler or --log-dir).
-    make_sampler(config.sampler, config.seed)  # fails here (exit 2), not in every worker
-    make_pruner(config.pruner)
     check_study_name(config.study_name)
     check_writable_dir(config.log_dir, "--log-dir")
     check_writable_dir(os.path.dirname(os.path.abspath(config.event_log_path)), "--event-log")

@@ -5,8 +5,15 @@ pickled function. The supervisor checks a spec in a short-lived subprocess
 (:func:`check_spec_in_subprocess`) so a user module that imports torch or allocates at import
 time never runs inside the supervisor, and a bad spec is a one-line error before any worker starts.
 
-Run as ``python -m optuna_guard.supervisor._objective_spec SPEC`` it loads the spec and exits 0,
-or prints the one-line error and exits 2.
+The same loader serves every ``module:function`` / ``file.py:function`` option
+(:func:`load_callable`): ``--sampler``/``--pruner`` factories and ``--retry-shrink`` hooks.
+A relative ``file.py:factory`` is looked for next to the objective file first
+(:func:`resolve_next_to_objective`), and a ``module:factory`` imports from the objective's
+directory, which is on ``sys.path`` once the objective is loaded.
+
+Run as ``python -m optuna_guard.supervisor._objective_spec SPEC [--sampler S] [--pruner P]
+[--seed N]`` it loads the spec (then builds the sampler and pruner) and exits 0, or prints the
+one-line error and exits 2.
 """
 
 from __future__ import annotations
@@ -25,16 +32,22 @@ FORMAT_HINT = "use package.module:function or path/to/file.py:function"
 _FILE_MODULE_PREFIX = "optuna_guard_objective_"
 
 
-def split_spec(spec: str) -> tuple[str, str]:
-    """``"a/b.py:f"`` -> ``("a/b.py", "f")``; raises ObjectiveSpecError on a malformed spec."""
+def _label(spec: Any, label: str | None) -> str:
+    return label or f"objective spec {spec!r}"
+
+
+def split_spec(spec: str, label: str | None = None) -> tuple[str, str]:
+    """``"a/b.py:f"`` -> ``("a/b.py", "f")``; raises ObjectiveSpecError on a malformed spec.
+    ``label`` names the option in messages (default "objective spec '...'")."""
+    what = _label(spec, label)
     if not isinstance(spec, str) or ":" not in spec:
-        raise ObjectiveSpecError(f"objective spec {spec!r} has no ':function' part; {FORMAT_HINT}.")
+        raise ObjectiveSpecError(f"{what} has no ':function' part; {FORMAT_HINT}.")
     target, _, attr = spec.rpartition(":")
     target, attr = target.strip(), attr.strip()
     if not target or not attr:
-        raise ObjectiveSpecError(f"objective spec {spec!r} is incomplete; {FORMAT_HINT}.")
+        raise ObjectiveSpecError(f"{what} is incomplete; {FORMAT_HINT}.")
     if not all(part.isidentifier() for part in attr.split(".")):
-        raise ObjectiveSpecError(f"objective spec {spec!r}: {attr!r} is not a Python name; {FORMAT_HINT}.")
+        raise ObjectiveSpecError(f"{what}: {attr!r} is not a Python name; {FORMAT_HINT}.")
     return target, attr
 
 
@@ -90,21 +103,44 @@ def import_root(func: Callable[..., Any]) -> str | None:
     return root
 
 
+def resolve_next_to_objective(spec: str, objective_spec: str | None, label: str | None = None) -> str:
+    """A ``file.py:function`` spec with a relative path made absolute: next to the objective
+    file if the file is there, else in the current directory (so workers started elsewhere
+    find it). Module specs are returned as they are."""
+    target, attr = split_spec(spec, label)
+    if not is_file_target(target) or os.path.isabs(target):
+        return f"{target}:{attr}"
+    if objective_spec:
+        objective_target, _ = split_spec(objective_spec)
+        if is_file_target(objective_target):
+            beside = os.path.join(os.path.dirname(os.path.abspath(objective_target)), target)
+            if os.path.isfile(beside):
+                return f"{beside}:{attr}"
+    return f"{os.path.abspath(target)}:{attr}"
+
+
 def load_objective(spec: str) -> Callable[..., Any]:
     """Import the spec's module (or file) and return the callable it names."""
-    target, attr = split_spec(spec)
-    module = _load_file(target, spec) if is_file_target(target) else _load_module(target, spec)
+    return load_callable(spec, what="the objective function")
+
+
+def load_callable(spec: str, *, label: str | None = None, what: str = "a function") -> Any:
+    """Import the spec's module (or file) and return the callable it names. ``label`` names
+    the option in error messages (e.g. "--sampler 'f.py:make'"), ``what`` what it should be."""
+    name = _label(spec, label)
+    target, attr = split_spec(spec, label)
+    module = _load_file(target, name) if is_file_target(target) else _load_module(target, name)
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise ObjectiveSpecError(
-                f"objective spec {spec!r}: {target!r} has no attribute {part!r}; check the function name."
+                f"{name}: {target!r} has no attribute {part!r}; check the function name."
             ) from None
     if not callable(obj):
         raise ObjectiveSpecError(
-            f"objective spec {spec!r} names a {type(obj).__name__}, not a function; point it at the objective function."
+            f"{name} names a {type(obj).__name__}, not a function; point it at {what}."
         )
     return obj
 
@@ -115,22 +151,22 @@ def _load_module(name: str, spec: str) -> Any:
     try:
         found = importlib.util.find_spec(name)
     except (ImportError, ValueError) as exc:  # parent package missing or broken
-        raise ObjectiveSpecError(f"objective spec {spec!r}: cannot import {name!r} ({_one_line(exc)}).") from None
+        raise ObjectiveSpecError(f"{spec}: cannot import {name!r} ({_one_line(exc)}).") from None
     if found is None:
         raise ObjectiveSpecError(
-            f"objective spec {spec!r}: no module named {name!r} on the Python path (current directory "
+            f"{spec}: no module named {name!r} on the Python path (current directory "
             f"{os.getcwd()}); {FORMAT_HINT}."
         )
     try:
         return importlib.import_module(name)
     except Exception as exc:
-        raise ObjectiveSpecError(f"objective spec {spec!r}: importing {name!r} failed: {_one_line(exc)}.") from None
+        raise ObjectiveSpecError(f"{spec}: importing {name!r} failed: {_one_line(exc)}.") from None
 
 
 def _load_file(path: str, spec: str) -> Any:
     path = os.path.abspath(path)
     if not os.path.isfile(path):
-        raise ObjectiveSpecError(f"objective spec {spec!r}: file {path!r} does not exist.")
+        raise ObjectiveSpecError(f"{spec}: file {path!r} does not exist.")
     stem = os.path.splitext(os.path.basename(path))[0]
     module_name = _FILE_MODULE_PREFIX + "".join(c if c.isalnum() else "_" for c in stem)
     if module_name in sys.modules:
@@ -140,7 +176,7 @@ def _load_file(path: str, spec: str) -> Any:
         sys.path.insert(0, directory)  # like running the script: its siblings are importable
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ObjectiveSpecError(f"objective spec {spec!r}: {path!r} is not a Python file.")
+        raise ObjectiveSpecError(f"{spec}: {path!r} is not a Python file.")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     try:
@@ -148,8 +184,8 @@ def _load_file(path: str, spec: str) -> Any:
     except BaseException as exc:
         del sys.modules[module_name]
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise ObjectiveSpecError(f"objective spec {spec!r}: {path!r} exited while being imported.") from None
-        raise ObjectiveSpecError(f"objective spec {spec!r}: importing {path!r} failed: {_one_line(exc)}.") from None
+            raise ObjectiveSpecError(f"{spec}: {path!r} exited while being imported.") from None
+        raise ObjectiveSpecError(f"{spec}: importing {path!r} failed: {_one_line(exc)}.") from None
     return module
 
 
@@ -160,11 +196,25 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def check_spec_in_subprocess(spec: str, *, timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
-    """Load ``spec`` in a throw-away interpreter; raise ObjectiveSpecError with its one-line reason."""
+def check_spec_in_subprocess(
+    spec: str,
+    *,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+    sampler: str | None = None,
+    pruner: str | None = None,
+    seed: int | None = None,
+) -> None:
+    """Load ``spec`` (and build ``sampler``/``pruner`` as a worker would) in a throw-away
+    interpreter, so user code never runs in the supervisor; raise ObjectiveSpecError with the
+    one-line reason."""
+    extra: list[str] = []
+    for option, value in (("--sampler", sampler), ("--pruner", pruner), ("--seed", seed)):
+        if value is not None:
+            extra += [option, str(value)]
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "optuna_guard.supervisor._objective_spec", spec],
+            [sys.executable, "-m", "optuna_guard.supervisor._objective_spec", spec, *extra],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -185,12 +235,22 @@ def check_spec_in_subprocess(spec: str, *, timeout: float = 120.0, env: dict[str
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(f"usage: python -m optuna_guard.supervisor._objective_spec SPEC ({FORMAT_HINT})")
+    from optuna_guard.exceptions import ConfigError
+
+    options = dict(zip(argv[1::2], argv[2::2]))
+    if len(argv) % 2 != 1 or set(options) - {"--sampler", "--pruner", "--seed"}:
+        print(f"usage: python -m optuna_guard.supervisor._objective_spec SPEC [--sampler S] [--pruner P] [--seed N] "
+              f"({FORMAT_HINT})")
         return 2
     try:
         load_objective(argv[0])
-    except ObjectiveSpecError as exc:
+        if "--sampler" in options or "--pruner" in options:
+            from optuna_guard.supervisor._study import make_pruner, make_sampler
+
+            seed = int(options["--seed"]) if "--seed" in options else None
+            make_sampler(options.get("--sampler"), seed)
+            make_pruner(options.get("--pruner"))
+    except ConfigError as exc:
         sys.stdout.write(f"{exc}\n")
         return 2
     except BaseException:  # pragma: no cover - anything else is a bug worth a traceback
