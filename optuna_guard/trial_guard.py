@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, TypeVar, overload
 import optuna
 
 from optuna_guard import preemption, tags
+from optuna_guard._attrs import set_user_attrs
 from optuna_guard._logging import get_logger
 from optuna_guard._watcher import STUCK_AFTER_S, WATCHER, OnStuck, TrialWatch, default_on_stuck
 from optuna_guard._trips import Trip, below_warning, find_trip, needs_gpu, needs_rss
@@ -168,7 +169,21 @@ def kill_tags(trip: Trip, context: str, trial: Any) -> dict[str, Any]:
 
 def write_user_attrs(trial: Any, attrs: Mapping[str, Any], storage: Any = None) -> None:
     """Write tags on a running trial; a failure is logged, never raised (stopping the trial
-    matters more than its tags). ``storage`` is for a FrozenTrial (pruners)."""
+    matters more than its tags). ``storage`` is for a FrozenTrial (pruners). Optuna's own
+    storages get all keys in one operation (see ``optuna_guard._attrs``)."""
+    if storage is None and len(attrs) > 1 and isinstance(trial, optuna.Trial):
+        try:
+            set_user_attrs(trial.storage, trial._trial_id, attrs)
+            trial._cached_frozen_trial.user_attrs.update(attrs)  # as Trial.set_user_attr does
+            return
+        except Exception:
+            pass  # one key at a time below, each failure logged with its key
+    elif storage is not None and len(attrs) > 1:
+        try:
+            set_user_attrs(storage, trial._trial_id, attrs)
+            return
+        except Exception:
+            pass
     for key, value in attrs.items():
         try:
             if storage is not None:
@@ -396,35 +411,40 @@ def _find_trial(args: tuple, kwargs: dict) -> Any:
 
 
 class _RecentReadings:
-    """The guard's start and end readings, shared between trials for up to ``FRESH_S``.
+    """The guard's start and end readings, shared between trials for up to half a sampling
+    interval (at most ``FRESH_S``).
 
     Why: a reading is a few kernel file reads, and right after a trial (cold caches) that costs
-    ~100 us here; with 10 ms trials, reading at every start and end would be most of the
-    guard's cost. A reading at most 20 ms old is far fresher than the watcher's 100 ms period.
-    The cache holds the probe itself (an ``is`` check; no id reuse); ``check_memory`` and the
-    watcher always read afresh.
+    ~50-100 us here; with 10 ms trials, reading at every start and end would be most of the
+    guard's cost. A reading at most half an interval old is fresher than anything the watcher
+    guarantees. After a trial stopped for memory the cache is dropped (its memory is freed
+    only then). The cache holds the probe itself (an ``is`` check; no id reuse);
+    ``check_memory`` and the watcher always read afresh.
     """
 
-    FRESH_S = 0.02
+    FRESH_S = 0.05
 
     def __init__(self) -> None:
         self._system: tuple[Any, float, SystemMemory] | None = None
         self._rss: tuple[Any, int, float, int] | None = None
 
-    def system(self, probe: MemoryProbe) -> SystemMemory:
+    def clear(self) -> None:
+        self._system = self._rss = None
+
+    def system(self, probe: MemoryProbe, interval: float) -> SystemMemory:
         now = time.monotonic()
         cached = self._system
-        if cached is not None and cached[0] is probe and now - cached[1] < self.FRESH_S:
+        if cached is not None and cached[0] is probe and now - cached[1] < min(self.FRESH_S, interval / 2):
             return cached[2]
         reading = probe.system()
         self._system = (probe, now, reading)
         return reading
 
-    def tree_rss(self, probe: MemoryProbe) -> int:
+    def tree_rss(self, probe: MemoryProbe, interval: float) -> int:
         now = time.monotonic()
         pid = os.getpid()
         cached = self._rss
-        if cached is not None and cached[0] is probe and cached[1] == pid and now - cached[2] < self.FRESH_S:
+        if cached is not None and cached[0] is probe and cached[1] == pid and now - cached[2] < min(self.FRESH_S, interval / 2):
             return cached[3]
         rss = probe.process_tree_rss(pid)
         self._rss = (probe, pid, now, rss)
@@ -477,8 +497,8 @@ def _check_at_start(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings:
     """The start check: limits (shared readings), the warning level, the budget, pre-flight."""
     limits = settings.limits
     number = watch.number
-    system = _READINGS.system(probe)
-    rss = _READINGS.tree_rss(probe) if needs_rss(limits) or settings.budget_gb is not None else None
+    system = _READINGS.system(probe, limits.interval)
+    rss = _READINGS.tree_rss(probe, limits.interval) if needs_rss(limits) or settings.budget_gb is not None else None
     gpus = probe.gpus()
     watch.observe(system, rss, gpus)
     if rss is not None:
@@ -584,13 +604,15 @@ def _finish_trial(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _
     """Write the trial's memory tags (and constraint) while it is RUNNING, then collect garbage."""
     try:  # the tree RSS now, for trials shorter than one sampling period (the start reading
         # and the watcher cover the rest; available memory needs no second read here)
-        watch.observe(None, _READINGS.tree_rss(probe), ())
+        watch.observe(None, _READINGS.tree_rss(probe, settings.limits.interval), ())
     except Exception as exc:
         _log.debug("Final memory reading of Trial #%d failed: %s", watch.number, exc)
     write_user_attrs(trial, tags.memory_seen(watch.peak_rss_bytes, watch.min_available_bytes, watch.peak_gpu_bytes))
     if settings.budget_gb is not None:
         _write_constraint(trial, to_gb(watch.peak_rss_bytes), settings.budget_gb, killed)
     _collect_garbage(force=killed, trial_seconds=time.perf_counter() - started)
+    if killed:
+        _READINGS.clear()  # the stopped trial's memory is freed only now: read afresh next time
 
 
 def _write_constraint(trial: Any, peak_gb: float, budget_gb: float, killed: bool) -> None:

@@ -1,0 +1,50 @@
+"""Write several user attributes of a running trial in one storage operation where possible.
+
+Why: the guard writes its memory tags on every trial, and Optuna's storage API sets one
+attribute per call - one lock + trial copy (in memory) or one transaction (RDB) each. For
+Optuna's own storages we do the same work once for all keys, through the same internals the
+one-key methods use; any other storage (wrappers such as ``ResilientStorage``, journal
+storages, user classes) gets the public one-key calls, so behaviour is never different, only
+slower.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
+
+
+def set_user_attrs(storage: BaseStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
+    """``storage.set_trial_user_attr`` for every item, batched for Optuna's own storages.
+    Raises what the one-key call raises (e.g. ``UpdateFinishedTrialError``)."""
+    if not attrs:
+        return
+    if len(attrs) > 1:
+        backend = storage._backend if type(storage) is _CachedStorage else storage
+        if type(backend) is InMemoryStorage:
+            return _in_memory(backend, trial_id, attrs)
+        if type(backend) is RDBStorage:
+            return _rdb(backend, trial_id, attrs)
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+
+
+def _in_memory(storage: InMemoryStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
+    with storage._lock:
+        trial = storage._get_trial(trial_id)
+        storage.check_trial_is_updatable(trial_id, trial.state)
+        trial = copy.copy(trial)
+        trial.user_attrs = {**trial.user_attrs, **attrs}
+        storage._set_trial(trial_id, trial)
+
+
+def _rdb(storage: RDBStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        for key, value in attrs.items():
+            storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
