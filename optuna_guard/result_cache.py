@@ -3,8 +3,10 @@
 The key of a configuration is the SHA-256 of its params as JSON (sorted keys; floats written
 as ``repr``, so 0.1 and 0.1000000001 differ) plus the objective fingerprint's digest. The index
 maps keys to COMPLETE trials of the current objective version. Each worker keeps its own index
-and adds only trials it has not seen (Optuna's cached storage reads only new finished trials
-from the database), so a lookup costs a scan of the in-memory trial list and a dict lookup.
+and adds only trials it has not seen. It reads the study's per-trial snapshot of all trials
+(``Study._get_trials(use_cache=True)``, synced once per trial at ``ask`` and shared with the
+sampler; Optuna's cached storage reads only new finished trials from the database), so a lookup
+adds a scan of that in-memory list and a dict lookup.
 
 Only clean COMPLETE trials are served: not PRUNED, FAIL or RUNNING, no stop tag (killed,
 crashed, preempted, diverged), finite values. Two workers that propose the same new
@@ -77,9 +79,11 @@ class ResultCache:
     def __len__(self) -> int:
         return len(self._index)
 
-    def refresh(self, storage: Any) -> None:
-        """Index the COMPLETE trials finished since the last refresh."""
-        trials = storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.COMPLETE,))
+    def refresh(self, storage: Any, trials: Any = None) -> None:
+        """Index the COMPLETE trials finished since the last refresh (``trials``: a list the
+        caller already read, e.g. the study's per-trial snapshot that the sampler also uses)."""
+        if trials is None:
+            trials = storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.COMPLETE,))
         with self._lock:
             self.add_trials(trials)
 

@@ -129,7 +129,7 @@ def serve_from_cache(trial: optuna.trial.Trial, cache: ResultCache) -> CachedRes
     """Draw the params every earlier trial had (before the objective runs, so no work is done
     for a repeat), then look the configuration up. On a hit the trial gets the cached trial's
     exact params and ``cached_from``; the caller returns the cached value(s)."""
-    cache.refresh(trial.study._storage)
+    cache.refresh(trial.study._storage, _complete_trials(trial.study))
     for name, distribution in cache.search_space.items():
         _suggest(trial, name, distribution)
     candidate = {**(getattr(trial, "_fixed_params", None) or {}), **trial.params}
@@ -144,6 +144,15 @@ def serve_from_cache(trial: optuna.trial.Trial, cache: ResultCache) -> CachedRes
     _log.info("Trial #%d served from the cache: same params as trial #%d (value %s).",
               trial.number, hit.number, ", ".join(f"{v:.6g}" for v in hit.values))
     return hit
+
+
+def _complete_trials(study: optuna.Study) -> list[FrozenTrial] | None:
+    """COMPLETE trials from the study's per-trial snapshot (synced at ``ask``, shared with the
+    sampler), or None to read the storage."""
+    try:
+        return study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True)
+    except (AttributeError, TypeError):  # another Optuna version
+        return None
 
 
 def cached_value(hit: CachedResult) -> Any:
