@@ -27,7 +27,8 @@ import importlib.machinery
 import inspect
 import os
 import socket
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from optuna_guard._logging import get_logger
 from optuna_guard.exceptions import ConfigError
@@ -72,7 +73,7 @@ class Fingerprint:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Fingerprint":
+    def from_dict(cls, data: Mapping[str, Any]) -> Fingerprint:
         return cls(
             function=str(data.get("function", "")),
             file=str(data.get("file", "")),
@@ -227,8 +228,9 @@ def _module_file(name: str, search_path: Sequence[str]) -> str | None:
 
     path: list[str] = list(dict.fromkeys([*search_path, os.getcwd(), *sys.path]))
     found = None
-    for depth, part in enumerate(name.split(".")):
-        qualified = ".".join(name.split(".")[: depth + 1])
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        qualified = ".".join(parts[: depth + 1])
         found = importlib.machinery.PathFinder.find_spec(qualified, path)
         if found is None:
             return None

@@ -13,10 +13,16 @@ import functools
 import os
 import threading
 import time
-from typing import Any, Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
@@ -52,7 +58,7 @@ def under_launcher(environ: Mapping[str, str] | None = None) -> bool:
 
 # ---------------------------------------------------------------------------------- the hook
 class _StudyState:
-    __slots__ = ("version", "digest", "cache")
+    __slots__ = ("cache", "digest", "version")
 
     def __init__(self, version: int, digest: str, cache: ResultCache | None) -> None:
         self.version = version

@@ -9,7 +9,8 @@ time saved (the durations of the trials whose results were served).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
 from optuna.study import StudyDirection
