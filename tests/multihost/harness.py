@@ -103,6 +103,12 @@ class MultiHostRun:
     work_dir: Path
     shared_store: Path  # shared artifact-store directory (or shared checkpoint root)
     launches: list[Launch] = field(default_factory=list)
+    killed_hosts: set[int] = field(default_factory=set)  # hosts the test killed on purpose
+
+    def kill_host(self, host: int) -> None:
+        """Host loss: every process of the host SIGKILLed."""
+        self.killed_hosts.add(host)
+        self.hosts.kill_host(host)
 
     def env(self, host: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -166,6 +172,11 @@ class MultiHostRun:
         """Poll the study until ``predicate(trials)`` is truthy; return its value."""
         deadline = time.monotonic() + timeout
         while True:
+            for launch in self.launches:
+                code = launch.proc.poll()
+                if code not in (None, 0) and launch.host not in self.killed_hosts:
+                    raise AssertionError(f"launcher on host {launch.host} exited {code} while waiting for {what}; "
+                                         f"end of its output:\n{launch.text()[-3000:]}")
             trials = self.trials()
             value = predicate(trials)
             if value:
