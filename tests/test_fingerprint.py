@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from supervisor_helpers import cli
 
 from optuna_guard import guard
-from optuna_guard.analysis import build_report, trials_frame, valid_trials
+from optuna_guard.analysis import build_report, render_html, trials_frame, valid_trials
 from optuna_guard.fingerprint import (
     CURRENT_ATTR,
     OBJECTIVE_VERSION,
@@ -158,6 +158,7 @@ def test_changed_objective_exits_2_before_any_worker_and_allow_makes_version_2(t
     assert report["objective"]["best_from_version"] == 2 and report["best"]["trials"][0]["number"] >= 4
     text = cli("report", "--study-name", unique_study_name, "--storage", storage_url, cwd=str(tmp_path))
     assert text.returncode == 0 and "Objective versions (current: 2)" in text.stdout
+    assert "Objective versions (current: 2)" in render_html(report)
 
 
 def test_changed_extra_input_is_named(tmp_path, sqlite_url, unique_study_name):

@@ -81,6 +81,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     ]
     if report["workers"] is not None:
         parts.append(f"<h2>Memory per worker (event log)</h2>{_workers_table(report)}")
+    parts.append(_versions_section(report))
     parts.append("<h2>Peak memory vs hyperparameters</h2>")
     parts.append(_figure_html(_memory_vs_params_figure(report), "plot-memory-vs-params", "no trial has both a peak_rss_gb tag and a numeric param"))
     parts.append("<h2>Trials per worker over time</h2>")
@@ -129,6 +130,27 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Seque
         )
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _versions_section(report: Mapping[str, Any]) -> str:
+    """Objective versions (best per version) and result-cache figures; empty when neither applies."""
+    objective = report.get("objective") or {}
+    cache = report.get("cache") or {}
+    html = ""
+    if objective.get("fingerprinted") or len(objective.get("versions", [])) > 1:
+        rows = [
+            (v["version"], (v.get("digest") or "-")[:12], v.get("recorded_at"), v["n_trials"], v["complete"],
+             v["cached"], (v.get("best") or {}).get("number"), (v.get("best") or {}).get("value"))
+            for v in objective.get("versions", [])
+        ]
+        html += (f"<h2>Objective versions (current: {_e(objective.get('current_version'))})</h2>"
+                 + _table(("version", "fingerprint", "recorded", "trials", "complete", "cached", "best trial", "best value"),
+                          rows, numeric=(0, 3, 4, 5, 6, 7)))
+    if cache.get("served") or cache.get("duplicates_computed"):
+        html += (f"<p>Result cache: {cache['served']} trials served from earlier results, "
+                 f"{_e(_fmt(cache['saved_s']))} s of compute saved; {cache['duplicates_computed']} "
+                 "configurations computed more than once.</p>")
+    return html
 
 
 def _params(params: Mapping[str, Any]) -> str:
