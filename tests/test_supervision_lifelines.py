@@ -60,11 +60,11 @@ def test_launcher_sighup_stops_like_sigterm_with_exit_99(sqlite_url, tmp_path, u
 
 def test_worker_whose_trial_ignores_the_stop_is_ended_and_killed_after_the_grace_period(
         sqlite_url, tmp_path, unique_study_name):
-    """An uninterruptible trial (one long sleep): the lifeline ends the trial itself, kills its
-    tree and exits once the grace period is over."""
+    """A trial with no boundary at all (unguarded, never checks for a stop): the lifeline ends
+    the trial itself, kills the worker's tree and exits once the grace period is over."""
     log_dir = str(tmp_path / "logs")
-    with launcher("supervision_objs:sleep_through", sqlite_url, unique_study_name, log_dir, "--workers", "1",
-                  "--n-trials", "1", "--grace-period", str(GRACE_S), env={"SLEEP_S": "120"}) as proc:
+    with launcher("supervision_objs:ignore_stop", sqlite_url, unique_study_name, log_dir, "--workers", "1",
+                  "--n-trials", "1", "--grace-period", str(GRACE_S), "--no-guard", env={"SLOW_S": "120"}) as proc:
         launch_id = launch_id_of(log_dir)
         wait_for(lambda: len(running_trials(sqlite_url, unique_study_name)) == 1, 90, what="a RUNNING trial")
         pids = launch_pids(launch_id)

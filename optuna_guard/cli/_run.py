@@ -119,8 +119,9 @@ def add_parser(subparsers: Any) -> None:
                         help="recycle a worker after K trials (default: no limit)")
     parser.add_argument("--grace-period", type=_number("seconds", positive=False, allow_off=False), default=120.0,
                         metavar="SECONDS", help="after SIGINT/SIGTERM, time for running trials to stop (default 120)")
-    parser.add_argument("--kill-wait", type=_number("seconds", positive=False, allow_off=False), default=1.0,
-                        metavar="SECONDS", help="hard kill: wait between SIGTERM and SIGKILL (default 1)")
+    parser.add_argument("--kill-wait", type=_number("seconds", positive=False, allow_off=False), default=0.0,
+                        metavar="SECONDS", help="memory hard kill: wait between SIGTERM and SIGKILL (default 0: "
+                                                "SIGKILL at once, the kill is decided)")
     parser.add_argument("--check-interval", type=seconds, default=0.25, metavar="SECONDS",
                         help="watchdog period (default 0.25)")
     parser.add_argument("--status-interval", type=seconds, default=60.0, metavar="SECONDS",

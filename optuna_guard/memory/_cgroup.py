@@ -187,3 +187,56 @@ def _read_limit(path: str) -> int | None:
         return _parse_limit(read_text(path))
     except (OSError, ValueError):
         return None
+
+
+# ---------------------------------------------------------------------- one worker's own cgroup
+def own_memory_cgroup(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, str] | None:
+    """(version, directory) of this process's memory cgroup: the v1 memory controller when it
+    is mounted, else the v2 unified path; None without a cgroup filesystem."""
+    try:
+        paths = parse_proc_cgroup(read_text(os.path.join(proc_root, "self", "cgroup")))
+    except OSError:
+        return None
+    if paths.v1_memory is not None:
+        mount = _v1_mount(cgroup_root)
+        if mount is not None:
+            return 1, _resolve(mount, paths.v1_memory)
+    if paths.v2 is not None:
+        mount = _v2_mount(cgroup_root)
+        if mount is not None:
+            return 2, _resolve(mount, paths.v2)
+    return None
+
+
+def cgroup_working_set(version: int, directory: str) -> int:
+    """Working set of one cgroup in bytes (every process in it, shared pages once): usage minus
+    inactive page cache; 0 if the cgroup is gone."""
+    level = CgroupLevel(version, directory, 0)
+    try:
+        return level.read_used()
+    except (OSError, ValueError, IndexError):
+        return 0
+    finally:
+        level.close()
+
+
+def cgroup_oom_kills(version: int, directory: str) -> int:
+    """How many processes the kernel OOM-killed in this cgroup (v1 ``memory.oom_control``
+    ``oom_kill``, v2 ``memory.events`` ``oom_kill``); 0 if unknown."""
+    name = "memory.oom_control" if version == 1 else "memory.events"
+    try:
+        with open(os.path.join(directory, name), "rb") as handle:
+            return field_int(handle.read(), b"oom_kill") or 0
+    except OSError:
+        return 0
+
+
+def cgroup_peak(version: int, directory: str) -> int | None:
+    """Highest usage the cgroup reached, in bytes (v1 ``memory.max_usage_in_bytes``, v2
+    ``memory.peak`` on kernels >= 5.19); None if unknown."""
+    name = "memory.max_usage_in_bytes" if version == 1 else "memory.peak"
+    try:
+        with open(os.path.join(directory, name), "rb") as handle:
+            return _parse_int(handle.read())
+    except (OSError, ValueError, IndexError):
+        return None

@@ -37,7 +37,7 @@ from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import CrashLoopError, MemoryStallError, StorageUnavailableError
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
 from optuna_guard.storage import end_trial_from_outside
-from optuna_guard.supervisor import _exits, _hung, _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
+from optuna_guard.supervisor import _cgroups, _exits, _hung, _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, worker_status_line
 
@@ -145,6 +145,7 @@ class Arbiter:
         self.hostname = socket.gethostname()
         self.launch_id = uuid.uuid4().hex  # tagged on every trial; sweeps match it, never a bare pid
         self.heartbeat: Any = None  # _heartbeat.SupervisorHeartbeat while running
+        self.cgroups: _cgroups.WorkerCgroups | None = None  # one memory cgroup per worker, where writable
 
         self.workers: list[WorkerHandle] = []
         self.all_pids: set[int] = set()
@@ -209,6 +210,7 @@ class Arbiter:
         _log.info("Launch %s on host %s (supervisor pid %d).", self.launch_id, self.hostname, os.getpid())
         try:
             self.heartbeat = self._start_heartbeat()
+            self.cgroups = self._make_cgroups()
             self.tick(self.clock())
             while not self.done():
                 self.wait_for_io()
@@ -247,6 +249,7 @@ class Arbiter:
         self.merge_late_finished()
         self.advance_kills(now)
         self.check_memory(now)
+        self.check_cgroup_ooms(now)
         self.check_trial_timeouts(now)
         self.check_time_budget(now)
         self.check_stop(now)
@@ -540,7 +543,11 @@ class Arbiter:
                 self._unregister(worker)
             worker.channel.close()
             self.workers.remove(worker)
-            self.handle_exit(worker, int(code), now)
+            try:
+                self.handle_exit(worker, int(code), now)
+            finally:
+                if self.cgroups is not None:  # kills what the worker left in its cgroup, removes it
+                    self.cgroups.release(worker.pid)
 
     def exit_record(self, worker: WorkerHandle, code: int) -> _exits.ExitRecord:
         """What the supervisor knows about a reaped worker (see :mod:`._exits`)."""
@@ -557,7 +564,20 @@ class Arbiter:
 
     def _oom_killed(self, worker: WorkerHandle) -> bool:
         """Whether the kernel OOM-killed inside the worker's own memory cgroup (False without one)."""
-        return False
+        cgroup = self.cgroups.of(worker.pid) if self.cgroups is not None else None
+        return cgroup is not None and cgroup.oom_killed()
+
+    def check_cgroup_ooms(self, now: float) -> None:
+        """The kernel OOM-killed a process inside a live worker's cgroup (a helper, a data loader):
+        its trial is over as a memory stop; the worker and everything in its cgroup go."""
+        if self.cgroups is None:
+            return
+        for worker in self.workers:
+            if worker.kill is None and self._oom_killed(worker):
+                reason = (f"out of memory: the kernel killed a process in worker {worker.worker_id}'s memory cgroup "
+                          f"(hard limit --max-worker-rss-gb {self.config.max_worker_rss_gb:.2f} GB)")
+                available = self.system.available_bytes if self.system is not None else None
+                self.kill_for_memory(worker, reason, "max_worker_rss_gb", available, now)
 
     def handle_exit(self, worker: WorkerHandle, code: int, now: float) -> None:
         """Act on how the worker ended; the decision itself is :func:`._exits.decide`."""
@@ -934,6 +954,8 @@ class Arbiter:
         )
         self.workers.append(worker)
         self.all_pids.add(worker.pid)
+        if self.cgroups is not None:
+            self.cgroups.attach(worker.pid, spawn_index)
         self.selector.register(parent_sock, selectors.EVENT_READ, worker)
         worker.registered = True
         self.worker_starts += 1
@@ -947,6 +969,17 @@ class Arbiter:
             if slot not in used:
                 return slot
         return self.config.workers + 1  # pragma: no cover - reconcile never asks for more
+
+    def _make_cgroups(self) -> _cgroups.WorkerCgroups | None:
+        """Per-worker memory cgroups where writable, else the process-tree fallback; the mode is
+        logged and emitted. None when a test probe stands in for the OS."""
+        if self.probe is not None:
+            return None
+        limit = self.config.max_worker_rss_gb
+        cgroups = _cgroups.WorkerCgroups(self.launch_id, None if limit is None else int(limit * GB),
+                                         enabled=os.environ.get(_cgroups.ENV_SWITCH, "1") != "0")
+        _log.info("Worker memory: %s.", cgroups.describe())
+        return cgroups
 
     def _start_heartbeat(self) -> Any:
         """The supervisor's heartbeat thread (lease, Optuna heartbeats, lost-trial sweep) on a
@@ -1000,6 +1033,9 @@ class Arbiter:
         descendants = _tree.descendants(pid)
         marked = _tree.pids_with_env(f"{_lifeline.ENV_WORKER_MARK}={self.launch_id}/{worker.spawn_index}".encode())
         descendants.extend(p for p in marked if p not in descendants)  # daemonised ones left the tree
+        cgroup = self.cgroups.of(pid) if self.cgroups is not None else None
+        if cgroup is not None:
+            descendants.extend(p for p in cgroup.pids() if p not in descendants and p != pid)
         try:
             os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -1031,6 +1067,9 @@ class Arbiter:
     def _tree_rss(self, pid: int) -> int:
         if self.probe is not None:
             return int(self.probe.process_tree_rss(pid))
+        cgroup = self.cgroups.of(pid) if self.cgroups is not None else None
+        if cgroup is not None:  # every process in the worker's cgroup, daemonised or not
+            return cgroup.working_set()
         return _tree.tree_rss_bytes(pid)
 
     def _system(self) -> SystemMemory | None:
@@ -1232,6 +1271,8 @@ class Arbiter:
                 if self.workers:
                     time.sleep(0.02)
         self._kill_launch_leftovers()
+        if self.cgroups is not None:
+            self.cgroups.close()
         self.finish_storage_work(reason)
         self.merge_late_finished()
         if self.heartbeat is not None:

@@ -50,7 +50,7 @@ class LaunchConfig:
     max_worker_age_jitter: float = 0.1
     max_trials_per_worker: int | None = None
     grace_period: float = 120.0
-    kill_wait: float = 1.0
+    kill_wait: float = 0.0  # memory kills are decided: SIGKILL at once (issue 9, D11)
     check_interval: float = 0.25
     status_interval: float = 60.0
     memory_sample_interval: float = 5.0

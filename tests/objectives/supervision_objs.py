@@ -74,3 +74,25 @@ def quick(trial):
     x = trial.suggest_float("x", -10, 10)
     time.sleep(0.3)
     return x * x
+
+
+def numpy_burst(trial):
+    """One numpy call that faults in ALLOC_GB as fast as this machine can."""
+    import numpy as np
+
+    x = trial.suggest_float("x", -10, 10)
+    block = np.ones(int(float(os.environ.get("ALLOC_GB", "2.0")) * 2**30 / 8))
+    time.sleep(1.0)
+    return x * x + float(block[0]) - 1.0
+
+
+def ignore_stop(trial):
+    """Swallows every interrupt (a catch-all training loop) for SLOW_S seconds."""
+    x = trial.suggest_float("x", -10, 10)
+    end = time.monotonic() + float(os.environ.get("SLOW_S", "60"))
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.1)
+        except BaseException:
+            pass
+    return x * x
