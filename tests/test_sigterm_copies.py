@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from test_supervisor_arbiter import Harness, _shared_storage  # noqa: F401 (the module's storage fixture)
 
 

@@ -6,14 +6,16 @@ SQLite and PostgreSQL, one and two launchers on one study.
 
 from __future__ import annotations
 
+import os
+
 import optuna
 import pytest
 from optuna.trial import TrialState
+from supervisor_helpers import assert_nothing_running, cli, objective_spec, start_cli, trials_of
 
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.supervisor._config import LaunchConfig
 from optuna_guard.supervisor._study_target import StudyTarget
-from supervisor_helpers import assert_nothing_running, cli, objective_spec, start_cli, trials_of
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -127,10 +129,7 @@ def test_n_trials_keeps_its_per_launch_meaning(tmp_path, unique_study_name):
 
 @pytest.mark.postgres
 def test_two_launchers_overshoot_at_most_their_running_trials(postgres_url, tmp_path, unique_study_name):
-    env_slow = {"LAUNCHER_TEST_SLEEP": "0.3"}
-    import os
-
-    env = {**os.environ, **env_slow}
+    env = {**os.environ, "LAUNCHER_TEST_SLEEP": "0.3"}
     optuna.create_study(study_name=unique_study_name, storage=postgres_url)
     procs = [start_cli(*_run(postgres_url, unique_study_name, tmp_path / f"l{i}", "--workers", "2",
                              "--study-trials", "12"), cwd=str(tmp_path), env=env) for i in range(2)]

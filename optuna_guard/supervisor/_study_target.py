@@ -14,7 +14,8 @@ most the trials the other launchers were running when the target was reached.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from optuna.trial import TrialState
 

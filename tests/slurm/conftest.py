@@ -9,10 +9,9 @@ import os
 import shutil
 import subprocess
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
-
 from slurm_helpers import REPO, SlurmJobs
 
 PG_ADMIN = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-qAt", "-d", "postgres", "-c"]

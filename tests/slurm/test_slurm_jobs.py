@@ -9,6 +9,7 @@ each test then asserts on its scenario. Every job is cancelled at the end, the d
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import glob
 import os
 import re
@@ -17,13 +18,12 @@ import subprocess
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
-
-from optuna_guard.retries import original_trial_number
 from slurm_helpers import (
     EXTRA_ARGS,
     OBJECTIVE,
@@ -34,6 +34,8 @@ from slurm_helpers import (
     wait_for,
     wait_job_done,
 )
+
+from optuna_guard.retries import RetryPolicy, original_trial_number
 
 pytestmark = [pytest.mark.slurm, pytest.mark.postgres]
 
@@ -162,9 +164,15 @@ def max_requeues_reached(s: Scenario) -> dict[str, Any]:
 
 
 def has_max_preemptions() -> bool:
-    """The --max-preemptions budget (issue 9, engineer "supervision") is in `optuna-guard run`."""
+    """The --max-preemptions option (issue 9, engineer "supervision") is in `optuna-guard run`."""
     proc = subprocess.run([OPTUNA_GUARD_BIN, "run", "--help"], capture_output=True, text=True, timeout=60)
     return "--max-preemptions" in proc.stdout
+
+
+def retries_know_preemptions() -> bool:
+    """The retry policy has the preemption budget behind that option (else a chain still pays
+    every preemption with --retry, and scenario 6 cannot pass: it is not run)."""
+    return "max_preemptions" in {field.name for field in dataclasses.fields(RetryPolicy)}
 
 
 def preempted_at_every_job_end(s: Scenario) -> dict[str, Any]:
@@ -172,8 +180,8 @@ def preempted_at_every_job_end(s: Scenario) -> dict[str, Any]:
     each preemption made checkpoint progress (the --max-preemptions budget, not --retry, pays)."""
     started = time.monotonic()
     job = s.submit("optuna_guard.sbatch", "--time=2", "--signal=B:TERM@60", OPTUNA_GUARD_STUDY_TRIALS="1",
-                   OPTUNA_GUARD_RETRY="1", OPTUNA_GUARD_EXTRA_ARGS=EXTRA_ARGS + " --max-preemptions 10",
-                   SLURM_TEST_STEPS="75")
+                   OPTUNA_GUARD_RETRY="1", OPTUNA_GUARD_MAX_REQUEUES="6",
+                   OPTUNA_GUARD_EXTRA_ARGS=EXTRA_ARGS + " --max-preemptions 10", SLURM_TEST_STEPS="75")
     info = wait_job_done(job, timeout=SCENARIO_TIMEOUT_S)
     return {"job": job, "info": info, "out": s.output(job), "wall_s": time.monotonic() - started,
             "trials": s.trials()}
@@ -210,6 +218,8 @@ def results(request, slurm_jobs: SlurmJobs, slurm_pg_url: str) -> Iterator[dict[
               if item.module is request.module and item.function.__name__ in TEST_SCENARIO}
     if not has_max_preemptions():
         wanted -= {"chain", "noprogress"}
+    if not retries_know_preemptions():
+        wanted -= {"chain"}
     # Our own directory: jobs write into it for minutes, pytest's basetemp rotation must not remove it.
     root = tempfile.mkdtemp(prefix="optuna-guard-slurm-")
     storage = optuna.storages.RDBStorage(slurm_pg_url)  # the schema once, one storage for every thread
@@ -321,6 +331,8 @@ needs_max_preemptions = pytest.mark.skipif(
 
 
 @needs_max_preemptions
+@pytest.mark.xfail(not retries_know_preemptions(), run=False, strict=True,
+                   reason="the preemption budget of issue 9 is not in RetryPolicy yet: every preemption uses --retry")
 def test_trial_preempted_at_every_job_end_with_progress_finishes(results):
     r = result(results, "chain")
     done = [t for t in r["trials"] if t.state == TrialState.COMPLETE]
