@@ -168,8 +168,9 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     _log.info(
         "Launching %d worker(s) on study %r (%s), %s; logs in %s.",
         config.workers, config.study_name, mask_url(url),
-        (f"{config.n_trials} trials" if config.n_trials else "until stopped")
-        + (f", study target {study_target.describe()}" if study_target is not None else ""), config.log_dir,
+        ", ".join(filter(None, (f"{config.n_trials} trials" if config.n_trials else "",
+                                study_target.describe() if study_target is not None else ""))) or "until stopped",
+        config.log_dir,
     )
     arbiter = Arbiter(
         config, study, url, probe=probe, event_log=event_log, display=make_display(config.display),

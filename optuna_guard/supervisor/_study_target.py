@@ -79,4 +79,4 @@ class StudyTarget:
         return None
 
     def describe(self) -> str:
-        return f"--study-trials {self.target} ({self.finished} finished so far)"
+        return f"study target --study-trials {self.target} ({self.finished} finished so far)"
