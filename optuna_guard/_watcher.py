@@ -177,6 +177,7 @@ class TrialWatch:
         self.absorbed = False  # injected, but the trial's code had finished: its result stands
         self.over_since: float | None = None  # over the limit since (while an interrupt is decided)
         self.stuck_handled = False
+        self.helpers_interrupted: set[int] = set()  # pool threads interrupted for this trial
         self.pending_warned = False
         self.caught_warned = False
         self.warned = False
@@ -214,6 +215,7 @@ class TrialWatch:
         except _GuardInterrupt as exc:
             self.finish()
             self.ended_by_interrupt = True
+            self.deliveries = max(self.deliveries, 1)  # it may have come through a pool's Future
             _release_frames(exc)
             return None
         finally:
@@ -350,6 +352,50 @@ def _where_blocked(watch: TrialWatch) -> str:
     if watch.deliveries:
         return f"it caught the interrupt {watch.deliveries} time(s) and went on"
     return f"it has not returned to Python code since {top.f_code.co_name}() called native code"
+
+
+def _interrupt_pool_helpers(watch: TrialWatch) -> bool:
+    """The trial's thread waits for a thread pool (``pool.submit(f).result()``) and cannot be
+    interrupted; interrupt the pool threads that run user code instead. Their work item ends
+    with the interrupt, the Future hands it to the trial's thread, and the trial ends as a
+    memory stop. Only while this is the process's one guarded trial (the pool is then its),
+    and only threads whose user code was called by ``concurrent.futures`` (its work items
+    catch every exception into their Future). Returns whether one was interrupted."""
+    if not _top_frames(watch.thread_id, watch.frame_id) or not _waits_for_another_thread(watch):
+        return False
+    hit = False
+    own = {watch.thread_id, threading.get_ident()}
+    for ident, frame in sys._current_frames().items():
+        if ident in own or ident in watch.helpers_interrupted or not _runs_pool_work_item(frame):
+            continue
+        if _set_async_exc(ident, ctypes.py_object(_GuardInterrupt)) == 1:
+            watch.helpers_interrupted.add(ident)
+            hit = True
+            _log.warning(
+                "Trial #%d waits for a thread pool; interrupting the pool thread %d that runs its work.",
+                watch.number,
+                ident,
+            )
+    return hit
+
+
+def _waits_for_another_thread(watch: TrialWatch) -> bool:
+    return any(_module_root(f) in _WAIT_MODULES for f in _top_frames(watch.thread_id, watch.frame_id))
+
+
+def _runs_pool_work_item(frame: Any) -> bool:
+    """User code on top, called by ``concurrent.futures.thread``'s work item ``run``."""
+    if frame is None:
+        return False
+    first = True
+    while frame is not None:
+        root = _module_root(frame)
+        if root in _UNSAFE_MODULES or root == "optuna_guard":
+            name = frame.f_globals.get("__name__", "")
+            return not first and name == "concurrent.futures.thread" and frame.f_code.co_name == "run"
+        first = False
+        frame = frame.f_back
+    return False
 
 
 def _own_minor_faults() -> int:
@@ -595,6 +641,8 @@ class MemoryWatcher:
                     watch.number,
                 )
             injected = watch.try_inject(*watch.interrupt)
+            if not injected and watch.interrupt[0] == INTERRUPT_TRIP and len(self._watches) == 1:
+                injected = _interrupt_pool_helpers(watch)
             # not at a safe point: retry fast for a second, then at the normal pace
             wait = interval if injected or now - watch.over_since > 1.0 else MIN_INTERVAL_S
         over = now - watch.over_since

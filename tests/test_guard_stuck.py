@@ -125,6 +125,37 @@ def test_a_trial_waiting_on_a_future_is_reported_and_stopped_when_the_wait_ends(
     assert any("waits in threading.Condition.wait()" in m and "on_stuck='warn' leaves it running" in m for m in messages), messages
 
 
+def test_a_trial_waiting_for_a_thread_pool_is_stopped_through_the_pool_thread(caplog) -> None:
+    """``pool.submit(work).result()``: the pool thread running the work is interrupted, the
+    Future hands the interrupt to the trial, which ends as a memory stop; the process lives."""
+    caplog.set_level(logging.WARNING, logger="optuna_guard")
+    probe = FakeProbe(rss_gb=0.5)
+    progress = {"iterations": 0}
+
+    def work():
+        probe.set(rss_gb=3.0)
+        try:
+            for _ in range(1000):  # ~10 s if never stopped
+                progress["iterations"] += 1
+                time.sleep(0.01)
+        finally:
+            probe.set(rss_gb=0.5)
+        return 1.0
+
+    @guard(max_trial_rss_gb=1.0, interval=0.02, on_stuck="warn", stuck_after=5.0, probe=probe)
+    def objective(trial):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(work).result()
+
+    study = optuna.create_study()
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == TrialState.PRUNED, trial.user_attrs
+    assert trial.user_attrs[tags.EMERGENCY_KILLED] is True
+    assert progress["iterations"] < 300  # stopped within ~1 s, long before stuck_after
+    assert any("interrupting the pool thread" in r.getMessage() for r in caplog.records)
+
+
 def test_on_stuck_exit_ends_the_trial_fail_tagged_then_exits(monkeypatch) -> None:
     """The exit path without leaving the test process: the watcher's exit is replaced."""
     exits = []
@@ -262,6 +293,7 @@ def _oom_kills(path: str) -> int:
 
 @pytest.mark.parametrize("kind", ["catch_all", "pool_alloc"])
 def test_standalone_guard_in_a_memory_cgroup_never_meets_the_oom_killer(kind, memory_cgroup, tmp_path) -> None:
+    """Before: both filled the cgroup, were OOM-killed (oom_kill 1) and left the trial RUNNING."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -282,12 +314,14 @@ def test_standalone_guard_in_a_memory_cgroup_never_meets_the_oom_killer(kind, me
             proc.kill()
             proc.wait()
     assert _oom_kills(memory_cgroup) == 0, err[-2000:]
-    assert proc.returncode in (0, EXIT_STUCK), (proc.returncode, err[-2000:])
     trial = optuna.load_study(study_name="stuck", storage=url).trials[0]
-    assert trial.state in (TrialState.FAIL, TrialState.PRUNED), (trial.state, err[-2000:])
-    assert trial.user_attrs[tags.EMERGENCY_KILLED] is True
+    assert trial.user_attrs[tags.EMERGENCY_KILLED] is True, (trial.state, err[-2000:])
     assert trial.user_attrs[tags.KILL_LIMIT] == "max_trial_rss_gb"
-    if proc.returncode == EXIT_STUCK:
+    if kind == "catch_all":  # swallows every interrupt: ended FAIL, then the process exits
+        assert proc.returncode == EXIT_STUCK, (proc.returncode, err[-2000:])
+        assert trial.state == TrialState.FAIL
         assert "EMERGENCY EXIT" in err and "process exited after" in trial.user_attrs[tags.KILL_REASON]
-    else:
-        assert f"RETURNED {trial.state.name}" in out
+    else:  # stopped through the pool thread: the process lives on
+        assert proc.returncode == 0, (proc.returncode, err[-2000:])
+        assert trial.state == TrialState.PRUNED
+        assert "RETURNED PRUNED" in out
