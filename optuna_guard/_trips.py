@@ -1,6 +1,6 @@
 """Deciding whether a memory reading trips a limit, and saying which and why in a sentence.
 
-Shared by ``check_memory``, the guard's sampler thread and ``MemoryGuardPruner`` so that all
+Shared by ``check_memory``, the guard's watcher thread and ``MemoryGuardPruner`` so that all
 three stop a trial for the same reasons and tag it the same way.
 """
 
@@ -87,7 +87,7 @@ def headroom_and_rate(
     now: float,
 ) -> float | None:
     """Seconds until the nearest limit is reached at the current growth rate (None: not
-    approaching any). The sampler uses it to sample faster when a runaway allocation nears a
+    approaching any). The watcher uses it to sample faster when a runaway allocation nears a
     limit, so it overshoots by milliseconds of growth instead of a whole sampling period."""
     if previous is None:
         return None

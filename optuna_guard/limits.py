@@ -62,7 +62,7 @@ class MemoryLimits:
         max_swap_percent: stop when swap use exceeds this percent.
         max_gpu_percent: stop when any GPU's memory use exceeds this percent.
         max_trial_rss_gb: stop when the trial's process tree RSS exceeds this.
-        interval: sampling period of the in-trial sampler thread, seconds.
+        interval: sampling period of the in-trial watcher thread, seconds.
         on_trip: "prune" ends a stopped trial PRUNED (samplers learn from it), "fail" ends it FAIL.
     """
 
