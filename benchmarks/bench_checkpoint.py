@@ -61,7 +61,8 @@ def _interleaved(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict
     return {name: min(values) for name, values in times.items()}
 
 
-def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optuna.Study) -> dict[str, float]:
+def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optuna.Study,
+                store: str | None = None) -> dict[str, float]:
     import torch
 
     nbytes = size_mb * MB
@@ -84,7 +85,8 @@ def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optu
                 return pickle.load(f)
 
     trial = study.ask()
-    ckpt = TrialCheckpointer(trial, root=workdir / "ckpt", keep_last=1, format=fmt)  # type: ignore[arg-type]
+    ckpt = TrialCheckpointer(trial, root=workdir / "ckpt", keep_last=1, format=fmt,  # type: ignore[arg-type]
+                             store=store)
     step = iter(range(1, 10**6))
     written: list[Path] = []
 
@@ -169,6 +171,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir on /tmp's disk)")
     parser.add_argument("--formats", default="torch,pickle")
+    parser.add_argument("--store", default=None,
+                        help="also measure TrialCheckpointer(store=URL), e.g. file:///shared/dir (the rows marked 'store')")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import warnings
@@ -186,14 +190,16 @@ def main() -> int:
         for fmt in args.formats.split(","):
             for size in (int(s) for s in args.sizes.split(",")):
                 repeats = args.repeats if size < 512 else max(2, args.repeats // 2)
-                r = _bench_size(size, fmt, repeats, workdir, study)
-                print(
-                    f"{fmt:7} {size:>4}MB | {r['save_plain']:>16.0f} {r['save_plain_fsync']:>11.0f} "
-                    f"{r['save_ours']:>7.0f} {r['save_ours'] / r['save_plain']:>10.2f} "
-                    f"{r['save_ours'] / r['save_plain_fsync']:>16.2f} | {r['load_plain']:>16.0f} "
-                    f"{r['load_ours']:>7.0f} {r['load_ours'] / r['load_plain']:>6.2f}",
-                    flush=True,
-                )
+                for store in ([None, args.store] if args.store else [None]):
+                    r = _bench_size(size, fmt, repeats, workdir, study, store)
+                    label = fmt if store is None else f"{fmt[:1]}+store"
+                    print(
+                        f"{label:7} {size:>4}MB | {r['save_plain']:>16.0f} {r['save_plain_fsync']:>11.0f} "
+                        f"{r['save_ours']:>7.0f} {r['save_ours'] / r['save_plain']:>10.2f} "
+                        f"{r['save_ours'] / r['save_plain_fsync']:>16.2f} | {r['load_plain']:>16.0f} "
+                        f"{r['load_ours']:>7.0f} {r['load_ours'] / r['load_plain']:>6.2f}",
+                        flush=True,
+                    )
         buffer = os.urandom(64) * (100 * MB // 64)
         sha = min(_sha256_seconds(buffer) for _ in range(5))
         del buffer

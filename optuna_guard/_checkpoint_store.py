@@ -22,8 +22,9 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, NamedTuple, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
 from optuna_guard._logging import get_logger
@@ -77,16 +78,25 @@ class StoredCheckpoint(NamedTuple):
 
     def record(self) -> dict[str, Any]:
         return {
-            "id": self.artifact_id, "step": self.step, "sha256": self.sha256, "size": self.size,
-            "format": self.format, "trial": self.trial_number, "saved_ns": self.saved_ns,
+            "id": self.artifact_id,
+            "step": self.step,
+            "sha256": self.sha256,
+            "size": self.size,
+            "format": self.format,
+            "trial": self.trial_number,
+            "saved_ns": self.saved_ns,
         }
 
     @classmethod
     def from_record(cls, record: Any) -> StoredCheckpoint | None:
         try:
             return cls(
-                artifact_id=str(record["id"]), step=int(record["step"]), sha256=str(record["sha256"]),
-                size=int(record["size"]), format=str(record["format"]), trial_number=int(record["trial"]),
+                artifact_id=str(record["id"]),
+                step=int(record["step"]),
+                sha256=str(record["sha256"]),
+                size=int(record["size"]),
+                format=str(record["format"]),
+                trial_number=int(record["trial"]),
                 saved_ns=int(record["saved_ns"]),
             )
         except (KeyError, TypeError, ValueError):
@@ -172,21 +182,29 @@ def open_checkpoint_store(url: str) -> ArtifactStore:
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise ConfigError(f"checkpoint store {url!r}: a file URL needs an absolute path, e.g. file:///shared/checkpoints.")
+            raise ConfigError(
+                f"checkpoint store {url!r}: a file URL needs an absolute path, e.g. file:///shared/checkpoints."
+            )
         base = Path(unquote(parts.path))
         try:
             base.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"checkpoint store {url!r}: cannot create {base}: {exc.strerror}.") from exc
+            raise ConfigError(
+                f"checkpoint store {url!r}: cannot create {base}: {exc.strerror}."
+            ) from exc
         return AtomicFileSystemArtifactStore(base)
     if scheme in ("s3", "gs"):
         bucket = parts.netloc
         if not bucket:
-            raise ConfigError(f"checkpoint store {url!r} names no bucket; use {scheme}://bucket/prefix.")
+            raise ConfigError(
+                f"checkpoint store {url!r} names no bucket; use {scheme}://bucket/prefix."
+            )
         prefix = parts.path.strip("/")
         prefix = f"{prefix}/" if prefix else ""
         return PrefixedArtifactStore(_bucket_store(scheme, bucket, url), prefix, url)
-    raise ConfigError(f"checkpoint store {url!r}: unknown scheme {parts.scheme or '(none)'!r}; use {_SCHEMES}.")
+    raise ConfigError(
+        f"checkpoint store {url!r}: unknown scheme {parts.scheme or '(none)'!r}; use {_SCHEMES}."
+    )
 
 
 def _bucket_store(scheme: str, bucket: str, url: str) -> ArtifactStore:
@@ -195,15 +213,21 @@ def _bucket_store(scheme: str, bucket: str, url: str) -> ArtifactStore:
         try:
             import boto3
         except ImportError as exc:
-            raise ConfigError(f"checkpoint store {url!r} needs boto3: pip install 'optuna-guard[s3]'.") from exc
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+            raise ConfigError(
+                f"checkpoint store {url!r} needs boto3: pip install 'optuna-guard[s3]'."
+            ) from exc
+        endpoint = (
+            os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        )
         client = boto3.client("s3", endpoint_url=endpoint)
         # avoid_buf_copy: we hand it a spool file we no longer need, so no in-memory copy of it
         return artifacts.Boto3ArtifactStore(bucket, client=client, avoid_buf_copy=True)
     try:
         return artifacts.GCSArtifactStore(bucket)
     except ImportError as exc:
-        raise ConfigError(f"checkpoint store {url!r} needs google-cloud-storage: pip install google-cloud-storage.") from exc
+        raise ConfigError(
+            f"checkpoint store {url!r} needs google-cloud-storage: pip install google-cloud-storage."
+        ) from exc
 
 
 _env_cache: dict[str, ArtifactStore] = {}
@@ -237,7 +261,11 @@ def _is_not_found(exc: BaseException) -> bool:
     if type(exc).__name__ == "ArtifactNotFound" or isinstance(exc, FileNotFoundError):
         return True
     response = getattr(exc, "response", None)  # botocore ClientError
-    code = str((response or {}).get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    code = (
+        str((response or {}).get("Error", {}).get("Code", ""))
+        if isinstance(response, dict)
+        else ""
+    )
     return code in ("404", "NoSuchKey", "NotFound")
 
 
@@ -276,7 +304,9 @@ class ArtifactChain:
             records = self.storage.get_trial_system_attrs(trial_id).get(CHECKPOINTS_ATTR, [])
         except KeyError:  # a trial that no longer exists
             return []
-        found = [StoredCheckpoint.from_record(r) for r in records] if isinstance(records, list) else []
+        found = (
+            [StoredCheckpoint.from_record(r) for r in records] if isinstance(records, list) else []
+        )
         return [c for c in found if c is not None]
 
     def own(self) -> list[StoredCheckpoint]:
@@ -285,7 +315,10 @@ class ArtifactChain:
     def checkpoints(self) -> list[StoredCheckpoint]:
         """The chain's listed checkpoints, newest first (not verified)."""
         found: dict[str, StoredCheckpoint] = {}
-        for trial_id in [*self.chain_trial_ids, *([self.trial_id] if self.trial_id is not None else [])]:
+        for trial_id in [
+            *self.chain_trial_ids,
+            *([self.trial_id] if self.trial_id is not None else []),
+        ]:
             for item in self._listed(trial_id):
                 if item.artifact_id not in self._bad:
                     found[item.artifact_id] = item
@@ -293,8 +326,12 @@ class ArtifactChain:
 
     def _publish(self, own: list[StoredCheckpoint]) -> None:
         if self.trial_id is None:
-            raise ConfigError("a FrozenTrial's checkpointer can load from a store but not save to it.")
-        self.storage.set_trial_system_attr(self.trial_id, CHECKPOINTS_ATTR, [c.record() for c in own])
+            raise ConfigError(
+                "a FrozenTrial's checkpointer can load from a store but not save to it."
+            )
+        self.storage.set_trial_system_attr(
+            self.trial_id, CHECKPOINTS_ATTR, [c.record() for c in own]
+        )
 
     # saving ----------------------------------------------------------------------------------
 
@@ -317,8 +354,12 @@ class ArtifactChain:
             except OSError:
                 raise
             except Exception as exc:  # botocore/google errors: not ours to classify
-                raise CheckpointStoreError(f"upload of {artifact_id} to {self.url} failed: {type(exc).__name__}: {exc}") from exc
-        saved = StoredCheckpoint(artifact_id, step, sha256, size, fmt, self.trial_number, time.time_ns())
+                raise CheckpointStoreError(
+                    f"upload of {artifact_id} to {self.url} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        saved = StoredCheckpoint(
+            artifact_id, step, sha256, size, fmt, self.trial_number, time.time_ns()
+        )
         self.rotate(keep_last, new=saved)
         return saved
 
@@ -330,7 +371,9 @@ class ArtifactChain:
             chain = sorted([new, *chain], key=lambda c: (c.step, c.saved_ns), reverse=True)
         kept, dropped = chain[:keep_last], chain[keep_last:]
         kept_ids = {c.artifact_id for c in kept}
-        own = [c for c in ([new] if new is not None else []) + self.own() if c.artifact_id in kept_ids]
+        own = [
+            c for c in ([new] if new is not None else []) + self.own() if c.artifact_id in kept_ids
+        ]
         self._publish(own)
         for item in dropped:
             self._remove(item.artifact_id)
@@ -342,7 +385,9 @@ class ArtifactChain:
             self.store.remove(artifact_id)
         except Exception as exc:
             if not _is_not_found(exc):
-                _log.warning("Could not remove checkpoint %s from %s: %s", artifact_id, self.url, exc)
+                _log.warning(
+                    "Could not remove checkpoint %s from %s: %s", artifact_id, self.url, exc
+                )
 
     def remove_all(self) -> bool:
         """Remove every checkpoint of the chain; True when there was any."""

@@ -40,7 +40,9 @@ def _edit_manifest(ckpt: TrialCheckpointer, of_step: int, **changes: Any) -> Pat
     return info.manifest
 
 
-def test_edited_manifest_step_is_not_trusted(study: optuna.Study, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_edited_manifest_step_is_not_trusted(
+    study: optuna.Study, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     trial = study.ask()
     ckpt = TrialCheckpointer(trial, root=tmp_path, keep_last=3, format="pickle")
     for step in (1, 2, 3):
@@ -51,10 +53,14 @@ def test_edited_manifest_step_is_not_trusted(study: optuna.Study, tmp_path: Path
     assert loaded == ({"at": 2}, 2)  # not ({"at": 3}, 9)
     assert study._storage.get_trial(trial._trial_id).user_attrs[tags.RESUMED_FROM_STEP] == 2
     assert any("says step 9" in r.getMessage() for r in caplog.records)
-    assert manifest.with_name(manifest.name + ".corrupt").exists()  # quarantined like any corrupt one
+    assert manifest.with_name(
+        manifest.name + ".corrupt"
+    ).exists()  # quarantined like any corrupt one
 
 
-def test_manifest_pointing_at_another_steps_payload_is_not_trusted(study: optuna.Study, tmp_path: Path) -> None:
+def test_manifest_pointing_at_another_steps_payload_is_not_trusted(
+    study: optuna.Study, tmp_path: Path
+) -> None:
     """Step and payload name edited together (they agree with each other): the payload's own
     step, checked after the SHA-256, still gives it away."""
     trial = study.ask()
@@ -78,8 +84,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root")
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mountpoint)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -92,7 +101,9 @@ def _state(mb: float, tag: int) -> dict[str, Any]:
     return {"blob": bytes([tag]) * int(mb * MB), "tag": tag}
 
 
-def test_full_disk_rotates_first_and_retries(study: optuna.Study, small_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_full_disk_rotates_first_and_retries(
+    study: optuna.Study, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Room for two 1.9 MB checkpoints: before the fix every save after the second failed."""
     trial = study.ask()
     ckpt = TrialCheckpointer(trial, root=small_disk, keep_last=2, format="pickle")
@@ -120,13 +131,17 @@ def test_checkpoint_that_never_fits_warns_once_and_the_trial_goes_on(
     assert "step 2" in warnings[0] and "No space left" in warnings[0] and "goes on" in warnings[0]
     # the last good checkpoint (keep_last=2 allowed keeping it) is still there and loadable;
     # no half-written file holds the space
-    assert [p.name for p in ckpt.directory.iterdir() if not p.name.startswith("step-0000000001-")] == []
+    assert [
+        p.name for p in ckpt.directory.iterdir() if not p.name.startswith("step-0000000001-")
+    ] == []
     assert TrialCheckpointer(trial, root=small_disk, format="pickle").load() == (_state(1.0, 1), 1)
     study.tell(trial, 1.0)  # the trial was never failed by the checkpointer
     assert study._storage.get_trial(trial._trial_id).state == TrialState.COMPLETE
 
 
-def test_keep_last_1_never_removes_the_only_checkpoint(study: optuna.Study, small_disk: Path) -> None:
+def test_keep_last_1_never_removes_the_only_checkpoint(
+    study: optuna.Study, small_disk: Path
+) -> None:
     trial = study.ask()
     ckpt = TrialCheckpointer(trial, root=small_disk, keep_last=1, format="pickle")
     assert ckpt.save(_state(3.0, 1), 1) is not None

@@ -50,7 +50,9 @@ def _listed(study: optuna.Study, trial: Any) -> list[dict[str, Any]]:
 
 def _kill_and_retry(study: optuna.Study, trial: Any) -> Any:
     """What the launcher does for a worker that died under ``trial``; returns the retry."""
-    end_trial_from_outside(study._storage, trial._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_CRASHED: True})
+    end_trial_from_outside(
+        study._storage, trial._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_CRASHED: True}
+    )
     enqueue_retry(study, study._storage.get_trial(trial._trial_id), RetryPolicy(max_retries=2))
     return study.ask()
 
@@ -94,15 +96,25 @@ def test_retry_on_another_host_resumes_from_the_shared_store(tmp_path: Path) -> 
     env = {**os.environ, STORE_ENV: f"file://{shared}"}
     host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
 
-    first = subprocess.run([sys.executable, str(script), url, study.study_name, str(host_a)],
-                           env={**env, "DIE_AT_4": "1"}, timeout=120)
+    first = subprocess.run(
+        [sys.executable, str(script), url, study.study_name, str(host_a)],
+        env={**env, "DIE_AT_4": "1"},
+        timeout=120,
+    )
     assert first.returncode == -signal.SIGKILL
     [dead] = study.get_trials()
-    assert [c["step"] for c in dead.system_attrs[CHECKPOINTS_ATTR]] == [4, 3]  # keep_last=2, newest first
-    assert end_trial_from_outside(study._storage, dead._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_CRASHED: True})
+    assert [c["step"] for c in dead.system_attrs[CHECKPOINTS_ATTR]] == [
+        4,
+        3,
+    ]  # keep_last=2, newest first
+    assert end_trial_from_outside(
+        study._storage, dead._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_CRASHED: True}
+    )
     enqueue_retry(study, study._storage.get_trial(dead._trial_id), RetryPolicy(max_retries=1))
 
-    second = subprocess.run([sys.executable, str(script), url, study.study_name, str(host_b)], env=env, timeout=120)
+    second = subprocess.run(
+        [sys.executable, str(script), url, study.study_name, str(host_b)], env=env, timeout=120
+    )
     assert second.returncode == 0
     _, retry = study.get_trials()
     assert retry.state == TrialState.COMPLETE
@@ -110,7 +122,10 @@ def test_retry_on_another_host_resumes_from_the_shared_store(tmp_path: Path) -> 
     assert retry.user_attrs["steps_run_here"] == [5, 6]
     # nothing went to either host's private root; the shared store holds the chain's last two
     assert not host_a.exists() and not host_b.exists()
-    assert sorted(p.name.split(".step-")[1][:10] for p in shared.iterdir()) == ["0000000005", "0000000006"]
+    assert sorted(p.name.split(".step-")[1][:10] for p in shared.iterdir()) == [
+        "0000000005",
+        "0000000006",
+    ]
     assert not [p for p in shared.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -125,7 +140,9 @@ def test_without_a_store_the_other_host_finds_nothing(study: optuna.Study, tmp_p
 def test_store_argument_rotates_lists_and_finalizes(study: optuna.Study, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     trial = study.ask()
-    ckpt = TrialCheckpointer(trial, root=tmp_path / "a", keep_last=2, format="pickle", store=f"file://{shared}")
+    ckpt = TrialCheckpointer(
+        trial, root=tmp_path / "a", keep_last=2, format="pickle", store=f"file://{shared}"
+    )
     for step in range(1, 6):
         artifact_id = ckpt.save({"at": step}, step)
         assert isinstance(artifact_id, str) and (shared / artifact_id).exists()
@@ -141,7 +158,10 @@ def test_users_own_optuna_filesystem_store_works(study: optuna.Study, tmp_path: 
     first = study.ask()
     TrialCheckpointer(first, root=tmp_path / "a", format="pickle", store=store).save({"at": 2}, 2)
     retry = _kill_and_retry(study, first)
-    assert TrialCheckpointer(retry, root=tmp_path / "b", format="pickle", store=store).load() == ({"at": 2}, 2)
+    assert TrialCheckpointer(retry, root=tmp_path / "b", format="pickle", store=store).load() == (
+        {"at": 2},
+        2,
+    )
 
 
 # -- S3 through a local moto server --------------------------------------------------------------
@@ -161,8 +181,11 @@ def s3_endpoint() -> Iterator[str]:
     if not server.exists():
         pytest.skip("moto[server] is not installed (pip install 'moto[server]')")
     port = _free_port()
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -172,7 +195,9 @@ def s3_endpoint() -> Iterator[str]:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start on {endpoint} (exit code {proc.poll()})")
+                    pytest.fail(
+                        f"moto_server did not start on {endpoint} (exit code {proc.poll()})"
+                    )
                 time.sleep(0.2)
         yield endpoint
     finally:
@@ -188,8 +213,12 @@ def s3_endpoint() -> Iterator[str]:
 def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     import boto3
 
-    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     client = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -243,23 +272,33 @@ def _damage_missing(client: Any, bucket: str, key: str) -> None:
     client.delete_object(Bucket=bucket, Key=key)
 
 
-@pytest.mark.parametrize("damage", [_damage_corrupt, _damage_partial, _damage_missing], ids=["bit-flip", "partial", "missing"])
+@pytest.mark.parametrize(
+    "damage",
+    [_damage_corrupt, _damage_partial, _damage_missing],
+    ids=["bit-flip", "partial", "missing"],
+)
 def test_s3_damaged_newest_checkpoint_falls_back(
     study: optuna.Study, tmp_path: Path, bucket: Any, damage: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     client, name = bucket
     first = study.ask()
-    ckpt = TrialCheckpointer(first, root=tmp_path, keep_last=3, format="pickle", store=f"s3://{name}/p")
+    ckpt = TrialCheckpointer(
+        first, root=tmp_path, keep_last=3, format="pickle", store=f"s3://{name}/p"
+    )
     ids = [ckpt.save({"at": step}, step) for step in (1, 2, 3)]
     damage(client, name, f"p/{ids[-1]}")
     retry = _kill_and_retry(study, first)
     with caplog.at_level(logging.WARNING, logger="optuna_guard"):
-        loaded = TrialCheckpointer(retry, root=tmp_path, format="pickle", store=f"s3://{name}/p").load()
+        loaded = TrialCheckpointer(
+            retry, root=tmp_path, format="pickle", store=f"s3://{name}/p"
+        ).load()
     assert loaded == ({"at": 2}, 2)
     assert any("step 3" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
 
 
-def test_upload_failure_warns_once_and_the_trial_goes_on(study: optuna.Study, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_upload_failure_warns_once_and_the_trial_goes_on(
+    study: optuna.Study, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     class Flaky(optuna.artifacts.FileSystemArtifactStore):
         fail = False
 
@@ -282,7 +321,9 @@ def test_upload_failure_warns_once_and_the_trial_goes_on(study: optuna.Study, tm
     assert ckpt.load() == ("good", 1)
 
 
-def test_cleanup_callback_removes_finished_chains_from_the_store(study: optuna.Study, tmp_path: Path) -> None:
+def test_cleanup_callback_removes_finished_chains_from_the_store(
+    study: optuna.Study, tmp_path: Path
+) -> None:
     store = f"file://{tmp_path / 'shared'}"
 
     def objective(trial: optuna.Trial) -> float:
@@ -299,8 +340,12 @@ def test_cleanup_callback_removes_finished_chains_from_the_store(study: optuna.S
 
 @pytest.mark.parametrize(
     ("url", "message"),
-    [("ftp://host/x", "unknown scheme"), ("file://relative/dir", "absolute path"), ("s3:///prefix", "no bucket"),
-     ("shared/dir", "unknown scheme")],
+    [
+        ("ftp://host/x", "unknown scheme"),
+        ("file://relative/dir", "absolute path"),
+        ("s3:///prefix", "no bucket"),
+        ("shared/dir", "unknown scheme"),
+    ],
 )
 def test_bad_store_urls_are_one_line_errors(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
@@ -308,7 +353,9 @@ def test_bad_store_urls_are_one_line_errors(url: str, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_bad_store_url_in_the_environment_names_the_variable(study: optuna.Study, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_store_url_in_the_environment_names_the_variable(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(STORE_ENV, "nfs://x")
     with pytest.raises(ConfigError, match=STORE_ENV):
         TrialCheckpointer(study.ask())

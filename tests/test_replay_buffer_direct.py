@@ -54,7 +54,9 @@ def test_direct_path_is_taken_and_wraps_like_the_ring(monkeypatch: pytest.Monkey
     [
         pytest.param(lambda b: {**b, "obs": b["obs"].double()}, id="float64-converted"),
         pytest.param(lambda b: {**b, "obs": b["obs"].t().contiguous().t()}, id="strided"),
-        pytest.param(lambda b: {**b, "obs": b["obs"].clone().requires_grad_()}, id="requires-grad"),
+        pytest.param(
+            lambda b: {**b, "obs": b["obs"].clone().requires_grad_()}, id="requires-grad"
+        ),
         pytest.param(lambda b: {**b, "action": b["action"].numpy()}, id="numpy"),
         pytest.param(lambda b: {**b, "action": b["action"].tolist()}, id="list"),
         pytest.param(lambda b: {**b, "obs": torch._neg_view(-b["obs"])}, id="negative-view"),

@@ -45,7 +45,9 @@ class FastExtend:
 
     __slots__ = ("_names", "_specs")
 
-    def __init__(self, names: list[str], shapes: list[tuple[int, ...]], plans: list[DirectCopy]) -> None:
+    def __init__(
+        self, names: list[str], shapes: list[tuple[int, ...]], plans: list[DirectCopy]
+    ) -> None:
         self._names = tuple(names)
         self._specs = tuple(
             (plan.dtype, torch.Size(shape), plan) for shape, plan in zip(shapes, plans)
@@ -87,7 +89,9 @@ class FastExtend:
         return rows
 
 
-def fast_extend(names: list[str], shapes: list[tuple[int, ...]], storages: list[torch.Tensor]) -> FastExtend | None:
+def fast_extend(
+    names: list[str], shapes: list[tuple[int, ...]], storages: list[torch.Tensor]
+) -> FastExtend | None:
     """A :class:`FastExtend` when every field's storage takes direct copies, else None."""
     plans = direct_copy_plan(storages)
     if any(plan is None for plan in plans):
