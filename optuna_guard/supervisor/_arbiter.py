@@ -936,6 +936,12 @@ class Arbiter:
         )
         env = self.config.python_env()
         env.update(self.config.guard_env())
+        if self.cgroups is not None and self.cgroups.mode != _cgroups.TREE_MODE:
+            # Inside its own memory cgroup (limit --max-worker-rss-gb) a worker's guard would read
+            # that cgroup's headroom as "system memory available" and stop trials at a fraction of
+            # the limit; system memory is the supervisor's job there (issue 10 chaos finding).
+            env["OPTUNA_GUARD_MIN_AVAILABLE_GB"] = "none"
+            env["OPTUNA_GUARD_WARN_AVAILABLE_GB"] = "none"
         env.update(settings.to_env())
         env[_protocol.ENV_FD] = str(child_sock.fileno())
         env["PYTHONUNBUFFERED"] = "1"
@@ -991,17 +997,28 @@ class Arbiter:
             return None
         storage = open_checked_storage(self.storage_url, connect_timeout=self.config.connect_timeout,
                                        heartbeat_interval=self.config.heartbeat_interval,
-                                       heartbeat_grace=self.config.heartbeat_grace, skip_setup=True)
+                                       heartbeat_grace=self.config.heartbeat_grace, skip_setup=True,
+                                       deadline_s=self.config.storage_deadline)
 
         def count_retry() -> None:
             with self._counter_lock:
                 self.retries += 1
 
-        return SupervisorHeartbeat(
-            storage, self.config.study_name, self.launch_id, self.config.heartbeat_interval,
-            self.config.heartbeat_grace or 2 * self.config.heartbeat_interval,
-            retry_policy=self.retry_policy, emit=self.emit, on_retried=count_retry,
-        ).start()
+        def start() -> SupervisorHeartbeat:
+            return SupervisorHeartbeat(
+                storage, self.config.study_name, self.launch_id, self.config.heartbeat_interval,
+                self.config.heartbeat_grace or 2 * self.config.heartbeat_interval,
+                retry_policy=self.retry_policy, emit=self.emit, on_retried=count_retry,
+            ).start()
+
+        if self.config.storage_deadline is None:
+            return start()
+        from optuna_guard.resilience import RetrySettings, call_with_retry
+
+        # load_study and the first beat query the database: a dropped connection at start-up is
+        # ridden out like every other storage call (issue 10)
+        return call_with_retry(start, settings=RetrySettings(deadline_s=self.config.storage_deadline),
+                               what="starting the supervisor heartbeat")
 
     def _spawn_process(self, env: dict[str, str], log_path: str, child_fd: int, slot: int, spawn_index: int) -> Any:
         """The one place that starts a process (own session, so its whole tree can be signalled)."""

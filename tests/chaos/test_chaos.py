@@ -41,6 +41,7 @@ MAX_WORKER_RSS_GB = 0.5
 CGROUP_BYTES = int((WORKERS * MAX_WORKER_RSS_GB + 0.6) * GB)  # 4 workers' worth + launcher + margin (2.6 GB)
 FIRST_TRIALS = 40
 STOP_AFTER_FINISHED = 14
+MIN_VICTIM_AGE_S = 4.0
 
 
 def _workers(pid: int) -> list[int]:
@@ -53,14 +54,29 @@ def _workers(pid: int) -> list[int]:
     except OSError:
         pass
     workers = []
+    ticks, boot = os.sysconf("SC_CLK_TCK"), _boot_time()
     for child in found:
         try:
             with open(f"/proc/{child}/cmdline", "rb") as handle:
-                if b"optuna_guard.supervisor._worker" in handle.read():
-                    workers.append(child)
-        except OSError:
-            pass
+                if b"optuna_guard.supervisor._worker" not in handle.read():
+                    continue
+            with open(f"/proc/{child}/stat") as handle:
+                started = int(handle.read().rsplit(")", 1)[1].split()[19]) / ticks
+        except (OSError, ValueError, IndexError):
+            continue
+        # A worker SIGKILLed before its first trial is a crash-loop strike (3 in a row: exit 3),
+        # so the injector spares workers that may still be booting.
+        if time.time() - (boot + started) >= MIN_VICTIM_AGE_S:
+            workers.append(child)
     return workers
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as handle:
+        for line in handle:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
 
 
 class Injector:
@@ -218,6 +234,9 @@ def test_chaos(tmp_path):
         last = chain[-1]
         assert any(t.state == TrialState.COMPLETE for t in chain) or last.user_attrs.get(tags.RETRIES_EXHAUSTED), (
             root, [(t.number, t.state.name, t.user_attrs) for t in chain])
+    innocent = [(t.number, t.params.get("kind"), t.user_attrs.get(tags.KILL_REASON)) for t in trials
+                if t.params.get("kind") in ("normal", "native", "crash") and t.user_attrs.get(tags.EMERGENCY_KILLED)]
+    assert innocent == []  # no trial tagged emergency_killed that was not over a limit itself
     retried_with_checkpoint = [t for t in resumed if t.system_attrs.get("retry_history")]
     assert retried_with_checkpoint, "no retried trial resumed from a checkpoint"
     assert all(t.user_attrs[tags.RESUMED_FROM_STEP] >= 0 for t in retried_with_checkpoint)
