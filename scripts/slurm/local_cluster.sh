@@ -12,6 +12,7 @@
 # cred_expire (15 s, default 120), the scheduler looks at pending jobs every 2 s (default 60),
 # and a job past its time limit gets KillWait=10 s between SIGTERM and SIGKILL (default 30).
 # It writes /etc/slurm/slurm.conf only when there is none or the one there is ours (first line).
+# Daemons talk over 127.0.0.1, so the host name need not resolve.
 set -euo pipefail
 
 MARK="# optuna-guard local cluster (scripts/slurm/local_cluster.sh)"
@@ -78,7 +79,7 @@ if [[ ! -e "$CONF" ]] || head -n1 "$CONF" | grep -qF "$MARK"; then
     cat > "$NEW" <<EOF
 $MARK
 ClusterName=optuna-guard-local
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -105,7 +106,7 @@ SlurmctldPidFile=$CTLD_PID
 SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     if ! cmp -s "$NEW" "$CONF"; then
