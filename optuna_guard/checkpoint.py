@@ -388,11 +388,27 @@ class TrialCheckpointer:
                 raise CheckpointError(message) from exc
             self._warn_disk_full(message, exc)
             path = None
+        if path is not None:
+            self._record_step(step)
         preemption.consume_checkpoint_request()
         if preemption.stop_requested():
             _log.warning("Trial %d saved checkpoint step %d before stopping (%s).", self.number, step, preemption.stop_reason())
             preemption.raise_if_stop_requested(self._trial)
         return path
+
+    def _record_step(self, step: int) -> None:
+        """The trial's last saved step, in the storage: a preempted attempt that got further than
+        it resumed from made progress, and its retry does not use up --retry (retries.py)."""
+        trial_id = getattr(self._trial, "_trial_id", None)
+        storage = getattr(self._trial, "storage", None)
+        if trial_id is None or storage is None or isinstance(self._trial, FrozenTrial):
+            return
+        from optuna_guard.retries import CHECKPOINT_STEP
+
+        try:
+            storage.set_trial_system_attr(trial_id, CHECKPOINT_STEP, int(step))
+        except Exception as exc:  # a bookkeeping write must never fail the save
+            _log.debug("Could not record checkpoint step %d of trial %s: %s", step, self.number, exc)
 
     def _save_making_room(self, state: Any, step: int) -> Path | str:
         """``_save``; on a full disk, rotate away what ``keep_last`` allows and retry once; a

@@ -49,6 +49,10 @@ RETRYABLE_ENDS = frozenset({tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PRE
 # Optuna's own retry-chain system attrs (optuna/storages/_callbacks.py).
 FAILED_TRIAL = "failed_trial"
 RETRY_HISTORY = "retry_history"
+# Ours: the last checkpoint step a trial saved (TrialCheckpointer), and how many retries of the
+# chain were free (preemptions that made checkpoint progress do not use up max_retries).
+CHECKPOINT_STEP = "optuna_guard:checkpoint_step"
+FREE_RETRIES = "optuna_guard:free_retries"
 # System attrs that describe the dead trial, not its params: never copied onto the retry.
 # ("constraints:*" would make the retry look infeasible before it ran, and Optuna ignores a
 # second set_constraint on the same key.)
@@ -89,10 +93,13 @@ class RetryPolicy:
     ``shrink_on`` are sets of end tags (``emergency_killed``, ``worker_crashed``, ``preempted``,
     ``diverged``, ``worker_lost``, ``timed_out``). ``shrink`` is a function ``params -> params`` (or a ``module:function`` /
     ``file.py:function`` spec) applied to the params of a retry whose trial ended in one of
-    ``shrink_on``.
+    ``shrink_on``. A preemption (SIGTERM, a SLURM time limit) after which the chain saved a newer
+    checkpoint than it resumed from is retried without using up ``max_retries``, at most
+    ``max_preemptions`` times per chain: a week-long trial under a 12 h limit can finish.
     """
 
     max_retries: int = 0
+    max_preemptions: int = 20
     retry_on: frozenset[str] = frozenset({tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED,
                                           tags.WORKER_LOST, tags.TIMED_OUT})
     shrink: ShrinkHook | None = None
@@ -101,6 +108,9 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ConfigError(f"max_retries must be an integer >= 0 but got {self.max_retries!r}.")
+        if (isinstance(self.max_preemptions, bool) or not isinstance(self.max_preemptions, int)
+                or self.max_preemptions < 0):
+            raise ConfigError(f"max_preemptions must be an integer >= 0 but got {self.max_preemptions!r}.")
         object.__setattr__(self, "retry_on", _as_end_set(self.retry_on, "retry_on"))
         object.__setattr__(self, "shrink_on", _as_end_set(self.shrink_on, "shrink_on"))
         if isinstance(self.shrink, str):
@@ -108,9 +118,22 @@ class RetryPolicy:
         elif self.shrink is not None and not callable(self.shrink):
             raise ConfigError(f"shrink must be a function params -> params but got {self.shrink!r}.")
 
+    def is_free_preemption(self, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]) -> bool:
+        """A preempted attempt that saved a checkpoint step beyond the one it resumed from,
+        while the chain has free retries left: retried without using up ``max_retries``."""
+        if self.max_retries <= 0 or not user_attrs.get(tags.PREEMPTED) or tags.PREEMPTED not in self.retry_on:
+            return False
+        saved = system_attrs.get(CHECKPOINT_STEP)
+        if not isinstance(saved, int):
+            return False
+        resumed = user_attrs.get(tags.RESUMED_FROM_STEP)
+        progressed = not isinstance(resumed, int) or saved > resumed
+        return progressed and int(system_attrs.get(FREE_RETRIES, 0)) < self.max_preemptions
+
     def attempt(self, frozen_trial: FrozenTrial) -> int:
-        """0 for an original trial, k for the k-th retry of it."""
-        return len(retry_history(frozen_trial))
+        """0 for an original trial, k for the k-th retry of it that used up a retry (free
+        retries after preemptions with progress are not counted)."""
+        return len(retry_history(frozen_trial)) - int(frozen_trial.system_attrs.get(FREE_RETRIES, 0))
 
     def is_retryable(self, user_attrs: Mapping[str, Any]) -> bool:
         return bool(end_reasons(user_attrs) & self.retry_on)
@@ -122,12 +145,14 @@ class RetryPolicy:
     def wants_shrink(self, user_attrs: Mapping[str, Any]) -> bool:
         return self.shrink is not None and bool(end_reasons(user_attrs) & self.shrink_on)
 
-    def final_tags(self, user_attrs: Mapping[str, Any], attempt: int) -> dict[str, Any]:
+    def final_tags(self, user_attrs: Mapping[str, Any], attempt: int, *, free: bool = False) -> dict[str, Any]:
         """Tags to write before ending a trial for good: ``{"retries_exhausted": True}`` when
         it ended in a retryable way but its chain has used all retries, else ``{}``.
 
         With ``max_retries == 0`` retries are off, and nothing is "exhausted".
         """
+        if free:  # a preemption with checkpoint progress: retried for free
+            return {}
         if self.max_retries > 0 and self.is_retryable(user_attrs) and attempt >= self.max_retries:
             return {tags.RETRIES_EXHAUSTED: True}
         return {}
@@ -216,7 +241,8 @@ def enqueue_retry(study: optuna.Study, frozen_trial: FrozenTrial, policy: RetryP
             f"trial {trial.number} is {trial.state.name}; end it (FAIL or PRUNED) before queueing a retry."
         )
     attempt = policy.attempt(trial)
-    if not policy.wants_retry(trial.user_attrs, attempt):
+    free = policy.is_free_preemption(trial.user_attrs, trial.system_attrs)
+    if not free and not policy.wants_retry(trial.user_attrs, attempt):
         return None
     existing = _existing_retry(study, trial.number)
     if existing is not None:
@@ -238,6 +264,7 @@ def enqueue_retry(study: optuna.Study, frozen_trial: FrozenTrial, policy: RetryP
     }
     system_attrs.setdefault(FAILED_TRIAL, trial.number)
     system_attrs[RETRY_HISTORY] = [*retry_history(trial), trial.number]
+    system_attrs[FREE_RETRIES] = int(trial.system_attrs.get(FREE_RETRIES, 0)) + int(free)
     if "fixed_params" in system_attrs:  # enqueue_trial's params not suggested before the kill
         system_attrs["fixed_params"] = {k: params.get(k, v) for k, v in system_attrs["fixed_params"].items()}
     user_attrs = {key: value for key, value in trial.user_attrs.items() if key not in tags.ALL_TAGS}
@@ -255,9 +282,14 @@ def enqueue_retry(study: optuna.Study, frozen_trial: FrozenTrial, policy: RetryP
     new_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     new_number = study._storage.get_trial_number_from_id(new_id)
     reasons = ", ".join(sorted(end_reasons(trial.user_attrs) & policy.retry_on))
-    _log.info(
-        "Trial %d (%s) re-queued as trial %d, retry %d of %d%s.",
-        trial.number, reasons, new_number, attempt + 1, policy.max_retries,
-        f", with shrunk params {params}" if shrunk else "",
-    )
+    if free:
+        _log.info("Trial %d (%s, with checkpoint progress) re-queued as trial %d; free retry %d of %d "
+                  "(--max-preemptions), --retry not used up.", trial.number, reasons, new_number,
+                  system_attrs[FREE_RETRIES], policy.max_preemptions)
+    else:
+        _log.info(
+            "Trial %d (%s) re-queued as trial %d, retry %d of %d%s.",
+            trial.number, reasons, new_number, attempt + 1, policy.max_retries,
+            f", with shrunk params {params}" if shrunk else "",
+        )
     return new_number

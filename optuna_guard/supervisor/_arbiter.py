@@ -458,7 +458,9 @@ class Arbiter:
             return
         policy = self.retry_policy
         if policy is not None:
-            user_attrs.update(policy.final_tags({**frozen.user_attrs, **user_attrs}, policy.attempt(frozen)))
+            merged = {**frozen.user_attrs, **user_attrs}
+            user_attrs.update(policy.final_tags(merged, policy.attempt(frozen),
+                                                free=policy.is_free_preemption(merged, frozen.system_attrs)))
         if not end_trial_from_outside(self.storage, trial_id, state, user_attrs=user_attrs):
             self.finished_states[trial_id] = self.storage.get_trial(trial_id).state.name
             return
@@ -933,6 +935,7 @@ class Arbiter:
             launch_id=self.launch_id,
             supervisor_pid=os.getpid(),
             grace_period=self.config.grace_period,
+            max_preemptions=self.config.max_preemptions,
         )
         env = self.config.python_env()
         env.update(self.config.guard_env())

@@ -327,6 +327,7 @@ class WorkerSettings:
     launch_id: str = ""
     supervisor_pid: int | None = None
     grace_period: float = 120.0
+    max_preemptions: int = 20
 
     def to_env(self) -> dict[str, str]:
         env: dict[str, str] = {}

@@ -283,7 +283,7 @@ def _retry_policy(config: LaunchConfig) -> Any:
         return None
     from optuna_guard.retries import RetryPolicy
 
-    kwargs: dict[str, Any] = {"max_retries": config.retry}
+    kwargs: dict[str, Any] = {"max_retries": config.retry, "max_preemptions": config.max_preemptions}
     if config.retry_on is not None:
         kwargs["retry_on"] = frozenset(config.retry_on)
     if config.retry_shrink:

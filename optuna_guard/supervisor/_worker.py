@@ -448,14 +448,16 @@ class _WorkerRetries:
         self.channel = channel
 
     def tag_final_attempt(self, trial: Any) -> None:
-        from optuna_guard.retries import RETRY_HISTORY
+        from optuna_guard.retries import FREE_RETRIES, RETRY_HISTORY
 
         storage = self.study._storage
         attrs = storage.get_trial_user_attrs(trial._trial_id)
         if not self.policy.is_retryable(attrs):
             return
-        attempt = len(storage.get_trial_system_attrs(trial._trial_id).get(RETRY_HISTORY, []))
-        for key, value in self.policy.final_tags(attrs, attempt).items():
+        system_attrs = storage.get_trial_system_attrs(trial._trial_id)
+        attempt = len(system_attrs.get(RETRY_HISTORY, [])) - int(system_attrs.get(FREE_RETRIES, 0))
+        free = self.policy.is_free_preemption(attrs, system_attrs)
+        for key, value in self.policy.final_tags(attrs, attempt, free=free).items():
             trial.set_user_attr(key, value)
 
     def after_trial(self, study: Any, frozen: Any) -> None:
@@ -481,7 +483,7 @@ def _install_retries(loop: WorkerLoop, settings: Any, study: Any) -> None:
         return
     from optuna_guard.retries import RetryPolicy
 
-    kwargs: dict[str, Any] = {"max_retries": settings.retry}
+    kwargs: dict[str, Any] = {"max_retries": settings.retry, "max_preemptions": settings.max_preemptions}
     if settings.retry_on:
         kwargs["retry_on"] = frozenset(settings.retry_on)
     if settings.retry_shrink:

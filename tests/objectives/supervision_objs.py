@@ -96,3 +96,25 @@ def ignore_stop(trial):
         except BaseException:
             pass
     return x * x
+
+
+def preempted_five_times(trial):
+    """8 checkpointed steps; each of the first PREEMPTIONS attempts saves one new step and is then
+    preempted (SIGTERM to its own worker, as a SLURM time limit would); the last one finishes."""
+    import signal
+
+    from optuna_guard.checkpoint import TrialCheckpointer
+
+    x = trial.suggest_float("x", -1.0, 1.0)
+    checkpointer = TrialCheckpointer(trial, root=os.environ["SUPERVISION_CKPT_DIR"], keep_last=2, format="pickle")
+    loaded = checkpointer.load()
+    total, start = (0.0, 0) if loaded is None else loaded
+    attempt = len(checkpointer.retry_history)
+    for step in range(start + 1, 9):
+        time.sleep(0.05)
+        total += x * x
+        if attempt < int(os.environ.get("PREEMPTIONS", "5")) and step == start + 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the next save is the boundary: saved, then preempted
+        checkpointer.save(total, step)
+    checkpointer.finalize()
+    return total
