@@ -216,8 +216,12 @@ def fingerprint_callable(func: Callable[..., Any], *, extra: Iterable[str] = ())
     except TypeError:
         path = None
     spec_text = f"{os.path.basename(path) if path else '?'}:{qualname}"
-    if not path or not os.path.isfile(path):
-        return Fingerprint(UNAVAILABLE, UNAVAILABLE, _sha256(spec_text.encode()), hash_extra(extra), "", spec_text)
+    if not path or not os.path.isfile(path):  # a notebook cell: linecache may still have the source
+        try:
+            function = _sha256(inspect.getsource(func).replace("\r\n", "\n").encode())
+        except (OSError, TypeError):
+            function = UNAVAILABLE
+        return Fingerprint(function, UNAVAILABLE, _sha256(spec_text.encode()), hash_extra(extra), "", spec_text)
     return fingerprint_file(path, qualname, spec_text=spec_text, extra=extra)
 
 
