@@ -455,6 +455,10 @@ class Arbiter:
         frozen = self.storage.get_trial(trial_id)
         if frozen.state != TrialState.RUNNING:
             self.finished_states[trial_id] = frozen.state.name
+            if self.retry_policy is not None and frozen.state in (TrialState.FAIL, TrialState.PRUNED):
+                # the worker ended its trial but died before queueing the retry (enqueue_retry
+                # finds an existing retry and does nothing when the worker did queue it)
+                self.retry_trial(trial_id, number, worker_id)
             return
         policy = self.retry_policy
         if policy is not None:

@@ -157,9 +157,11 @@ class WorkerLoop:
         self._report_finished(number, trial_id, state)
 
     def _after_trial(self, study: Any, frozen: Any) -> None:
-        self._report_finished(frozen.number, frozen._trial_id, frozen.state.name)
+        # Queue the retry before reporting the end: a worker killed in between is then still
+        # "under its trial" for the supervisor, which queues the retry itself (idempotently).
         if self.retry_hook is not None:
             self.retry_hook(study, frozen)
+        self._report_finished(frozen.number, frozen._trial_id, frozen.state.name)
 
     def _run_objective(self, trial: Any) -> Any:
         import optuna
