@@ -13,15 +13,15 @@ import os
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import MultiHostRun  # noqa: E402
-from netns import PostgresCluster, SimulatedHosts, skip_reason  # noqa: E402
+from harness import MultiHostRun
+from netns import PostgresCluster, SimulatedHosts, skip_reason
 
 N_HOSTS = 3
 

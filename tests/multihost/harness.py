@@ -10,14 +10,14 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
-
 from netns import SimulatedHosts
+from optuna.trial import FrozenTrial, TrialState
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -159,7 +159,7 @@ class MultiHostRun:
                     finally:
                         storage.remove_session()
                         storage.engine.dispose()
-            except Exception as exc:  # noqa: BLE001 - retried, re-raised below
+            except Exception as exc:
                 last = exc
                 time.sleep(0.5)
         raise AssertionError(f"cannot read the study: {last}")

@@ -28,8 +28,8 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 PG_BIN_GLOB = "/usr/lib/postgresql"
 NETNS_DIR = Path("/run/netns")
@@ -136,7 +136,7 @@ class SimulatedHosts:
         return self.hosts[n - 1]
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "SimulatedHosts":
+    def start(self) -> SimulatedHosts:
         _run(["ip", "netns", "add", self.switch])
         self._made.append(self.switch)
         _run(["ip", "-n", self.switch, "link", "add", "br0", "type", "bridge"])
@@ -264,7 +264,7 @@ class PostgresCluster:
             cmd = ["nsenter", f"--net={NETNS_DIR / self.ns}", *cmd]
         return _run(cmd, timeout=timeout)
 
-    def start(self) -> "PostgresCluster":
+    def start(self) -> PostgresCluster:
         self.socket_dir.mkdir(parents=True)
         shutil.chown(self.dir, "postgres", "postgres")
         shutil.chown(self.socket_dir, "postgres", "postgres")

@@ -12,10 +12,16 @@ from __future__ import annotations
 import time
 
 import pytest
+from harness import (
+    HEARTBEAT_GRACE,
+    HEARTBEAT_INTERVAL,
+    assert_end_invariants,
+    local_time,
+    report_figure,
+    retries_of,
+    running_on,
+)
 from optuna.trial import TrialState
-
-from harness import (HEARTBEAT_GRACE, HEARTBEAT_INTERVAL, assert_end_invariants, local_time, report_figure,
-                     retries_of, running_on)
 
 # Detection must happen within grace + one interval; the machine running the tests is shared and
 # loaded, so a few seconds of scheduling delay are tolerated (and the measured figure reported).

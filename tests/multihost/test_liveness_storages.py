@@ -15,15 +15,14 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import optuna
 import psutil
 import pytest
+from harness import END_TAGS, OBJECTIVE, REPO, retries_of
 from optuna.trial import TrialState
-
-from harness import OBJECTIVE, REPO, END_TAGS, retries_of
 
 INTERVAL, GRACE = 1, 4
 PYTHON = sys.executable
