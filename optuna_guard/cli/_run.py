@@ -72,7 +72,11 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Run OBJECTIVE (package.module:function or path/to/file.py:function) in N supervised "
             "worker processes on one study until T trials finished. Exit codes: 0 done, 1 error, "
-            "2 bad input, 3 crash loop, 99 stopped by a signal or the time budget."
+            "2 bad input, 3 crash loop, 99 stopped by a signal or the time budget. Worker memory: "
+            "each worker gets a memory cgroup of its own (kernel hard limit --max-worker-rss-gb, every "
+            "descendant counted and killed) where the cgroup tree is writable (root on cgroup v1, a "
+            "delegated cgroup v2 subtree); elsewhere process-tree RSS plus a per-launch environment "
+            "marker, so no descendant outlives the launch. The mode is logged at start."
         ),
     )
     gb = _number("GB", positive=True, allow_off=True)
@@ -102,7 +106,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=_integer(0), default=None, metavar="S",
                         help="sampler seed; worker k gets S + k")
     parser.add_argument("--max-worker-rss-gb", type=gb, default=8.0, metavar="GB",
-                        help="hard-kill a worker whose process tree RSS exceeds this (default 8; 'off')")
+                        help="per-worker hard limit: its cgroup's kernel limit where cgroups are writable, else a "
+                             "kill when its process-tree RSS exceeds it (default 8; 'off')")
     parser.add_argument("--recycle-worker-rss-gb", type=gb, default=None, metavar="GB",
                         help="recycle a worker whose tree RSS after a trial exceeds this (default 75%% of the hard limit)")
     parser.add_argument("--min-available-gb", type=gb0, default=2.0, metavar="GB",
@@ -134,9 +139,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--no-guard", action="store_true", help="do not wrap unguarded objectives with @guard")
     parser.add_argument("--gc-after-trial", action="store_true", help="gc.collect() after every trial")
     parser.add_argument("--heartbeat-interval", type=_integer(1), default=30, metavar="SECONDS",
-                        help="Optuna RDB heartbeat of running trials (default 30)")
+                        help="the supervisor renews its launch lease and beats for its live trials this often "
+                             "(default 30)")
     parser.add_argument("--heartbeat-grace", type=_integer(1), default=300, metavar="SECONDS",
-                        help="a RUNNING trial without heartbeat for this long is failed by other workers (default 300)")
+                        help="a launch silent this long is lost: its RUNNING trials are ended worker_lost by "
+                             "other launchers (default 300)")
     parser.add_argument("--retry", type=_integer(0), default=0, metavar="N",
                         help="re-queue killed/crashed/preempted trials up to N times each (default 0)")
     parser.add_argument("--retry-on", default=None, metavar="TAGS",
