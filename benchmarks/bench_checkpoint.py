@@ -51,14 +51,19 @@ def _interleaved(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict
     """Best seconds of each candidate, run in turn (A B C A B C ...). Other processes on a
     shared machine only ever add time, so the minimum is the fairest estimate of each cost."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    cpu: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
             gc.collect()
             started = time.perf_counter()
+            cpu_started = time.process_time()  # all threads of this process (the hash thread too)
             result = fn()
             times[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - cpu_started)
             del result
-    return {name: min(values) for name, values in times.items()}
+    best = {name: min(values) for name, values in times.items()}
+    best.update({f"cpu_{name}": min(values) for name, values in cpu.items()})
+    return best
 
 
 def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optuna.Study,
@@ -115,7 +120,9 @@ def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optu
     study.tell(trial, 0.0)
     last_plain.unlink()
     gc.collect()
-    return {key: size_mb / seconds for key, seconds in {**save, **load}.items()}  # MB/s
+    # MB/s, and for the cpu_* keys CPU milliseconds of this process
+    return {key: (1000 * seconds if key.startswith("cpu_") else size_mb / seconds)
+            for key, seconds in {**save, **load}.items()}
 
 
 def _sha256_seconds(buffer: bytes) -> float:
@@ -187,6 +194,7 @@ def main() -> int:
               f"on {os.cpu_count()} CPUs (shared machine: best of interleaved runs)")
         print(f"{'format':7} {'size':>6} | {'save MB/s: plain':>16} {'plain+fsync':>11} {'ours':>7} "
               f"{'ours/plain':>10} {'ours/plain+fsync':>16} | {'load MB/s: plain':>16} {'ours':>7} {'ratio':>6}")
+        cpu_rows: list[str] = []
         for fmt in args.formats.split(","):
             for size in (int(s) for s in args.sizes.split(",")):
                 repeats = args.repeats if size < 512 else max(2, args.repeats // 2)
@@ -200,6 +208,17 @@ def main() -> int:
                         f"{r['load_ours']:>7.0f} {r['load_ours'] / r['load_plain']:>6.2f}",
                         flush=True,
                     )
+                    cpu_rows.append(
+                        f"{label:7} {size:>4}MB | {r['cpu_save_plain_fsync']:>11.0f} {r['cpu_save_ours']:>7.0f} "
+                        f"{r['cpu_save_plain_fsync'] / r['cpu_save_ours']:>6.2f} | {r['cpu_load_plain']:>10.0f} "
+                        f"{r['cpu_load_ours']:>7.0f} {r['cpu_load_plain'] / r['cpu_load_ours']:>6.2f}"
+                    )
+        print(f"\nCPU time of this process (all threads), best run, ms; ratio = plain / ours. On a shared machine\n"
+              f"the wall-time ratios above follow the scheduler; these show what each variant costs itself:")
+        print(f"{'format':7} {'size':>6} | {'save: plain+fsync':>11} {'ours':>7} {'ratio':>6} | {'load: plain':>10} "
+              f"{'ours':>7} {'ratio':>6}")
+        print("\n".join(cpu_rows))
+        print(f"load average now {os.getloadavg()[0]:.1f}")
         buffer = os.urandom(64) * (100 * MB // 64)
         sha = min(_sha256_seconds(buffer) for _ in range(5))
         del buffer
