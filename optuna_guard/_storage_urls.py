@@ -14,6 +14,13 @@ Redis connections get connect and read timeouts (``socket_connect_timeout``/``so
 in the URL override them) so a partitioned host sees errors that ResilientStorage retries
 instead of a read that blocks forever. A relative journal path (``journal://study.log``) is
 made absolute by :func:`normalize_url` before workers in other directories see it.
+
+gRPC calls carry HTTP/2 keepalive pings (every ``GRPC_KEEPALIVE_MS``): Optuna's client sets no
+deadline, so without them a call whose connection died silently (a partitioned host, a frozen
+proxy) waits for the kernel's TCP timeout, about 15 minutes; with them it fails UNAVAILABLE
+within seconds and ResilientStorage retries it. ``optuna-guard storage-proxy`` accepts the pings
+(:data:`GRPC_SERVER_OPTIONS`); a plain Optuna proxy may answer a long call with "too many pings",
+which is retried too.
 """
 
 from __future__ import annotations
@@ -33,8 +40,25 @@ REDIS_SCHEMES = ("redis", "rediss")
 GRPC_SCHEME = "grpc"
 DEFAULT_GRPC_PORT = 13000
 REDIS_READ_TIMEOUT_S = 60.0
+GRPC_KEEPALIVE_MS = 5_000
+GRPC_KEEPALIVE_TIMEOUT_MS = 5_000
+GRPC_CLIENT_OPTIONS = (
+    ("grpc.max_receive_message_length", -1),  # what Optuna's client sets
+    ("grpc.keepalive_time_ms", GRPC_KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", GRPC_KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", GRPC_KEEPALIVE_TIMEOUT_MS),  # newer gRPC: else 60 s
+    ("grpc.keepalive_permit_without_calls", 0),  # only while a call waits: idle workers stay quiet
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),  # back within seconds of the proxy (default 120 s)
+)
+GRPC_SERVER_OPTIONS = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", GRPC_KEEPALIVE_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
+)
 
-__all__ = ["is_rdb_url", "normalize_url", "open_url_storage", "url_kind"]
+__all__ = ["KeepaliveGrpcStorageProxy", "is_rdb_url", "normalize_url", "open_url_storage", "url_kind"]
 
 
 def url_kind(url: str) -> str:
@@ -118,8 +142,22 @@ def open_url_storage(url: str, *, connect_timeout: float = 5.0) -> BaseStorage:
         if kind == "grpc":
             _require("grpc", "grpc", url)
             host, port = _grpc_address(url)
-            return optuna.storages.GrpcStorageProxy(host=host, port=port)
+            return KeepaliveGrpcStorageProxy(host=host, port=port)
     raise ConfigError(f"storage URL {url!r} is a database URL; open it with open_storage().")
+
+
+class KeepaliveGrpcStorageProxy(optuna.storages.GrpcStorageProxy):
+    """Optuna's GrpcStorageProxy on a channel with keepalive pings: a call whose connection
+    died silently fails UNAVAILABLE within seconds (retried by ResilientStorage)."""
+
+    def _setup(self) -> None:
+        import grpc
+        from optuna.storages._grpc.auto_generated import api_pb2_grpc
+        from optuna.storages._grpc.client import GrpcClientCache
+
+        self._channel = grpc.insecure_channel(f"{self._host}:{self._port}", options=list(GRPC_CLIENT_OPTIONS))
+        self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+        self._cache = GrpcClientCache(self._stub)
 
 
 def _require(module: str, extra: str, url: str) -> Any:

@@ -227,3 +227,33 @@ def test_status_on_a_missing_journal_file_exits_2(tmp_path) -> None:
         result = cli(command, "--study-name", "s", "--storage", missing, timeout=60)
         assert result.returncode == 2 and "does not exist" in result.stderr, result.stderr
     assert not os.path.exists(tmp_path / "missing.log")  # reading never creates a journal
+
+
+def test_a_frozen_proxy_is_an_outage_not_a_hang(tmp_path) -> None:
+    """A proxy that stops answering (here SIGSTOP; on a partition the packets are lost) must
+    turn into a retried error within seconds, not a call that waits for TCP's ~15 minutes;
+    once it answers again the call goes through and the trial completes."""
+    import threading
+
+    from supervisor_helpers import wait_for
+
+    proc, url = _start_proxy(f"sqlite:///{tmp_path / 'frozen.db'}")
+    try:
+        storage = ResilientStorage(open_storage(url), RetrySettings(deadline_s=120, initial_backoff_s=0.2,
+                                                                    max_backoff_s=1.0))
+        study = optuna.create_study(storage=storage, study_name="frozen")
+        os.kill(proc.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        worker = threading.Thread(target=study.optimize, args=(lambda t: t.suggest_float("x", 0, 1),),
+                                  kwargs={"n_trials": 1}, daemon=True)
+        worker.start()
+        wait_for(lambda: storage.outages == 1, timeout=45, what="the dead connection noticed")
+        assert time.monotonic() - frozen_at < 45
+        os.kill(proc.pid, signal.SIGCONT)
+        worker.join(timeout=90)
+        assert not worker.is_alive()
+        assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert _stop(proc) == 0

@@ -103,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        server = grpc.server(ThreadPoolExecutor(max_workers=args.threads))
+        from optuna_guard._storage_urls import GRPC_SERVER_OPTIONS
+
+        # accepts the clients' keepalive pings (they detect a dead connection in seconds)
+        server = grpc.server(ThreadPoolExecutor(max_workers=args.threads), options=list(GRPC_SERVER_OPTIONS))
         api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(backend), server)
     try:
         port = server.add_insecure_port(f"{args.host}:{args.port}")
