@@ -90,3 +90,33 @@ def test_sixteen_workers_in_a_small_cgroup_start_paced(tmp_path):
     assert kills == []
     assert len(trials) == 16 and all(t.state == TrialState.COMPLETE for t in trials)
     assert not any(t.user_attrs.get(tags.EMERGENCY_KILLED) for t in trials)
+
+
+def test_the_guard_stops_hogs_before_the_supervisor_needs_to(tmp_path, monkeypatch, quiet_optuna):
+    """Issue 16 item 2. Before: guard and supervisor shared one limit, 7 of 8 hog trials were
+    hard-killed with two different kill records. After: the guard's limit is 90 % of
+    --max-worker-rss-gb and the supervisor waits for its chance: soft stops, one record each."""
+    from optuna_guard.supervisor import launch
+    from supervisor_helpers import FAST, idle_worker_rss_gb
+
+    idle = idle_worker_rss_gb(str(tmp_path))
+    limit = round(idle + 0.4, 2)
+    monkeypatch.setenv("LAUNCHER_TEST_ALLOC_TRIALS", "0,1,2,3")
+    monkeypatch.setenv("LAUNCHER_TEST_ALLOC_MAX_MB", str(int((limit + 0.5) * 1024)))  # bounded past the limit
+    url = f"sqlite:///{tmp_path / 'hog.db'}"
+    logs = tmp_path / "logs"
+    summary = launch(objective_spec("launcher_alloc"), study_name="hog", storage=url, workers=2, n_trials=4,
+                     log_dir=str(logs), **dict(FAST, max_worker_rss_gb=limit, recycle_worker_rss_gb=None,
+                                                kill_wait=0.0))
+    trials = trials_of(url, "hog")
+    log = read_events(str(logs / "events.jsonl"))
+    hard = [e for e in log if e["event"] == events.WORKER_KILLED]
+    soft = [t for t in trials if t.user_attrs.get(tags.KILL_LIMIT) == "max_trial_rss_gb"]
+    print(f"\nhog trials: {len(soft)} soft stops by the guard, {len(hard)} hard kills (limit {limit} GB)")
+    assert summary.exit_code == 0
+    assert all(t.state == TrialState.PRUNED and t.user_attrs.get(tags.EMERGENCY_KILLED) for t in trials)
+    assert len(soft) >= 3 and len(hard) <= 1
+    for trial in trials:  # one kill record per trial: the limit named in storage matches the event log
+        killed = [e for e in hard if e.get("trial_number") == trial.number]
+        if killed:
+            assert trial.user_attrs[tags.KILL_LIMIT] == killed[0]["limit"]
