@@ -221,9 +221,13 @@ def _bucket_store(scheme: str, bucket: str, url: str) -> ArtifactStore:
         )
         client = boto3.client("s3", endpoint_url=endpoint)
         # avoid_buf_copy: we hand it a spool file we no longer need, so no in-memory copy of it
-        return artifacts.Boto3ArtifactStore(bucket, client=client, avoid_buf_copy=True)
+        s3_store: ArtifactStore = artifacts.Boto3ArtifactStore(
+            bucket, client=client, avoid_buf_copy=True
+        )
+        return s3_store
     try:
-        return artifacts.GCSArtifactStore(bucket)
+        gcs_store: ArtifactStore = artifacts.GCSArtifactStore(bucket)
+        return gcs_store
     except ImportError as exc:
         raise ConfigError(
             f"checkpoint store {url!r} needs google-cloud-storage: pip install google-cloud-storage."
