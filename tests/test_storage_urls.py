@@ -257,3 +257,35 @@ def test_a_frozen_proxy_is_an_outage_not_a_hang(tmp_path) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGCONT)
         assert _stop(proc) == 0
+
+
+@pytest.mark.postgres
+def test_proxy_rides_out_a_database_outage() -> None:
+    """The proxy's database (a private cluster, never the shared server) refuses connections
+    for a few seconds: clients wait, nothing fails, the proxy logs the outage and its end."""
+    import threading
+
+    from pg_cluster import private_cluster
+
+    with private_cluster() as cluster:
+        proc, url = _start_proxy(cluster.url, "--storage-deadline", "120")
+        try:
+            storage = ResilientStorage(open_storage(url), RetrySettings(deadline_s=120))
+            study = optuna.create_study(storage=storage, study_name="outage")
+            study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+            cluster.block()
+            worker = threading.Thread(target=study.optimize, args=(lambda t: t.suggest_float("x", 0, 1),),
+                                      kwargs={"n_trials": 3}, daemon=True)
+            worker.start()
+            time.sleep(4)
+            assert worker.is_alive()  # waiting on the proxy, not failed
+            cluster.unblock()
+            worker.join(timeout=120)
+            assert not worker.is_alive()
+            states = [t.state for t in optuna.load_study(study_name="outage", storage=cluster.url).get_trials()]
+            assert states == [TrialState.COMPLETE] * 5
+        finally:
+            code = _stop(proc)
+        stderr = proc.stderr.read()
+        assert code == 0
+        assert "Storage outage began" in stderr and "Storage back after" in stderr, stderr[-2000:]
