@@ -209,13 +209,14 @@ def run_cell(backend: str, workers: int, args: argparse.Namespace, pg: LoopbackP
         with open(log_dir / "console.log", "ab") as out:
             launchers.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(),
                                               start_new_session=True))
-    # Boot: until W trials have started (every worker is up) or the boot timeout.
+    # Boot: until W distinct workers have started a trial, or the boot timeout.
     t0 = None
     deadline = time.monotonic() + args.boot_timeout
     while time.monotonic() < deadline:
         try:
-            started = len(reader.get_all_trials(reader.get_study_id_from_name(study), deepcopy=False))
-        except Exception:
+            started = len({_worker_key(t) for t in reader.get_all_trials(reader.get_study_id_from_name(study),
+                                                                        deepcopy=False)})
+        except Exception:  # a full database refuses us too; retry
             started = 0
         if started >= workers:
             t0 = time.time()
@@ -226,11 +227,12 @@ def run_cell(backend: str, workers: int, args: argparse.Namespace, pg: LoopbackP
     booted = t0 is not None
     t0 = t0 or time.time()
     boot_s = t0 - t_boot
-    peak_conn = 0
+    peak_conn: int | str = 0
     rss: list[float] = []
     while time.time() < t0 + args.duration:
-        conn = pg.connections() if backend != "redis" else None
-        peak_conn = max(peak_conn, conn or 0)
+        if backend != "redis" and peak_conn != "full":
+            conn = pg.connections()  # None: even the superuser slots are taken
+            peak_conn = "full" if conn is None else max(int(peak_conn), conn)
         if not rss and time.time() > t0 + args.duration / 2:
             for p in launchers:
                 arbiter = psutil.Process(p.pid) if p.poll() is None else None
@@ -264,8 +266,8 @@ def _measure(trials: list[Any], t0: float, t1: float, workers: int, cell_dir: Pa
     done = [t for t in trials if t.state.name == "COMPLETE" and t0 <= (ts(t.datetime_complete) or 0) <= t1]
     by_worker: dict[tuple[Any, ...], list[Any]] = {}
     for t in trials:
-        key = (t.user_attrs.get("hostname"), t.user_attrs.get("worker_pid"), t.user_attrs.get("launch_id"))
-        by_worker.setdefault(key, []).append(t)
+        by_worker.setdefault(_worker_key(t), []).append(t)
+    active = len({_worker_key(t) for t in done})
     waits = []
     for ts_list in by_worker.values():
         ts_list.sort(key=lambda t: t.datetime_start or datetime.datetime.max)
@@ -289,7 +291,13 @@ def _measure(trials: list[Any], t0: float, t1: float, workers: int, cell_dir: Pa
 
     return dict(trials_per_s=round(rate, 2), efficiency=round(rate / (workers / TRIAL_S), 3),
                 connection_error_lines=errors, storage_outages=outages, worker_crashes=crashes,
-                wait_p50_ms=pct(0.50), wait_p99_ms=pct(0.99), complete_in_window=len(done))
+                wait_p50_ms=pct(0.50), wait_p99_ms=pct(0.99), complete_in_window=len(done),
+                workers_completing=active)
+
+
+def _worker_key(trial: Any) -> tuple[Any, ...]:
+    """Which worker ran a trial (the launcher's tags)."""
+    return (trial.user_attrs.get("launch_id"), trial.user_attrs.get("hostname"), trial.user_attrs.get("worker_pid"))
 
 
 def _delete_redis_prefix(prefix: str) -> None:
@@ -332,11 +340,12 @@ def main() -> None:
     finally:
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)
-    header = ("backend", "W", "trials/s", "eff", "conn err", "outages", "crashes", "wait p50 ms", "wait p99 ms",
+    header = ("backend", "W", "trials/s", "eff", "workers completing", "conn err", "outages", "crashes", "wait p50 ms", "wait p99 ms",
               "pg conns", "RSS MB/worker", "boot s")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in results:
-        row = (r["backend"], r["workers"], r["trials_per_s"], r["efficiency"], r["connection_error_lines"],
+        row = (r["backend"], r["workers"], r["trials_per_s"], r["efficiency"], r["workers_completing"],
+               r["connection_error_lines"],
                r["storage_outages"], r["worker_crashes"], r["wait_p50_ms"], r["wait_p99_ms"], r["peak_pg_connections"],
                r["rss_mb_per_worker"], r["boot_s"] if r["booted"] else f"{r['boot_s']} (not all up)")
         print("| " + " | ".join(str(x) for x in row) + " |")

@@ -114,6 +114,7 @@ def _check_detection(url: str, reader, tmp: Path) -> None:
     trials = _trials(reader, study)
     assert ended.user_attrs.get("worker_lost") is True, f"trial {number} ended without worker_lost: {ended.user_attrs}"
     assert ended.state in (TrialState.FAIL, TrialState.PRUNED)
+    assert socket.gethostname() in str(ended.user_attrs.get("kill_reason")), ended.user_attrs.get("kill_reason")
     retries = retries_of(trials, number)
     assert [r.state for r in retries] == [TrialState.COMPLETE], f"retries of {number}: {[(r.number, r.state.name) for r in retries]}"
     assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
