@@ -31,8 +31,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Literal, NamedTuple
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -852,7 +853,11 @@ class CheckpointCleanupCallback:
 
     def _clean_store(self, study: Any) -> None:
         """Artifact-store mode: remove the listed checkpoints of finished chains (once each)."""
-        from optuna_guard._checkpoint_store import CHECKPOINTS_ATTR, StoredCheckpoint, _is_not_found
+        from optuna_guard._checkpoint_store import (
+            CHECKPOINTS_ATTR,
+            StoredCheckpoint,
+            _is_not_found,
+        )
 
         trials = study.get_trials(deepcopy=False)
         listed: dict[int, list[str]] = {}
