@@ -16,8 +16,9 @@ not do it twice or fail because it already happened:
   chosen here, so a retry finds the trial its first attempt made (RUNNING, that start time, the
   same params, no intermediate values) instead of creating a second one that would stay RUNNING
   forever. Nothing extra is written to the trial. A storage that keeps start times to the second
-  only (MySQL's DATETIME) cannot tell such trials apart: the retry then creates a new trial and
-  logs that the first may stay RUNNING until a stale-trial check fails it;
+  only (MySQL's DATETIME) matches only trials tagged with this process's pid and host (the
+  launcher's workers create their trials so); otherwise the retry creates a new trial and logs
+  that the first may stay RUNNING until a stale-trial check fails it;
 * ``set_trial_state_values(RUNNING)`` (taking a WAITING trial): a retry that finds the trial
   already RUNNING cannot tell whether this process or another took it; it reports "not taken"
   and records one heartbeat for the trial, so if it was ours Optuna's stale-trial check fails
@@ -624,21 +625,31 @@ class ResilientStorage(BaseStorage):
 
     def _find_created_trial(self, study_id: int, template: FrozenTrial) -> int | None:
         """The RUNNING trial our first attempt made, recognised by its start time to the
-        microsecond and its params; None (create again) when none or several match."""
+        microsecond and its params; None (create again) when none or several match.
+
+        A storage that keeps start times to the second (MySQL) matches only trials tagged
+        with this process's pid and host (the launcher's workers create trials with those
+        tags), so another process's new trial is never taken for ours."""
         running = self._storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        matches = [
-            t for t in running
-            if t.datetime_start == template.datetime_start and t.params == template.params
-            and not t.intermediate_values
-        ]
+        fresh = [t for t in running if t.params == template.params and not t.intermediate_values]
+        matches = [t for t in fresh if t.datetime_start == template.datetime_start]
+        lossy = not matches and any(
+            t.datetime_start is not None and t.datetime_start.microsecond == 0
+            and t.datetime_start == template.datetime_start.replace(microsecond=0)
+            for t in fresh
+        )
+        if lossy:
+            from optuna_guard import tags
+
+            matches = [
+                t for t in fresh
+                if t.datetime_start == template.datetime_start.replace(microsecond=0)
+                and t.user_attrs.get(tags.WORKER_PID) == os.getpid()
+                and t.user_attrs.get(tags.HOSTNAME) == socket.gethostname()
+            ]
         if len(matches) == 1:
             _log.info("Trial %d was created before the connection dropped; using it.", matches[0].number)
             return matches[0]._trial_id
-        lossy = any(
-            t.datetime_start is not None and t.datetime_start.replace(microsecond=0)
-            == template.datetime_start.replace(microsecond=0) and t.datetime_start.microsecond == 0
-            for t in running
-        )
         if matches or lossy:
             _log.warning(
                 "create_new_trial: cannot tell whether the attempt before the outage created a trial "

@@ -7,11 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -486,9 +484,60 @@ def test_attribute_writes_reach_the_wrapped_storage(sqlite_url: str) -> None:
     assert "heartbeat_interval" not in storage.__dict__
     assert is_heartbeat_enabled(storage) and storage.get_heartbeat_interval() == 1
     study = optuna.create_study(storage=storage, study_name=f"res-{uuid.uuid4().hex[:8]}")
-    study.optimize(_square, n_trials=1)
-    with rdb.engine.connect() as conn:
-        beats = conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats")).scalar()
-    assert beats == 1  # Optuna's heartbeat thread ran through the wrapper
+
+    def beats() -> int:
+        with rdb.engine.connect() as conn:
+            return int(conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats")).scalar())
+
+    def wait_for_a_beat(trial: optuna.Trial) -> float:
+        deadline = time.monotonic() + 30  # Optuna's heartbeat thread beats right after it starts
+        while not beats() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return 0.0
+
+    study.optimize(wait_for_a_beat, n_trials=1)
+    assert beats() == 1  # Optuna's heartbeat thread ran through the wrapper
     storage.settings = RetrySettings(deadline_s=1.0)  # the wrapper's own attributes stay its own
     assert storage.settings.deadline_s == 1.0 and not hasattr(rdb, "settings")
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("tagged", [True, False])
+def test_retried_create_on_mysql_second_precision(tagged: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """MySQL keeps start times to the second: a retried create adopts the first attempt's trial
+    only when it carries this process's pid and host (as the launcher's workers create them);
+    an untagged one is never guessed at (it could be another process's), it is said instead."""
+    import socket
+
+    from optuna_guard import tags
+
+    url = "mysql+pymysql://root@127.0.0.1:3306/test"
+    name = f"res-mysql-{uuid.uuid4().hex[:8]}"
+    storage = ResilientStorage(open_storage(url), RetrySettings(**FAST))
+    try:
+        study = optuna.create_study(storage=storage, study_name=name)
+        inner = storage.wrapped
+        original = inner.create_new_trial
+        calls = {"n": 0}
+
+        def tag_commit_then_drop(study_id: int, template: Any = None) -> int:
+            calls["n"] += 1
+            if tagged:
+                template.user_attrs = {tags.WORKER_PID: os.getpid(), tags.HOSTNAME: socket.gethostname()}
+            trial_id = original(study_id, template)
+            if calls["n"] == 1:
+                raise _dropped_connection()
+            return trial_id
+
+        inner.create_new_trial = tag_commit_then_drop
+        with caplog.at_level(logging.WARNING, logger="optuna_guard"):
+            trial = study.ask()
+            study.tell(trial, 1.0)
+        states = [t.state for t in study.get_trials()]
+        if tagged:
+            assert calls["n"] == 1 and states == [TrialState.COMPLETE]
+        else:
+            assert calls["n"] == 2 and states == [TrialState.RUNNING, TrialState.COMPLETE]
+            assert any("keeps start times to the second" in r.getMessage() for r in caplog.records)
+    finally:
+        optuna.delete_study(study_name=name, storage=url)

@@ -57,8 +57,8 @@ def _empty_postgres(url: str) -> RDBStorage:
     storage = RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
     import sqlalchemy
 
-    tables = [t for t in storage.engine.dialect.get_table_names(storage.engine.connect()) if t != "alembic_version"]
     with storage.engine.begin() as conn:
+        tables = [t for t in storage.engine.dialect.get_table_names(conn) if t != "alembic_version"]
         conn.execute(sqlalchemy.text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"))
     return storage
 
