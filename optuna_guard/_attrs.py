@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
+from optuna.trial import FrozenTrial
 
 
 def set_user_attrs(storage: BaseStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
@@ -36,9 +37,20 @@ def _in_memory(storage: InMemoryStorage, trial_id: int, attrs: Mapping[str, Any]
     with storage._lock:
         trial = storage._get_trial(trial_id)
         storage.check_trial_is_updatable(trial_id, trial.state)
-        trial = copy.copy(trial)
+        trial = _shallow_copy(trial)
         trial.user_attrs = {**trial.user_attrs, **attrs}
         storage._set_trial(trial_id, trial)
+
+
+def _shallow_copy(trial: FrozenTrial) -> FrozenTrial:
+    """``copy.copy`` for a plain FrozenTrial, without the copy module's generic machinery: it
+    is the same ``__dict__`` copy, but right after a trial's work (cold caches) ``copy.copy``
+    costs ~50 us here, most of the guard's per-trial cost."""
+    if type(trial) is not FrozenTrial:
+        return copy.copy(trial)
+    clone = object.__new__(FrozenTrial)
+    clone.__dict__.update(trial.__dict__)
+    return clone
 
 
 def _rdb(storage: RDBStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:

@@ -168,26 +168,28 @@ class TrialWatch:
         self.started = time.monotonic()
         self.lock = threading.Lock()
         self.active = True
-        self.interrupt: tuple[str, Trip | None] | None = None  # decided: (kind, trip)
-        self.injections = 0
-        self.injected_at: float | None = None
-        self.deliveries = 0  # counted in the trial's thread when an interrupt goes off
-        self.delivered_at: float | None = None
-        self.ended_by_interrupt = False  # run() caught the interrupt as it left the objective
-        self.absorbed = False  # injected, but the trial's code had finished: its result stands
-        self.over_since: float | None = None  # over the limit since (while an interrupt is decided)
-        self.stuck_handled = False
-        self.helpers_interrupted: set[int] = set()  # pool threads interrupted for this trial
-        self.pending_warned = False
-        self.caught_warned = False
-        self.warned = False
         self.peak_rss_bytes = 0
-        self.min_available_bytes: int | None = None
-        self.available_at_trip: int | None = None
-        self.peak_gpu_bytes: int | None = None
-        # page faults when a second trial joined the process (see MemoryWatcher.register)
-        self.fault_base: int | None = None
-        self.registered = False
+
+    # The rest of the state starts at these class-level defaults and is set on the instance
+    # only when it changes (most trials never change it: less work per trial).
+    interrupt: tuple[str, Trip | None] | None = None  # decided: (kind, trip)
+    injections = 0
+    injected_at: float | None = None
+    deliveries = 0  # counted in the trial's thread when an interrupt goes off
+    delivered_at: float | None = None
+    ended_by_interrupt = False  # run() caught the interrupt as it left the objective
+    absorbed = False  # injected, but the trial's code had finished: its result stands
+    over_since: float | None = None  # over the limit since (while an interrupt is decided)
+    stuck_handled = False
+    helpers_interrupted: frozenset[int] | set[int] = frozenset()  # pool threads interrupted for it
+    pending_warned = False
+    caught_warned = False
+    warned = False
+    min_available_bytes: int | None = None
+    available_at_trip: int | None = None
+    peak_gpu_bytes: int | None = None
+    fault_base: int | None = None  # page faults when a second trial joined (see register)
+    registered = False
 
     # -- in the trial's thread ----------------------------------------------------------------
 
@@ -369,7 +371,7 @@ def _interrupt_pool_helpers(watch: TrialWatch) -> bool:
         if ident in own or ident in watch.helpers_interrupted or not _runs_pool_work_item(frame):
             continue
         if _set_async_exc(ident, ctypes.py_object(_GuardInterrupt)) == 1:
-            watch.helpers_interrupted.add(ident)
+            watch.helpers_interrupted = {*watch.helpers_interrupted, ident}
             hit = True
             _log.warning(
                 "Trial #%d waits for a thread pool; interrupting the pool thread %d that runs its work.",

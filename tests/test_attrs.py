@@ -41,3 +41,16 @@ def test_a_finished_trial_refuses_them_like_optuna_does(storage) -> None:
     with pytest.raises(UpdateFinishedTrialError):
         set_user_attrs(storage, trial._trial_id, {"a": 1, "b": 2})
     assert study.trials[0].user_attrs == {}
+
+
+def test_the_in_memory_copy_is_a_real_shallow_copy() -> None:
+    from optuna_guard._attrs import _shallow_copy
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.set_user_attr("a", 1)
+    frozen = study._storage.get_trial(trial._trial_id)
+    set_user_attrs(study._storage, trial._trial_id, {"b": 2, "c": 3})
+    assert frozen.user_attrs == {"a": 1}  # a FrozenTrial handed out earlier is not changed
+    clone = _shallow_copy(frozen)
+    assert clone is not frozen and clone == frozen and clone.__dict__ == frozen.__dict__
