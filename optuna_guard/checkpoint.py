@@ -109,6 +109,17 @@ class CheckpointInfo(NamedTuple):
     format: str
     trial_number: int
     saved_ns: int
+    xxh3_128: str | None = None  # fast load-time check, written with the SHA-256 in one pass
+
+
+def _fast_hash() -> Any:
+    """The ``xxhash`` module when installed (XXH3-128 runs at ~20 GB/s here, SHA-256 at ~2), else
+    None; checkpoints then carry only the SHA-256 and loads verify that."""
+    try:
+        import xxhash
+    except ImportError:
+        return None
+    return xxhash
 
 
 def _study_dirname(study_name: str | None) -> str:
@@ -164,15 +175,22 @@ class _HashingWriter:
         self._raw = raw
         self._pool = pool
         self.sha256 = hashlib.sha256()
+        fast = _fast_hash()
+        self.xxh3 = fast.xxh3_128() if fast is not None else None
         self.size = 0
         self._unsynced = 0
         self._durable = durable  # False for a spool file that is uploaded, not kept
+
+    def _hash(self, view: memoryview) -> None:
+        self.sha256.update(view)
+        if self.xxh3 is not None:
+            self.xxh3.update(view)
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         nbytes = view.nbytes
         if nbytes >= 1 * MB:
-            pending = self._pool.submit(self.sha256.update, view)
+            pending = self._pool.submit(self._hash, view)
             self._raw.write(view)
             self._unsynced += nbytes
             if self._durable and not pending.done() and self._unsynced >= self._SYNC_EARLY_BYTES:
@@ -181,7 +199,7 @@ class _HashingWriter:
                 self._unsynced = 0
             pending.result()  # the caller may reuse its buffer once we return
         else:
-            self.sha256.update(view)
+            self._hash(view)
             self._raw.write(view)
             self._unsynced += nbytes
         self.size += nbytes
@@ -196,7 +214,11 @@ class _HashingWriter:
 
 def _sha256_of_file(path: Path) -> str:
     """SHA-256 of a file, hashed straight from the page cache (mmap: no copy into a buffer)."""
-    digest = hashlib.sha256()
+    return _digest_of_file(path, hashlib.sha256())
+
+
+def _digest_of_file(path: Path, digest: Any) -> str:
+    """``digest`` (hashlib-like) of a file, fed straight from the page cache (mmap, no copy)."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -213,9 +235,11 @@ def _sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(directory: Path, final: Path, write: Any, pool: concurrent.futures.Executor) -> tuple[str, int]:
+def _write_atomically(
+    directory: Path, final: Path, write: Any, pool: concurrent.futures.Executor
+) -> tuple[str, int, str | None]:
     """Temp file in ``directory`` -> ``write(fileobj)`` -> flush -> fsync -> rename -> fsync dir.
-    Returns (sha256, size). The temp file is removed if anything fails."""
+    Returns (sha256, size, xxh3_128 or None). The temp file is removed if anything fails."""
     tmp = directory / f"{_TMP_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as raw:
@@ -231,7 +255,8 @@ def _write_atomically(directory: Path, final: Path, write: Any, pool: concurrent
             pass
         raise
     _fsync_directory(directory)
-    return writer.sha256.hexdigest(), writer.size
+    xxh3 = writer.xxh3.hexdigest() if writer.xxh3 is not None else None
+    return writer.sha256.hexdigest(), writer.size, xxh3
 
 
 def _resolve_format(fmt: Format) -> str:
@@ -255,8 +280,14 @@ class TrialCheckpointer:
         capture_rng: also save Python/NumPy/torch RNG states and restore them on ``load``.
         format: ``"auto"`` (torch.save when torch is imported, else pickle), ``"torch"`` or
             ``"pickle"``.
+        verify: what ``load`` checks a local checkpoint against: ``"fast"`` (default) the
+            XXH3-128 its manifest carries when ``xxhash`` is installed (else the SHA-256),
+            ``"sha256"`` always the SHA-256. Both are written at every save, in the same pass.
         study: the study, when ``trial`` is a FrozenTrial (tools that inspect checkpoints);
             a running Trial knows its study.
+        store: an Optuna artifact store or a URL (``file:///shared/dir``,
+            ``s3://bucket/prefix``, ``gs://bucket/prefix``) to keep the checkpoints in, so that a
+            retry on any host resumes; default ``OPTUNA_GUARD_CHECKPOINT_STORE``, else ``root``.
     """
 
     def __init__(
@@ -268,6 +299,7 @@ class TrialCheckpointer:
         keep_on_complete: bool | Literal["best"] = False,
         capture_rng: bool = False,
         format: Format = "auto",
+        verify: Literal["fast", "sha256"] = "fast",
         study: Any = None,
         store: Any = None,
     ) -> None:
@@ -281,6 +313,9 @@ class TrialCheckpointer:
         self.keep_last = keep_last
         self.keep_on_complete = keep_on_complete
         self.capture_rng = capture_rng
+        if verify not in ("fast", "sha256"):
+            raise ConfigError(f"verify must be 'fast' or 'sha256' but got {verify!r}.")
+        self.verify = verify
         self.format: Format = format
         self.number: int = int(getattr(trial, "number", 0))
         study = getattr(trial, "study", None) or study
@@ -477,12 +512,13 @@ class TrialCheckpointer:
 
         write_payload = _serializer(payload_obj, fmt)
         pool = _hash_pool()
-        sha256, size = _write_atomically(self.directory, payload, write_payload, pool)
+        sha256, size, xxh3 = _write_atomically(self.directory, payload, write_payload, pool)
         record = {
             "version": MANIFEST_VERSION,
             "step": step,
             "payload": payload.name,
             "sha256": sha256,
+            **({"xxh3_128": xxh3} if xxh3 is not None else {}),
             "size": size,
             "format": fmt,
             "rng": self.capture_rng,
@@ -573,7 +609,7 @@ class TrialCheckpointer:
         if self._chain is not None:
             return self._load_from_store(map_location)
         for info in self.checkpoints():
-            payload, problem = _verified_payload(info, map_location)
+            payload, problem = _verified_payload(info, map_location, self.verify)
             if problem is not None:
                 _log.warning(
                     "Trial %d: checkpoint step %d (%s) %s; skipped, trying the previous one.",
@@ -705,6 +741,7 @@ def _read_manifest(path: Path) -> CheckpointInfo | None:
             format=str(record["format"]),
             trial_number=int(record.get("trial_number", -1)),
             saved_ns=int(record.get("saved_ns", 0)),
+            xxh3_128=str(record["xxh3_128"]) if record.get("xxh3_128") else None,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _log.warning("Checkpoint manifest %s is unreadable (%s); skipped.", path, exc)
@@ -727,15 +764,26 @@ def _precheck(info: CheckpointInfo) -> str | None:
     return None
 
 
-def _verified_payload(info: CheckpointInfo, map_location: Any) -> tuple[Any, str | None]:
-    """Deserialize a checkpoint while its SHA-256 is checked in the hash thread; the result is
+def _verified_payload(
+    info: CheckpointInfo, map_location: Any, verify: str = "fast"
+) -> tuple[Any, str | None]:
+    """Deserialize a checkpoint while its hash is checked in the hash thread; the result is
     used only if the hash matches the manifest. (Hashing first and then reading would make a
     resume take ~1.6x as long; a corrupted file of the right size at worst makes the
-    deserializer fail or build a state that is then thrown away.)"""
+    deserializer fail or build a state that is then thrown away.) With ``verify="fast"`` and
+    an XXH3-128 in the manifest that one is checked (same detection of torn writes and bit rot,
+    ~10x faster than SHA-256, which is slower than reading from the page cache); otherwise the
+    SHA-256."""
     problem = _precheck(info)
     if problem is not None:
         return None, problem
-    digest = _hash_pool().submit(_sha256_of_file, info.payload)
+    fast = _fast_hash() if verify == "fast" and info.xxh3_128 else None
+    if fast is not None:
+        expected, algorithm = info.xxh3_128, "XXH3-128"
+        digest = _hash_pool().submit(_digest_of_file, info.payload, fast.xxh3_128())
+    else:
+        expected, algorithm = info.sha256, "SHA-256"
+        digest = _hash_pool().submit(_sha256_of_file, info.payload)
     payload: Any = None
     error: Exception | None = None
     try:
@@ -743,11 +791,11 @@ def _verified_payload(info: CheckpointInfo, map_location: Any) -> tuple[Any, str
     except Exception as exc:
         error = exc
     try:
-        matches = digest.result() == info.sha256
+        matches = digest.result() == expected
     except OSError as exc:
         return None, f"cannot be read ({exc})"
     if not matches:
-        return None, "is corrupted (SHA-256 does not match its manifest)"
+        return None, f"is corrupted ({algorithm} does not match its manifest)"
     if error is not None:
         return None, f"cannot be read ({type(error).__name__}: {error})"
     if payload.get("step") != info.step:  # the manifest was edited: it is not trusted

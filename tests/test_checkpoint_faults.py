@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from optuna.trial import TrialState
 
 from optuna_guard import tags
 from optuna_guard.checkpoint import TrialCheckpointer
+from optuna_guard.exceptions import ConfigError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -147,3 +149,56 @@ def test_keep_last_1_never_removes_the_only_checkpoint(
     assert ckpt.save(_state(3.0, 1), 1) is not None
     assert ckpt.save(_state(3.0, 2), 2) is None  # would need the only checkpoint's space
     assert TrialCheckpointer(trial, root=small_disk, format="pickle").load() == (_state(3.0, 1), 1)
+
+
+# -- load-time verification: XXH3-128 (fast) or SHA-256 -----------------------------------------
+
+
+def _flip_middle_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_carries_both_hashes_of_the_payload(study: optuna.Study, tmp_path: Path) -> None:
+    xxhash = pytest.importorskip("xxhash")
+    ckpt = TrialCheckpointer(study.ask(), root=tmp_path, format="pickle")
+    payload = ckpt.save({"blob": os.urandom(3 * MB)}, 1)  # large enough for the hash thread
+    assert isinstance(payload, Path)
+    record = json.loads(payload.with_suffix(".json").read_text())
+    data = payload.read_bytes()
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("verify", "drop_fast_hash", "algorithm"),
+    [("fast", False, "XXH3-128"), ("sha256", False, "SHA-256"), ("fast", True, "SHA-256")],
+    ids=["fast", "sha256", "manifest-without-xxh3"],
+)
+def test_a_flipped_bit_is_caught_by_either_hash(
+    study: optuna.Study,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    verify: str,
+    drop_fast_hash: bool,
+    algorithm: str,
+) -> None:
+    pytest.importorskip("xxhash")
+    trial = study.ask()
+    ckpt = TrialCheckpointer(trial, root=tmp_path, keep_last=2, format="pickle")
+    ckpt.save({"at": 1, "blob": os.urandom(2 * MB)}, 1)
+    ckpt.save({"at": 2, "blob": os.urandom(2 * MB)}, 2)
+    [newest, _] = ckpt.checkpoints()
+    if drop_fast_hash:  # a manifest written before XXH3 was added, or without xxhash
+        _edit_manifest(ckpt, 2, xxh3_128=None)
+    _flip_middle_bit(newest.payload)
+    with caplog.at_level(logging.WARNING, logger="optuna_guard"):
+        loaded = TrialCheckpointer(trial, root=tmp_path, format="pickle", verify=verify).load()  # type: ignore[arg-type]
+    assert loaded is not None and loaded[1] == 1
+    assert any(f"({algorithm} does not match" in r.getMessage() for r in caplog.records)
+
+
+def test_verify_must_be_fast_or_sha256(study: optuna.Study, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="verify"):
+        TrialCheckpointer(study.ask(), root=tmp_path, verify="md5")  # type: ignore[arg-type]
