@@ -145,7 +145,9 @@ def test_shutdown_during_outage_keeps_one_deadline_and_a_second_signal_exits_at_
         assert code == 99, err[-2000:]
         assert "exits within" in err  # the overall deadline is printed at the SIGTERM
         print(f"\nshutdown during outage: exit {code} after {took:.1f}s (4 workers, grace 2s, deadline 20s)")
-        assert took < 2 + 20 + 10, took  # grace + storage allowance + process start/reap slack
+        announced = float(err.split("exits within ")[1].split("s", 1)[0])
+        assert announced == 2 + 5 + 20 + 3  # grace + reap + storage allowance + exit
+        assert took < announced + 3, took  # a loaded machine's slack
         cluster.unblock()
 
         proc, sent = launch("stop2")

@@ -1316,7 +1316,7 @@ class Arbiter:
     def storage_deadline_at_exit(self) -> float:
         """The clock time by which the exit's storage work must be done (one overall deadline)."""
         if self.exit_deadline is not None:
-            return max(self.exit_deadline, self.clock() + 1.0)
+            return max(self.exit_deadline - _shutdown.EXIT_SLACK_S, self.clock() + 1.0)
         return self.clock() + _shutdown.storage_allowance(self.config.storage_deadline)
 
     def storage_interrupted(self) -> bool:

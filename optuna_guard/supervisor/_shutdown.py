@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 STORAGE_ALLOWANCE_CAP_S = 60.0  # at most this long for the exit's storage work, whatever --storage-deadline says
 REAP_SLACK_S = 5.0  # SIGKILL + reap of the workers after the grace period
+EXIT_SLACK_S = 3.0  # the summary line and the interpreter's own exit, after the storage work
 
 
 def storage_allowance(storage_deadline: float | None) -> float:
@@ -29,7 +30,7 @@ def storage_allowance(storage_deadline: float | None) -> float:
 
 def exit_budget(grace_period: float, storage_deadline: float | None) -> float:
     """Seconds from the first stop signal to the launcher's exit, at the latest."""
-    return grace_period + REAP_SLACK_S + storage_allowance(storage_deadline)
+    return grace_period + REAP_SLACK_S + storage_allowance(storage_deadline) + EXIT_SLACK_S
 
 
 def run_in_daemon(fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
