@@ -10,17 +10,27 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
 
 import optuna
 from optuna.trial import TrialState
+from supervisor_helpers import objective_spec, wait_for
 
 from optuna_guard.supervisor import _tree
 from optuna_guard.supervisor._lifeline import ENV_LAUNCH_ID
-from supervisor_helpers import objective_spec, wait_for
 
-COMMON = ("--display", "off", "--min-available-gb", "0.25", "--warn-available-gb", "0.5",
-          "--check-interval", "0.05", "--max-worker-age", "off")
+COMMON = (
+    "--display",
+    "off",
+    "--min-available-gb",
+    "0.25",
+    "--warn-available-gb",
+    "0.5",
+    "--check-interval",
+    "0.05",
+    "--max-worker-age",
+    "off",
+)
 
 
 def launch_pids(launch_id: str) -> list[int]:
@@ -54,16 +64,38 @@ def running_trials(url: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
 
 
 @contextlib.contextmanager
-def launcher(objective: str, url: str, study_name: str, log_dir: str, *args: str,
-             env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+def launcher(
+    objective: str,
+    url: str,
+    study_name: str,
+    log_dir: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
     """``optuna-guard run`` as a subprocess; on the way out its process and every process of
     its launch are SIGKILLed by pid (also when the test failed)."""
     module, _, function = objective.partition(":")
     full_env = dict(os.environ, **(env or {}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "optuna_guard.cli", "run", objective_spec(module, function),
-         "--study-name", study_name, "--storage", url, "--log-dir", log_dir, *COMMON, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+        [
+            sys.executable,
+            "-m",
+            "optuna_guard.cli",
+            "run",
+            objective_spec(module, function),
+            "--study-name",
+            study_name,
+            "--storage",
+            url,
+            "--log-dir",
+            log_dir,
+            *COMMON,
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
     )
     launch_id: list[str] = []
     try:
@@ -86,6 +118,10 @@ def wait_until_gone(pids: list[int], timeout: float) -> float:
     """Seconds until none of ``pids`` is alive (zombies count as gone); raises on timeout."""
     started = time.monotonic()
     starts = {pid: _tree.start_time_ticks(pid) for pid in pids}
-    wait_for(lambda: not any(_tree.is_same_process(pid, ticks) for pid, ticks in starts.items()),
-             timeout, interval=0.05, what=f"processes {pids} to exit")
+    wait_for(
+        lambda: not any(_tree.is_same_process(pid, ticks) for pid, ticks in starts.items()),
+        timeout,
+        interval=0.05,
+        what=f"processes {pids} to exit",
+    )
     return time.monotonic() - started

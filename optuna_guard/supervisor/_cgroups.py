@@ -32,7 +32,12 @@ import signal
 import time
 
 from optuna_guard._logging import get_logger
-from optuna_guard.memory._cgroup import cgroup_oom_kills, cgroup_peak, cgroup_working_set, own_memory_cgroup
+from optuna_guard.memory._cgroup import (
+    cgroup_oom_kills,
+    cgroup_peak,
+    cgroup_working_set,
+    own_memory_cgroup,
+)
 
 _log = get_logger(__name__)
 
@@ -82,8 +87,15 @@ class WorkerCgroups:
     """Creates a memory cgroup per worker under the launcher's own cgroup, or reports the
     process-tree fallback (``mode``). ``limit_bytes`` None: the cgroups only count and kill."""
 
-    def __init__(self, launch_id: str, limit_bytes: int | None, *, enabled: bool = True,
-                 proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> None:
+    def __init__(
+        self,
+        launch_id: str,
+        limit_bytes: int | None,
+        *,
+        enabled: bool = True,
+        proc_root: str = "/proc",
+        cgroup_root: str = "/sys/fs/cgroup",
+    ) -> None:
         self.limit_bytes = limit_bytes
         self.mode = TREE_MODE
         self.why_not = ""
@@ -119,10 +131,16 @@ class WorkerCgroups:
 
     def describe(self) -> str:
         if self.active:
-            limit = "no limit" if self.limit_bytes is None else f"hard limit {self.limit_bytes / 2**30:.2f} GB"
+            limit = (
+                "no limit"
+                if self.limit_bytes is None
+                else f"hard limit {self.limit_bytes / 2**30:.2f} GB"
+            )
             return f"one memory cgroup per worker ({self.mode}, {limit}) under {self.parent}"
-        return (f"process-tree memory and a per-launch environment marker ({self.why_not}; "
-                "run as root or in a delegated cgroup v2 subtree for per-worker cgroups)")
+        return (
+            f"process-tree memory and a per-launch environment marker ({self.why_not}; "
+            "run as root or in a delegated cgroup v2 subtree for per-worker cgroups)"
+        )
 
     def attach(self, pid: int, spawn_index: int) -> WorkerCgroup | None:
         """Put a freshly started worker into a new cgroup of its own (None in tree mode or if it
@@ -136,8 +154,14 @@ class WorkerCgroups:
                 self._limit(directory)
             _write_or_raise(os.path.join(directory, "cgroup.procs"), str(pid))
         except OSError as exc:
-            _log.warning("Could not put worker pid %d in its own cgroup %s (%s); its process tree is watched "
-                         "instead.", pid, directory, exc)
+            _log.warning(
+                "Could not put worker pid %d in its own cgroup %s (%s); its process tree is "
+                "watched "
+                "instead.",
+                pid,
+                directory,
+                exc,
+            )
             _rmdir(directory)
             return None
         cgroup = WorkerCgroup(self.version, directory, cgroup_oom_kills(self.version, directory))
@@ -148,7 +172,9 @@ class WorkerCgroups:
         limit = int(self.limit_bytes or 0)
         if self.version == 1:
             _write_or_raise(os.path.join(directory, "memory.limit_in_bytes"), str(limit))
-            _write(os.path.join(directory, "memory.memsw.limit_in_bytes"), str(limit))  # only with swap accounting
+            _write(
+                os.path.join(directory, "memory.memsw.limit_in_bytes"), str(limit)
+            )  # only with swap accounting
         else:
             _write_or_raise(os.path.join(directory, "memory.max"), str(limit))
             _write(os.path.join(directory, "memory.high"), str(int(limit * HIGH_FRACTION)))
@@ -166,9 +192,14 @@ class WorkerCgroups:
         cgroup.kill_all()
         peak = cgroup.peak()
         ooms = cgroup_oom_kills(cgroup.version, cgroup.directory) - cgroup.oom_kills_at_start
-        _log.info("Worker pid %d's cgroup %s removed: peak %s, %d OOM kill(s)%s.", pid, os.path.basename(cgroup.directory),
-                  "unknown" if peak is None else f"{peak / 2**30:.3f} GB", ooms,
-                  f", {len(leftovers)} leftover process(es) killed" if leftovers else "")
+        _log.info(
+            "Worker pid %d's cgroup %s removed: peak %s, %d OOM kill(s)%s.",
+            pid,
+            os.path.basename(cgroup.directory),
+            "unknown" if peak is None else f"{peak / 2**30:.3f} GB",
+            ooms,
+            f", {len(leftovers)} leftover process(es) killed" if leftovers else "",
+        )
         self.last_peaks.append(peak)
         _rmdir(cgroup.directory, wait_s=2.0)
 
@@ -211,7 +242,9 @@ def _prepare_v2(directory: str) -> None:
 
 def _subdirs(directory: str) -> list[str]:
     try:
-        return [name for name in os.listdir(directory) if os.path.isdir(os.path.join(directory, name))]
+        return [
+            name for name in os.listdir(directory) if os.path.isdir(os.path.join(directory, name))
+        ]
     except OSError:
         return []
 

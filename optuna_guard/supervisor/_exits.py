@@ -10,7 +10,8 @@ cases test every path (tests/test_supervision_exits.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from optuna_guard import tags
 from optuna_guard.supervisor._policies import describe_exit
@@ -21,7 +22,9 @@ PREEMPT_KILL = "preempt"
 TIMEOUT_KILL = "timeout"
 
 EXIT_STORAGE_UNAVAILABLE = 75  # the worker could not reach the storage at start (EX_TEMPFAIL)
-EXIT_SUPERVISOR_LOST = 99  # the worker's lifeline saw no supervisor (cannot be reaped by us; listed for completeness)
+EXIT_SUPERVISOR_LOST = (
+    99  # the worker's lifeline saw no supervisor (cannot be reaped by us; listed for completeness)
+)
 
 # Outcomes (the arbiter logs, counts and emits by these).
 KILLED_FOR_MEMORY = "killed_for_memory"  # our memory kill, with or without a trial
@@ -44,7 +47,9 @@ class ExitRecord:
     pid: int
     in_trial: bool  # it had reported "started" and not "finished"
     ticket_without_trial: bool = False  # granted a ticket, never reported its trial
-    kill_kind: str | None = None  # a kill the supervisor ordered (MEMORY_KILL, PREEMPT_KILL, TIMEOUT_KILL)
+    kill_kind: str | None = (
+        None  # a kill the supervisor ordered (MEMORY_KILL, PREEMPT_KILL, TIMEOUT_KILL)
+    )
     kill_reason: str | None = None
     kill_tags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     stopping: bool = False
@@ -77,43 +82,90 @@ def decide(record: ExitRecord) -> ExitDecision:
         reason = "out of memory: the kernel killed a process in the worker's own memory cgroup"
         if record.memory_limit_gb is not None:
             reason += f" (hard limit --max-worker-rss-gb {record.memory_limit_gb:.2f} GB)"
-        trial_tags = {tags.EMERGENCY_KILLED: True, tags.KILL_REASON: reason, tags.KILL_LIMIT: "max_worker_rss_gb",
-                      tags.WORKER_PID: record.pid}
-        return ExitDecision(OOM_KILLED, reason, _memory_state(record) if record.in_trial else None,
-                            trial_tags if record.in_trial else {}, sweep_unreported=sweep)
+        trial_tags = {
+            tags.EMERGENCY_KILLED: True,
+            tags.KILL_REASON: reason,
+            tags.KILL_LIMIT: "max_worker_rss_gb",
+            tags.WORKER_PID: record.pid,
+        }
+        return ExitDecision(
+            OOM_KILLED,
+            reason,
+            _memory_state(record) if record.in_trial else None,
+            trial_tags if record.in_trial else {},
+            sweep_unreported=sweep,
+        )
     if record.kill_kind == MEMORY_KILL:
-        return ExitDecision(KILLED_FOR_MEMORY, record.kill_reason or description,
-                            _memory_state(record) if record.in_trial else None,
-                            dict(record.kill_tags) if record.in_trial else {}, sweep_unreported=sweep)
+        return ExitDecision(
+            KILLED_FOR_MEMORY,
+            record.kill_reason or description,
+            _memory_state(record) if record.in_trial else None,
+            dict(record.kill_tags) if record.in_trial else {},
+            sweep_unreported=sweep,
+        )
     if record.kill_kind == TIMEOUT_KILL:
         reason = record.kill_reason or description
         trial_tags = dict(record.kill_tags) or {tags.TIMED_OUT: True, tags.KILL_REASON: reason}
         trial_tags.setdefault(tags.WORKER_PID, record.pid)
-        return ExitDecision(TIMED_OUT, reason, "FAIL" if record.in_trial else None,
-                            trial_tags if record.in_trial else {}, sweep_unreported=sweep)
+        return ExitDecision(
+            TIMED_OUT,
+            reason,
+            "FAIL" if record.in_trial else None,
+            trial_tags if record.in_trial else {},
+            sweep_unreported=sweep,
+        )
     if record.in_trial and (record.stopping or record.kill_kind == PREEMPT_KILL):
         reason = record.kill_reason or f"preempted: {record.stop_reason}; {description}"
-        return ExitDecision(PREEMPTED, reason, "FAIL",
-                            {tags.PREEMPTED: True, tags.KILL_REASON: reason, tags.WORKER_PID: record.pid},
-                            sweep_unreported=sweep, sweep_as_preempted=True)
+        return ExitDecision(
+            PREEMPTED,
+            reason,
+            "FAIL",
+            {tags.PREEMPTED: True, tags.KILL_REASON: reason, tags.WORKER_PID: record.pid},
+            sweep_unreported=sweep,
+            sweep_as_preempted=True,
+        )
     if record.in_trial:
-        return ExitDecision(CRASHED_IN_TRIAL, description, "FAIL",
-                            {tags.WORKER_CRASHED: True, tags.KILL_REASON: description, tags.WORKER_PID: record.pid},
-                            crash=True, sweep_unreported=sweep)
+        return ExitDecision(
+            CRASHED_IN_TRIAL,
+            description,
+            "FAIL",
+            {
+                tags.WORKER_CRASHED: True,
+                tags.KILL_REASON: description,
+                tags.WORKER_PID: record.pid,
+            },
+            crash=True,
+            sweep_unreported=sweep,
+        )
     sweep_reason_preempted = record.stopping
     if record.kill_kind is not None:
-        return ExitDecision(KILLED_IDLE, f"killed by the launcher: {record.kill_reason}",
-                            sweep_unreported=sweep, sweep_as_preempted=sweep_reason_preempted)
+        return ExitDecision(
+            KILLED_IDLE,
+            f"killed by the launcher: {record.kill_reason}",
+            sweep_unreported=sweep,
+            sweep_as_preempted=sweep_reason_preempted,
+        )
     if record.code == EXIT_STORAGE_UNAVAILABLE:
-        return ExitDecision(STORAGE_UNAVAILABLE, "storage unreachable at worker start", sweep_unreported=sweep)
+        return ExitDecision(
+            STORAGE_UNAVAILABLE, "storage unreachable at worker start", sweep_unreported=sweep
+        )
     if record.code != 0 or record.fatal_error:
         reason = record.fatal_error or description
         if record.trials_started == 0 and not record.stopping:
-            return ExitDecision(BOOT_FAILURE, reason, crash=True, boot_strike=True, sweep_unreported=sweep)
-        return ExitDecision(DIED_BETWEEN_TRIALS, reason, crash=True, sweep_unreported=sweep,
-                            sweep_as_preempted=sweep_reason_preempted)
+            return ExitDecision(
+                BOOT_FAILURE, reason, crash=True, boot_strike=True, sweep_unreported=sweep
+            )
+        return ExitDecision(
+            DIED_BETWEEN_TRIALS,
+            reason,
+            crash=True,
+            sweep_unreported=sweep,
+            sweep_as_preempted=sweep_reason_preempted,
+        )
     reason = record.deny_reason or ("stop requested" if record.stopping else "exited by itself")
-    return ExitDecision(EXITED, reason, sweep_unreported=sweep, sweep_as_preempted=sweep_reason_preempted)
+    return ExitDecision(
+        EXITED, reason, sweep_unreported=sweep, sweep_as_preempted=sweep_reason_preempted
+    )
 
 
 def _memory_state(record: ExitRecord) -> str:

@@ -25,7 +25,8 @@ import socket
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from optuna_guard import events, tags
 from optuna_guard._logging import get_logger
@@ -89,11 +90,13 @@ class SupervisorHeartbeat:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "SupervisorHeartbeat":
+    def start(self) -> SupervisorHeartbeat:
         """Write the lease and sweep once (synchronously, before any worker starts), then beat
         on a thread."""
         self.beat_once()
-        self._thread = threading.Thread(target=self._run, name="optuna-guard-heartbeat", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="optuna-guard-heartbeat", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -130,9 +133,19 @@ class SupervisorHeartbeat:
             _log.warning("Lost-trial check failed: %s: %s", type(exc).__name__, exc)
 
     def _write_lease(self, ended: bool = False) -> None:
-        lease = _lease.make_lease(self.launch_id, self.host, self.pid, self.pid_start, self.grace,
-                                  self.live_trials, now=self._clock(), ended=ended)
-        self.storage.set_study_system_attr(self.study._study_id, _lease.lease_key(self.launch_id), lease.to_attr())
+        lease = _lease.make_lease(
+            self.launch_id,
+            self.host,
+            self.pid,
+            self.pid_start,
+            self.grace,
+            self.live_trials,
+            now=self._clock(),
+            ended=ended,
+        )
+        self.storage.set_study_system_attr(
+            self.study._study_id, _lease.lease_key(self.launch_id), lease.to_attr()
+        )
 
     def _record_optuna_heartbeats(self) -> None:
         record = getattr(self.storage, "record_heartbeat", None)
@@ -148,9 +161,17 @@ class SupervisorHeartbeat:
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return 0
-        leases = _lease.leases_from_system_attrs(self.storage.get_study_system_attrs(self.study._study_id))
-        found = _lease.lost_trials(running, leases, own_launch_id=self.launch_id, own_host=self.host, now=now,
-                                   launch_alive_here=self._alive_here)
+        leases = _lease.leases_from_system_attrs(
+            self.storage.get_study_system_attrs(self.study._study_id)
+        )
+        found = _lease.lost_trials(
+            running,
+            leases,
+            own_launch_id=self.launch_id,
+            own_host=self.host,
+            now=now,
+            launch_alive_here=self._alive_here,
+        )
         seen = {trial._trial_id for trial, _ in found}
         for trial_id in self._optuna_stale_ids():
             if trial_id in seen or trial_id in self.live_trials:
@@ -158,8 +179,11 @@ class SupervisorHeartbeat:
             trial = self.storage.get_trial(trial_id)
             if trial.user_attrs.get(tags.LAUNCH_ID) == self.launch_id:
                 continue  # ours: the arbiter sees our workers
-            where = f"host {trial.user_attrs.get(tags.HOSTNAME, '?')}, pid {trial.user_attrs.get(tags.WORKER_PID, '?')}"
-            found.append((trial, f"worker lost: no heartbeat for over {self.grace:.0f}s ({where})"))
+            attrs = trial.user_attrs
+            where = f"host {attrs.get(tags.HOSTNAME, '?')}, pid {attrs.get(tags.WORKER_PID, '?')}"
+            found.append(
+                (trial, f"worker lost: no heartbeat for over {self.grace:.0f}s ({where})")
+            )
         for trial, reason in found:
             self.end_lost(trial, reason)
         return len(found)
@@ -167,7 +191,9 @@ class SupervisorHeartbeat:
     def _optuna_stale_ids(self) -> list[int]:
         from optuna.storages._heartbeat import is_heartbeat_enabled
 
-        if not hasattr(self.storage, "_get_stale_trial_ids") or not is_heartbeat_enabled(self.storage):
+        if not hasattr(self.storage, "_get_stale_trial_ids") or not is_heartbeat_enabled(
+            self.storage
+        ):
             return []
         return list(self.storage._get_stale_trial_ids(self.study._study_id))
 
@@ -181,15 +207,23 @@ class SupervisorHeartbeat:
         policy = self.retry_policy
         if policy is not None:
             attrs.update(policy.final_tags({**trial.user_attrs, **attrs}, policy.attempt(trial)))
-        if not end_trial_from_outside(self.storage, trial._trial_id, TrialState.FAIL, user_attrs=attrs):
+        if not end_trial_from_outside(
+            self.storage, trial._trial_id, TrialState.FAIL, user_attrs=attrs
+        ):
             return False
         self.lost_count += 1
         _log.warning("Trial %d ended FAIL tagged worker_lost: %s.", trial.number, reason)
         self._emit(events.TRIAL_LOST, trial_number=trial.number, reason=reason, state="FAIL")
         if policy is not None:
-            retry_number = enqueue_retry(self.study, self.storage.get_trial(trial._trial_id), policy)
+            retry_number = enqueue_retry(
+                self.study, self.storage.get_trial(trial._trial_id), policy
+            )
             if retry_number is not None:
                 self._on_retried()
-                self._emit(events.TRIAL_RETRIED, trial_number=trial.number, retry_number=retry_number,
-                           reason=f"trial {trial.number} re-queued as trial {retry_number}")
+                self._emit(
+                    events.TRIAL_RETRIED,
+                    trial_number=trial.number,
+                    retry_number=retry_number,
+                    reason=f"trial {trial.number} re-queued as trial {retry_number}",
+                )
         return True

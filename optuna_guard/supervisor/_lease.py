@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from optuna_guard import tags
 
@@ -36,19 +37,32 @@ class Lease:
     ended: bool = False
 
     def to_attr(self) -> dict[str, Any]:
-        return {"launch_id": self.launch_id, "host": self.host, "pid": self.pid, "pid_start": self.pid_start,
-                "renewed": round(self.renewed, 3), "expires": round(self.expires, 3), "trials": list(self.trials),
-                "ended": self.ended}
+        return {
+            "launch_id": self.launch_id,
+            "host": self.host,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "renewed": round(self.renewed, 3),
+            "expires": round(self.expires, 3),
+            "trials": list(self.trials),
+            "ended": self.ended,
+        }
 
     @classmethod
-    def from_attr(cls, value: Any) -> "Lease | None":
+    def from_attr(cls, value: Any) -> Lease | None:
         if not isinstance(value, dict):
             return None
         try:
-            return cls(launch_id=str(value["launch_id"]), host=str(value["host"]), pid=int(value["pid"]),
-                       pid_start=None if value.get("pid_start") is None else int(value["pid_start"]),
-                       renewed=float(value["renewed"]), expires=float(value["expires"]),
-                       trials=tuple(int(t) for t in value.get("trials") or ()), ended=bool(value.get("ended")))
+            return cls(
+                launch_id=str(value["launch_id"]),
+                host=str(value["host"]),
+                pid=int(value["pid"]),
+                pid_start=None if value.get("pid_start") is None else int(value["pid_start"]),
+                renewed=float(value["renewed"]),
+                expires=float(value["expires"]),
+                trials=tuple(int(t) for t in value.get("trials") or ()),
+                ended=bool(value.get("ended")),
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -67,11 +81,28 @@ def leases_from_system_attrs(system_attrs: Mapping[str, Any]) -> dict[str, Lease
     return leases
 
 
-def make_lease(launch_id: str, host: str, pid: int, pid_start: int | None, grace_s: float,
-               trials: Iterable[int], *, now: float | None = None, ended: bool = False) -> Lease:
+def make_lease(
+    launch_id: str,
+    host: str,
+    pid: int,
+    pid_start: int | None,
+    grace_s: float,
+    trials: Iterable[int],
+    *,
+    now: float | None = None,
+    ended: bool = False,
+) -> Lease:
     now = time.time() if now is None else now
-    return Lease(launch_id=launch_id, host=host, pid=pid, pid_start=pid_start, renewed=now,
-                 expires=now + grace_s, trials=tuple(sorted(trials)), ended=ended)
+    return Lease(
+        launch_id=launch_id,
+        host=host,
+        pid=pid,
+        pid_start=pid_start,
+        renewed=now,
+        expires=now + grace_s,
+        trials=tuple(sorted(trials)),
+        ended=ended,
+    )
 
 
 def lost_trials(
@@ -98,10 +129,17 @@ def lost_trials(
             if launch_id not in alive_cache:
                 alive_cache[launch_id] = launch_alive_here(launch_id, lease)
             if not alive_cache[launch_id]:
-                lost.append((trial, f"worker lost: launch {launch_id} on host {host} has no process left"))
+                lost.append(
+                    (trial, f"worker lost: launch {launch_id} on host {host} has no process left")
+                )
             continue
         if lease is not None and (lease.ended or now > lease.expires):
             age = now - lease.renewed
             why = "ended" if lease.ended else f"last renewed {age:.0f}s ago"
-            lost.append((trial, f"worker lost: the lease of launch {launch_id} on host {host} expired ({why})"))
+            lost.append(
+                (
+                    trial,
+                    f"worker lost: the lease of launch {launch_id} on host {host} expired ({why})",
+                )
+            )
     return lost

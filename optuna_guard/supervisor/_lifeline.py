@@ -13,7 +13,8 @@ trial or ``TrialCheckpointer.save`` gets its chance to checkpoint), ending FAIL 
 has not stopped within the grace period, the lifeline ends it from here (tags, then FAIL), kills
 every process of this worker (its process group, descendants and anything carrying its
 environment marker), and exits. A kernel alarm (SIGALRM left at its default action, which
-terminates) is the last resort for a worker whose main thread holds the GIL.
+terminates), one second after the grace period, is the last resort for a worker whose main
+thread holds the GIL.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from optuna_guard._logging import get_logger
 
@@ -44,7 +46,7 @@ def set_parent_death_signal(signum: int = signal.SIGHUP) -> bool:
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+        return bool(libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
 
@@ -84,14 +86,16 @@ class Lifeline:
     def lost(self) -> bool:
         return self._lost.is_set()
 
-    def start(self) -> "Lifeline":
+    def start(self) -> Lifeline:
         """Arm the parent-death signal and the watcher thread. If the supervisor died before
         the signal was armed, the parent pid has already changed and the watcher sees it."""
         signal.signal(signal.SIGHUP, self._on_sighup)
         if signal.getsignal(signal.SIGALRM) in (signal.SIG_IGN, None):
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
         set_parent_death_signal(signal.SIGHUP)
-        self._thread = threading.Thread(target=self._run, name="optuna-guard-lifeline", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="optuna-guard-lifeline", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -99,7 +103,7 @@ class Lifeline:
         self._stop.set()
 
     def supervisor_gone(self, how: str) -> None:
-        """The supervisor is gone (``how`` says which lifeline saw it). Safe in a signal handler."""
+        """The supervisor is gone (``how`` names the lifeline). Safe in a signal handler."""
         if self._lost.is_set():
             return
         self.reason = f"{SUPERVISOR_LOST} ({how})"
@@ -113,7 +117,9 @@ class Lifeline:
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self._lost.is_set() and os.getppid() != self.supervisor_pid:
-                self.supervisor_gone(f"parent pid changed from {self.supervisor_pid} to {os.getppid()}")
+                self.supervisor_gone(
+                    f"parent pid changed from {self.supervisor_pid} to {os.getppid()}"
+                )
             if self._lost.wait(self._poll_interval):
                 break
         if self._stop.is_set():
@@ -122,9 +128,13 @@ class Lifeline:
 
     def _wind_down(self) -> None:
         """Give the trial the grace period to stop by itself, then end it and leave."""
-        _log.warning("Worker pid %d: %s; the running trial stops at its next boundary, %.0fs at most.",
-                     os.getpid(), self.reason, self.grace_period)
-        _arm_kernel_alarm(self.grace_period + 2.0)
+        _log.warning(
+            "Worker pid %d: %s; the running trial stops at its next boundary, %.0fs at most.",
+            os.getpid(),
+            self.reason,
+            self.grace_period,
+        )
+        _arm_kernel_alarm(self.grace_period + 1.0)
         deadline = time.monotonic() + self.grace_period
         while time.monotonic() < deadline and self._current_trial() is not None:
             time.sleep(0.05)
@@ -142,10 +152,17 @@ class Lifeline:
         from optuna_guard import tags
         from optuna_guard.storage import end_trial_from_outside
 
-        reason = f"preempted: {self.reason}; the trial did not stop within the {self.grace_period:.0f}s grace period"
+        reason = (
+            f"preempted: {self.reason}; the trial did not stop within the "
+            f"{self.grace_period:.0f}s grace period"
+        )
         try:
-            end_trial_from_outside(storage, trial_id, TrialState.FAIL,
-                                   user_attrs={tags.PREEMPTED: True, tags.KILL_REASON: reason})
+            end_trial_from_outside(
+                storage,
+                trial_id,
+                TrialState.FAIL,
+                user_attrs={tags.PREEMPTED: True, tags.KILL_REASON: reason},
+            )
         except Exception as exc:  # the storage may be what failed; leaving matters more
             _log.error("Could not end trial id %d: %s: %s", trial_id, type(exc).__name__, exc)
 

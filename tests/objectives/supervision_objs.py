@@ -63,7 +63,9 @@ def grandchild_daemon(trial):
     script = os.path.join(os.environ["SUPERVISION_TMP"], "alloc_child.py")
     with open(script, "w") as handle:
         handle.write(ALLOC_CHILD)
-    subprocess.run(["setsid", "sh", "-c", f"{sys.executable} {script} {size} {flag} &"], check=True)
+    subprocess.run(
+        ["setsid", "sh", "-c", f"{sys.executable} {script} {size} {flag} &"], check=True
+    )
     end = time.monotonic() + float(os.environ.get("SLOW_S", "20"))
     while time.monotonic() < end:
         time.sleep(0.1)
@@ -106,7 +108,9 @@ def preempted_five_times(trial):
     from optuna_guard.checkpoint import TrialCheckpointer
 
     x = trial.suggest_float("x", -1.0, 1.0)
-    checkpointer = TrialCheckpointer(trial, root=os.environ["SUPERVISION_CKPT_DIR"], keep_last=2, format="pickle")
+    checkpointer = TrialCheckpointer(
+        trial, root=os.environ["SUPERVISION_CKPT_DIR"], keep_last=2, format="pickle"
+    )
     loaded = checkpointer.load()
     total, start = (0.0, 0) if loaded is None else loaded
     attempt = len(checkpointer.retry_history)
@@ -114,7 +118,9 @@ def preempted_five_times(trial):
         time.sleep(0.05)
         total += x * x
         if attempt < int(os.environ.get("PREEMPTIONS", "5")) and step == start + 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # the next save is the boundary: saved, then preempted
+            os.kill(
+                os.getpid(), signal.SIGTERM
+            )  # the next save is the boundary: saved, then preempted
         checkpointer.save(total, step)
     checkpointer.finalize()
     return total
