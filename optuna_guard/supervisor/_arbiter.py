@@ -1,9 +1,13 @@
 """The supervisor loop (after gunicorn's arbiter): a few named steps, each testable alone.
 
 Every ``check_interval`` the loop runs :meth:`Arbiter.tick`:
-``reap`` dead workers -> ``advance_kills`` (SIGTERM -> wait -> SIGKILL) -> ``check_memory``
-(hard kills, one victim at a time) -> ``check_stop`` (grace period) -> ``reconcile`` (start
-workers up to the target) -> ``report`` (status lines, memory samples, live display).
+``reap`` dead workers (what becomes of their trial: :func:`._exits.decide`) -> ``advance_kills``
+(SIGTERM -> wait -> SIGKILL) -> ``check_memory`` (hard kills, one victim at a time) ->
+``check_cgroup_ooms`` (kernel kills in a worker's own cgroup, :mod:`._cgroups`) ->
+``check_trial_timeouts`` (:mod:`._hung`) -> ``check_stop`` (grace period) -> ``reconcile``
+(start workers up to the target) -> ``report`` (status lines, memory samples, live display).
+The launch's identity (``launch_id``), lease and heartbeats live on their own thread
+(:mod:`._heartbeat`, :mod:`._lease`); workers watch the supervisor (:mod:`._lifeline`).
 Between ticks it waits on the workers' sockets and the signal wake-up fd, so ticket requests
 are answered at once and a signal interrupts the wait. Signal handlers only enqueue.
 
