@@ -20,8 +20,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import MultiHostRun
-from netns import PostgresCluster, SimulatedHosts, skip_reason
+from mh_harness import MultiHostRun
+from mh_netns import PostgresCluster, SimulatedHosts, skip_reason
 
 N_HOSTS = 3
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from harness import (
+from mh_harness import (
     HEARTBEAT_GRACE,
     HEARTBEAT_INTERVAL,
     assert_end_invariants,

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
-from harness import END_TAGS, OBJECTIVE, REPO, retries_of
+from mh_harness import END_TAGS, OBJECTIVE, REPO, retries_of
 from optuna.trial import TrialState
 
 INTERVAL, GRACE = 1, 4
@@ -171,7 +171,10 @@ def test_liveness_redis_journal(tmp_path, redis_url):
 
     prefix = redis_url.split("prefix=")[1]
     base = redis_url.split("?")[0]
-    _check_detection(redis_url, JournalStorage(JournalRedisBackend(base, prefix=prefix)), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        reader = JournalStorage(JournalRedisBackend(base, prefix=prefix))
+    _check_detection(redis_url, reader, tmp_path)
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from netns import SimulatedHosts
+from mh_netns import SimulatedHosts
 from optuna.trial import FrozenTrial, TrialState
 
 HERE = Path(__file__).resolve().parent
