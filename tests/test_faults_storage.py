@@ -161,3 +161,23 @@ def test_shutdown_during_outage_keeps_one_deadline_and_a_second_signal_exits_at_
         assert "stay RUNNING" in err
     finally:
         cluster.unblock()
+
+
+def test_workers_that_cannot_reach_the_storage_are_no_crash_loop(cluster, tmp_path):
+    """A worker that finds the storage unreachable past --storage-deadline at start exits 75:
+    no crash-loop strike (before: exit 3 'died before their first trial'); an outage that
+    outlasts several deadlines in a row ends the launch with exit 1."""
+    proc = start_cli(*_run("longout", cluster.url, str(tmp_path / "logs"), "--workers", "2", "--n-trials", "40",
+                           "--max-trials-per-worker", "1", "--storage-deadline", "3", "--grace-period", "2"),
+                     cwd=str(tmp_path), env=_env(0.2))
+    try:
+        wait_for(lambda: len([t for t in _safe_trials(cluster.url, "longout") if t.state.is_finished()]) >= 2,
+                 timeout=90, what="two finished trials")
+        cluster.block()
+        code, _out, err = _finish(proc, 150)
+    finally:
+        cluster.unblock()
+    print(f"\nlong outage: exit {code}; storage exits: {err.count('could not reach the storage within')}")
+    assert code == 1, err[-3000:]
+    assert "could not reach the storage within --storage-deadline" in err
+    assert "died before its first trial" not in err and "crash loop" not in err.lower()
