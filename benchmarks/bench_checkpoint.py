@@ -67,7 +67,7 @@ def _interleaved(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict
 
 
 def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optuna.Study,
-                store: str | None = None) -> dict[str, float]:
+                store: str | None = None, verify: str = "fast") -> dict[str, float]:
     import torch
 
     nbytes = size_mb * MB
@@ -91,7 +91,7 @@ def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optu
 
     trial = study.ask()
     ckpt = TrialCheckpointer(trial, root=workdir / "ckpt", keep_last=1, format=fmt,  # type: ignore[arg-type]
-                             store=store)
+                             store=store, verify=verify)  # type: ignore[arg-type]
     step = iter(range(1, 10**6))
     written: list[Path] = []
 
@@ -178,6 +178,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir on /tmp's disk)")
     parser.add_argument("--formats", default="torch,pickle")
+    parser.add_argument("--verify", default="fast", choices=["fast", "sha256", "xxh3"],
+                        help="TrialCheckpointer(verify=...): hashes written and checked (default fast)")
     parser.add_argument("--store", default=None,
                         help="also measure TrialCheckpointer(store=URL), e.g. file:///shared/dir (the rows marked 'store')")
     args = parser.parse_args()
@@ -190,7 +192,7 @@ def main() -> int:
         # in-memory study: the throughput figures are about the files, not the database write of
         # the resumed_from_step tag (the retry scenario below uses SQLite)
         study = optuna.create_study(study_name="bench")
-        print(f"TrialCheckpointer vs plain serializers, files in {workdir}; load average {os.getloadavg()[0]:.1f} "
+        print(f"TrialCheckpointer(verify={args.verify!r}) vs plain serializers, files in {workdir}; load average {os.getloadavg()[0]:.1f} "
               f"on {os.cpu_count()} CPUs (shared machine: best of interleaved runs)")
         print(f"{'format':7} {'size':>6} | {'save MB/s: plain':>16} {'plain+fsync':>11} {'ours':>7} "
               f"{'ours/plain':>10} {'ours/plain+fsync':>16} | {'load MB/s: plain':>16} {'ours':>7} {'ratio':>6}")
@@ -199,7 +201,7 @@ def main() -> int:
             for size in (int(s) for s in args.sizes.split(",")):
                 repeats = args.repeats if size < 512 else max(2, args.repeats // 2)
                 for store in ([None, args.store] if args.store else [None]):
-                    r = _bench_size(size, fmt, repeats, workdir, study, store)
+                    r = _bench_size(size, fmt, repeats, workdir, study, store, args.verify)
                     label = fmt if store is None else f"{fmt[:1]}+store"
                     print(
                         f"{label:7} {size:>4}MB | {r['save_plain']:>16.0f} {r['save_plain_fsync']:>11.0f} "

@@ -202,3 +202,23 @@ def test_a_flipped_bit_is_caught_by_either_hash(
 def test_verify_must_be_fast_or_sha256(study: optuna.Study, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="verify"):
         TrialCheckpointer(study.ask(), root=tmp_path, verify="md5")  # type: ignore[arg-type]
+
+
+def test_xxh3_only_checkpoints_skip_the_sha256_and_still_catch_damage(
+    study: optuna.Study, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("xxhash")
+    trial = study.ask()
+    ckpt = TrialCheckpointer(trial, root=tmp_path, keep_last=2, format="pickle", verify="xxh3")
+    ckpt.save({"at": 1, "blob": os.urandom(2 * MB)}, 1)
+    payload = ckpt.save({"at": 2, "blob": os.urandom(2 * MB)}, 2)
+    assert isinstance(payload, Path)
+    record = json.loads(payload.with_suffix(".json").read_text())
+    assert "sha256" not in record and record["xxh3_128"]
+    # any checkpointer of the chain can load it, whatever its own verify setting
+    assert TrialCheckpointer(trial, root=tmp_path, format="pickle", verify="sha256").load()[1] == 2  # type: ignore[index]
+    _flip_middle_bit(payload)
+    with caplog.at_level(logging.WARNING, logger="optuna_guard"):
+        loaded = TrialCheckpointer(trial, root=tmp_path, format="pickle").load()
+    assert loaded is not None and loaded[1] == 1
+    assert any("(XXH3-128 does not match" in r.getMessage() for r in caplog.records)
