@@ -6,7 +6,7 @@
    the limit is the current RSS + 300 MB and the trial never allocates more than ~1 GB in all;
 4. wall-time ratio of 500 short (~10 ms of CPU work) trials with ``@guard`` vs the bare
    objective, both with ``study.optimize`` on in-memory storage (target <= 1.01); plus, for
-   information, the same on a SQLite file (where each tag is a database write).
+   information, the same on a SQLite file (where the memory tags are one extra transaction per trial).
 
 Run: ``.venv/bin/python benchmarks/bench_guard.py`` (about a minute; ``--quick`` for less).
 """
@@ -222,7 +222,7 @@ def bench_part4(quick: bool) -> int:
 
         bare_s, guarded_s = bench_wall_ratio(100, 1, sqlite_storage)
     print(f"   SQLite file, 100 trials (information): bare {bare_s[0]:.2f} s, guarded {guarded_s[0]:.2f} s, ratio {guarded_s[0] / bare_s[0]:.3f} "
-          f"(each guarded trial writes 2 tags = 2 extra transactions)")
+          f"(each guarded trial writes its memory tags in 1 extra transaction)")
     return 0
 
 
