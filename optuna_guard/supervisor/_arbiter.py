@@ -419,6 +419,8 @@ class Arbiter:
         worker.trials_started += 1
         worker.trial_peak_rss = 0
         self.started_trials[trial_id] = number
+        if self.heartbeat is not None:
+            self.heartbeat.trial_started(trial_id)
         self.boot_failures = 0
         self.storage_boot_failures = 0
         self.emit(events.TRIAL_STARTED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number)

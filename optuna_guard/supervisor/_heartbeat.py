@@ -87,6 +87,9 @@ class SupervisorHeartbeat:
             warnings.simplefilter("ignore")
             self.study = optuna.load_study(study_name=study_name, storage=storage)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a trial started: give it its first Optuna heartbeat now
+        self._first_beats: set[int] = set()
+        self._first_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -100,9 +103,17 @@ class SupervisorHeartbeat:
         self._thread.start()
         return self
 
+    def trial_started(self, trial_id: int) -> None:
+        """A worker started this trial: record its first heartbeat row at once (Optuna's stale
+        rule ignores trials without one), on the thread, not the watchdog loop."""
+        with self._first_lock:
+            self._first_beats.add(trial_id)
+        self._wake.set()
+
     def stop(self) -> None:
         """Stop beating and mark the lease ended (this launch leaves nothing RUNNING)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 5.0)
         try:
@@ -111,8 +122,28 @@ class SupervisorHeartbeat:
             _log.debug("could not mark the lease ended: %s", exc)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.beat_once()
+        next_beat = time.monotonic() + self.interval
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, next_beat - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._record_first_beats()
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.interval
+                self.beat_once()
+
+    def _record_first_beats(self) -> None:
+        with self._first_lock:
+            pending, self._first_beats = self._first_beats, set()
+        record = getattr(self.storage, "record_heartbeat", None)
+        if record is None:
+            return
+        for trial_id in pending:
+            try:
+                record(trial_id)
+            except Exception as exc:  # a missed first beat only delays the row to the next beat
+                _log.debug("First heartbeat of trial id %d not recorded: %s", trial_id, exc)
 
     # ------------------------------------------------------------------ one beat
     def beat_once(self) -> None:
