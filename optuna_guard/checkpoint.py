@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -43,6 +43,9 @@ from optuna_guard._rng import capture_rng_state, restore_rng_state
 from optuna_guard._units import MB
 from optuna_guard.exceptions import CheckpointError, ConfigError
 from optuna_guard.retries import FAILED_TRIAL, RETRY_HISTORY, end_reasons, original_trial_number
+
+if TYPE_CHECKING:
+    from optuna_guard._checkpoint_store import ArtifactChain, ArtifactStore
 
 _log = get_logger(__name__)
 
@@ -225,7 +228,7 @@ def _digest_of_file(path: Path, digest: Any) -> str:
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return digest.hexdigest()
+            return str(digest.hexdigest())
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             if hasattr(mapped, "madvise"):
                 mapped.madvise(mmap.MADV_SEQUENTIAL)
@@ -235,7 +238,7 @@ def _digest_of_file(path: Path, digest: Any) -> str:
                     digest.update(view[start:start + _HASH_CHUNK])
             finally:
                 view.release()
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
 def _write_atomically(
@@ -330,12 +333,12 @@ class TrialCheckpointer:
         self.original_number: int = int(original) if original is not None else self.number
         self.study_name: str | None = getattr(study, "study_name", None)
         self.directory: Path = chain_directory(root, self.study_name, self.original_number)
-        self._chain = self._artifact_chain(store, trial, study)
+        self._chain: ArtifactChain | None = self._artifact_chain(store, trial, study)
         self.resumed_from_step: int | None = None
         self.last_saved_step: int | None = None
         self._last_save_monotonic = time.monotonic()
 
-    def _artifact_chain(self, store: Any, trial: Any, study: Any) -> Any:
+    def _artifact_chain(self, store: Any, trial: Any, study: Any) -> ArtifactChain | None:
         """The chain in an artifact store (``store=``, else ``OPTUNA_GUARD_CHECKPOINT_STORE``),
         or None for checkpoints under the local ``root``."""
         from optuna_guard import _checkpoint_store as stores
@@ -560,6 +563,7 @@ class TrialCheckpointer:
             assert writer.sha256 is not None  # stores always list a SHA-256
             return writer.sha256.hexdigest(), writer.size
 
+        assert self._chain is not None
         saved = self._chain.save(spool, step, fmt, self.keep_last)
         self.last_saved_step = step
         self._last_save_monotonic = time.monotonic()
@@ -634,6 +638,7 @@ class TrialCheckpointer:
 
     def _load_from_store(self, map_location: Any) -> tuple[Any, int] | None:
         chain = self._chain
+        assert chain is not None
         for item in chain.checkpoints():
             with tempfile.TemporaryFile(prefix="optuna-guard-spool-") as spool:
                 problem = chain.download_verified(item, spool)
@@ -692,7 +697,7 @@ class TrialCheckpointer:
         except ValueError:  # no complete trial yet
             return True
         maximize = study.direction.name == "MAXIMIZE"
-        return value >= best if maximize else value <= best
+        return bool(value >= best if maximize else value <= best)
 
     def __enter__(self) -> TrialCheckpointer:
         return self
@@ -885,7 +890,7 @@ class CheckpointCleanupCallback:
         self.keep_best = keep_best
         if isinstance(store, str):
             store = stores.open_checkpoint_store(store)
-        self.store = store if store is not None else stores.store_from_env()
+        self.store: ArtifactStore | None = store if store is not None else stores.store_from_env()
         self._removed_chains: set[int] = set()
 
     def __call__(self, study: Any, trial: FrozenTrial) -> None:
@@ -919,6 +924,7 @@ class CheckpointCleanupCallback:
 
     def _clean_store(self, study: Any) -> None:
         """Artifact-store mode: remove the listed checkpoints of finished chains (once each)."""
+        assert self.store is not None
         from optuna_guard._checkpoint_store import (
             CHECKPOINTS_ATTR,
             StoredCheckpoint,
