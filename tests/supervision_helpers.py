@@ -4,6 +4,7 @@ processes of a launch found by its environment marker (so each test kills what i
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import optuna
 from optuna.trial import TrialState
 from supervisor_helpers import objective_spec, wait_for
 
+from optuna_guard.memory._cgroup import own_memory_cgroup
 from optuna_guard.supervisor import _tree
 from optuna_guard.supervisor._lifeline import ENV_LAUNCH_ID
 
@@ -112,6 +114,20 @@ def launcher(
             for pid in launch_pids(lid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+            remove_launch_cgroups(lid)
+
+
+def remove_launch_cgroups(launch_id: str) -> None:
+    """rmdir the (empty) per-worker cgroups a SIGKILLed launcher could not remove."""
+    own = own_memory_cgroup()
+    if own is None:
+        return
+    for parent in glob.glob(os.path.join(own[1], f"optuna_guard_{launch_id[:12]}_*")):
+        for child in glob.glob(os.path.join(parent, "w*")):
+            with contextlib.suppress(OSError):
+                os.rmdir(child)
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)
 
 
 def wait_until_gone(pids: list[int], timeout: float) -> float:

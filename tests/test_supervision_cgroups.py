@@ -5,9 +5,12 @@ marker still finds the daemon at the end of the launch."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from optuna.trial import TrialState
@@ -35,8 +38,8 @@ needs_cgroups = pytest.mark.skipif(
 )
 
 
-def _parent_dir(launch_id: str) -> str:
-    return os.path.join(own_memory_cgroup()[1], f"optuna_guard_{launch_id[:12]}")
+def _parent_dirs(launch_id: str) -> list[str]:
+    return glob.glob(os.path.join(own_memory_cgroup()[1], f"optuna_guard_{launch_id[:12]}_*"))
 
 
 @needs_cgroups
@@ -62,7 +65,7 @@ def test_daemonised_grandchild_over_the_worker_limit_is_killed_and_nothing_outli
         )
     launch_id = launch_id_of(log_dir)
     assert launch_pids(launch_id) == []
-    assert not os.path.exists(_parent_dir(launch_id))
+    assert _parent_dirs(launch_id) == []
     assert any("one memory cgroup per worker (cgroup v" in m for m in caplog.messages)
     [trial] = trials_of(sqlite_url, unique_study_name)
     assert trial.state == TrialState.PRUNED and trial.user_attrs[tags.EMERGENCY_KILLED] is True, (
@@ -136,3 +139,33 @@ def test_without_cgroups_the_environment_marker_finds_the_daemon(
     assert any("outlived its worker" in m for m in caplog.messages)
     assert launch_pids(launch_id) == []
     assert summary.complete == 1
+
+
+@needs_cgroups
+def test_cgroups_left_by_a_sigkilled_launcher_are_removed_by_the_next_one(
+    sqlite_url, tmp_path, unique_study_name, quiet_optuna
+):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)  # gone now; any start time cannot match a live process
+    stale = os.path.join(own_memory_cgroup()[1], f"optuna_guard_deadbeef0000_{dead_pid}_1")
+    os.makedirs(os.path.join(stale, "w0"))
+    try:
+        launch(
+            objective_spec("supervision_objs", "quick"),
+            study_name=unique_study_name,
+            storage=sqlite_url,
+            workers=1,
+            n_trials=1,
+            log_dir=str(tmp_path / "logs"),
+            **FAST,
+        )
+        assert not os.path.exists(stale)
+    finally:
+        for directory in (os.path.join(stale, "w0"), stale):
+            if os.path.isdir(directory):
+                os.rmdir(directory)

@@ -38,10 +38,12 @@ from optuna_guard.memory._cgroup import (
     cgroup_working_set,
     own_memory_cgroup,
 )
+from optuna_guard.supervisor import _tree
 
 _log = get_logger(__name__)
 
 TREE_MODE = "process tree"
+PARENT_PREFIX = "optuna_guard_"  # + <launch id[:12]>_<supervisor pid>_<its start time in ticks>
 ENV_SWITCH = "OPTUNA_GUARD_WORKER_CGROUPS"  # "0" forces the process-tree mode
 HIGH_FRACTION = 0.95  # v2 memory.high as a fraction of memory.max
 
@@ -111,7 +113,11 @@ class WorkerCgroups:
             self.why_not = "no memory cgroup filesystem"
             return
         version, directory = own
-        parent = os.path.join(directory, f"optuna_guard_{launch_id[:12]}")
+        _remove_stale_launch_cgroups(directory)
+        pid = os.getpid()
+        parent = os.path.join(
+            directory, f"{PARENT_PREFIX}{launch_id[:12]}_{pid}_{_tree.start_time_ticks(pid)}"
+        )
         try:
             if version == 2:
                 _prepare_v2(directory)
@@ -220,6 +226,25 @@ class WorkerCgroups:
                     _rmdir(directory, wait_s=2.0)
             _rmdir(self.parent, wait_s=2.0)
             self.parent = None
+
+
+def _remove_stale_launch_cgroups(directory: str) -> None:
+    """Remove the cgroups a launcher killed with SIGKILL left behind (it could not remove them):
+    those whose supervisor (pid + start time in the name) is gone and that hold no process."""
+    for name in _subdirs(directory):
+        parts = name[len(PARENT_PREFIX) :].split("_") if name.startswith(PARENT_PREFIX) else []
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            continue
+        if _tree.is_same_process(int(parts[1]), int(parts[2])):
+            continue
+        parent = os.path.join(directory, name)
+        children = [os.path.join(parent, child) for child in _subdirs(parent)]
+        if any(WorkerCgroup(1, child).pids() for child in children):
+            continue  # processes left: not ours to touch
+        for child in children:
+            _rmdir(child)
+        if _rmdir(parent):
+            _log.info("Removed the cgroup %s of a launcher that is gone.", parent)
 
 
 def _prepare_v2(directory: str) -> None:
