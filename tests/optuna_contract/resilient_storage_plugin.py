@@ -6,7 +6,7 @@ Optuna's tests are not shipped in the wheel; with a checkout of optuna's ``tests
     cd optuna-checkout && python -m pytest -p no:cacheprovider \\
         -p resilient_storage_plugin tests/study_tests tests/trial_tests
 
-with this directory on ``PYTHONPATH`` (Optuna's suites need ``fakeredis``). Run once without
+with this directory on ``PYTHONPATH`` (Optuna's suites need ``fakeredis`` and ``lupa``). Run once without
 ``-p resilient_storage_plugin`` for the baseline counts.
 """
 
