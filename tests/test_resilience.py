@@ -485,18 +485,19 @@ def test_attribute_writes_reach_the_wrapped_storage(sqlite_url: str) -> None:
     assert is_heartbeat_enabled(storage) and storage.get_heartbeat_interval() == 1
     study = optuna.create_study(storage=storage, study_name=f"res-{uuid.uuid4().hex[:8]}")
 
-    def beats() -> int:
+    def beats(trial_id: int) -> int:  # the module's SQLite file is shared by its tests
         with rdb.engine.connect() as conn:
-            return int(conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats")).scalar())
+            return int(conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = :id"),
+                                    {"id": trial_id}).scalar())
 
     def wait_for_a_beat(trial: optuna.Trial) -> float:
         deadline = time.monotonic() + 30  # Optuna's heartbeat thread beats right after it starts
-        while not beats() and time.monotonic() < deadline:
+        while not beats(trial._trial_id) and time.monotonic() < deadline:
             time.sleep(0.05)
         return 0.0
 
     study.optimize(wait_for_a_beat, n_trials=1)
-    assert beats() == 1  # Optuna's heartbeat thread ran through the wrapper
+    assert beats(study.trials[0]._trial_id) == 1  # Optuna's heartbeat thread ran through the wrapper
     storage.settings = RetrySettings(deadline_s=1.0)  # the wrapper's own attributes stay its own
     assert storage.settings.deadline_s == 1.0 and not hasattr(rdb, "settings")
 
