@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
+from optuna.exceptions import UpdateFinishedTrialError
+
 from optuna_guard._logging import get_logger
 from optuna_guard._units import MB
 from optuna_guard.exceptions import ConfigError
@@ -364,7 +366,11 @@ class ArtifactChain:
         saved = StoredCheckpoint(
             artifact_id, step, sha256, size, fmt, self.trial_number, time.time_ns()
         )
-        self.rotate(keep_last, new=saved)
+        try:
+            self.rotate(keep_last, new=saved)
+        except UpdateFinishedTrialError:
+            self._remove(artifact_id)  # the trial was ended from outside: nobody will list it
+            raise
         return saved
 
     def rotate(self, keep_last: int, new: StoredCheckpoint | None = None) -> int:

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_guard import preemption, tags
@@ -423,6 +424,12 @@ class TrialCheckpointer:
         path: Path | str | None
         try:
             path = self._save_making_room(state, step)
+        except UpdateFinishedTrialError:
+            # Another launcher ended this trial (its worker or host was presumed lost) while it
+            # ran: the checkpoint would belong to nobody. Training goes on; its end is logged
+            # as a lost result by the worker.
+            self._warn_taken_over(step)
+            path = None
         except OSError as exc:
             message = f"Trial {self.number} could not save checkpoint step {step} in {self.location}: {exc}"
             if preemption.stop_requested():
@@ -439,6 +446,14 @@ class TrialCheckpointer:
             _log.warning("Trial %d saved checkpoint step %d before stopping (%s).", self.number, step, preemption.stop_reason())
             preemption.raise_if_stop_requested(self._trial)
         return path
+
+    def _warn_taken_over(self, step: int) -> None:
+        if not getattr(self, "_warned_taken_over", False):
+            self._warned_taken_over = True
+            _log.warning(
+                "Trial %d was ended from outside while it ran (taken over as lost); checkpoint "
+                "step %d and later ones are not kept.", self.number, step,
+            )
 
     def _record_step(self, step: int) -> None:
         """The trial's last saved step, in the storage: a preempted attempt that got further than

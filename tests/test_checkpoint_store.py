@@ -153,6 +153,26 @@ def test_store_argument_rotates_lists_and_finalizes(study: optuna.Study, tmp_pat
     assert list(shared.iterdir()) == [] and _listed(study, trial) == []
 
 
+def test_save_on_a_trial_taken_over_from_outside_goes_on_and_keeps_nothing(
+    study: optuna.Study, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A partitioned host comes back: its trial was ended by another launcher. Saving must not
+    raise out of the objective, nor leave an unlisted artifact in the shared store."""
+    shared = tmp_path / "shared"
+    trial = study.ask()
+    ckpt = TrialCheckpointer(trial, root=tmp_path / "a", format="pickle", store=f"file://{shared}")
+    assert isinstance(ckpt.save({"at": 1}, 1), str)
+    end_trial_from_outside(
+        study._storage, trial._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_LOST: "host b"}
+    )
+    with caplog.at_level(logging.WARNING, logger="optuna_guard"):
+        assert ckpt.save({"at": 2}, 2) is None
+        assert ckpt.save({"at": 3}, 3) is None
+    assert [c["step"] for c in _listed(study, trial)] == [1]
+    assert len(list(shared.iterdir())) == 1  # step 1 only; steps 2 and 3 removed again
+    assert sum("ended from outside" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_users_own_optuna_filesystem_store_works(study: optuna.Study, tmp_path: Path) -> None:
     store = optuna.artifacts.FileSystemArtifactStore(tmp_path)
     first = study.ask()
