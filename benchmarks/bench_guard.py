@@ -26,8 +26,8 @@ import optuna
 import psutil
 
 from optuna_guard import check_memory, guard
-from optuna_guard._watcher import WATCHER
 from optuna_guard._units import GB, MB
+from optuna_guard._watcher import WATCHER
 from optuna_guard.limits import MemoryLimits
 from optuna_guard.memory import process_tree_rss
 from optuna_guard.memory._procfs import PAGE_SIZE
@@ -88,7 +88,9 @@ def _own_rss() -> int:
         return int(handle.read().split()[1]) * PAGE_SIZE
 
 
-def bench_overshoot(runs: int, rate_gb_s: float = 1.0, chunk_mb: int = 16) -> tuple[list[float], list[float]]:
+def bench_overshoot(
+    runs: int, rate_gb_s: float = 1.0, chunk_mb: int = 16
+) -> tuple[list[float], list[float]]:
     """Overshoot past the limit (MB) as the trial itself measured it, and as the guard tagged it."""
     own: list[float] = []
     tagged: list[float] = []
@@ -103,9 +105,9 @@ def bench_overshoot(runs: int, rate_gb_s: float = 1.0, chunk_mb: int = 16) -> tu
             chunks = []
             period = chunk_mb * MB / (rate_gb_s * GB)
             next_at = time.perf_counter()
-            while len(chunks) * chunk_mb * MB < cap_bytes:
+            while len(chunks) * chunk_mb * MB < cap_bytes:  # noqa: B023 - called in this iteration
                 chunks.append(np.ones(chunk_mb * MB // 8))
-                seen["max_rss"] = max(seen["max_rss"], _own_rss())
+                seen["max_rss"] = max(seen["max_rss"], _own_rss())  # noqa: B023
                 next_at += period
                 delay = next_at - time.perf_counter()
                 if delay > 0:
@@ -130,7 +132,9 @@ def _busy(seconds: float) -> float:
     return x
 
 
-def bench_wall_ratio(trials: int, pairs: int, storage_factory, cpu: dict | None = None) -> tuple[list[float], list[float]]:
+def bench_wall_ratio(
+    trials: int, pairs: int, storage_factory, cpu: dict | None = None
+) -> tuple[list[float], list[float]]:
     """Alternating bare/guarded runs; ``cpu`` (if given) receives the process CPU seconds."""
 
     busy_cpu = [0.0]
@@ -145,8 +149,13 @@ def bench_wall_ratio(trials: int, pairs: int, storage_factory, cpu: dict | None 
     guarded = guard(bare)
     bare_times, guarded_times = [], []
     for _ in range(pairs):
-        for name, objective, times in (("bare", bare, bare_times), ("guarded", guarded, guarded_times)):
-            study = optuna.create_study(storage=storage_factory(), sampler=optuna.samplers.RandomSampler(seed=0))
+        for name, objective, times in (
+            ("bare", bare, bare_times),
+            ("guarded", guarded, guarded_times),
+        ):
+            study = optuna.create_study(
+                storage=storage_factory(), sampler=optuna.samplers.RandomSampler(seed=0)
+            )
             gc.collect()
             busy_cpu[0] = 0.0
             cpu0 = time.process_time()
@@ -175,10 +184,16 @@ def bench_hot_path(calls: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--ratio-only", action="store_true", help="only part 4 (wall-time ratio and guard CPU per trial)")
+    parser.add_argument(
+        "--ratio-only",
+        action="store_true",
+        help="only part 4 (wall-time ratio and guard CPU per trial)",
+    )
     args = parser.parse_args()
     quick = args.quick
-    print(f"optuna-guard guard benchmark (pid {os.getpid()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f})")
+    print(
+        f"optuna-guard guard benchmark (pid {os.getpid()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f})"
+    )
     if args.ratio_only:
         return bench_part4(quick)
 
@@ -188,12 +203,18 @@ def main() -> int:
 
     print("2. watcher thread CPU")
     thread_pct, process_pct = bench_sampler_cpu(2.0 if quick else 5.0)
-    print(f"   watcher thread {thread_pct:.3f} % of one core (whole process while the trial sleeps: {process_pct:.3f} %)  [target <= 1 %: {_verdict(thread_pct, 1.0)}]")
+    print(
+        f"   watcher thread {thread_pct:.3f} % of one core (whole process while the trial sleeps: {process_pct:.3f} %)  [target <= 1 %: {_verdict(thread_pct, 1.0)}]"
+    )
 
     print("3. overshoot at ~1 GB/s (limit = RSS + 300 MB, 16 MB chunks)")
     own, tagged = bench_overshoot(3 if quick else 7)
-    print(f"   overshoot measured by the trial: median {statistics.median(own):.1f} MB, max {max(own):.1f} MB  (runs: {', '.join(f'{v:.0f}' for v in own)})")
-    print(f"   overshoot in the peak_rss_gb tag: median {statistics.median(tagged):.1f} MB, max {max(tagged):.1f} MB")
+    print(
+        f"   overshoot measured by the trial: median {statistics.median(own):.1f} MB, max {max(own):.1f} MB  (runs: {', '.join(f'{v:.0f}' for v in own)})"
+    )
+    print(
+        f"   overshoot in the peak_rss_gb tag: median {statistics.median(tagged):.1f} MB, max {max(tagged):.1f} MB"
+    )
     print(f"   [target <= 64 MB: {_verdict(max(own), 64)}]")
 
     return bench_part4(quick)
@@ -206,14 +227,24 @@ def bench_part4(quick: bool) -> int:
     cpu: dict[str, list[float]] = {}
     bare_t, guarded_t = bench_wall_ratio(trials, pairs, lambda: None, cpu)
     ratio = min(guarded_t) / min(bare_t)
-    print(f"   in-memory: bare {', '.join(f'{t:.2f}' for t in bare_t)} s; guarded {', '.join(f'{t:.2f}' for t in guarded_t)} s")
-    print(f"   ratio guarded/bare (best of {pairs}) {ratio:.4f}; median-of-runs ratio {statistics.median(guarded_t) / statistics.median(bare_t):.4f}  [target <= 1.01: {_verdict(ratio, 1.01)}]")
-    overhead_us = (statistics.median(cpu["guarded"]) - statistics.median(cpu["bare"])) / trials * 1e6
-    print(f"   guard CPU per trial (process CPU outside the objective's work, guarded - bare, median of runs): "
-          f"{overhead_us:.0f} us = {overhead_us / 100:.2f} % of a 10 ms trial (robust to other processes)")
+    print(
+        f"   in-memory: bare {', '.join(f'{t:.2f}' for t in bare_t)} s; guarded {', '.join(f'{t:.2f}' for t in guarded_t)} s"
+    )
+    print(
+        f"   ratio guarded/bare (best of {pairs}) {ratio:.4f}; median-of-runs ratio {statistics.median(guarded_t) / statistics.median(bare_t):.4f}  [target <= 1.01: {_verdict(ratio, 1.01)}]"
+    )
+    overhead_us = (
+        (statistics.median(cpu["guarded"]) - statistics.median(cpu["bare"])) / trials * 1e6
+    )
+    print(
+        f"   guard CPU per trial (process CPU outside the objective's work, guarded - bare, median of runs): "
+        f"{overhead_us:.0f} us = {overhead_us / 100:.2f} % of a 10 ms trial (robust to other processes)"
+    )
     hot_us = bench_hot_path(2000)
-    print(f"   guard path per call when hot (tight loop of a guarded no-op on one trial): {hot_us:.0f} us; "
-          f"right after 10 ms of other work every call here costs several times more (cold caches)")
+    print(
+        f"   guard path per call when hot (tight loop of a guarded no-op on one trial): {hot_us:.0f} us; "
+        f"right after 10 ms of other work every call here costs several times more (cold caches)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         counter = iter(range(100))
 
@@ -221,8 +252,10 @@ def bench_part4(quick: bool) -> int:
             return optuna.storages.RDBStorage(f"sqlite:///{tmp}/bench_{next(counter)}.db")
 
         bare_s, guarded_s = bench_wall_ratio(100, 1, sqlite_storage)
-    print(f"   SQLite file, 100 trials (information): bare {bare_s[0]:.2f} s, guarded {guarded_s[0]:.2f} s, ratio {guarded_s[0] / bare_s[0]:.3f} "
-          f"(each guarded trial writes its memory tags in 1 extra transaction)")
+    print(
+        f"   SQLite file, 100 trials (information): bare {bare_s[0]:.2f} s, guarded {guarded_s[0]:.2f} s, ratio {guarded_s[0] / bare_s[0]:.3f} "
+        f"(each guarded trial writes its memory tags in 1 extra transaction)"
+    )
     return 0
 
 

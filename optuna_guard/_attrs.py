@@ -11,7 +11,8 @@ slower.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
@@ -59,4 +60,6 @@ def _rdb(storage: RDBStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
 
     with _create_scoped_session(storage.scoped_session, True) as session:
         for key, value in attrs.items():
-            storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+            storage._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value
+            )

@@ -7,7 +7,7 @@ three stop a trial for the same reasons and tag it the same way.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from optuna_guard._units import GB
 from optuna_guard.limits import MemoryLimits
@@ -58,10 +58,26 @@ def find_trip(
         value, limit = _gb_pair(available, limits.min_available_gb)
         return Trip(available_name, f"available {value} GB < {limit} GB", available)
     if limits.max_ram_percent is not None and system.percent > limits.max_ram_percent:
-        return Trip("max_ram_percent", f"RAM {system.percent:.1f}% used > {limits.max_ram_percent:g}%", available)
-    if limits.max_swap_percent is not None and system.swap_total_bytes and system.swap_percent > limits.max_swap_percent:
-        return Trip("max_swap_percent", f"swap {system.swap_percent:.1f}% used > {limits.max_swap_percent:g}%", available)
-    if limits.max_trial_rss_gb is not None and rss_bytes is not None and rss_bytes > limits.max_trial_rss_gb * GB:
+        return Trip(
+            "max_ram_percent",
+            f"RAM {system.percent:.1f}% used > {limits.max_ram_percent:g}%",
+            available,
+        )
+    if (
+        limits.max_swap_percent is not None
+        and system.swap_total_bytes
+        and system.swap_percent > limits.max_swap_percent
+    ):
+        return Trip(
+            "max_swap_percent",
+            f"swap {system.swap_percent:.1f}% used > {limits.max_swap_percent:g}%",
+            available,
+        )
+    if (
+        limits.max_trial_rss_gb is not None
+        and rss_bytes is not None
+        and rss_bytes > limits.max_trial_rss_gb * GB
+    ):
         value, limit = _gb_pair(rss_bytes, limits.max_trial_rss_gb)
         return Trip("max_trial_rss_gb", f"process tree RSS {value} GB > {limit} GB", available)
     if limits.max_gpu_percent is not None:
@@ -69,14 +85,18 @@ def find_trip(
             if gpu.percent > limits.max_gpu_percent:
                 return Trip(
                     "max_gpu_percent",
-                    f"GPU {gpu.index} memory {gpu.percent:.1f}% used > {limits.max_gpu_percent:g}%",
+                    f"GPU {gpu.index} memory {gpu.percent:.1f}% used > "
+                    f"{limits.max_gpu_percent:g}%",
                     available,
                 )
     return None
 
 
 def below_warning(limits: MemoryLimits, system: SystemMemory) -> bool:
-    return limits.warn_available_gb is not None and system.available_bytes < limits.warn_available_gb * GB
+    return (
+        limits.warn_available_gb is not None
+        and system.available_bytes < limits.warn_available_gb * GB
+    )
 
 
 def headroom_and_rate(
@@ -105,9 +125,15 @@ def headroom_and_rate(
         eta = seconds if eta is None else min(eta, seconds)
 
     if limits.min_available_gb is not None:
-        consider(system.available_bytes - limits.min_available_gb * GB, old.available_bytes - system.available_bytes)
+        consider(
+            system.available_bytes - limits.min_available_gb * GB,
+            old.available_bytes - system.available_bytes,
+        )
     if limits.max_ram_percent is not None:
-        consider(limits.max_ram_percent / 100.0 * system.total_bytes - system.used_bytes, system.used_bytes - old.used_bytes)
+        consider(
+            limits.max_ram_percent / 100.0 * system.total_bytes - system.used_bytes,
+            system.used_bytes - old.used_bytes,
+        )
     if limits.max_swap_percent is not None and system.swap_total_bytes:
         consider(
             limits.max_swap_percent / 100.0 * system.swap_total_bytes - system.swap_used_bytes,

@@ -40,7 +40,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from optuna_guard import preemption, tags
 from optuna_guard._logging import get_logger
@@ -69,7 +70,16 @@ EXIT_STUCK = 71
 # Environment variables that mark a process as a worker of ``optuna-guard run``.
 LAUNCHER_ENV_VARS = ("OPTUNA_GUARD_LAUNCH_ID", "OPTUNA_GUARD_WORKER_FD")
 
-_UNSAFE_MODULES = ("optuna", "sqlalchemy", "logging", "threading", "importlib", "concurrent", "contextlib", "queue")
+_UNSAFE_MODULES = (
+    "optuna",
+    "sqlalchemy",
+    "logging",
+    "threading",
+    "importlib",
+    "concurrent",
+    "contextlib",
+    "queue",
+)
 # Modules where a trial thread that cannot be interrupted is waiting for another thread.
 _WAIT_MODULES = ("threading", "concurrent", "queue", "multiprocessing", "asyncio")
 
@@ -152,7 +162,7 @@ class TrialWatch:
         trial: Any = None,
         on_stuck: OnStuck | None = None,
         stuck_after: float = STUCK_AFTER_S,
-        watcher: "MemoryWatcher | None" = None,
+        watcher: MemoryWatcher | None = None,
         frame_id: int | None = None,
     ) -> None:
         self.number = number
@@ -193,7 +203,7 @@ class TrialWatch:
 
     # -- in the trial's thread ----------------------------------------------------------------
 
-    def __enter__(self) -> "TrialWatch":
+    def __enter__(self) -> TrialWatch:
         self._watcher.register(self)
         return self
 
@@ -250,7 +260,9 @@ class TrialWatch:
 
     @property
     def stopped_for_memory(self) -> bool:
-        return self.stopped and self.interrupt is not None and self.interrupt[0] != INTERRUPT_PREEMPT
+        return (
+            self.stopped and self.interrupt is not None and self.interrupt[0] != INTERRUPT_PREEMPT
+        )
 
     def stopped_by(self, exc: BaseException) -> bool:
         """Whether an exception that left the objective is (or wraps) the watcher's interrupt."""
@@ -267,10 +279,14 @@ class TrialWatch:
         """An interrupt was injected and has not gone off yet."""
         return self.injections > self.deliveries
 
-    def observe(self, system: SystemMemory | None, rss_bytes: int | None, gpus: Sequence[GpuMemory] = ()) -> None:
+    def observe(
+        self, system: SystemMemory | None, rss_bytes: int | None, gpus: Sequence[GpuMemory] = ()
+    ) -> None:
         if rss_bytes is not None and rss_bytes > self.peak_rss_bytes:
             self.peak_rss_bytes = rss_bytes
-        if system is not None and (self.min_available_bytes is None or system.available_bytes < self.min_available_bytes):
+        if system is not None and (
+            self.min_available_bytes is None or system.available_bytes < self.min_available_bytes
+        ):
             self.min_available_bytes = system.available_bytes
         if gpus:
             used = max(g.used_bytes for g in gpus)
@@ -348,7 +364,8 @@ def _where_blocked(watch: TrialWatch) -> str:
         root = _module_root(frame)
         if root in _WAIT_MODULES:
             return (
-                f"its thread waits in {frame.f_globals.get('__name__', root)}.{_code_name(frame)}() for another "
+                f"its thread waits in {frame.f_globals.get('__name__', root)}."
+                f"{_code_name(frame)}() for another "
                 "thread (a thread pool's Future, a Queue or an Event), which cannot be interrupted"
             )
     if watch.deliveries:
@@ -374,7 +391,8 @@ def _interrupt_pool_helpers(watch: TrialWatch) -> bool:
             watch.helpers_interrupted = {*watch.helpers_interrupted, ident}
             hit = True
             _log.warning(
-                "Trial #%d waits for a thread pool; interrupting the pool thread %d that runs its work.",
+                "Trial #%d waits for a thread pool; "
+                "interrupting the pool thread %d that runs its work.",
                 watch.number,
                 ident,
             )
@@ -382,7 +400,9 @@ def _interrupt_pool_helpers(watch: TrialWatch) -> bool:
 
 
 def _waits_for_another_thread(watch: TrialWatch) -> bool:
-    return any(_module_root(f) in _WAIT_MODULES for f in _top_frames(watch.thread_id, watch.frame_id))
+    return any(
+        _module_root(f) in _WAIT_MODULES for f in _top_frames(watch.thread_id, watch.frame_id)
+    )
 
 
 def _runs_pool_work_item(frame: Any) -> bool:
@@ -394,7 +414,9 @@ def _runs_pool_work_item(frame: Any) -> bool:
         root = _module_root(frame)
         if root in _UNSAFE_MODULES or root == "optuna_guard":
             name = frame.f_globals.get("__name__", "")
-            return not first and name == "concurrent.futures.thread" and frame.f_code.co_name == "run"
+            return (
+                not first and name == "concurrent.futures.thread" and frame.f_code.co_name == "run"
+            )
         first = False
         frame = frame.f_back
     return False
@@ -474,7 +496,9 @@ class MemoryWatcher:
             self._watches.append(watch)
             watch.registered = True
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="optuna-guard-watcher", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="optuna-guard-watcher", daemon=True
+                )
                 self._thread.start()
             if self._blocked:
                 self._blocked = False
@@ -523,12 +547,16 @@ class MemoryWatcher:
             due = [w for w in watches if now - w.started >= w.limits.interval]
             poll = min(w.limits.interval for w in watches)
             if not due:
-                wait = max(min(w.started + w.limits.interval for w in watches) - now, MIN_INTERVAL_S)
+                wait = max(
+                    min(w.started + w.limits.interval for w in watches) - now, MIN_INTERVAL_S
+                )
             else:
                 try:  # a reading is taken for the due trials, but applies to all of them
                     wait = self.tick(watches)
                 except Exception:  # the watcher must outlive any bug or probe failure
-                    _log.exception("The optuna-guard memory watcher failed to take a reading; retrying.")
+                    _log.exception(
+                        "The optuna-guard memory watcher failed to take a reading; retrying."
+                    )
                     wait = poll
             self._sleep(wait)
 
@@ -554,7 +582,12 @@ class MemoryWatcher:
             except Exception as exc:
                 if key not in self._probe_errors:
                     self._probe_errors.add(key)
-                    _log.error("Memory probe %r failed (%s); trials using it are not watched until it recovers.", probe, exc)
+                    _log.error(
+                        "Memory probe %r failed (%s); "
+                        "trials using it are not watched until it recovers.",
+                        probe,
+                        exc,
+                    )
                 continue
             self._probe_errors.discard(key)
             # Growth is bursty (an allocation, then compute), so the rate is taken over the last
@@ -571,7 +604,11 @@ class MemoryWatcher:
                 watch.observe(system, rss, gpus)
                 if watch.interrupt is not None and watch.active:
                     busy = True
-                    trip = find_trip(watch.limits, system, rss, gpus) if watch.interrupt[0] == INTERRUPT_TRIP else None
+                    trip = (
+                        find_trip(watch.limits, system, rss, gpus)
+                        if watch.interrupt[0] == INTERRUPT_TRIP
+                        else None
+                    )
                     still = stop if watch.interrupt[0] == INTERRUPT_PREEMPT else trip is not None
                     wait = min(wait, self._keep_trying(watch, still, trip, system, now))
                     continue
@@ -587,7 +624,8 @@ class MemoryWatcher:
                 if below_warning(watch.limits, system) and not watch.warned:
                     watch.warned = True
                     _log.warning(
-                        "Low memory: Trial #%d mid-trial: available %.2f GB < %.2f GB warning level.",
+                        "Low memory: Trial #%d mid-trial: "
+                        "available %.2f GB < %.2f GB warning level.",
                         watch.number,
                         system.available_bytes / GB,
                         watch.limits.warn_available_gb,
@@ -599,10 +637,13 @@ class MemoryWatcher:
                 victim, trip = self._choose_victim(candidates)
                 victim.available_at_trip = system.available_bytes
                 victim.over_since = now
-                _log.debug("Trial #%d tripped %s (%s); interrupting its thread.", victim.number, trip.limit, trip.detail)
-                if not victim.try_inject(INTERRUPT_TRIP, trip):
-                    wait = MIN_INTERVAL_S
-                elif len(candidates) > 1:
+                _log.debug(
+                    "Trial #%d tripped %s (%s); interrupting its thread.",
+                    victim.number,
+                    trip.limit,
+                    trip.detail,
+                )
+                if not victim.try_inject(INTERRUPT_TRIP, trip) or len(candidates) > 1:
                     wait = MIN_INTERVAL_S
         return wait
 
@@ -617,7 +658,9 @@ class MemoryWatcher:
 
         return max(candidates, key=grown)
 
-    def _keep_trying(self, watch: TrialWatch, still: bool, trip: Trip | None, system: SystemMemory, now: float) -> float:
+    def _keep_trying(
+        self, watch: TrialWatch, still: bool, trip: Trip | None, system: SystemMemory, now: float
+    ) -> float:
         """A trial the watcher decided to stop is still running: inject again where the last
         interrupt went off (or was never injected), and hand a trial that stays over its limit
         for ``stuck_after`` seconds to ``on_stuck``. Returns seconds to wait."""
@@ -639,7 +682,8 @@ class MemoryWatcher:
             if watch.deliveries and not watch.caught_warned:
                 watch.caught_warned = True
                 _log.warning(
-                    "Trial #%d caught the guard's interrupt and went on while still over its limit; interrupting it again.",
+                    "Trial #%d caught the guard's interrupt and went on while still over its "
+                    "limit; interrupting it again.",
                     watch.number,
                 )
             injected = watch.try_inject(*watch.interrupt)
@@ -651,7 +695,8 @@ class MemoryWatcher:
         if not watch.pending_warned and over >= min(2.0, watch.stuck_after / 2):
             watch.pending_warned = True
             _log.warning(
-                "Trial #%d has been over its memory limit for %.1f s and has not stopped: %s; on_stuck=%r acts after %g s.",
+                "Trial #%d has been over its memory limit for %.1f s and has not stopped: %s; "
+                "on_stuck=%r acts after %g s.",
                 watch.number,
                 over,
                 _where_blocked(watch),
@@ -667,7 +712,8 @@ class MemoryWatcher:
         why = _where_blocked(watch)
         if watch.on_stuck == "warn":
             _log.error(
-                "Trial #%d is still over its memory limit after %.0f s (%s): %s; on_stuck='warn' leaves it running.",
+                "Trial #%d is still over its memory limit after %.0f s (%s): %s; "
+                "on_stuck='warn' leaves it running.",
                 watch.number,
                 over,
                 trip.detail,
@@ -675,8 +721,9 @@ class MemoryWatcher:
             )
             return
         message = (
-            f"EMERGENCY EXIT: Trial #{watch.number} is still over its memory limit after {over:.1f} s "
-            f"({trip.detail}): {why}. Ending it FAIL and exiting the process (status {EXIT_STUCK}) before "
+            f"EMERGENCY EXIT: Trial #{watch.number} is still over its memory limit after "
+            f"{over:.1f} s ({trip.detail}): {why}. Ending it FAIL and exiting the process "
+            f"(status {EXIT_STUCK}) before "
             "the machine runs out of memory (on_stuck='exit')."
         )
         _log.critical(message)
@@ -702,9 +749,15 @@ def _end_trial_failed(watch: TrialWatch, trip: Trip, how: str) -> None:
     attrs = tags.killed(
         reason=f"OOM prevention [Trial #{watch.number} mid-trial]: {trip.detail}; {how}",
         limit=trip.limit,
-        available_gb=to_gb(watch.available_at_trip if watch.available_at_trip is not None else trip.available_bytes),
+        available_gb=to_gb(
+            watch.available_at_trip
+            if watch.available_at_trip is not None
+            else trip.available_bytes
+        ),
     )
-    attrs.update(tags.memory_seen(watch.peak_rss_bytes, watch.min_available_bytes, watch.peak_gpu_bytes))
+    attrs.update(
+        tags.memory_seen(watch.peak_rss_bytes, watch.min_available_bytes, watch.peak_gpu_bytes)
+    )
     try:
         from optuna.trial import TrialState
 

@@ -23,14 +23,23 @@ def inner_pruners(pruner: BasePruner | None) -> list[BasePruner]:
     chain: list[BasePruner] = []
     while pruner is not None and pruner not in chain:
         chain.append(pruner)
-        pruner = next((vars(pruner)[a] for a in _WRAPPED_ATTRS if isinstance(vars(pruner).get(a), BasePruner)), None)
+        pruner = next(
+            (
+                vars(pruner)[a]
+                for a in _WRAPPED_ATTRS
+                if isinstance(vars(pruner).get(a), BasePruner)
+            ),
+            None,
+        )
     return chain
 
 
 def find_hyperband(pruner: BasePruner | None) -> HyperbandPruner | None:
     """The real ``HyperbandPruner`` inside a chain of wrappers, if any."""
     for inner in inner_pruners(pruner):
-        if type(inner) is HyperbandPruner or (isinstance(inner, HyperbandPruner) and not isinstance(inner, _HyperbandBrackets)):
+        if type(inner) is HyperbandPruner or (
+            isinstance(inner, HyperbandPruner) and not isinstance(inner, _HyperbandBrackets)
+        ):
             return inner
     return None
 
@@ -63,7 +72,9 @@ class _HyperbandBrackets:
 
 
 def _hyperband_of(wrapper: Any) -> HyperbandPruner:
-    hyperband = find_hyperband(next((vars(wrapper)[a] for a in _WRAPPED_ATTRS if a in vars(wrapper)), None))
+    hyperband = find_hyperband(
+        next((vars(wrapper)[a] for a in _WRAPPED_ATTRS if a in vars(wrapper)), None)
+    )
     if hyperband is None:  # pragma: no cover - the subclass is only chosen when there is one
         raise AttributeError("no HyperbandPruner inside this wrapper")
     return hyperband
@@ -84,6 +95,10 @@ def class_for(cls: type, wrapped: BasePruner | None) -> type:
         return cls
     sub = _SUBCLASSES.get(cls)
     if sub is None:
-        sub = type(cls.__name__, (cls, _HyperbandBrackets, HyperbandPruner), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        sub = type(
+            cls.__name__,
+            (cls, _HyperbandBrackets, HyperbandPruner),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
         _SUBCLASSES[cls] = sub
     return sub

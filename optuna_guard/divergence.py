@@ -69,7 +69,10 @@ class DivergencePruner(BasePruner):
             or not math.isfinite(explode_factor)
             or explode_factor <= 1
         ):
-            raise ConfigError(f"explode_factor must be a number > 1 (or None to check only NaN/Inf) but got {explode_factor!r}.")
+            raise ConfigError(
+                "explode_factor must be a number > 1 (or None to check only NaN/Inf) but got "
+                f"{explode_factor!r}."
+            )
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ConfigError(f"warmup_steps cannot be negative but got {warmup_steps!r}.")
         if not isinstance(min_scale, (int, float)) or not min_scale > 0:
@@ -80,7 +83,9 @@ class DivergencePruner(BasePruner):
         self._min_scale = float(min_scale)
         self._stop_boundary = stop_boundary
 
-    def __new__(cls, wrapped: BasePruner | None = None, *args: Any, **kwargs: Any) -> "DivergencePruner":
+    def __new__(
+        cls, wrapped: BasePruner | None = None, *args: Any, **kwargs: Any
+    ) -> DivergencePruner:
         return super().__new__(class_for(cls, wrapped))
 
     def __repr__(self) -> str:
@@ -114,14 +119,22 @@ class DivergencePruner(BasePruner):
             return f"NaN at step {step}"
         if math.isinf(value):
             return f"{'+' if value > 0 else '-'}Inf at step {step}"
-        if self._explode_factor is None or step < max(self._warmup_steps, warmup_steps(self._wrapped)):
+        if self._explode_factor is None or step < max(
+            self._warmup_steps, warmup_steps(self._wrapped)
+        ):
             return None
-        earlier = [v for s, v in trial.intermediate_values.items() if s < step and math.isfinite(v)]
+        earlier = [
+            v for s, v in trial.intermediate_values.items() if s < step and math.isfinite(v)
+        ]
         if not earlier:
             return None
         maximize = _direction(study) == StudyDirection.MAXIMIZE
         best = max(earlier) if maximize else min(earlier)
-        scale = abs(best) if abs(best) > self._min_scale else statistics.median(abs(v) for v in earlier)
+        scale = (
+            abs(best)
+            if abs(best) > self._min_scale
+            else statistics.median(abs(v) for v in earlier)
+        )
         if scale <= self._min_scale:
             return None  # no scale to explode from (values at zero)
         worse = value < best if maximize else value > best

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from optuna_guard.exceptions import ConfigError
 
@@ -87,7 +88,10 @@ class MemoryLimits:
                 continue
             _require_number(name, value)
             if value < 0:
-                raise ConfigError(f"{name} cannot be negative but got {value}; use a value >= 0 or None to switch it off.")
+                raise ConfigError(
+                    f"{name} cannot be negative but got {value}; "
+                    "use a value >= 0 or None to switch it off."
+                )
         if self.max_trial_rss_gb is not None and self.max_trial_rss_gb == 0:
             raise ConfigError("max_trial_rss_gb must be > 0 but got 0; use None to switch it off.")
         for name in ("max_ram_percent", "max_swap_percent", "max_gpu_percent"):
@@ -113,7 +117,7 @@ class MemoryLimits:
             raise ConfigError(f"on_trip must be 'prune' or 'fail' but got {self.on_trip!r}.")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "MemoryLimits":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MemoryLimits:
         """Defaults, then ``OPTUNA_GUARD_*`` environment variables, then explicit ``overrides``."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -125,10 +129,12 @@ class MemoryLimits:
         values.update({k: v for k, v in overrides.items()})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"unknown memory limit(s) {sorted(unknown)}; known: {sorted(ENV_VARS)}.")
+            raise ConfigError(
+                f"unknown memory limit(s) {sorted(unknown)}; known: {sorted(ENV_VARS)}."
+            )
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "MemoryLimits":
+    def replace(self, **changes: Any) -> MemoryLimits:
         """A copy with some fields changed (validated again). A warning level that followed the
         stop level keeps following it."""
         if getattr(self, "_warn_follows_stop", False) and "warn_available_gb" not in changes:
@@ -151,4 +157,6 @@ def _parse_env(name: str, var: str, raw: str) -> Any:
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"environment variable {var}={raw!r} is not a number; set it to e.g. 2.0 or 'none'.") from None
+        raise ConfigError(
+            f"environment variable {var}={raw!r} is not a number; set it to e.g. 2.0 or 'none'."
+        ) from None

@@ -17,9 +17,9 @@ from optuna.trial import FrozenTrial
 
 from optuna_guard import preemption, tags
 from optuna_guard._logging import get_logger
-from optuna_guard._wrapping import class_for
 from optuna_guard._trips import below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB
+from optuna_guard._wrapping import class_for
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.limits import FOLLOW_STOP, MemoryLimits
 from optuna_guard.memory import MemoryProbe, default_probe
@@ -46,7 +46,9 @@ class MemoryGuardPruner(BasePruner):
     ``HyperbandPruner`` to Optuna (``optuna.pruners._filter_study`` keeps filtering by bracket).
     """
 
-    def __new__(cls, wrapped: BasePruner | None = None, *args: Any, **kwargs: Any) -> "MemoryGuardPruner":
+    def __new__(
+        cls, wrapped: BasePruner | None = None, *args: Any, **kwargs: Any
+    ) -> MemoryGuardPruner:
         return super().__new__(class_for(cls, wrapped))
 
     def __init__(
@@ -63,7 +65,9 @@ class MemoryGuardPruner(BasePruner):
         probe: MemoryProbe | None = None,
     ) -> None:
         if wrapped is not None and not isinstance(wrapped, BasePruner):
-            raise ConfigError(f"wrapped must be an optuna pruner (BasePruner) or None but got {wrapped!r}.")
+            raise ConfigError(
+                f"wrapped must be an optuna pruner (BasePruner) or None but got {wrapped!r}."
+            )
         if limits is None:
             limits = MemoryLimits(
                 min_available_gb=min_available_gb,
@@ -104,11 +108,14 @@ class MemoryGuardPruner(BasePruner):
         gpus = probe.gpus() if needs_gpu(limits) else ()
         trip = find_trip(limits, system, rss, gpus)
         step = trial.last_step
-        context = f"Trial #{trial.number} step {step}" if step is not None else f"Trial #{trial.number}"
+        context = (
+            f"Trial #{trial.number} step {step}" if step is not None else f"Trial #{trial.number}"
+        )
         if trip is not None:
             write_user_attrs(trial, kill_tags(trip, context, trial), storage)
             _log.error(
-                "EMERGENCY BRAKE: %s: %s (%s); trial pruned before the machine runs out of memory.",
+                "EMERGENCY BRAKE: %s: %s (%s); "
+                "trial pruned before the machine runs out of memory.",
                 context,
                 trip.detail,
                 trip.limit,

@@ -23,7 +23,8 @@ LOWEST_AVAILABLE_GB = "lowest_available_gb"  # float: lowest available RAM seen 
 # of the limit ``min_available_gb``, which it is not.
 MIN_AVAILABLE_GB = "min_available_gb"
 PEAK_GPU_GB = "peak_gpu_gb"  # float: peak GPU memory used (GB), only when a GPU is seen
-PREDICTED_PEAK_GB = "predicted_peak_gb"  # float: the pre-flight check's estimate of the peak RSS (GB)
+# float: the pre-flight check's estimate of the peak RSS (GB)
+PREDICTED_PEAK_GB = "predicted_peak_gb"
 
 # Where the trial ran (written by the launcher's workers).
 WORKER_ID = "worker_id"  # int
@@ -35,7 +36,8 @@ LAUNCH_ID = "launch_id"  # str: uuid of the `optuna-guard run` that started the 
 WORKER_CRASHED = "worker_crashed"  # bool: the worker process died under the trial
 PREEMPTED = "preempted"  # bool: stopped by SIGTERM/SIGINT or the time budget
 DIVERGED = "diverged"  # bool: a NaN/Inf or exploding intermediate value
-WORKER_LOST = "worker_lost"  # bool: its launch (host, launcher) stopped beating; ended from outside
+# bool: its launch (host, launcher) stopped beating; ended from outside
+WORKER_LOST = "worker_lost"
 TIMED_OUT = "timed_out"  # bool: ran longer than --trial-timeout
 
 # Retries (the retry chain itself is kept in Optuna's system attrs ``failed_trial`` and
@@ -119,7 +121,9 @@ def diverged(reason: str) -> dict[str, Any]:
     return {DIVERGED: True, KILL_REASON: reason}
 
 
-def memory_seen(peak_rss_bytes: int, lowest_available_bytes: int | None, peak_gpu_bytes: int | None) -> dict[str, Any]:
+def memory_seen(
+    peak_rss_bytes: int, lowest_available_bytes: int | None, peak_gpu_bytes: int | None
+) -> dict[str, Any]:
     """The memory tags written on every guarded trial (GB, 2 decimals), with the deprecated
     ``min_available_gb`` key beside ``lowest_available_gb`` for one release."""
     attrs: dict[str, Any] = {PEAK_RSS_GB: to_gb(peak_rss_bytes)}

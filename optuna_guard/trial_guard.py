@@ -21,16 +21,17 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Mapping, TypeVar, overload
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, overload
 
 import optuna
 
 from optuna_guard import preemption, tags
 from optuna_guard._attrs import set_user_attrs
 from optuna_guard._logging import get_logger
-from optuna_guard._watcher import STUCK_AFTER_S, WATCHER, OnStuck, TrialWatch, default_on_stuck
 from optuna_guard._trips import Trip, below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB, to_gb
+from optuna_guard._watcher import STUCK_AFTER_S, WATCHER, OnStuck, TrialWatch, default_on_stuck
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.limits import MemoryLimits, warn_level_for
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
@@ -60,7 +61,7 @@ class MemoryLimitPruned(optuna.TrialPruned):
 # -- check_memory -------------------------------------------------------------------------------
 
 _threshold_limits: dict[tuple[float, float], MemoryLimits] = {}
-_warned: "collections.OrderedDict[tuple[Any, ...], None]" = collections.OrderedDict()
+_warned: collections.OrderedDict[tuple[Any, ...], None] = collections.OrderedDict()
 _warned_lock = threading.Lock()
 _WARNED_MAX = 4096
 
@@ -69,13 +70,23 @@ def _limits_for(safe_threshold_gb: Any, warning_threshold_gb: Any) -> MemoryLimi
     key = (safe_threshold_gb, warning_threshold_gb)
     limits = _threshold_limits.get(key)  # type: ignore[arg-type]
     if limits is None:
-        for name, value in (("safe_threshold_gb", safe_threshold_gb), ("warning_threshold_gb", warning_threshold_gb)):
+        for name, value in (
+            ("safe_threshold_gb", safe_threshold_gb),
+            ("warning_threshold_gb", warning_threshold_gb),
+        ):
             if value is None and name == "warning_threshold_gb":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or math.isnan(value)
+                or math.isinf(value)
+            ):
                 raise ConfigError(f"{name} must be a finite number of GB but got {value!r}.")
             if value < 0:
-                raise ConfigError(f"{name} cannot be negative but got {value}; use 0 to switch it off.")
+                raise ConfigError(
+                    f"{name} cannot be negative but got {value}; use 0 to switch it off."
+                )
         if warning_threshold_gb is None:
             warning_threshold_gb = warn_level_for(safe_threshold_gb)
         if warning_threshold_gb < safe_threshold_gb:
@@ -83,7 +94,10 @@ def _limits_for(safe_threshold_gb: Any, warning_threshold_gb: Any) -> MemoryLimi
                 f"warning_threshold_gb ({warning_threshold_gb}) cannot be below safe_threshold_gb "
                 f"({safe_threshold_gb}); the warning must come before the stop."
             )
-        limits = MemoryLimits(min_available_gb=float(safe_threshold_gb), warn_available_gb=float(warning_threshold_gb))
+        limits = MemoryLimits(
+            min_available_gb=float(safe_threshold_gb),
+            warn_available_gb=float(warning_threshold_gb),
+        )
         if len(_threshold_limits) < 256:
             _threshold_limits[key] = limits  # type: ignore[index]
     return limits
@@ -120,7 +134,9 @@ def check_memory(
     available_name = "min_available_gb"
     if limits is None:
         if min_available_gb is not None or warn_available_gb is not None:
-            limits = _limits_for(2.0 if min_available_gb is None else min_available_gb, warn_available_gb)
+            limits = _limits_for(
+                2.0 if min_available_gb is None else min_available_gb, warn_available_gb
+            )
         else:
             limits = _limits_for(safe_threshold_gb, warning_threshold_gb)
             available_name = "safe_threshold_gb"
@@ -152,7 +168,11 @@ def _warn_once(trial: Any, context: str, system: SystemMemory, limits: MemoryLim
         _warned[key] = None
         while len(_warned) > _WARNED_MAX:
             _warned.popitem(last=False)
-    stop = f"; stopping below {limits.min_available_gb:.2f} GB" if limits.min_available_gb is not None else ""
+    stop = (
+        f"; stopping below {limits.min_available_gb:.2f} GB"
+        if limits.min_available_gb is not None
+        else ""
+    )
     _log.warning(
         "Low memory: %s: available %.2f GB < %.2f GB warning level%s.",
         _where(trial, context),
@@ -165,7 +185,11 @@ def _warn_once(trial: Any, context: str, system: SystemMemory, limits: MemoryLim
 def kill_tags(trip: Trip, context: str, trial: Any) -> dict[str, Any]:
     """The user attributes of a trial stopped by a memory limit."""
     label = context or f"Trial #{getattr(trial, 'number', '?')}"
-    return tags.killed(f"OOM prevention [{label}]: {trip.detail}", limit=trip.limit, available_gb=to_gb(trip.available_bytes))
+    return tags.killed(
+        f"OOM prevention [{label}]: {trip.detail}",
+        limit=trip.limit,
+        available_gb=to_gb(trip.available_bytes),
+    )
 
 
 def write_user_attrs(trial: Any, attrs: Mapping[str, Any], storage: Any = None) -> None:
@@ -192,13 +216,21 @@ def write_user_attrs(trial: Any, attrs: Mapping[str, Any], storage: Any = None) 
             else:
                 trial.set_user_attr(key, value)
         except Exception as exc:
-            _log.error("Could not write tag %s=%r on Trial #%s: %s", key, value, getattr(trial, "number", "?"), exc)
+            _log.error(
+                "Could not write tag %s=%r on Trial #%s: %s",
+                key,
+                value,
+                getattr(trial, "number", "?"),
+                exc,
+            )
 
 
 _inside_guard = threading.local()
 
 
-def _emergency_stop(trial: Any, trip: Trip, context: str, *, action: str, storage: Any = None) -> None:
+def _emergency_stop(
+    trial: Any, trip: Trip, context: str, *, action: str, storage: Any = None
+) -> None:
     """Tag, log, collect garbage and raise MemoryLimitPruned.
 
     Inside a guarded trial the collection is left to the guard: it first frees the stopped
@@ -233,11 +265,20 @@ def _env_budget(environ: Mapping[str, str]) -> float | None:
     try:
         return _check_budget(float(raw))
     except ValueError:
-        raise ConfigError(f"environment variable {BUDGET_ENV_VAR}={raw!r} is not a number of GB; set it to e.g. 6.0 or 'none'.") from None
+        raise ConfigError(
+            f"environment variable {BUDGET_ENV_VAR}={raw!r} is not a number of GB; "
+            "set it to e.g. 6.0 or 'none'."
+        ) from None
 
 
 def _check_budget(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or math.isinf(value)
+        or value <= 0
+    ):
         raise ConfigError(f"memory_budget_gb must be a positive number of GB but got {value!r}.")
     return float(value)
 
@@ -320,11 +361,22 @@ def guard(
         if value is not _UNSET
     }
     if func is not None and not callable(func):
-        raise ConfigError(f"@guard decorates an objective function but got {func!r}; use @guard or @guard(...).")
+        raise ConfigError(
+            f"@guard decorates an objective function but got {func!r}; use @guard or @guard(...)."
+        )
     limits = MemoryLimits.from_env(**overrides)
-    budget = _env_budget(os.environ) if memory_budget_gb is _UNSET else (None if memory_budget_gb is None else _check_budget(memory_budget_gb))
+    budget = (
+        _env_budget(os.environ)
+        if memory_budget_gb is _UNSET
+        else (None if memory_budget_gb is None else _check_budget(memory_budget_gb))
+    )
     if preflight is _UNSET:
-        preflight = os.environ.get(PREFLIGHT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+        preflight = os.environ.get(PREFLIGHT_ENV_VAR, "").strip().lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
     settings = _GuardSettings(
         limits=limits,
         budget_gb=budget,
@@ -342,7 +394,10 @@ def guard(
         @functools.wraps(objective)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             trial = _find_trial(args, kwargs)
-            if resume_hook is not None and (hit := resume_hook.start_trial(trial, objective)) is not None:
+            if (
+                resume_hook is not None
+                and (hit := resume_hook.start_trial(trial, objective)) is not None
+            ):
                 return cached_value(hit)  # issue 13: a repeat of a COMPLETE configuration
             return _run_guarded(objective, settings, trial, args, kwargs)
 
@@ -362,7 +417,12 @@ def _check_on_stuck(value: Any) -> OnStuck:
 
 
 def _check_stuck_after(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(f"stuck_after must be a positive number of seconds but got {value!r}.")
     return float(value)
 
@@ -371,7 +431,15 @@ class _GuardSettings:
     """Everything one ``@guard(...)`` decided, validated once at decoration time. New options
     are keyword-only fields here and keyword arguments of ``guard``."""
 
-    __slots__ = ("limits", "budget_gb", "preflight", "probe", "on_stuck", "stuck_after", "budget_warned")
+    __slots__ = (
+        "budget_gb",
+        "budget_warned",
+        "limits",
+        "on_stuck",
+        "preflight",
+        "probe",
+        "stuck_after",
+    )
 
     def __init__(
         self,
@@ -393,7 +461,8 @@ class _GuardSettings:
 
     def __repr__(self) -> str:
         return (
-            f"GuardSettings(limits={self.limits!r}, budget_gb={self.budget_gb}, preflight={self.preflight}, "
+            f"GuardSettings(limits={self.limits!r}, budget_gb={self.budget_gb}, "
+            f"preflight={self.preflight}, "
             f"on_stuck={self.on_stuck!r}, stuck_after={self.stuck_after})"
         )
 
@@ -419,9 +488,10 @@ class _RecentReadings:
     trial (cold caches) that costs ~100 us here; with 10 ms trials, reading at every start and
     end would be most of the guard's cost. A reading at most one interval old is as fresh as
     the watcher's own sampling; a trial shorter than an interval thus costs a reading only
-    every interval, and its ``peak_rss_gb`` is the RSS seen within the last interval. After a trial stopped for memory the cache is dropped (its memory is freed
-    only then). The cache holds the probe itself (an ``is`` check; no id reuse);
-    ``check_memory`` and the watcher always read afresh.
+    every interval, and its ``peak_rss_gb`` is the RSS seen within the last interval. After a
+    trial stopped for memory the cache is dropped (its memory is freed only then). The cache
+    holds the probe itself (an ``is`` check; no id reuse); ``check_memory`` and the watcher
+    always read afresh.
     """
 
     FRESH_S = 0.1
@@ -436,7 +506,11 @@ class _RecentReadings:
     def system(self, probe: MemoryProbe, interval: float) -> SystemMemory:
         now = time.monotonic()
         cached = self._system
-        if cached is not None and cached[0] is probe and now - cached[1] < min(self.FRESH_S, interval):
+        if (
+            cached is not None
+            and cached[0] is probe
+            and now - cached[1] < min(self.FRESH_S, interval)
+        ):
             return cached[2]
         reading = probe.system()
         self._system = (probe, now, reading)
@@ -446,7 +520,12 @@ class _RecentReadings:
         now = time.monotonic()
         pid = os.getpid()
         cached = self._rss
-        if cached is not None and cached[0] is probe and cached[1] == pid and now - cached[2] < min(self.FRESH_S, interval):
+        if (
+            cached is not None
+            and cached[0] is probe
+            and cached[1] == pid
+            and now - cached[2] < min(self.FRESH_S, interval)
+        ):
             return cached[3]
         rss = probe.process_tree_rss(pid)
         self._rss = (probe, pid, now, rss)
@@ -456,14 +535,18 @@ class _RecentReadings:
 _READINGS = _RecentReadings()
 
 
-def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial: Any, args: tuple, kwargs: dict) -> Any:
+def _run_guarded(
+    objective: Callable[..., Any], settings: _GuardSettings, trial: Any, args: tuple, kwargs: dict
+) -> Any:
     limits = settings.limits
     probe = settings.probe or default_probe()
     preemption.raise_if_stop_requested(trial)
     number = getattr(trial, "number", -1)
     killed = False
     started = time.perf_counter()
-    watch = WATCHER.watch(trial, limits, probe, on_stuck=settings.on_stuck, stuck_after=settings.stuck_after)
+    watch = WATCHER.watch(
+        trial, limits, probe, on_stuck=settings.on_stuck, stuck_after=settings.stuck_after
+    )
     _inside_guard.depth = getattr(_inside_guard, "depth", 0) + 1
     try:
         with watch:
@@ -473,16 +556,27 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
             except BaseException as exc:
                 if not watch.stopped_by(exc) or isinstance(exc, MemoryLimitPruned):
                     raise
-                _log.warning("Trial #%d wrapped the guard's interrupt in %s; it is ended as a memory stop.", number, type(exc).__name__)
+                _log.warning(
+                    "Trial #%d wrapped the guard's interrupt in %s; it is ended as a memory stop.",
+                    number,
+                    type(exc).__name__,
+                )
                 _release_frames(exc)
                 value = None
         if watch.stopped:
             if not watch.ended_by_interrupt:
-                _log.warning("Trial #%d caught the guard's interrupt and went on; it is stopped anyway.", number)
+                _log.warning(
+                    "Trial #%d caught the guard's interrupt and went on; it is stopped anyway.",
+                    number,
+                )
             return _stopped_by_watcher(trial, watch, limits)
         if watch.interrupt is not None:
             kind, trip = watch.interrupt
-            _log.info("Trial #%d finished before the guard could stop it (%s); its result is kept.", number, trip.detail if trip else kind)
+            _log.info(
+                "Trial #%d finished before the guard could stop it (%s); its result is kept.",
+                number,
+                trip.detail if trip else kind,
+            )
         return value
     except MemoryLimitPruned as exc:
         killed = True
@@ -492,15 +586,28 @@ def _run_guarded(objective: Callable[..., Any], settings: _GuardSettings, trial:
         raise
     finally:
         _inside_guard.depth -= 1
-        _finish_trial(trial, watch, probe, settings, killed=killed or watch.stopped_for_memory, started=started)
+        _finish_trial(
+            trial,
+            watch,
+            probe,
+            settings,
+            killed=killed or watch.stopped_for_memory,
+            started=started,
+        )
 
 
-def _check_at_start(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _GuardSettings) -> None:
+def _check_at_start(
+    trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _GuardSettings
+) -> None:
     """The start check: limits (shared readings), the warning level, the budget, pre-flight."""
     limits = settings.limits
     number = watch.number
     system = _READINGS.system(probe, limits.interval)
-    rss = _READINGS.tree_rss(probe, limits.interval) if needs_rss(limits) or settings.budget_gb is not None else None
+    rss = (
+        _READINGS.tree_rss(probe, limits.interval)
+        if needs_rss(limits) or settings.budget_gb is not None
+        else None
+    )
     gpus = probe.gpus()
     watch.observe(system, rss, gpus)
     if rss is not None:
@@ -531,11 +638,15 @@ def _warn_if_budget_below_rss(settings: _GuardSettings, rss_bytes: int) -> None:
     anything makes every trial infeasible (or stopped at start), which is rarely meant."""
     if settings.budget_warned:
         return
-    for name, budget in (("memory_budget_gb", settings.budget_gb), ("max_trial_rss_gb", settings.limits.max_trial_rss_gb)):
+    for name, budget in (
+        ("memory_budget_gb", settings.budget_gb),
+        ("max_trial_rss_gb", settings.limits.max_trial_rss_gb),
+    ):
         if budget is not None and rss_bytes >= budget * GB:
             settings.budget_warned = True
             _log.warning(
-                "%s=%.2f GB is below this process's own RSS before the trial (%.2f GB): every trial will be %s. "
+                "%s=%.2f GB is below this process's own RSS before the trial (%.2f GB): "
+                "every trial will be %s. "
                 "Raise it above the interpreter's baseline (RSS without a trial running).",
                 name,
                 budget,
@@ -562,7 +673,7 @@ def _action(limits: MemoryLimits) -> str:
 def _stopped_by_watcher(trial: Any, watch: TrialWatch, limits: MemoryLimits) -> Any:
     """The watcher interrupted the objective: tag and end the trial the configured way."""
     assert watch.interrupt is not None
-    kind, trip = watch.interrupt
+    _kind, trip = watch.interrupt
     if not watch.stopped_for_memory or trip is None:
         preemption.raise_if_stop_requested(trial)
         write_user_attrs(trial, tags.preempted("stop requested"))
@@ -592,7 +703,10 @@ def _run_preflight(trial: Any, probe: MemoryProbe, settings: _GuardSettings) -> 
     try:
         from optuna_guard.oom_aware.preflight import preflight_check
     except ImportError as exc:
-        raise ConfigError(f"preflight=True needs optuna_guard.oom_aware.preflight, which cannot be imported: {exc}.") from None
+        raise ConfigError(
+            "preflight=True needs optuna_guard.oom_aware.preflight, which cannot be imported: "
+            f"{exc}."
+        ) from None
     preflight_check(
         trial,
         probe=probe,
@@ -602,14 +716,25 @@ def _run_preflight(trial: Any, probe: MemoryProbe, settings: _GuardSettings) -> 
     )
 
 
-def _finish_trial(trial: Any, watch: TrialWatch, probe: MemoryProbe, settings: _GuardSettings, *, killed: bool, started: float) -> None:
+def _finish_trial(
+    trial: Any,
+    watch: TrialWatch,
+    probe: MemoryProbe,
+    settings: _GuardSettings,
+    *,
+    killed: bool,
+    started: float,
+) -> None:
     """Write the trial's memory tags (and constraint) while it is RUNNING, then collect garbage."""
     try:  # the tree RSS now, for trials shorter than one sampling period (the start reading
         # and the watcher cover the rest; available memory needs no second read here)
         watch.observe(None, _READINGS.tree_rss(probe, settings.limits.interval), ())
     except Exception as exc:
         _log.debug("Final memory reading of Trial #%d failed: %s", watch.number, exc)
-    write_user_attrs(trial, tags.memory_seen(watch.peak_rss_bytes, watch.min_available_bytes, watch.peak_gpu_bytes))
+    write_user_attrs(
+        trial,
+        tags.memory_seen(watch.peak_rss_bytes, watch.min_available_bytes, watch.peak_gpu_bytes),
+    )
     if settings.budget_gb is not None:
         _write_constraint(trial, to_gb(watch.peak_rss_bytes), settings.budget_gb, killed)
     _collect_garbage(force=killed, trial_seconds=time.perf_counter() - started)
@@ -625,13 +750,23 @@ def _write_constraint(trial: Any, peak_gb: float, budget_gb: float, killed: bool
 
         set_memory_constraint(trial, peak_gb, budget_gb, killed=killed)
     except ImportError:
-        value = max(peak_gb - budget_gb, 0.0) + max(budget_gb, 1.0) if killed else peak_gb - budget_gb
+        value = (
+            max(peak_gb - budget_gb, 0.0) + max(budget_gb, 1.0) if killed else peak_gb - budget_gb
+        )
         try:
             trial.set_constraint("memory", value)
         except Exception as exc:
-            _log.error("Could not write the memory constraint of Trial #%s: %s", getattr(trial, "number", "?"), exc)
+            _log.error(
+                "Could not write the memory constraint of Trial #%s: %s",
+                getattr(trial, "number", "?"),
+                exc,
+            )
     except Exception as exc:
-        _log.error("Could not write the memory constraint of Trial #%s: %s", getattr(trial, "number", "?"), exc)
+        _log.error(
+            "Could not write the memory constraint of Trial #%s: %s",
+            getattr(trial, "number", "?"),
+            exc,
+        )
 
 
 class _GcBudget:

@@ -27,11 +27,18 @@ def test_all_keys_are_written_and_earlier_ones_kept(storage) -> None:
     study = optuna.create_study(storage=storage)
     trial = study.ask()
     trial.set_user_attr("mine", "kept")
-    set_user_attrs(storage, trial._trial_id, {"peak_rss_gb": 1.25, "lowest_available_gb": 3.5, "note": [1, 2]})
+    set_user_attrs(
+        storage, trial._trial_id, {"peak_rss_gb": 1.25, "lowest_available_gb": 3.5, "note": [1, 2]}
+    )
     set_user_attrs(storage, trial._trial_id, {"peak_rss_gb": 1.5})  # overwrite one
     study.tell(trial, 1.0)
     attrs = optuna.load_study(study_name=study.study_name, storage=storage).trials[0].user_attrs
-    assert attrs == {"mine": "kept", "peak_rss_gb": 1.5, "lowest_available_gb": 3.5, "note": [1, 2]}
+    assert attrs == {
+        "mine": "kept",
+        "peak_rss_gb": 1.5,
+        "lowest_available_gb": 3.5,
+        "note": [1, 2],
+    }
 
 
 def test_a_finished_trial_refuses_them_like_optuna_does(storage) -> None:

@@ -10,10 +10,10 @@ from typing import Any
 
 import optuna
 import pytest
+from fakes import FakeProbe
 from optuna.pruners import BasePruner, MedianPruner
 from optuna.trial import TrialState
 
-from fakes import FakeProbe
 from optuna_guard import preemption, tags
 from optuna_guard.divergence import DivergencePruner
 from optuna_guard.exceptions import ConfigError
@@ -30,8 +30,12 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> optuna.storages.RDBStor
 
 
 def _study(storage: Any, pruner: BasePruner, direction: str = "minimize") -> optuna.Study:
-    return optuna.create_study(storage=storage, pruner=pruner, direction=direction,
-                               study_name=f"div-{uuid.uuid4().hex[:8]}")
+    return optuna.create_study(
+        storage=storage,
+        pruner=pruner,
+        direction=direction,
+        study_name=f"div-{uuid.uuid4().hex[:8]}",
+    )
 
 
 def _run(study: optuna.Study, values: list[float]) -> tuple[optuna.trial.FrozenTrial, int | None]:
@@ -68,13 +72,19 @@ def _run(study: optuna.Study, values: list[float]) -> tuple[optuna.trial.FrozenT
         ([0.0, 0.0, 1e-3], "minimize", None, None),
         ([-0.1, 1.0], "minimize", None, None),
         ([0.1, -1.0], "maximize", None, None),
-        ([1e-3, 0.0, 5.0], "minimize", 2, "exploded at step 2"),  # best 0: scale from the values (5e-4)
+        (
+            [1e-3, 0.0, 5.0],
+            "minimize",
+            2,
+            "exploded at step 2",
+        ),  # best 0: scale from the values (5e-4)
         ([0.8, 0.9, 0.1], "maximize", None, None),  # an accuracy drop is not divergence
         ([5.0, 100.0], "minimize", 1, "exploded at step 1"),
     ],
 )
-def test_divergence_table(storage: Any, values: list[float], direction: str, pruned_at: int | None,
-                          reason: str | None) -> None:
+def test_divergence_table(
+    storage: Any, values: list[float], direction: str, pruned_at: int | None, reason: str | None
+) -> None:
     study = _study(storage, DivergencePruner(), direction)
     trial, step = _run(study, values)
     assert step == pruned_at
@@ -114,14 +124,23 @@ def test_the_wrapped_pruners_warmup_delays_explosion_checks(storage: Any, wrappe
     assert step == 1  # NaN is never warmed up
 
 
-@pytest.mark.parametrize("make", [lambda p: DivergencePruner(p), lambda p: MemoryGuardPruner(p), lambda p: MemoryGuardPruner(DivergencePruner(p))])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: DivergencePruner(p),
+        lambda p: MemoryGuardPruner(p),
+        lambda p: MemoryGuardPruner(DivergencePruner(p)),
+    ],
+)
 def test_wrapping_hyperband_keeps_its_brackets(make) -> None:
     import copy
     import pickle
 
     hyperband = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=9, reduction_factor=3)
     pruner = make(hyperband)
-    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and type(pruner).__name__ in repr(pruner)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and type(pruner).__name__ in repr(
+        pruner
+    )
     study = optuna.create_study(pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
     ids = {}
     for _ in range(12):
@@ -165,9 +184,13 @@ def test_without_a_wrapped_pruner_finite_values_never_prune(storage: Any) -> Non
 def test_composes_with_memory_guard_pruner(storage: Any, outer: str) -> None:
     probe = FakeProbe(available_gb=12.0)
     if outer == "divergence":
-        pruner: BasePruner = DivergencePruner(MemoryGuardPruner(MedianPruner(), min_available_gb=2.0, probe=probe))
+        pruner: BasePruner = DivergencePruner(
+            MemoryGuardPruner(MedianPruner(), min_available_gb=2.0, probe=probe)
+        )
     else:
-        pruner = MemoryGuardPruner(DivergencePruner(MedianPruner()), min_available_gb=2.0, probe=probe)
+        pruner = MemoryGuardPruner(
+            DivergencePruner(MedianPruner()), min_available_gb=2.0, probe=probe
+        )
     study = _study(storage, pruner)
 
     nan_trial, step = _run(study, [1.0, math.nan])  # divergence decides, memory is fine

@@ -18,9 +18,9 @@ import uuid
 
 import optuna
 import pytest
+from fakes import FakeProbe, current_rss_gb
 from optuna.trial import TrialState
 
-from fakes import FakeProbe, current_rss_gb
 from optuna_guard import guard, tags
 from optuna_guard._watcher import EXIT_STUCK, WATCHER, interrupt_in_chain, under_launcher
 
@@ -61,8 +61,13 @@ def test_a_catch_all_objective_is_interrupted_again_and_ends_as_a_memory_stop(ca
     assert trial.user_attrs[tags.EMERGENCY_KILLED] is True
     assert trial.user_attrs[tags.KILL_LIMIT] == "max_trial_rss_gb"
     messages = [r.getMessage() for r in caplog.records]
-    assert any("caught the guard's interrupt and went on while still over its limit" in m for m in messages)
-    assert any("on_stuck='warn' leaves it running" in m and "caught the interrupt" in m for m in messages)
+    assert any(
+        "caught the guard's interrupt and went on while still over its limit" in m
+        for m in messages
+    )
+    assert any(
+        "on_stuck='warn' leaves it running" in m and "caught the interrupt" in m for m in messages
+    )
 
 
 @pytest.mark.parametrize("how", ["from", "during"])
@@ -79,7 +84,7 @@ def test_an_interrupt_wrapped_by_the_objective_keeps_its_tags(how) -> None:
             probe.set(rss_gb=0.5)
             if how == "from":
                 raise RuntimeError(f"training loop failed: {exc!r}") from exc
-            raise RuntimeError("training loop failed")
+            raise RuntimeError("training loop failed")  # noqa: B904 - the implicit __context__ case
         return 1.0
 
     study = optuna.create_study()
@@ -122,7 +127,10 @@ def test_a_trial_waiting_on_a_future_is_reported_and_stopped_when_the_wait_ends(
     probe.set(rss_gb=0.5)
     assert study.trials[0].state == TrialState.PRUNED
     messages = [r.getMessage() for r in caplog.records]
-    assert any("waits in threading.Condition.wait()" in m and "on_stuck='warn' leaves it running" in m for m in messages), messages
+    assert any(
+        "waits in threading.Condition.wait()" in m and "on_stuck='warn' leaves it running" in m
+        for m in messages
+    ), messages
 
 
 def test_a_trial_waiting_for_a_thread_pool_is_stopped_through_the_pool_thread(caplog) -> None:
@@ -197,7 +205,9 @@ def test_on_stuck_defaults_to_warn_under_the_launcher(monkeypatch) -> None:
     assert guard(on_stuck="exit")(lambda t: 0.0).__optuna_guard_settings__.on_stuck == "exit"
 
 
-@pytest.mark.parametrize("kwargs", [{"on_stuck": "kill"}, {"stuck_after": 0}, {"stuck_after": float("nan")}])
+@pytest.mark.parametrize(
+    "kwargs", [{"on_stuck": "kill"}, {"stuck_after": 0}, {"stuck_after": float("nan")}]
+)
 def test_bad_on_stuck_settings_are_refused(kwargs) -> None:
     from optuna_guard.exceptions import ConfigError
 
@@ -253,7 +263,9 @@ CHILD = textwrap.dedent(
 @pytest.fixture()
 def memory_cgroup():
     """A v1 memory cgroup limited to this process's RSS + 600 MB; removed afterwards."""
-    if not os.access(MEMCG_ROOT, os.W_OK) or not os.path.exists(os.path.join(MEMCG_ROOT, "memory.limit_in_bytes")):
+    if not os.access(MEMCG_ROOT, os.W_OK) or not os.path.exists(
+        os.path.join(MEMCG_ROOT, "memory.limit_in_bytes")
+    ):
         pytest.skip("needs a writable cgroup v1 memory controller (root)")
     path = os.path.join(MEMCG_ROOT, f"og-test-{uuid.uuid4().hex[:12]}")
     os.mkdir(path)
@@ -292,12 +304,18 @@ def _oom_kills(path: str) -> int:
 
 
 @pytest.mark.parametrize("kind", ["catch_all", "pool_alloc"])
-def test_standalone_guard_in_a_memory_cgroup_never_meets_the_oom_killer(kind, memory_cgroup, tmp_path) -> None:
+def test_standalone_guard_in_a_memory_cgroup_never_meets_the_oom_killer(
+    kind, memory_cgroup, tmp_path
+) -> None:
     """Before: both filled the cgroup, were OOM-killed (oom_kill 1) and left the trial RUNNING."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    env = {k: v for k, v in os.environ.items() if k not in ("OPTUNA_GUARD_LAUNCH_ID", "OPTUNA_GUARD_WORKER_FD")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPTUNA_GUARD_LAUNCH_ID", "OPTUNA_GUARD_WORKER_FD")
+    }
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     wrapper = f'echo $$ > {memory_cgroup}/cgroup.procs && exec "$@"'
     proc = subprocess.Popen(
@@ -320,7 +338,10 @@ def test_standalone_guard_in_a_memory_cgroup_never_meets_the_oom_killer(kind, me
     if kind == "catch_all":  # swallows every interrupt: ended FAIL, then the process exits
         assert proc.returncode == EXIT_STUCK, (proc.returncode, err[-2000:])
         assert trial.state == TrialState.FAIL
-        assert "EMERGENCY EXIT" in err and "process exited after" in trial.user_attrs[tags.KILL_REASON]
+        assert (
+            "EMERGENCY EXIT" in err
+            and "process exited after" in trial.user_attrs[tags.KILL_REASON]
+        )
     else:  # stopped through the pool thread: the process lives on
         assert proc.returncode == 0, (proc.returncode, err[-2000:])
         assert trial.state == TrialState.PRUNED

@@ -6,8 +6,8 @@ import dataclasses
 import math
 
 import pytest
-
 from fakes import FakeProbe
+
 from optuna_guard import check_memory, guard
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.limits import ENV_VARS, MemoryLimits
@@ -16,8 +16,19 @@ from optuna_guard.pruners import MemoryGuardPruner
 
 def test_defaults_match_the_documented_values() -> None:
     limits = MemoryLimits()
-    assert (limits.min_available_gb, limits.warn_available_gb, limits.interval, limits.on_trip) == (2.0, 4.0, 0.1, "prune")
-    assert limits.max_ram_percent is limits.max_swap_percent is limits.max_gpu_percent is limits.max_trial_rss_gb is None
+    assert (
+        limits.min_available_gb,
+        limits.warn_available_gb,
+        limits.interval,
+        limits.on_trip,
+    ) == (2.0, 4.0, 0.1, "prune")
+    assert (
+        limits.max_ram_percent
+        is limits.max_swap_percent
+        is limits.max_gpu_percent
+        is limits.max_trial_rss_gb
+        is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,10 +81,19 @@ def test_env_overrides_then_explicit_overrides() -> None:
         "OPTUNA_GUARD_ON_TRIP": "FAIL",
     }
     limits = MemoryLimits.from_env(environ)
-    assert (limits.min_available_gb, limits.warn_available_gb, limits.max_trial_rss_gb) == (1.5, 3.0, 6.5)
+    assert (limits.min_available_gb, limits.warn_available_gb, limits.max_trial_rss_gb) == (
+        1.5,
+        3.0,
+        6.5,
+    )
     assert (limits.max_ram_percent, limits.interval, limits.on_trip) == (90.0, 0.05, "fail")
     assert MemoryLimits.from_env(environ, max_trial_rss_gb=None).max_trial_rss_gb is None
-    assert MemoryLimits.from_env({"OPTUNA_GUARD_MIN_AVAILABLE_GB": "none", "OPTUNA_GUARD_WARN_AVAILABLE_GB": ""}).min_available_gb is None
+    assert (
+        MemoryLimits.from_env(
+            {"OPTUNA_GUARD_MIN_AVAILABLE_GB": "none", "OPTUNA_GUARD_WARN_AVAILABLE_GB": ""}
+        ).min_available_gb
+        is None
+    )
 
 
 def test_every_field_has_an_env_var() -> None:
@@ -187,7 +207,9 @@ def test_check_memory_names_and_the_seed_aliases(caplog) -> None:
 
     study = optuna.create_study()
     trial = study.ask()
-    check_memory(trial, "seed", 8.0, probe=FakeProbe(available_gb=9.0))  # warns below 10 GB, no error
+    check_memory(
+        trial, "seed", 8.0, probe=FakeProbe(available_gb=9.0)
+    )  # warns below 10 GB, no error
     assert any("< 10.00 GB warning level" in r.getMessage() for r in caplog.records)
     with pytest.raises(optuna.TrialPruned):
         check_memory(trial, "split", min_available_gb=8.0, probe=FakeProbe(available_gb=7.0))
@@ -196,4 +218,6 @@ def test_check_memory_names_and_the_seed_aliases(caplog) -> None:
     trial2 = study.ask()
     with pytest.raises(optuna.TrialPruned):
         check_memory(trial2, "split", safe_threshold_gb=8.0, probe=FakeProbe(available_gb=7.0))
-    assert study._storage.get_trial(trial2._trial_id).user_attrs["kill_limit"] == "safe_threshold_gb"
+    assert (
+        study._storage.get_trial(trial2._trial_id).user_attrs["kill_limit"] == "safe_threshold_gb"
+    )

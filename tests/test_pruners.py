@@ -6,10 +6,10 @@ import logging
 
 import optuna
 import pytest
+from fakes import FakeProbe
 from optuna.pruners import MedianPruner
 from optuna.trial import TrialState
 
-from fakes import FakeProbe
 from optuna_guard import preemption, tags
 from optuna_guard._units import GB
 from optuna_guard.memory import GpuMemory
@@ -41,7 +41,9 @@ def _median_scores(number):
 
 
 def test_impossible_threshold_prunes_and_tags_with_the_real_probe() -> None:
-    pruner = MemoryGuardPruner(MedianPruner(), min_available_gb=100_000.0, warn_available_gb=100_000.0)
+    pruner = MemoryGuardPruner(
+        MedianPruner(), min_available_gb=100_000.0, warn_available_gb=100_000.0
+    )
     study = optuna.create_study(pruner=pruner)
     study.optimize(_cv_objective(lambda n: [1.0, 2.0, 3.0]), n_trials=2)
     for trial in study.trials:
@@ -49,7 +51,9 @@ def test_impossible_threshold_prunes_and_tags_with_the_real_probe() -> None:
         assert list(trial.intermediate_values) == [0]  # stopped at the first split
         assert trial.user_attrs[tags.EMERGENCY_KILLED] is True
         assert trial.user_attrs[tags.KILL_LIMIT] == "min_available_gb"
-        assert trial.user_attrs[tags.KILL_REASON].startswith(f"OOM prevention [Trial #{trial.number} step 0]: available")
+        assert trial.user_attrs[tags.KILL_REASON].startswith(
+            f"OOM prevention [Trial #{trial.number} step 0]: available"
+        )
         assert trial.user_attrs[tags.AVAILABLE_GB_AT_KILL] > 0
 
 
@@ -60,7 +64,13 @@ def test_defers_to_the_wrapped_pruner_when_memory_is_fine() -> None:
         return study
 
     bare = run(MedianPruner(n_startup_trials=2, n_warmup_steps=0))
-    wrapped = run(MemoryGuardPruner(MedianPruner(n_startup_trials=2, n_warmup_steps=0), min_available_gb=0.001, warn_available_gb=0.002))
+    wrapped = run(
+        MemoryGuardPruner(
+            MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+            min_available_gb=0.001,
+            warn_available_gb=0.002,
+        )
+    )
     states = [t.state for t in wrapped.trials]
     assert states == [t.state for t in bare.trials]
     assert states[3] == TrialState.PRUNED  # the median pruner's decision, not memory's
@@ -86,7 +96,10 @@ def test_prunes_at_the_split_where_memory_runs_short(caplog) -> None:
     first, second = study.trials
     assert first.state == TrialState.PRUNED
     assert sorted(first.intermediate_values) == [0, 1, 2, 3]
-    assert first.user_attrs[tags.KILL_REASON] == "OOM prevention [Trial #0 step 3]: available 1.50 GB < 2.00 GB"
+    assert (
+        first.user_attrs[tags.KILL_REASON]
+        == "OOM prevention [Trial #0 step 3]: available 1.50 GB < 2.00 GB"
+    )
     assert first.user_attrs[tags.AVAILABLE_GB_AT_KILL] == 1.5
     assert second.state == TrialState.COMPLETE
     assert any("EMERGENCY BRAKE: Trial #0 step 3" in r.getMessage() for r in caplog.records)
@@ -95,14 +108,36 @@ def test_prunes_at_the_split_where_memory_runs_short(caplog) -> None:
 @pytest.mark.parametrize(
     "probe_kwargs, pruner_kwargs, limit, detail",
     [
-        ({"rss_gb": 3.5}, {"max_trial_rss_gb": 3.0}, "max_trial_rss_gb", "process tree RSS 3.50 GB > 3.00 GB"),
-        ({"total_gb": 10.0, "available_gb": 4.5}, {"max_ram_percent": 50, "min_available_gb": 1.0, "warn_available_gb": 1.0}, "max_ram_percent", "RAM 55.0% used > 50%"),
-        ({"swap_total_gb": 4.0, "swap_used_gb": 3.0}, {"max_swap_percent": 60}, "max_swap_percent", "swap 75.0% used > 60%"),
-        ({"gpus": [GpuMemory(1, "Fake", 16 * GB, 15 * GB)]}, {"max_gpu_percent": 90}, "max_gpu_percent", "GPU 1 memory 93.8% used > 90%"),
+        (
+            {"rss_gb": 3.5},
+            {"max_trial_rss_gb": 3.0},
+            "max_trial_rss_gb",
+            "process tree RSS 3.50 GB > 3.00 GB",
+        ),
+        (
+            {"total_gb": 10.0, "available_gb": 4.5},
+            {"max_ram_percent": 50, "min_available_gb": 1.0, "warn_available_gb": 1.0},
+            "max_ram_percent",
+            "RAM 55.0% used > 50%",
+        ),
+        (
+            {"swap_total_gb": 4.0, "swap_used_gb": 3.0},
+            {"max_swap_percent": 60},
+            "max_swap_percent",
+            "swap 75.0% used > 60%",
+        ),
+        (
+            {"gpus": [GpuMemory(1, "Fake", 16 * GB, 15 * GB)]},
+            {"max_gpu_percent": 90},
+            "max_gpu_percent",
+            "GPU 1 memory 93.8% used > 90%",
+        ),
     ],
 )
 def test_every_limit_names_itself(probe_kwargs, pruner_kwargs, limit, detail) -> None:
-    study = optuna.create_study(pruner=MemoryGuardPruner(probe=FakeProbe(**probe_kwargs), **pruner_kwargs))
+    study = optuna.create_study(
+        pruner=MemoryGuardPruner(probe=FakeProbe(**probe_kwargs), **pruner_kwargs)
+    )
     study.optimize(_cv_objective(lambda n: [1.0, 1.0]), n_trials=1)
     trial = study.trials[0]
     assert trial.state == TrialState.PRUNED
@@ -114,7 +149,11 @@ def test_warns_once_per_trial(caplog) -> None:
     caplog.set_level(logging.WARNING, logger="optuna_guard")
     study = optuna.create_study(pruner=MemoryGuardPruner(probe=FakeProbe(available_gb=3.0)))
     study.optimize(_cv_objective(lambda n: [1.0] * 6), n_trials=2)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "Low memory" in r.getMessage()]
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "Low memory" in r.getMessage()
+    ]
     assert len(warnings) == 2
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
 
@@ -150,12 +189,17 @@ def test_tags_reach_server_storages(request, url_fixture, unique_study_name) -> 
     def on_step(number, step):
         probe.set(available_gb=1.0 if step == 1 else 10.0)
 
-    study = optuna.create_study(storage=url, study_name=unique_study_name, pruner=MemoryGuardPruner(probe=probe))
+    study = optuna.create_study(
+        storage=url, study_name=unique_study_name, pruner=MemoryGuardPruner(probe=probe)
+    )
     try:
         study.optimize(_cv_objective(lambda n: [1.0, 1.0, 1.0], on_step=on_step), n_trials=1)
         [trial] = optuna.load_study(study_name=unique_study_name, storage=url).trials
         assert trial.state == TrialState.PRUNED
         assert trial.user_attrs[tags.EMERGENCY_KILLED] is True
-        assert trial.user_attrs[tags.KILL_REASON] == "OOM prevention [Trial #0 step 1]: available 1.00 GB < 2.00 GB"
+        assert (
+            trial.user_attrs[tags.KILL_REASON]
+            == "OOM prevention [Trial #0 step 1]: available 1.00 GB < 2.00 GB"
+        )
     finally:
         optuna.delete_study(study_name=unique_study_name, storage=url)

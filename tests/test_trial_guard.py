@@ -16,11 +16,10 @@ import types
 import numpy as np
 import optuna
 import pytest
+from fakes import FakeProbe, current_rss_gb
 from optuna.trial import TrialState
 
-from fakes import FakeProbe, current_rss_gb
-from optuna_guard import check_memory, guard, preemption, tags
-from optuna_guard import trial_guard
+from optuna_guard import check_memory, guard, preemption, tags, trial_guard
 from optuna_guard._units import GB
 from optuna_guard.limits import MemoryLimits
 from optuna_guard.memory import GpuMemory, system_memory
@@ -75,7 +74,9 @@ def test_check_memory_with_the_real_probe_impossible_and_tiny_thresholds() -> No
     def objective(trial):
         check_memory(trial, "start", safe_threshold_gb=0.001, warning_threshold_gb=0.002)
         if trial.number == 1:
-            check_memory(trial, "split 1/3", safe_threshold_gb=100_000.0, warning_threshold_gb=100_000.0)
+            check_memory(
+                trial, "split 1/3", safe_threshold_gb=100_000.0, warning_threshold_gb=100_000.0
+            )
         return 0.0
 
     study.optimize(objective, n_trials=2)
@@ -100,7 +101,11 @@ def test_warnings_once_per_trial_and_context(caplog) -> None:
         return 0.0
 
     study.optimize(objective, n_trials=2)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("optuna_guard")]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name.startswith("optuna_guard")
+    ]
     assert len(warnings) == 4  # 2 trials x 2 contexts
     assert "Trial #0 at split 1/2" in warnings[0] and "available 3.00 GB < 4.00 GB" in warnings[0]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
@@ -186,12 +191,17 @@ def test_start_check_prunes_before_the_objective_runs() -> None:
     assert ran == []
     for trial in study.trials:
         assert trial.state == TrialState.PRUNED
-        assert trial.user_attrs[tags.KILL_REASON] == f"OOM prevention [Trial #{trial.number} start]: available 1.00 GB < 2.00 GB"
+        assert (
+            trial.user_attrs[tags.KILL_REASON]
+            == f"OOM prevention [Trial #{trial.number} start]: available 1.00 GB < 2.00 GB"
+        )
         assert trial.user_attrs[tags.KILL_LIMIT] == "min_available_gb"
 
 
 def test_memory_tags_on_every_trial_whatever_its_end() -> None:
-    probe = FakeProbe(available_gb=10.0, rss_gb=1.25, gpus=[GpuMemory(0, "Fake GPU", 16 * GB, 6 * GB)])
+    probe = FakeProbe(
+        available_gb=10.0, rss_gb=1.25, gpus=[GpuMemory(0, "Fake GPU", 16 * GB, 6 * GB)]
+    )
 
     @guard(probe=probe)
     def objective(trial):
@@ -203,7 +213,11 @@ def test_memory_tags_on_every_trial_whatever_its_end() -> None:
 
     study = _study()
     study.optimize(objective, n_trials=3, catch=(ValueError,))
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
+    assert [t.state for t in study.trials] == [
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.FAIL,
+    ]
     for trial in study.trials:
         assert trial.user_attrs[tags.PEAK_RSS_GB] == 1.25
         assert trial.user_attrs[tags.LOWEST_AVAILABLE_GB] == 10.0
@@ -248,13 +262,19 @@ def _allocating_objective(limit_gb: float, cap_gb: float, log: dict):
 
 
 @pytest.mark.parametrize("n_jobs", [1, 2])
-def test_runaway_allocation_is_stopped_mid_split_and_the_next_trial_completes(n_jobs, sqlite_url) -> None:
+def test_runaway_allocation_is_stopped_mid_split_and_the_next_trial_completes(
+    n_jobs, sqlite_url
+) -> None:
     gc.collect()
     limit = round(current_rss_gb() + 0.3, 3)
     log = {"allocate": {0}, "chunks": {}}
     storage = sqlite_url if n_jobs == 2 else optuna.storages.InMemoryStorage()
     study = _study(storage, study_name="alloc")
-    study.optimize(_allocating_objective(limit, cap_gb=0.75, log=log), n_trials=3 if n_jobs == 1 else 4, n_jobs=n_jobs)
+    study.optimize(
+        _allocating_objective(limit, cap_gb=0.75, log=log),
+        n_trials=3 if n_jobs == 1 else 4,
+        n_jobs=n_jobs,
+    )
 
     trials = optuna.load_study(study_name="alloc", storage=storage).trials
     killed = trials[0]
@@ -263,7 +283,9 @@ def test_runaway_allocation_is_stopped_mid_split_and_the_next_trial_completes(n_
     attrs = killed.user_attrs
     assert attrs[tags.EMERGENCY_KILLED] is True
     assert attrs[tags.KILL_LIMIT] == "max_trial_rss_gb"
-    assert attrs[tags.KILL_REASON].startswith("OOM prevention [Trial #0 mid-trial]: process tree RSS")
+    assert attrs[tags.KILL_REASON].startswith(
+        "OOM prevention [Trial #0 mid-trial]: process tree RSS"
+    )
     assert 0 < attrs[tags.AVAILABLE_GB_AT_KILL] <= system_memory().total_gb + 0.01
     assert limit - 0.01 <= attrs[tags.PEAK_RSS_GB] <= limit + 0.3
     for trial in trials[1:]:
@@ -316,7 +338,11 @@ def test_a_trial_starting_while_others_run_over_a_shared_limit_is_not_blamed(cap
     from optuna_guard._watcher import WATCHER, TrialWatch
 
     caplog.set_level(logging.WARNING, logger="optuna_guard")
-    other = TrialWatch(number=99, limits=MemoryLimits(min_available_gb=None, warn_available_gb=None), probe=FakeProbe())
+    other = TrialWatch(
+        number=99,
+        limits=MemoryLimits(min_available_gb=None, warn_available_gb=None),
+        probe=FakeProbe(),
+    )
     WATCHER.register(other)
     ran = []
     try:
@@ -335,7 +361,9 @@ def test_a_trial_starting_while_others_run_over_a_shared_limit_is_not_blamed(cap
     trial = study.trials[0]
     assert ran == [0]
     assert trial.state == TrialState.PRUNED
-    assert "mid-trial" in trial.user_attrs[tags.KILL_REASON]  # stopped by the sampler, not at start
+    assert (
+        "mid-trial" in trial.user_attrs[tags.KILL_REASON]
+    )  # stopped by the sampler, not at start
     assert any("1 other guarded trial(s) running" in r.getMessage() for r in caplog.records)
 
 
@@ -344,9 +372,13 @@ def test_on_trip_fail_ends_the_trial_fail_and_the_study_goes_on() -> None:
     limit = round(current_rss_gb() + 0.3, 3)
     log = {"allocate": {0}, "chunks": {}}
     objective = _allocating_objective(limit, cap_gb=0.75, log=log)
-    failing = guard(max_trial_rss_gb=limit, on_trip="fail", interval=0.05, min_available_gb=0.5, warn_available_gb=1.0)(
-        objective.__wrapped__
-    )
+    failing = guard(
+        max_trial_rss_gb=limit,
+        on_trip="fail",
+        interval=0.05,
+        min_available_gb=0.5,
+        warn_available_gb=1.0,
+    )(objective.__wrapped__)
     study = _study()
     study.optimize(failing, n_trials=2)
     assert study.trials[0].state == TrialState.FAIL
@@ -415,7 +447,9 @@ def test_interrupts_never_leak_out_of_a_trial(monkeypatch) -> None:
             total += 1
         return float(total)
 
-    monkeypatch.setattr(trial_guard, "_collect_garbage", lambda **_: None)  # speed: not under test here
+    monkeypatch.setattr(
+        trial_guard, "_collect_garbage", lambda **_: None
+    )  # speed: not under test here
     thread = threading.Thread(target=flipper, daemon=True)
     thread.start()
     try:
@@ -428,9 +462,13 @@ def test_interrupts_never_leak_out_of_a_trial(monkeypatch) -> None:
     states = {t.state for t in study.trials}
     assert states <= {TrialState.COMPLETE, TrialState.PRUNED}
     for trial in study.trials:
-        assert (trial.state == TrialState.PRUNED) == bool(trial.user_attrs.get(tags.EMERGENCY_KILLED))
+        assert (trial.state == TrialState.PRUNED) == bool(
+            trial.user_attrs.get(tags.EMERGENCY_KILLED)
+        )
     reasons = [t.user_attrs.get(tags.KILL_REASON, "") for t in study.trials]
-    assert any("mid-trial" in r for r in reasons)  # the sampler's interrupts, not only start checks
+    assert any(
+        "mid-trial" in r for r in reasons
+    )  # the sampler's interrupts, not only start checks
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) > 0
     time.sleep(0.05)  # a stray exception would surface here, in this thread
     assert sum(range(1000)) == 499500
@@ -488,7 +526,9 @@ def test_memory_budget_writes_the_constraint_for_complete_and_killed_trials() ->
     @guard(memory_budget_gb=2.0, probe=probe)
     def objective(trial):
         if trial.number == 1:
-            check_memory(trial, "split 1/2", safe_threshold_gb=20.0, warning_threshold_gb=20.0, probe=probe)
+            check_memory(
+                trial, "split 1/2", safe_threshold_gb=20.0, warning_threshold_gb=20.0, probe=probe
+            )
         return 0.0
 
     study = _study()
@@ -496,7 +536,9 @@ def test_memory_budget_writes_the_constraint_for_complete_and_killed_trials() ->
     assert study.trials[0].state == TrialState.COMPLETE
     assert study.trials[0].system_attrs["constraints:memory"] == pytest.approx(1.0)
     assert study.trials[1].state == TrialState.PRUNED
-    assert study.trials[1].system_attrs["constraints:memory"] == pytest.approx(3.0)  # (3-2) + max(2, 1)
+    assert study.trials[1].system_attrs["constraints:memory"] == pytest.approx(
+        3.0
+    )  # (3-2) + max(2, 1)
 
 
 @pytest.mark.parametrize("setting", ["memory_budget_gb", "max_trial_rss_gb"])
@@ -509,12 +551,16 @@ def test_a_budget_below_the_interpreters_own_rss_warns_once(setting, caplog) -> 
 
     study = _study()
     study.optimize(objective, n_trials=3)
-    warnings = [r.getMessage() for r in caplog.records if "below this process's own RSS" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if "below this process's own RSS" in r.getMessage()
+    ]
     assert len(warnings) == 1 and warnings[0].startswith(f"{setting}=0.50 GB")
 
 
 def test_no_budget_warning_when_the_budget_fits() -> None:
-    settings = guard(memory_budget_gb=4.0, probe=FakeProbe(rss_gb=1.0))(lambda trial: 0.0).__optuna_guard_settings__
+    settings = guard(memory_budget_gb=4.0, probe=FakeProbe(rss_gb=1.0))(
+        lambda trial: 0.0
+    ).__optuna_guard_settings__
     trial_guard._warn_if_budget_below_rss(settings, int(1.0 * 2**30))
     assert settings.budget_warned is False
 
@@ -538,7 +584,9 @@ def test_preflight_runs_before_the_objective(monkeypatch, via_env) -> None:
     def preflight_check(trial, *, probe=None, **_settings):
         seen.append((trial.number, probe))
         if trial.number == 0:
-            trial.set_user_attr(tags.KILL_REASON, "predicted OOM: ~9.0 GB needed, 1.0 GB available")
+            trial.set_user_attr(
+                tags.KILL_REASON, "predicted OOM: ~9.0 GB needed, 1.0 GB available"
+            )
             raise optuna.TrialPruned("predicted OOM")
 
     fake_module = types.ModuleType("optuna_guard.oom_aware.preflight")
@@ -585,7 +633,12 @@ def test_preflight_with_the_real_check_prunes_a_config_predicted_not_to_fit() ->
     study.enqueue_trial({"width": 2})
     ran = []
 
-    @guard(preflight=True, min_available_gb=1.0, warn_available_gb=1.0, probe=FakeProbe(available_gb=4.0, rss_gb=0.5))
+    @guard(
+        preflight=True,
+        min_available_gb=1.0,
+        warn_available_gb=1.0,
+        probe=FakeProbe(available_gb=4.0, rss_gb=0.5),
+    )
     def objective(trial):
         ran.append(trial.suggest_int("width", 1, 100))
         return 0.0
@@ -622,7 +675,9 @@ def test_garbage_is_collected_after_each_trial(monkeypatch) -> None:
 
 def test_cuda_cache_emptied_when_torch_has_cuda(monkeypatch) -> None:
     emptied = []
-    cuda = types.SimpleNamespace(is_initialized=lambda: True, empty_cache=lambda: emptied.append(1))
+    cuda = types.SimpleNamespace(
+        is_initialized=lambda: True, empty_cache=lambda: emptied.append(1)
+    )
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
     trial_guard._collect_garbage(force=False, trial_seconds=1.0)
     assert emptied == [1]

@@ -18,15 +18,17 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
-from fakes import FakeProbe  # noqa: E402
-from optuna_guard import DivergencePruner, MemoryGuardPruner  # noqa: E402
+from fakes import FakeProbe
+
+from optuna_guard import DivergencePruner, MemoryGuardPruner
 
 WRAPPERS: dict[str, Callable[[Any], Any] | None] = {
     "bare": None,
@@ -56,7 +58,10 @@ NEEDS_CMAES = "test_hyperband_filter_study[{}-<lambda>3]"
 
 
 def _missing_module(request) -> str | None:
-    if request.node.name == NEEDS_CMAES.format(request.param) and importlib.util.find_spec("cmaes") is None:
+    if (
+        request.node.name == NEEDS_CMAES.format(request.param)
+        and importlib.util.find_spec("cmaes") is None
+    ):
         return "cmaes"
     return None
 
@@ -65,8 +70,15 @@ def _missing_module(request) -> str | None:
 def pytest_runtest_call(item):
     outcome = yield
     error = outcome.excinfo[1] if outcome.excinfo else None
-    if isinstance(error, ModuleNotFoundError) and (error.name or "").partition(".")[0] in OPTIONAL_MODULES:
-        outcome.force_exception(pytest.skip.Exception(f"needs {error.name}, which is not installed here", _use_item_location=True))
+    if (
+        isinstance(error, ModuleNotFoundError)
+        and (error.name or "").partition(".")[0] in OPTIONAL_MODULES
+    ):
+        outcome.force_exception(
+            pytest.skip.Exception(
+                f"needs {error.name}, which is not installed here", _use_item_location=True
+            )
+        )
 
 
 @pytest.fixture(autouse=True, params=list(WRAPPERS))
