@@ -159,6 +159,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--max-preemptions", type=_integer(0), default=20, metavar="N",
                         help="preemptions of one retry chain that made checkpoint progress do not use up --retry; "
                              "at most N of them (default 20)")
+    parser.add_argument("--checkpoint-store", default=None, metavar="URL",
+                        help="where TrialCheckpointer keeps checkpoints so a retry on any host resumes: "
+                             "file:///shared/dir, s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL; extra s3) "
+                             "or gs://bucket/prefix (default: each host's local --root)")
     parser.add_argument("--storage-deadline", type=seconds, default=300.0, metavar="SECONDS",
                         help="how long workers and the supervisor retry a storage outage (default 300)")
     parser.add_argument("--memory-stall-timeout", type=_number("seconds", positive=True, allow_off=True), default=600.0, metavar="SECONDS",
@@ -193,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         study_trials=args.study_trials,
         trial_timeout=args.trial_timeout,
         max_preemptions=args.max_preemptions,
+        checkpoint_store=args.checkpoint_store,
         directions=normalize_directions(args.direction, None),
         sampler=args.sampler,
         pruner=args.pruner,

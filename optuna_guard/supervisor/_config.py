@@ -88,6 +88,8 @@ class LaunchConfig:
     sampler_history: str = "all"
     objective_version: int | None = None
     objective_digest: str | None = None
+    # issue 12: checkpoints every host can read (file:///shared/dir, s3://bucket/prefix, gs://...)
+    checkpoint_store: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("workers", self.workers, minimum=1, hint="start at least one worker")
@@ -173,6 +175,10 @@ class LaunchConfig:
         object.__setattr__(self, "fingerprint_extra", tuple(self.fingerprint_extra))
         if self.sampler_history not in ("all", "current"):
             raise ConfigError(f"--sampler-history must be 'current' or 'all' but got {self.sampler_history!r}.")
+        if self.checkpoint_store is not None:
+            from optuna_guard._checkpoint_store import open_checkpoint_store
+
+            open_checkpoint_store(self.checkpoint_store)  # a bad URL is a one-line ConfigError
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -206,6 +212,10 @@ class LaunchConfig:
             env["OPTUNA_GUARD_MEMORY_BUDGET_GB"] = _fmt(self.memory_budget_gb)
         if self.preflight:
             env["OPTUNA_GUARD_PREFLIGHT"] = "1"
+        if self.checkpoint_store is not None:
+            from optuna_guard._checkpoint_store import STORE_ENV
+
+            env[STORE_ENV] = self.checkpoint_store
         if self.objective_version is not None:  # issue 13: the launcher's fingerprint decision
             from optuna_guard.resume import launcher_env
 
@@ -249,6 +259,7 @@ _OPTION_NAMES = {
     "study_trials": "--study-trials",
     "trial_timeout": "--trial-timeout",
     "max_preemptions": "--max-preemptions",
+    "checkpoint_store": "--checkpoint-store",
 }
 
 
