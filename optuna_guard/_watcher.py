@@ -328,7 +328,7 @@ def _top_frames(thread_id: int, frame_id: int | None) -> list[Any]:
 
 
 def _module_root(frame: Any) -> str:
-    return frame.f_globals.get("__name__", "").partition(".")[0]
+    return str(frame.f_globals.get("__name__", "")).partition(".")[0]
 
 
 def _at_safe_point(thread_id: int, frame_id: int) -> bool:
@@ -351,7 +351,7 @@ def _at_safe_point(thread_id: int, frame_id: int) -> bool:
 
 
 def _code_name(frame: Any) -> str:
-    return getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+    return str(getattr(frame.f_code, "co_qualname", frame.f_code.co_name))
 
 
 def _where_blocked(watch: TrialWatch) -> str:

@@ -81,8 +81,8 @@ def _hyperband_of(wrapper: Any) -> HyperbandPruner:
 
 
 def _rebuild(base: type, state: dict[str, Any]) -> Any:
-    obj = base.__new__(base, state.get("_wrapped"))
-    vars(obj).update(state)
+    obj: Any = base.__new__(base, state.get("_wrapped"))
+    obj.__dict__.update(state)
     return obj
 
 

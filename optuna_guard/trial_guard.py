@@ -467,7 +467,7 @@ class _GuardSettings:
         )
 
 
-def _find_trial(args: tuple, kwargs: dict) -> Any:
+def _find_trial(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The trial among the arguments: the first Optuna trial (so methods and class-based
     objectives work: ``def __call__(self, trial)``), else a ``trial=`` keyword, else the first."""
     for value in args:
@@ -536,7 +536,11 @@ _READINGS = _RecentReadings()
 
 
 def _run_guarded(
-    objective: Callable[..., Any], settings: _GuardSettings, trial: Any, args: tuple, kwargs: dict
+    objective: Callable[..., Any],
+    settings: _GuardSettings,
+    trial: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
     limits = settings.limits
     probe = settings.probe or default_probe()
