@@ -164,7 +164,7 @@ def test_sigterm_to_a_worker_saves_tags_and_exits_99_then_the_retry_resumes(tmp_
 def test_sbatch_scripts_parse_and_declare_requeue(script: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert "#SBATCH --signal=TERM@120" in text
+    assert "#SBATCH --signal=B:TERM@120" in text  # B: the batch shell (the launcher) gets it, no srun step
     assert "#SBATCH --requeue" in text
     assert "scontrol requeue" in text
 
@@ -230,7 +230,7 @@ def test_sbatch_requeues_on_exit_99(tmp_path: Path, rc: str, restarts: str, scri
     launcher = [c for c in calls if c.startswith("launcher ")]
     assert launcher == [
         "launcher run train.py:objective --study-name resnet --storage postgresql+psycopg://postgres@db/optuna "
-        "--workers 1 --retry 2 --grace-period 90 --time-budget 3480"
+        "--workers 1 --retry 2 --grace-period 90 --log-dir optuna_guard_logs/1234 --time-budget 3480"
     ]
     assert ("scontrol requeue 1234" in calls) is requeued
 
@@ -255,21 +255,17 @@ def test_script_arguments_are_accepted_by_the_real_cli(tmp_path: Path) -> None:
         assert parsed.command == "run" and parsed.retry == 2
 
 
-def test_sbatch_study_wide_target_runs_only_the_missing_trials(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'target.db'}"
-    study = optuna.create_study(storage=open_storage(url), study_name="resnet")
-    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+def test_sbatch_study_wide_target_is_passed_as_study_trials(tmp_path: Path) -> None:
+    """The target is the launcher's --study-trials (counted in the storage by the launcher
+    itself: tests/test_study_trials.py); the script keeps OPTUNA_GUARD_STUDY_TRIALS as its
+    interface and has no inline Python any more."""
     bin_dir = _stub_bin(tmp_path)
-    for target, launched in (("5", "--n-trials 2"), ("3", None)):
-        env = _env(tmp_path, bin_dir, OPTUNA_GUARD_STORAGE=url, OPTUNA_GUARD_STUDY_TRIALS=target,
-                   OPTUNA_GUARD_PYTHON=sys.executable)
-        done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        runs = [c for c in _calls(tmp_path) if c.startswith("launcher ")]
-        if launched is None:
-            assert len(runs) == 1 and "already has 3 of 3 trials" in done.stdout  # not run again
-        else:
-            assert len(runs) == 1 and runs[0].endswith(f"--grace-period 90 {launched} --time-budget 3480")
+    env = _env(tmp_path, bin_dir, OPTUNA_GUARD_STUDY_TRIALS="5")
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    runs = [c for c in _calls(tmp_path) if c.startswith("launcher ")]
+    assert len(runs) == 1 and "--study-trials 5 --time-budget 3480" in runs[0]
+    assert "python" not in SBATCH.read_text().lower().replace("optuna_guard_python", "")
 
 
 def test_sbatch_without_a_storage_fails_with_one_clear_line(tmp_path: Path) -> None:
