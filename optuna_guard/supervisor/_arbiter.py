@@ -96,6 +96,7 @@ class WorkerHandle:
     rss_bytes: int = 0
     trial_peak_rss: int = 0
     deny_reason: str | None = None
+    denied_at: float | None = None  # when it was told to exit (its bounded exit wait starts)
     recycled: bool = False
     kill: KillOrder | None = None
     stop_sent: bool = False
@@ -114,6 +115,7 @@ class WorkerHandle:
         return self.ticket or self.trial_id is not None
 
 
+WORKER_EXIT_WAIT_S = 10.0  # a worker told to exit gets this long for its normal interpreter exit, then SIGKILL
 DUPLICATE_SIGTERM_WINDOW_S = 2.0  # a second SIGTERM this soon is the same request, not "kill now"
 
 
@@ -314,6 +316,7 @@ class Arbiter:
                 worker.channel.send(_protocol.GRANT)
             else:
                 worker.deny_reason = reason
+                worker.denied_at = now
                 worker.channel.send(_protocol.DENY, reason=reason)
         elif op == _protocol.STARTED:
             self.on_trial_started(worker, int(message["trial_id"]), int(message["number"]), now)
@@ -558,8 +561,10 @@ class Arbiter:
             try:
                 self.handle_exit(worker, int(code), now)
             finally:
-                if self.cgroups is not None:  # kills what the worker left in its cgroup, removes it
-                    self.cgroups.release(worker.pid)
+                if self.cgroups is not None and self.cgroups.of(worker.pid) is not None:
+                    self.cgroups.release(worker.pid)  # kills what the worker left in its cgroup, removes it
+                else:
+                    self._kill_worker_leftovers(worker)
 
     def exit_record(self, worker: WorkerHandle, code: int) -> _exits.ExitRecord:
         """What the supervisor knows about a reaped worker (see :mod:`._exits`)."""
@@ -699,6 +704,13 @@ class Arbiter:
     def advance_kills(self, now: float) -> None:
         for worker in self.workers:
             order = worker.kill
+            if order is None and worker.denied_at is not None and now - worker.denied_at >= WORKER_EXIT_WAIT_S:
+                _log.warning("Worker %d (pid %d) has not exited %.0fs after it was told to (a non-daemon thread or "
+                             "a hanging atexit handler?); killing its process tree.", worker.worker_id, worker.pid,
+                             now - worker.denied_at)
+                self.start_kill(worker, _exits.EXIT_KILL, f"did not exit within {WORKER_EXIT_WAIT_S:.0f}s after "
+                                "its last ticket", {}, now, wait=0)
+                continue
             if order is not None and not order.sigkill_sent and now >= order.sigkill_at:
                 order.sigkill_sent = True
                 _log.info("Worker %d (pid %d) still alive %.1fs after SIGTERM; sending SIGKILL to its process tree.",
@@ -1309,6 +1321,20 @@ class Arbiter:
             self.heartbeat.stop()
         self.emit(events.LAUNCH_FINISHED, reason=reason, exit_code=self.exit_code,
                   finished=len(self.finished_states))
+
+    def _kill_worker_leftovers(self, worker: WorkerHandle) -> None:
+        """Process-tree mode: SIGKILL what a reaped worker left behind (a loky/multiprocessing
+        pool it did not shut down, a daemonised helper), found by the worker's env marker."""
+        marker = f"{_lifeline.ENV_WORKER_MARK}={self.launch_id}/{worker.spawn_index}".encode()
+        left = _tree.pids_with_env(marker)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if left:
+            _log.info("Worker %d (pid %d) left %d process(es) behind; killed: %s.", worker.worker_id, worker.pid,
+                      len(left), ", ".join(map(str, left)))
 
     def _kill_launch_leftovers(self) -> None:
         """SIGKILL any process still carrying this launch's marker (a daemonised grandchild)."""

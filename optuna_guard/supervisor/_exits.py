@@ -20,6 +20,7 @@ from optuna_guard.supervisor._policies import describe_exit
 MEMORY_KILL = "memory"
 PREEMPT_KILL = "preempt"
 TIMEOUT_KILL = "timeout"
+EXIT_KILL = "exit"  # told to exit (denied a ticket) and still alive after the bounded exit wait
 
 EXIT_STORAGE_UNAVAILABLE = 75  # the worker could not reach the storage at start (EX_TEMPFAIL)
 EXIT_SUPERVISOR_LOST = (
