@@ -17,6 +17,13 @@ import os
 
 from optuna_guard.memory._files import CachedFile, field_int, read_text
 
+# A worker of ``optuna-guard run`` sits in a memory cgroup of its own whose limit is
+# --max-worker-rss-gb (enforced by the supervisor and the kernel, and by the guard's
+# max_trial_rss at 90 % of it). Its headroom is not "system memory available": the supervisor
+# names that directory here so the worker's probe skips it and keeps the ancestors (the
+# launcher's, the job's cgroup, the host).
+ENV_SKIP_CGROUP = "OPTUNA_GUARD_PROBE_SKIP_CGROUP"
+
 # cgroup v1 writes this (PAGE_COUNTER_MAX rounded to the page size) for "no limit"; anything at
 # or above the host's MemTotal is treated as "no limit" anyway.
 _V1_UNLIMITED_MIN = 1 << 62
@@ -151,12 +158,16 @@ def _v2_mount(cgroup_root: str) -> str | None:
     return None
 
 
-def discover_levels(proc_root: str, cgroup_root: str, host_total_bytes: int, host_swap_bytes: int = 0) -> list[CgroupLevel]:
+def discover_levels(
+    proc_root: str, cgroup_root: str, host_total_bytes: int, host_swap_bytes: int = 0, skip_directory: str | None = None
+) -> list[CgroupLevel]:
     """Every cgroup level above this process whose memory limit is below the host's RAM.
 
     An empty list means "no effective cgroup limit: use the host numbers". Missing files
-    (no cgroup filesystem, a controller not enabled) are simply skipped.
+    (no cgroup filesystem, a controller not enabled) are simply skipped. ``skip_directory``
+    (see ENV_SKIP_CGROUP) is left out; its ancestors are kept.
     """
+    skip = os.path.normpath(skip_directory) if skip_directory else None
     try:
         paths = parse_proc_cgroup(read_text(os.path.join(proc_root, "self", "cgroup")))
     except OSError:
@@ -166,6 +177,8 @@ def discover_levels(proc_root: str, cgroup_root: str, host_total_bytes: int, hos
         mount = _v1_mount(cgroup_root)
         if mount is not None:
             for directory in _chain(mount, _resolve(mount, paths.v1_memory)):
+                if directory == skip:
+                    continue
                 limit = _read_limit(os.path.join(directory, "memory.limit_in_bytes"))
                 if limit is not None and limit < host_total_bytes:
                     levels.append(CgroupLevel(1, directory, limit))
@@ -173,6 +186,8 @@ def discover_levels(proc_root: str, cgroup_root: str, host_total_bytes: int, hos
         mount = _v2_mount(cgroup_root)
         if mount is not None:
             for directory in _chain(mount, _resolve(mount, paths.v2)):
+                if directory == skip:
+                    continue
                 limit = _read_limit(os.path.join(directory, "memory.max"))
                 if limit is not None and limit < host_total_bytes:
                     swap_limit = _read_limit(os.path.join(directory, "memory.swap.max"))

@@ -14,7 +14,7 @@ import time
 import weakref
 from typing import Any
 
-from optuna_guard.memory._cgroup import CgroupLevel, discover_levels
+from optuna_guard.memory._cgroup import ENV_SKIP_CGROUP, CgroupLevel, discover_levels
 from optuna_guard.memory._files import CachedFile
 from optuna_guard.memory._gpu import GpuReader
 from optuna_guard.memory._procfs import ProcessTree, parse_meminfo, parse_psi
@@ -102,7 +102,8 @@ class SystemProbe:
         with self._levels_lock:
             if now - self._levels_at >= CGROUP_REFRESH_S:
                 old = self._levels
-                self._levels = discover_levels(self.proc_root, self.cgroup_root, host_total, host_swap)
+                self._levels = discover_levels(self.proc_root, self.cgroup_root, host_total, host_swap,
+                                               skip_directory=os.environ.get(ENV_SKIP_CGROUP))
                 self._levels_at = now
                 for level in old:
                     level.close()

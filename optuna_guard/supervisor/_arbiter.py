@@ -40,6 +40,7 @@ from optuna_guard._logging import get_logger
 from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import CrashLoopError, MemoryStallError, StorageUnavailableError
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
+from optuna_guard.memory._cgroup import ENV_SKIP_CGROUP
 from optuna_guard.storage import end_trial_from_outside
 from optuna_guard.supervisor import _cgroups, _exits, _hung, _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
@@ -961,12 +962,11 @@ class Arbiter:
         )
         env = self.config.python_env()
         env.update(self.config.guard_env())
-        if self.cgroups is not None and self.cgroups.mode != _cgroups.TREE_MODE:
-            # Inside its own memory cgroup (limit --max-worker-rss-gb) a worker's guard would read
-            # that cgroup's headroom as "system memory available" and stop trials at a fraction of
-            # the limit; system memory is the supervisor's job there (issue 10 chaos finding).
-            env["OPTUNA_GUARD_MIN_AVAILABLE_GB"] = "none"
-            env["OPTUNA_GUARD_WARN_AVAILABLE_GB"] = "none"
+        own_cgroup = self.cgroups.directory_for(spawn_index) if self.cgroups is not None else None
+        if own_cgroup is not None:
+            # The worker's own cgroup (limit --max-worker-rss-gb) is not "system memory": its
+            # guard's probe skips it and reads the ancestors and the host (issue 10 chaos finding).
+            env[ENV_SKIP_CGROUP] = own_cgroup
         env.update(settings.to_env())
         env[_protocol.ENV_FD] = str(child_sock.fileno())
         env["PYTHONUNBUFFERED"] = "1"

@@ -148,6 +148,13 @@ class WorkerCgroups:
             "run as root or in a delegated cgroup v2 subtree for per-worker cgroups)"
         )
 
+    def directory_for(self, spawn_index: int) -> str | None:
+        """Where :meth:`attach` puts worker ``spawn_index`` (None in process-tree mode); told to
+        the worker so its guard's probe skips its own cgroup (``ENV_SKIP_CGROUP``)."""
+        if self.parent is None:
+            return None
+        return os.path.join(self.parent, f"w{spawn_index}")
+
     def attach(self, pid: int, spawn_index: int) -> WorkerCgroup | None:
         """Put a freshly started worker into a new cgroup of its own (None in tree mode or if it
         fails: that worker is then watched by its process tree)."""
