@@ -578,6 +578,7 @@ class Arbiter:
             fatal_error=worker.fatal_error, trials_started=worker.trials_started, deny_reason=worker.deny_reason,
             on_kill=self.config.on_kill, oom_killed=self._oom_killed(worker),
             memory_limit_gb=self.config.max_worker_rss_gb,
+            own_cgroup=self.cgroups is not None and self.cgroups.of(worker.pid) is not None,
         )
 
     def _oom_killed(self, worker: WorkerHandle) -> bool:
@@ -621,6 +622,8 @@ class Arbiter:
                 self.kills += 1
                 _log.warning("Worker %d (pid %d): %s; trial %s ended %s.", worker.worker_id, worker.pid, reason,
                              number, final)
+                if decision.boot_strike:
+                    self._boot_strike(worker, reason)
             else:
                 _log.info("Worker %d (pid %d) is gone (killed by the launcher: %s).", worker.worker_id, worker.pid,
                           reason)
@@ -637,6 +640,9 @@ class Arbiter:
                        worker.worker_id, worker.pid, number, reason, number, self._log_hint(worker))
             self.emit(events.WORKER_CRASHED, worker_id=worker.worker_id, pid=worker.pid, trial_number=number,
                       reason=reason, exit_code=code, age_s=round(age, 1))
+        elif outcome == _exits.KILLED_AT_BOOT:  # a user or scheduler signalled it: no crash, no strike
+            self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, exit_code=code, reason=reason)
+            _log.warning("Worker %d (pid %d) died before its first trial: %s.", worker.worker_id, worker.pid, reason)
         elif outcome == _exits.KILLED_IDLE:  # the launcher killed it itself: no crash, no strike (D17)
             self.emit(events.WORKER_EXITED, worker_id=worker.worker_id, pid=worker.pid, exit_code=code, reason=reason)
             _log.info("Worker %d (pid %d) is gone (%s).", worker.worker_id, worker.pid, reason)
@@ -647,11 +653,7 @@ class Arbiter:
             self.emit(events.WORKER_CRASHED, worker_id=worker.worker_id, pid=worker.pid, reason=reason,
                       exit_code=code, age_s=round(age, 1))
             if outcome == _exits.BOOT_FAILURE:
-                self.boot_failures += 1
-                _log.error("Worker %d (pid %d) died before its first trial (%s), %d time(s) in a row. %s",
-                           worker.worker_id, worker.pid, reason, self.boot_failures, self._log_hint(worker))
-                if self.boot_failures >= self.config.crash_loop_limit:
-                    raise CrashLoopError(self._crash_loop_message(worker, reason))
+                self._boot_strike(worker, reason)
             else:
                 _log.error("Worker %d (pid %d) died between trials: %s. %s", worker.worker_id, worker.pid, reason,
                            self._log_hint(worker))
@@ -660,6 +662,14 @@ class Arbiter:
                       trials=worker.trials_finished)
             _log.debug("Worker %d (pid %d) exited after %d trials: %s.", worker.worker_id, worker.pid,
                        worker.trials_finished, reason)
+
+    def _boot_strike(self, worker: WorkerHandle, reason: str) -> None:
+        """A worker died before its first trial by its own fault: count toward --crash-loop-limit."""
+        self.boot_failures += 1
+        _log.error("Worker %d (pid %d) died before its first trial (%s), %d time(s) in a row. %s",
+                   worker.worker_id, worker.pid, reason, self.boot_failures, self._log_hint(worker))
+        if self.boot_failures >= self.config.crash_loop_limit:
+            raise CrashLoopError(self._crash_loop_message(worker, reason))
 
     def on_worker_storage_unavailable(self, worker: WorkerHandle) -> None:
         """A worker that could not reach the storage within --storage-deadline at start: not a

@@ -10,6 +10,7 @@ cases test every path (tests/test_supervision_exits.py).
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ CRASHED_IN_TRIAL = "crashed_in_trial"
 KILLED_IDLE = "killed_idle"  # we killed it between trials: nothing to end, no strike
 STORAGE_UNAVAILABLE = "storage_unavailable"
 BOOT_FAILURE = "boot_failure"  # died before its first trial: a crash-loop strike
+KILLED_AT_BOOT = "killed_at_boot"  # signalled from outside before its first trial: no strike
 DIED_BETWEEN_TRIALS = "died_between_trials"
 EXITED = "exited"  # a normal exit (denied a ticket, stop requested)
 
@@ -61,6 +63,7 @@ class ExitRecord:
     on_kill: str = "prune"
     oom_killed: bool = False  # the kernel OOM-killed a process in the worker's cgroup
     memory_limit_gb: float | None = None
+    own_cgroup: bool = False  # it ran in a memory cgroup of its own (an OOM kill there is recorded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,7 @@ def decide(record: ExitRecord) -> ExitDecision:
             reason,
             _memory_state(record) if record.in_trial else None,
             trial_tags if record.in_trial else {},
+            boot_strike=_booting(record),  # a module that allocates past the limit at import, every time
             sweep_unreported=sweep,
         )
     if record.kill_kind == MEMORY_KILL:
@@ -152,7 +156,12 @@ def decide(record: ExitRecord) -> ExitDecision:
         )
     if record.code != 0 or record.fatal_error:
         reason = record.fatal_error or description
-        if record.trials_started == 0 and not record.stopping:
+        if _booting(record):
+            if not record.fatal_error and _signalled_from_outside(record):
+                return ExitDecision(
+                    KILLED_AT_BOOT, f"{reason} (from outside; not a crash-loop strike)",
+                    sweep_unreported=sweep,
+                )
             return ExitDecision(
                 BOOT_FAILURE, reason, crash=True, boot_strike=True, sweep_unreported=sweep
             )
@@ -167,6 +176,28 @@ def decide(record: ExitRecord) -> ExitDecision:
     return ExitDecision(
         EXITED, reason, sweep_unreported=sweep, sweep_as_preempted=sweep_reason_preempted
     )
+
+
+# Signals someone else sends (a user, a scheduler, a test); SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL
+# are the process's own faults and stay crash-loop strikes.
+_OUTSIDE_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                              signal.SIGUSR1, signal.SIGUSR2})
+
+
+def _booting(record: ExitRecord) -> bool:
+    return record.trials_started == 0 and not record.stopping and not record.in_trial
+
+
+def _signalled_from_outside(record: ExitRecord) -> bool:
+    """A signal exit that says nothing about the worker's code. SIGKILL counts as outside only
+    when the worker had its own cgroup (an OOM kill there is recorded and handled before);
+    without one a SIGKILL may be the kernel OOM killer, so it stays a strike."""
+    if record.code >= 0:
+        return False
+    signum = -record.code
+    if signum == signal.SIGKILL:
+        return record.own_cgroup
+    return signum in _OUTSIDE_SIGNALS
 
 
 def _memory_state(record: ExitRecord) -> str:
