@@ -33,6 +33,7 @@ FLAG_COLUMNS = (
 FLOAT_COLUMNS = (
     tags.AVAILABLE_GB_AT_KILL,
     tags.PEAK_RSS_GB,
+    tags.LOWEST_AVAILABLE_GB,
     tags.MIN_AVAILABLE_GB,
     tags.PEAK_GPU_GB,
     tags.PREDICTED_PEAK_GB,
@@ -47,6 +48,7 @@ TAG_COLUMNS = (
     tags.KILL_LIMIT,
     tags.AVAILABLE_GB_AT_KILL,
     tags.PEAK_RSS_GB,
+    tags.LOWEST_AVAILABLE_GB,
     tags.MIN_AVAILABLE_GB,
     tags.PEAK_GPU_GB,
     tags.PREDICTED_PEAK_GB,
