@@ -61,8 +61,9 @@ def test_function_objective_and_existing_direction(sqlite_url, tmp_path, unique_
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage:UserWarning")
 def test_heartbeat_rows_and_stale_trials_of_a_dead_launcher_are_failed(sqlite_url, tmp_path, unique_study_name, quiet_optuna):
-    """Workers keep Optuna's heartbeat rows for their trials, and fail RUNNING trials whose
-    heartbeat stopped long ago (a launcher on another host that died) before their trials."""
+    """The supervisor keeps Optuna's heartbeat rows for its workers' trials (a row at each
+    trial's start, however short the trial: plain ``optimize`` workers judge by these rows), and
+    fails RUNNING trials whose heartbeat stopped long ago (a launcher on another host that died)."""
     import sqlalchemy
 
     from optuna_guard.storage import open_storage
@@ -78,7 +79,7 @@ def test_heartbeat_rows_and_stale_trials_of_a_dead_launcher_are_failed(sqlite_ur
     launch(objective_spec("launcher_quick"), study_name=unique_study_name, storage=sqlite_url,
            workers=1, n_trials=2, log_dir=str(tmp_path / "logs"), **FAST)
     trials = trials_of(sqlite_url, unique_study_name)
-    assert trials[0].state == TrialState.FAIL  # failed as stale by the launcher's worker
+    assert trials[0].state == TrialState.FAIL  # failed as stale by the launcher's heartbeat sweep
     assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2
     with hb_storage.engine.connect() as connection:
         beats = {row[0] for row in connection.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
