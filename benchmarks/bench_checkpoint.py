@@ -66,8 +66,15 @@ def _interleaved(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict
     return best
 
 
-def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optuna.Study,
-                store: str | None = None, verify: str = "fast") -> dict[str, float]:
+def _bench_size(
+    size_mb: int,
+    fmt: str,
+    repeats: int,
+    workdir: Path,
+    study: optuna.Study,
+    store: str | None = None,
+    verify: str = "fast",
+) -> dict[str, float]:
     import torch
 
     nbytes = size_mb * MB
@@ -90,8 +97,14 @@ def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optu
                 return pickle.load(f)
 
     trial = study.ask()
-    ckpt = TrialCheckpointer(trial, root=workdir / "ckpt", keep_last=1, format=fmt,  # type: ignore[arg-type]
-                             store=store, verify=verify)  # type: ignore[arg-type]
+    ckpt = TrialCheckpointer(
+        trial,
+        root=workdir / "ckpt",
+        keep_last=1,
+        format=fmt,  # type: ignore[arg-type]
+        store=store,
+        verify=verify,
+    )  # type: ignore[arg-type]
     step = iter(range(1, 10**6))
     written: list[Path] = []
 
@@ -115,14 +128,18 @@ def _bench_size(size_mb: int, fmt: str, repeats: int, workdir: Path, study: optu
     del state
     gc.collect()
     last_plain = written[-1]
-    load = _interleaved({"load_plain": lambda: plain_load(last_plain), "load_ours": ckpt.load}, repeats)
+    load = _interleaved(
+        {"load_plain": lambda: plain_load(last_plain), "load_ours": ckpt.load}, repeats
+    )
     ckpt.finalize()
     study.tell(trial, 0.0)
     last_plain.unlink()
     gc.collect()
     # MB/s, and for the cpu_* keys CPU milliseconds of this process
-    return {key: (1000 * seconds if key.startswith("cpu_") else size_mb / seconds)
-            for key, seconds in {**save, **load}.items()}
+    return {
+        key: (1000 * seconds if key.startswith("cpu_") else size_mb / seconds)
+        for key, seconds in {**save, **load}.items()
+    }
 
 
 def _sha256_seconds(buffer: bytes) -> float:
@@ -133,8 +150,9 @@ def _sha256_seconds(buffer: bytes) -> float:
     return time.perf_counter() - started
 
 
-def _retry_scenario(workdir: Path, steps: int, kill_at: int, step_s: float, state_mb: int,
-                    save_every: int) -> dict[str, float]:
+def _retry_scenario(
+    workdir: Path, steps: int, kill_at: int, step_s: float, state_mb: int, save_every: int
+) -> dict[str, float]:
     """One trial of ``steps`` steps killed at ``kill_at``, retried; seconds spent in the retry."""
     import torch
 
@@ -145,7 +163,9 @@ def _retry_scenario(workdir: Path, steps: int, kill_at: int, step_s: float, stat
         weights = torch.zeros(state_mb * MB // 4)
 
         def run(trial: optuna.Trial, stop_at: int | None) -> float:
-            ckpt = TrialCheckpointer(trial, root=workdir / "retry-ckpt") if use_checkpoints else None
+            ckpt = (
+                TrialCheckpointer(trial, root=workdir / "retry-ckpt") if use_checkpoints else None
+            )
             loaded = ckpt.load() if ckpt else None
             state, start = loaded if loaded else ({"weights": weights.clone(), "loss": 1.0}, 0)
             started = time.perf_counter()
@@ -162,8 +182,12 @@ def _retry_scenario(workdir: Path, steps: int, kill_at: int, step_s: float, stat
         first = study.ask()
         first.suggest_float("lr", 1e-4, 1e-1, log=True)
         out[f"first_{use_checkpoints}"] = run(first, kill_at)
-        end_trial_from_outside(study._storage, first._trial_id, optuna.trial.TrialState.FAIL,
-                               user_attrs={tags.WORKER_CRASHED: True})
+        end_trial_from_outside(
+            study._storage,
+            first._trial_id,
+            optuna.trial.TrialState.FAIL,
+            user_attrs={tags.WORKER_CRASHED: True},
+        )
         enqueue_retry(study, study._storage.get_trial(first._trial_id), RetryPolicy(max_retries=1))
         retry = study.ask()
         retry.suggest_float("lr", 1e-4, 1e-1, log=True)
@@ -176,12 +200,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1024", help="state sizes in MB (default 100,1024)")
     parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir on /tmp's disk)")
+    parser.add_argument(
+        "--dir", default=None, help="where to write (default: a temp dir on /tmp's disk)"
+    )
     parser.add_argument("--formats", default="torch,pickle")
-    parser.add_argument("--verify", default="fast", choices=["fast", "sha256", "xxh3"],
-                        help="TrialCheckpointer(verify=...): hashes written and checked (default fast)")
-    parser.add_argument("--store", default=None,
-                        help="also measure TrialCheckpointer(store=URL), e.g. file:///shared/dir (the rows marked 'store')")
+    parser.add_argument(
+        "--verify",
+        default="fast",
+        choices=["fast", "sha256", "xxh3"],
+        help="TrialCheckpointer(verify=...): hashes written and checked (default fast)",
+    )
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="also measure TrialCheckpointer(store=URL), e.g. file:///shared/dir (the rows marked 'store')",
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import warnings
@@ -192,15 +225,19 @@ def main() -> int:
         # in-memory study: the throughput figures are about the files, not the database write of
         # the resumed_from_step tag (the retry scenario below uses SQLite)
         study = optuna.create_study(study_name="bench")
-        print(f"TrialCheckpointer(verify={args.verify!r}) vs plain serializers, files in {workdir}; load average {os.getloadavg()[0]:.1f} "
-              f"on {os.cpu_count()} CPUs (shared machine: best of interleaved runs)")
-        print(f"{'format':7} {'size':>6} | {'save MB/s: plain':>16} {'plain+fsync':>11} {'ours':>7} "
-              f"{'ours/plain':>10} {'ours/plain+fsync':>16} | {'load MB/s: plain':>16} {'ours':>7} {'ratio':>6}")
+        print(
+            f"TrialCheckpointer(verify={args.verify!r}) vs plain serializers, files in {workdir}; load average {os.getloadavg()[0]:.1f} "
+            f"on {os.cpu_count()} CPUs (shared machine: best of interleaved runs)"
+        )
+        print(
+            f"{'format':7} {'size':>6} | {'save MB/s: plain':>16} {'plain+fsync':>11} {'ours':>7} "
+            f"{'ours/plain':>10} {'ours/plain+fsync':>16} | {'load MB/s: plain':>16} {'ours':>7} {'ratio':>6}"
+        )
         cpu_rows: list[str] = []
         for fmt in args.formats.split(","):
             for size in (int(s) for s in args.sizes.split(",")):
                 repeats = args.repeats if size < 512 else max(2, args.repeats // 2)
-                for store in ([None, args.store] if args.store else [None]):
+                for store in [None, args.store] if args.store else [None]:
                     r = _bench_size(size, fmt, repeats, workdir, study, store, args.verify)
                     label = fmt if store is None else f"{fmt[:1]}+store"
                     print(
@@ -215,26 +252,38 @@ def main() -> int:
                         f"{r['cpu_save_plain_fsync'] / r['cpu_save_ours']:>6.2f} | {r['cpu_load_plain']:>10.0f} "
                         f"{r['cpu_load_ours']:>7.0f} {r['cpu_load_plain'] / r['cpu_load_ours']:>6.2f}"
                     )
-        print(f"\nCPU time of this process (all threads), best run, ms; ratio = plain / ours. On a shared machine\n"
-              f"the wall-time ratios above follow the scheduler; these show what each variant costs itself:")
-        print(f"{'format':7} {'size':>6} | {'save: plain+fsync':>11} {'ours':>7} {'ratio':>6} | {'load: plain':>10} "
-              f"{'ours':>7} {'ratio':>6}")
+        print(
+            f"\nCPU time of this process (all threads), best run, ms; ratio = plain / ours. On a shared machine\n"
+            f"the wall-time ratios above follow the scheduler; these show what each variant costs itself:"
+        )
+        print(
+            f"{'format':7} {'size':>6} | {'save: plain+fsync':>11} {'ours':>7} {'ratio':>6} | {'load: plain':>10} "
+            f"{'ours':>7} {'ratio':>6}"
+        )
         print("\n".join(cpu_rows))
         print(f"load average now {os.getloadavg()[0]:.1f}")
         buffer = os.urandom(64) * (100 * MB // 64)
         sha = min(_sha256_seconds(buffer) for _ in range(5))
         del buffer
-        print(f"SHA-256 of 100 MB in memory on this machine now: {100 / sha:.0f} MB/s (what bounds a verified "
-              f"load and the hash thread of a save)")
+        print(
+            f"SHA-256 of 100 MB in memory on this machine now: {100 / sha:.0f} MB/s (what bounds a verified "
+            f"load and the hash thread of a save)"
+        )
         steps, kill_at, step_s, state_mb, every = 100, 72, 0.05, 50, 10
         s = _retry_scenario(workdir, steps, kill_at, step_s, state_mb, every)
-        print(f"\nA trial of {steps} steps ({step_s * 1000:.0f} ms each, {state_mb} MB state, checkpoint every {every} "
-              f"steps) killed at step {kill_at}, then retried:")
-        print(f"  first attempt until the kill: {s['first_False']:.2f} s plain, {s['first_True']:.2f} s with checkpoints "
-              f"(overhead {100 * (s['first_True'] / s['first_False'] - 1):.0f} %)")
+        print(
+            f"\nA trial of {steps} steps ({step_s * 1000:.0f} ms each, {state_mb} MB state, checkpoint every {every} "
+            f"steps) killed at step {kill_at}, then retried:"
+        )
+        print(
+            f"  first attempt until the kill: {s['first_False']:.2f} s plain, {s['first_True']:.2f} s with checkpoints "
+            f"(overhead {100 * (s['first_True'] / s['first_False'] - 1):.0f} %)"
+        )
         resumed = kill_at // every * every
-        print(f"  retry: {s['retry_False']:.2f} s from step 0 vs {s['retry_True']:.2f} s resuming at step {resumed} "
-              f"-> {s['retry_False'] - s['retry_True']:.2f} s saved ({100 * (1 - s['retry_True'] / s['retry_False']):.0f} % of the retry)")
+        print(
+            f"  retry: {s['retry_False']:.2f} s from step 0 vs {s['retry_True']:.2f} s resuming at step {resumed} "
+            f"-> {s['retry_False'] - s['retry_True']:.2f} s saved ({100 * (1 - s['retry_True'] / s['retry_False']):.0f} % of the retry)"
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -48,17 +48,19 @@ PYTHON = sys.executable
 TRIAL_S = 0.5
 REDIS_BASE = "redis://127.0.0.1:6379/0"
 
-OBJECTIVE_SRC = f'''
+OBJECTIVE_SRC = f"""
 import time
 def objective(trial):
     trial.suggest_float("x", 0.0, 1.0)
     time.sleep({TRIAL_S})
     return 0.0
-'''
+"""
 
 CONNECTION_ERROR = re.compile(
     r"too many clients|remaining connection slots|connection to server .* failed|could not connect|"
-    r"Connection refused|StatusCode\.UNAVAILABLE|ConnectionError|OperationalError", re.IGNORECASE)
+    r"Connection refused|StatusCode\.UNAVAILABLE|ConnectionError|OperationalError",
+    re.IGNORECASE,
+)
 
 
 # -- the benchmark's own PostgreSQL cluster -------------------------------------------------------
@@ -78,7 +80,9 @@ class LoopbackPostgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _as_postgres(self, *argv: str) -> None:
-        done = subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            ["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True, timeout=180
+        )
         if done.returncode != 0:
             raise SystemExit(f"{argv[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
 
@@ -86,24 +90,52 @@ class LoopbackPostgres:
         self.root.mkdir(parents=True)
         os.chmod(self.root.parent, 0o755)
         shutil.chown(self.root, "postgres", "postgres")
-        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+        self._as_postgres(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+        )
         with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
-                       f"max_connections = {self.max_connections}\nfsync = off\nsynchronous_commit = off\n")
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w", "start")
+            conf.write(
+                f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
+                f"max_connections = {self.max_connections}\nfsync = off\nsynchronous_commit = off\n"
+            )
+        self._as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "start",
+        )
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-m", "immediate", "stop")
+            self._as_postgres(
+                str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-m", "immediate", "stop"
+            )
 
     def connections(self) -> int | None:
         import psycopg
 
         try:
-            with psycopg.connect(host=str(self.root), port=self.port, user="postgres", dbname="postgres",
-                                 connect_timeout=3) as conn:
-                return int(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
-                           .fetchone()[0])
+            with psycopg.connect(
+                host=str(self.root),
+                port=self.port,
+                user="postgres",
+                dbname="postgres",
+                connect_timeout=3,
+            ) as conn:
+                return int(
+                    conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                    ).fetchone()[0]
+                )
         except Exception:
             return None
 
@@ -122,9 +154,24 @@ class Proxy:
         port = _free_port()
         self.log = work / "proxy.log"
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([PYTHON, "-m", "optuna_guard.cli", "storage-proxy", "--storage", storage,
-                                          "--host", "127.0.0.1", "--port", str(port)],
-                                         stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+            self.proc = subprocess.Popen(
+                [
+                    PYTHON,
+                    "-m",
+                    "optuna_guard.cli",
+                    "storage-proxy",
+                    "--storage",
+                    storage,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_env(),
+                start_new_session=True,
+            )
         self.url = f"grpc://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while "listening on" not in self.log.read_text(errors="replace"):
@@ -175,7 +222,9 @@ def _reader(backend: str, url: str, pg: LoopbackPostgres) -> Any:
     return optuna.storages.RDBStorage(pg.url)
 
 
-def run_cell(backend: str, workers: int, args: argparse.Namespace, pg: LoopbackPostgres, work: Path) -> dict[str, Any]:
+def run_cell(
+    backend: str, workers: int, args: argparse.Namespace, pg: LoopbackPostgres, work: Path
+) -> dict[str, Any]:
     cell_dir = work / f"{backend}-{workers}"
     cell_dir.mkdir()
     study = f"bench-{backend}-{workers}-{uuid.uuid4().hex[:8]}"
@@ -201,21 +250,61 @@ def run_cell(backend: str, workers: int, args: argparse.Namespace, pg: LoopbackP
     for i, size in enumerate(sizes):
         log_dir = cell_dir / f"launch{i}"
         log_dir.mkdir()
-        argv = [PYTHON, "-m", "optuna_guard.cli", "run", f"{objective}:objective", "--study-name", study,
-                "--storage", url, "--workers", str(size), "--no-guard", "--display", "off", "--log-dir", str(log_dir),
-                "--min-available-gb", "0.1", "--warn-available-gb", "0.2", "--max-worker-age", "off",
-                "--status-interval", "600", "--grace-period", "5", "--kill-wait", "0.5", "--storage-deadline", "60",
-                "--heartbeat-interval", "10", "--heartbeat-grace", "60"]
+        argv = [
+            PYTHON,
+            "-m",
+            "optuna_guard.cli",
+            "run",
+            f"{objective}:objective",
+            "--study-name",
+            study,
+            "--storage",
+            url,
+            "--workers",
+            str(size),
+            "--no-guard",
+            "--display",
+            "off",
+            "--log-dir",
+            str(log_dir),
+            "--min-available-gb",
+            "0.1",
+            "--warn-available-gb",
+            "0.2",
+            "--max-worker-age",
+            "off",
+            "--status-interval",
+            "600",
+            "--grace-period",
+            "5",
+            "--kill-wait",
+            "0.5",
+            "--storage-deadline",
+            "60",
+            "--heartbeat-interval",
+            "10",
+            "--heartbeat-grace",
+            "60",
+        ]
         with open(log_dir / "console.log", "ab") as out:
-            launchers.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(),
-                                              start_new_session=True))
+            launchers.append(
+                subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+                )
+            )
     # Boot: until W distinct workers have started a trial, or the boot timeout.
     t0 = None
     deadline = time.monotonic() + args.boot_timeout
     while time.monotonic() < deadline:
         try:
-            started = len({_worker_key(t) for t in reader.get_all_trials(reader.get_study_id_from_name(study),
-                                                                        deepcopy=False)})
+            started = len(
+                {
+                    _worker_key(t)
+                    for t in reader.get_all_trials(
+                        reader.get_study_id_from_name(study), deepcopy=False
+                    )
+                }
+            )
         except Exception:  # a full database refuses us too; retry
             started = 0
         if started >= workers:
@@ -236,7 +325,7 @@ def run_cell(backend: str, workers: int, args: argparse.Namespace, pg: LoopbackP
         if not rss and time.time() > t0 + args.duration / 2:
             for p in launchers:
                 arbiter = psutil.Process(p.pid) if p.poll() is None else None
-                for child in (arbiter.children() if arbiter else []):
+                for child in arbiter.children() if arbiter else []:
                     try:
                         rss.append(child.memory_info().rss / 2**20)
                     except psutil.NoSuchProcess:
@@ -250,20 +339,32 @@ def run_cell(backend: str, workers: int, args: argparse.Namespace, pg: LoopbackP
     if proxy:
         proxy.stop()
     result = _measure(trials, t0, t1, workers, cell_dir)
-    result.update(backend=backend, workers=workers, booted=booted, boot_s=round(boot_s, 1), window_s=round(t1 - t0, 1),
-                  peak_pg_connections=peak_conn if backend != "redis" else None,
-                  rss_mb_per_worker=round(statistics.mean(rss), 1) if rss else None,
-                  exit_codes=sorted(set(codes)))
+    result.update(
+        backend=backend,
+        workers=workers,
+        booted=booted,
+        boot_s=round(boot_s, 1),
+        window_s=round(t1 - t0, 1),
+        peak_pg_connections=peak_conn if backend != "redis" else None,
+        rss_mb_per_worker=round(statistics.mean(rss), 1) if rss else None,
+        exit_codes=sorted(set(codes)),
+    )
     if backend == "redis":
         _delete_redis_prefix(url.split("?prefix=")[1])
     return result
 
 
-def _measure(trials: list[Any], t0: float, t1: float, workers: int, cell_dir: Path) -> dict[str, Any]:
+def _measure(
+    trials: list[Any], t0: float, t1: float, workers: int, cell_dir: Path
+) -> dict[str, Any]:
     def ts(dt: datetime.datetime | None) -> float | None:
         return None if dt is None else dt.timestamp()
 
-    done = [t for t in trials if t.state.name == "COMPLETE" and t0 <= (ts(t.datetime_complete) or 0) <= t1]
+    done = [
+        t
+        for t in trials
+        if t.state.name == "COMPLETE" and t0 <= (ts(t.datetime_complete) or 0) <= t1
+    ]
     by_worker: dict[tuple[Any, ...], list[Any]] = {}
     for t in trials:
         by_worker.setdefault(_worker_key(t), []).append(t)
@@ -279,7 +380,11 @@ def _measure(trials: list[Any], t0: float, t1: float, workers: int, cell_dir: Pa
     errors = 0
     outages = crashes = 0
     for log in cell_dir.glob("launch*/*.log"):
-        errors += sum(1 for line in log.read_text(errors="replace").splitlines() if CONNECTION_ERROR.search(line))
+        errors += sum(
+            1
+            for line in log.read_text(errors="replace").splitlines()
+            if CONNECTION_ERROR.search(line)
+        )
     for ev in cell_dir.glob("launch*/events.jsonl"):
         for line in ev.read_text(errors="replace").splitlines():
             outages += '"storage_outage"' in line
@@ -289,15 +394,26 @@ def _measure(trials: list[Any], t0: float, t1: float, workers: int, cell_dir: Pa
     def pct(q: float) -> float | None:
         return round(waits[min(len(waits) - 1, int(q * len(waits)))] * 1000, 1) if waits else None
 
-    return dict(trials_per_s=round(rate, 2), efficiency=round(rate / (workers / TRIAL_S), 3),
-                connection_error_lines=errors, storage_outages=outages, worker_crashes=crashes,
-                wait_p50_ms=pct(0.50), wait_p99_ms=pct(0.99), complete_in_window=len(done),
-                workers_completing=active)
+    return dict(
+        trials_per_s=round(rate, 2),
+        efficiency=round(rate / (workers / TRIAL_S), 3),
+        connection_error_lines=errors,
+        storage_outages=outages,
+        worker_crashes=crashes,
+        wait_p50_ms=pct(0.50),
+        wait_p99_ms=pct(0.99),
+        complete_in_window=len(done),
+        workers_completing=active,
+    )
 
 
 def _worker_key(trial: Any) -> tuple[Any, ...]:
     """Which worker ran a trial (the launcher's tags)."""
-    return (trial.user_attrs.get("launch_id"), trial.user_attrs.get("hostname"), trial.user_attrs.get("worker_pid"))
+    return (
+        trial.user_attrs.get("launch_id"),
+        trial.user_attrs.get("hostname"),
+        trial.user_attrs.get("worker_pid"),
+    )
 
 
 def _delete_redis_prefix(prefix: str) -> None:
@@ -311,13 +427,25 @@ def _delete_redis_prefix(prefix: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", default="32,64", help="comma-separated W values (default 32,64)")
+    parser.add_argument(
+        "--workers", default="32,64", help="comma-separated W values (default 32,64)"
+    )
     parser.add_argument("--backends", default="direct,grpc,redis", help="direct,grpc,redis")
-    parser.add_argument("--duration", type=float, default=25.0, help="measured window per cell (s)")
-    parser.add_argument("--boot-timeout", type=float, default=120.0, help="max seconds for W workers to start")
-    parser.add_argument("--per-launcher", type=int, default=8, help="workers per optuna-guard run (a 'host')")
-    parser.add_argument("--max-connections", type=int, default=50, help="PostgreSQL max_connections")
-    parser.add_argument("--mb-per-worker", type=float, default=150.0, help="memory a worker needs (caps W)")
+    parser.add_argument(
+        "--duration", type=float, default=25.0, help="measured window per cell (s)"
+    )
+    parser.add_argument(
+        "--boot-timeout", type=float, default=120.0, help="max seconds for W workers to start"
+    )
+    parser.add_argument(
+        "--per-launcher", type=int, default=8, help="workers per optuna-guard run (a 'host')"
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=50, help="PostgreSQL max_connections"
+    )
+    parser.add_argument(
+        "--mb-per-worker", type=float, default=150.0, help="memory a worker needs (caps W)"
+    )
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -330,24 +458,53 @@ def main() -> None:
         for w in [int(x) for x in args.workers.split(",")]:
             available_mb = psutil.virtual_memory().available / 2**20
             if w * args.mb_per_worker > available_mb * 0.6:
-                print(f"W={w}: skipped, needs ~{w * args.mb_per_worker:.0f} MB, {available_mb:.0f} MB available")
+                print(
+                    f"W={w}: skipped, needs ~{w * args.mb_per_worker:.0f} MB, {available_mb:.0f} MB available"
+                )
                 continue
             for backend in args.backends.split(","):
-                print(f"W={w} {backend}: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+                print(
+                    f"W={w} {backend}: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+                    flush=True,
+                )
                 res = run_cell(backend, w, args, pg, work)
                 print(json.dumps(res), flush=True)
                 results.append(res)
     finally:
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)
-    header = ("backend", "W", "trials/s", "eff", "workers completing", "conn err", "outages", "crashes", "wait p50 ms", "wait p99 ms",
-              "pg conns", "RSS MB/worker", "boot s")
+    header = (
+        "backend",
+        "W",
+        "trials/s",
+        "eff",
+        "workers completing",
+        "conn err",
+        "outages",
+        "crashes",
+        "wait p50 ms",
+        "wait p99 ms",
+        "pg conns",
+        "RSS MB/worker",
+        "boot s",
+    )
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in results:
-        row = (r["backend"], r["workers"], r["trials_per_s"], r["efficiency"], r["workers_completing"],
-               r["connection_error_lines"],
-               r["storage_outages"], r["worker_crashes"], r["wait_p50_ms"], r["wait_p99_ms"], r["peak_pg_connections"],
-               r["rss_mb_per_worker"], r["boot_s"] if r["booted"] else f"{r['boot_s']} (not all up)")
+        row = (
+            r["backend"],
+            r["workers"],
+            r["trials_per_s"],
+            r["efficiency"],
+            r["workers_completing"],
+            r["connection_error_lines"],
+            r["storage_outages"],
+            r["worker_crashes"],
+            r["wait_p50_ms"],
+            r["wait_p99_ms"],
+            r["peak_pg_connections"],
+            r["rss_mb_per_worker"],
+            r["boot_s"] if r["booted"] else f"{r['boot_s']} (not all up)",
+        )
         print("| " + " | ".join(str(x) for x in row) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -60,7 +60,11 @@ AVAILABLE_GB = 12.0  # what the machine has free for the trial
 MIN_AVAILABLE_GB = 2.0  # the guard's limit: stop before less than this is left
 KILL_AT_GB = AVAILABLE_GB - MIN_AVAILABLE_GB  # a trial needing more than this is killed
 BUDGET_GB = KILL_AT_GB  # the memory budget written as the constraint
-_FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+_FINISHED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.FAIL,
+)
 
 
 def peak_memory_gb(batch: int, width: int, optimizer: str) -> float:
@@ -73,7 +77,12 @@ def duration_s(batch: int, width: int) -> float:
 
 def loss(batch: int, width: int, lr: float, optimizer: str) -> float:
     size = (math.log2(batch / 32) + math.log2(width / 128)) / 4.0  # 0 .. 2
-    return 0.3 - 0.1 * size + 0.02 * (math.log10(lr) + 2.5) ** 2 + (0.0 if optimizer == "adam" else 0.01)
+    return (
+        0.3
+        - 0.1 * size
+        + 0.02 * (math.log10(lr) + 2.5) ** 2
+        + (0.0 if optimizer == "adam" else 0.01)
+    )
 
 
 class SimulatedMachine:
@@ -150,7 +159,9 @@ def run(variant: Variant, seed: int, n_trials: int) -> Outcome:
         width = trial.suggest_int("width", 128, 2048, log=True)
         lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
         optimizer = trial.suggest_categorical("optimizer", ["sgd", "adam"])
-        noise = 1.0 + 0.05 * math.sin(1000.0 * (seed + 1) + 7.0 * trial.number)  # deterministic +-5 %
+        noise = 1.0 + 0.05 * math.sin(
+            1000.0 * (seed + 1) + 7.0 * trial.number
+        )  # deterministic +-5 %
         need = peak_memory_gb(batch, width, optimizer) * noise
         length = duration_s(batch, width)
         if need > KILL_AT_GB:
@@ -161,7 +172,10 @@ def run(variant: Variant, seed: int, n_trials: int) -> Outcome:
             peak = round(KILL_AT_GB, 2)  # what the guard measured when it stopped the trial
             for key, value in (
                 (tags.EMERGENCY_KILLED, True),
-                (tags.KILL_REASON, f"OOM prevention [Trial #{trial.number}]: available 1.9 GB < 2.0 GB"),
+                (
+                    tags.KILL_REASON,
+                    f"OOM prevention [Trial #{trial.number}]: available 1.9 GB < 2.0 GB",
+                ),
                 (tags.KILL_LIMIT, "min_available_gb"),
                 (tags.AVAILABLE_GB_AT_KILL, 1.9),
                 (tags.PEAK_RSS_GB, peak),
@@ -183,7 +197,9 @@ def run(variant: Variant, seed: int, n_trials: int) -> Outcome:
     sampler = optuna.samplers.TPESampler(seed=seed)
     study = optuna.create_study(sampler=sampler)
     callbacks = []
-    if variant.free_preflight:  # stop when n_trials trials actually ran (pre-flight prunes cost ~0 s)
+    if (
+        variant.free_preflight
+    ):  # stop when n_trials trials actually ran (pre-flight prunes cost ~0 s)
 
         def stop_after_n_ran(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
             finished = study.get_trials(deepcopy=False, states=_FINISHED)
@@ -199,7 +215,9 @@ def run(variant: Variant, seed: int, n_trials: int) -> Outcome:
         callbacks=callbacks,
     )
     outcome.seconds = time.perf_counter() - started
-    outcome.preflight_prunes = sum(t.user_attrs.get(tags.KILL_LIMIT) == "preflight" for t in study.trials)
+    outcome.preflight_prunes = sum(
+        t.user_attrs.get(tags.KILL_LIMIT) == "preflight" for t in study.trials
+    )
     outcome.trials = len(study.trials)
     return outcome
 
@@ -222,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     for variant in VARIANTS:
         results[variant.name] = [run(variant, seed, args.trials) for seed in seeds]
 
-    print(f"OOM-aware search: {args.trials} trials x {len(seeds)} seeds, TPE (Optuna {optuna.__version__} defaults),")
-    print(f"simulated machine {AVAILABLE_GB:.0f} GB available, kill above {KILL_AT_GB:.0f} GB, budget {BUDGET_GB:.0f} GB\n")
+    print(
+        f"OOM-aware search: {args.trials} trials x {len(seeds)} seeds, TPE (Optuna {optuna.__version__} defaults),"
+    )
+    print(
+        f"simulated machine {AVAILABLE_GB:.0f} GB available, kill above {KILL_AT_GB:.0f} GB, budget {BUDGET_GB:.0f} GB\n"
+    )
     header = (
         f"{'variant':<27} {'trials':>6} {'kills/seed':>10} {'kills total':>11} {'vs naive':>9} {'pre-flight':>10} "
         f"{'wasted s':>9} {'study s':>8} {'best valid':>10}  {'best valid per seed':<{7 * len(seeds)}} {'cpu s':>6}"
@@ -245,11 +267,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(o.seconds for o in outcomes):>6.1f}"
         )
     print()
-    print("trials = trials in the study (median); kills = trials the (simulated) guard stopped mid-run;")
-    print("pre-flight = trials pruned before they started (tagged emergency_killed, kill_limit=preflight,")
-    print("0 s wasted); wasted s / study s / best valid = medians over seeds (simulated seconds; loss,")
-    print("lower is better); 'vs naive' = change in total kills against 'naive FAIL'; '100 ran' rows stop")
-    print("after 100 trials that ran (pre-flight prunes are free); cpu s = real time of the variant here.")
+    print(
+        "trials = trials in the study (median); kills = trials the (simulated) guard stopped mid-run;"
+    )
+    print(
+        "pre-flight = trials pruned before they started (tagged emergency_killed, kill_limit=preflight,"
+    )
+    print(
+        "0 s wasted); wasted s / study s / best valid = medians over seeds (simulated seconds; loss,"
+    )
+    print(
+        "lower is better); 'vs naive' = change in total kills against 'naive FAIL'; '100 ran' rows stop"
+    )
+    print(
+        "after 100 trials that ran (pre-flight prunes are free); cpu s = real time of the variant here."
+    )
     naive_best = statistics.median(o.best_valid for o in results[VARIANTS[0].name])
     ours = results[OURS]
     ours_kills = sum(o.kills for o in ours)

@@ -371,7 +371,10 @@ def main() -> None:
         rows.append(
             [f"{batch_rows:,} rows ({batch_rows * ROW_BYTES / 2**20:.2f} MiB)"]
             + [f"{res[n]:.2f}" if n in res else "-" for n in names]
-            + [f"{100 * res['ReplayBuffer'] / res['raw copy_']:.0f} %", f"{res['rss_growth_mb']:+.1f}"]
+            + [
+                f"{100 * res['ReplayBuffer'] / res['raw copy_']:.0f} %",
+                f"{res['rss_growth_mb']:+.1f}",
+            ]
         )
     print_table(
         "extend throughput, GB/s (best of rounds); ours' RSS growth over 3 more passes of the ring",
@@ -419,9 +422,7 @@ def main() -> None:
     big = 65_536 if args.quick else 262_144  # 64 MiB per generation
     for name in ("ReplayBufferList", "ElegantRL list(map) update", "seed fix (clear+gc.collect)"):
         r = in_fresh_interpreter("--peak-case", name, str(big))
-        rows.append(
-            [name, f"{r['generation_mb']:.0f}", f"{r['peak_over_steady_mb']:.0f}"]
-        )
+        rows.append([name, f"{r['generation_mb']:.0f}", f"{r['peak_over_steady_mb']:.0f}"])
     print_table(
         f"peak RSS while replacing a {big:,}-row rollout (MiB)",
         ["buffer", "one generation", "peak above steady"],

@@ -44,7 +44,12 @@ def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A smooth nonlinear regression problem with noise."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(N_SAMPLES, N_INPUTS))
-    y = np.sin(x[:, 0] * 1.5) + 0.5 * x[:, 1] * x[:, 2] + np.cos(x[:, 3]) + 0.1 * rng.normal(size=N_SAMPLES)
+    y = (
+        np.sin(x[:, 0] * 1.5)
+        + 0.5 * x[:, 1] * x[:, 2]
+        + np.cos(x[:, 3])
+        + 0.1 * rng.normal(size=N_SAMPLES)
+    )
     return x, y
 
 
@@ -56,7 +61,9 @@ def random_features(x: np.ndarray, width: int, gamma: float, seed: int) -> np.nd
     features = np.empty((x.shape[0], width))
     for start in range(0, x.shape[0], BLOCK_ROWS):
         block = x[start : start + BLOCK_ROWS]
-        features[start : start + BLOCK_ROWS] = np.sqrt(2.0 / width) * np.cos(block @ weights + offsets)
+        features[start : start + BLOCK_ROWS] = np.sqrt(2.0 / width) * np.cos(
+            block @ weights + offsets
+        )
     return features
 
 
@@ -67,7 +74,9 @@ def take_rows(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_ridge_sgd(z: np.ndarray, y: np.ndarray, alpha: float, lr: float, epochs: int = 2, batch: int = 512) -> np.ndarray:
+def fit_ridge_sgd(
+    z: np.ndarray, y: np.ndarray, alpha: float, lr: float, epochs: int = 2, batch: int = 512
+) -> np.ndarray:
     rng = np.random.default_rng(0)
     w = np.zeros(z.shape[1])
     for _ in range(epochs):
@@ -79,10 +88,17 @@ def fit_ridge_sgd(z: np.ndarray, y: np.ndarray, alpha: float, lr: float, epochs:
     return w
 
 
-def build_objective(x: np.ndarray, y: np.ndarray, limit_gb: float, budget_gb: float, safe_gb: float):
+def build_objective(
+    x: np.ndarray, y: np.ndarray, limit_gb: float, budget_gb: float, safe_gb: float
+):
     folds = np.array_split(np.random.default_rng(1).permutation(len(y)), N_FOLDS)
 
-    @guard(max_trial_rss_gb=limit_gb, min_available_gb=safe_gb, warn_available_gb=2 * safe_gb, memory_budget_gb=budget_gb)
+    @guard(
+        max_trial_rss_gb=limit_gb,
+        min_available_gb=safe_gb,
+        warn_available_gb=2 * safe_gb,
+        memory_budget_gb=budget_gb,
+    )
     def objective(trial: optuna.Trial) -> float:
         width = trial.suggest_int("width", 32, 4096, log=True)
         gamma = trial.suggest_float("gamma", 1e-2, 1.0, log=True)
@@ -91,7 +107,12 @@ def build_objective(x: np.ndarray, y: np.ndarray, limit_gb: float, budget_gb: fl
         features = random_features(x, width, gamma, seed=trial.number)
         scores = []
         for k, val_rows in enumerate(folds, start=1):
-            check_memory(trial, f"split {k}/{N_FOLDS}", safe_threshold_gb=safe_gb, warning_threshold_gb=2 * safe_gb)
+            check_memory(
+                trial,
+                f"split {k}/{N_FOLDS}",
+                safe_threshold_gb=safe_gb,
+                warning_threshold_gb=2 * safe_gb,
+            )
             train_rows = np.concatenate([f for j, f in enumerate(folds, start=1) if j != k])
             z_train = take_rows(features, train_rows)
             w = fit_ridge_sgd(z_train, y[train_rows], alpha, lr)
@@ -109,28 +130,61 @@ def build_objective(x: np.ndarray, y: np.ndarray, limit_gb: float, budget_gb: fl
 def summary_table(study: optuna.Study) -> Table:
     table = Table(title=f"Study {study.study_name}")
     for column in ("#", "state", "width", "CV RMSE", "peak RSS GB", "stopped by the guard"):
-        table.add_column(column, justify="right" if column in ("#", "width", "CV RMSE", "peak RSS GB") else "left")
+        table.add_column(
+            column,
+            justify="right" if column in ("#", "width", "CV RMSE", "peak RSS GB") else "left",
+        )
     for trial in study.trials:
-        value = f"{trial.value:.4f}" if trial.value is not None and trial.state.name == "COMPLETE" else ""
+        value = (
+            f"{trial.value:.4f}"
+            if trial.value is not None and trial.state.name == "COMPLETE"
+            else ""
+        )
         reason = ""
-        if trial.user_attrs.get(tags.EMERGENCY_KILLED):  # "OOM prevention [where]: detail" -> "where: detail"
-            reason = trial.user_attrs.get(tags.KILL_REASON, "").replace("OOM prevention [", "").replace("]", "", 1)
+        if trial.user_attrs.get(
+            tags.EMERGENCY_KILLED
+        ):  # "OOM prevention [where]: detail" -> "where: detail"
+            reason = (
+                trial.user_attrs.get(tags.KILL_REASON, "")
+                .replace("OOM prevention [", "")
+                .replace("]", "", 1)
+            )
         peak = trial.user_attrs.get(tags.PEAK_RSS_GB)
-        table.add_row(str(trial.number), trial.state.name, str(trial.params.get("width", "")), value, "" if peak is None else f"{peak:.2f}", reason)
+        table.add_row(
+            str(trial.number),
+            trial.state.name,
+            str(trial.params.get("width", "")),
+            value,
+            "" if peak is None else f"{peak:.2f}",
+            reason,
+        )
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Guarded k-fold CV study (random-feature ridge regression).")
+    parser = argparse.ArgumentParser(
+        description="Guarded k-fold CV study (random-feature ridge regression)."
+    )
     parser.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
-    parser.add_argument("--storage", default=None, help="storage URL (default: optuna_guard.db in the current directory)")
-    parser.add_argument("--headroom-mb", type=float, default=150.0, help="max_trial_rss_gb = RSS at start + this (default 150 MB)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="storage URL (default: optuna_guard.db in the current directory)",
+    )
+    parser.add_argument(
+        "--headroom-mb",
+        type=float,
+        default=150.0,
+        help="max_trial_rss_gb = RSS at start + this (default 150 MB)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error(f"--trials must be >= 1 but got {args.trials}")
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     x, y = make_data(args.seed)
@@ -141,10 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         storage=open_storage(storage_url),
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=8),
-        pruner=MemoryGuardPruner(optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1), min_available_gb=safe_gb, warn_available_gb=2 * safe_gb),
+        pruner=MemoryGuardPruner(
+            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+            min_available_gb=safe_gb,
+            warn_available_gb=2 * safe_gb,
+        ),
     )
-    study.enqueue_trial({"width": 4096, "gamma": 0.1, "alpha": 1e-4, "lr": 0.5})  # last week's "just try it wide"
-    fit_ridge_sgd(random_features(x[:BLOCK_ROWS], 32, 0.1, seed=0), y[:BLOCK_ROWS], 1e-4, 0.1)  # warm up numpy
+    study.enqueue_trial(
+        {"width": 4096, "gamma": 0.1, "alpha": 1e-4, "lr": 0.5}
+    )  # last week's "just try it wide"
+    fit_ridge_sgd(
+        random_features(x[:BLOCK_ROWS], 32, 0.1, seed=0), y[:BLOCK_ROWS], 1e-4, 0.1
+    )  # warm up numpy
     start_rss_gb = process_tree_rss() / GB  # measured once everything is loaded
     limit_gb = round(start_rss_gb + args.headroom_mb / 1024, 3)
     console = Console()
@@ -166,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if complete:
         best = min(complete, key=lambda t: t.value)
-        console.print(f"Best valid trial #{best.number}: CV RMSE {best.value:.4f} with {best.params}")
+        console.print(
+            f"Best valid trial #{best.number}: CV RMSE {best.value:.4f} with {best.params}"
+        )
     return 0
 
 

@@ -52,4 +52,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             if torch.cuda.is_available() and torch.cuda.device_count() >= len(state["torch_cuda"]):
                 torch.cuda.set_rng_state_all(state["torch_cuda"])
             else:
-                _log.warning("Checkpoint has CUDA RNG states but this process sees no matching GPUs; not restored.")
+                _log.warning(
+                    "Checkpoint has CUDA RNG states but this process sees no matching GPUs; not restored."
+                )

@@ -58,7 +58,13 @@ GRPC_SERVER_OPTIONS = (
     ("grpc.http2.max_ping_strikes", 0),
 )
 
-__all__ = ["KeepaliveGrpcStorageProxy", "is_rdb_url", "normalize_url", "open_url_storage", "url_kind"]
+__all__ = [
+    "KeepaliveGrpcStorageProxy",
+    "is_rdb_url",
+    "normalize_url",
+    "open_url_storage",
+    "url_kind",
+]
 
 
 def url_kind(url: str) -> str:
@@ -100,7 +106,9 @@ def _grpc_address(url: str) -> tuple[str, int]:
     except ValueError:
         port = -1
     if not parts.hostname or port <= 0 or parts.path not in ("", "/"):
-        raise ConfigError(f"storage URL {url!r} is not a gRPC proxy address; use grpc://host:{DEFAULT_GRPC_PORT}")
+        raise ConfigError(
+            f"storage URL {url!r} is not a gRPC proxy address; use grpc://host:{DEFAULT_GRPC_PORT}"
+        )
     return parts.hostname, port
 
 
@@ -112,7 +120,9 @@ def _redis_url(url: str, connect_timeout: float) -> tuple[str, str]:
     query.setdefault("socket_connect_timeout", f"{connect_timeout:g}")
     query.setdefault("socket_timeout", f"{max(REDIS_READ_TIMEOUT_S, connect_timeout):g}")
     if parts.path not in ("", "/") and not parts.path.lstrip("/").isdigit():
-        raise ConfigError(f"storage URL {url!r}: the Redis database must be a number, e.g. redis://host:6379/0")
+        raise ConfigError(
+            f"storage URL {url!r}: the Redis database must be a number, e.g. redis://host:6379/0"
+        )
     return urlunsplit(parts._replace(query=urlencode(query))), prefix
 
 
@@ -131,7 +141,9 @@ def open_url_storage(url: str, *, connect_timeout: float = 5.0) -> BaseStorage:
             path = _journal_path(url)
             directory = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(directory):
-                raise ConfigError(f"storage URL {url!r}: directory {directory!r} does not exist; create it first.")
+                raise ConfigError(
+                    f"storage URL {url!r}: directory {directory!r} does not exist; create it first."
+                )
             return optuna.storages.JournalStorage(JournalFileBackend(path))
         if kind == "redis":
             _require("redis", "redis", url)
@@ -155,7 +167,9 @@ class KeepaliveGrpcStorageProxy(optuna.storages.GrpcStorageProxy):
         from optuna.storages._grpc.auto_generated import api_pb2_grpc
         from optuna.storages._grpc.client import GrpcClientCache
 
-        self._channel = grpc.insecure_channel(f"{self._host}:{self._port}", options=list(GRPC_CLIENT_OPTIONS))
+        self._channel = grpc.insecure_channel(
+            f"{self._host}:{self._port}", options=list(GRPC_CLIENT_OPTIONS)
+        )
         self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
         self._cache = GrpcClientCache(self._stub)
 

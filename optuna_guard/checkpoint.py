@@ -72,7 +72,9 @@ def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="optuna-guard-hash")
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="optuna-guard-hash"
+            )
         return _pool
 
 
@@ -86,7 +88,9 @@ os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 # (study name, trial number) of trials already warned about a full disk: one warning per trial.
 _disk_full_lock = threading.Lock()
-_disk_full_warned: collections.OrderedDict[tuple[str | None, int], None] = collections.OrderedDict()
+_disk_full_warned: collections.OrderedDict[tuple[str | None, int], None] = (
+    collections.OrderedDict()
+)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -136,7 +140,9 @@ def _study_dirname(study_name: str | None) -> str:
     return safe
 
 
-def chain_directory(root: str | os.PathLike[str], study_name: str | None, original_number: int) -> Path:
+def chain_directory(
+    root: str | os.PathLike[str], study_name: str | None, original_number: int
+) -> Path:
     """Where the checkpoints of a retry chain live."""
     return Path(root) / _study_dirname(study_name) / f"trial-{original_number}"
 
@@ -176,7 +182,12 @@ class _HashingWriter:
     _SYNC_EARLY_BYTES = 16 * MB
 
     def __init__(
-        self, raw: BinaryIO, pool: concurrent.futures.Executor, *, durable: bool = True, sha256: bool = True
+        self,
+        raw: BinaryIO,
+        pool: concurrent.futures.Executor,
+        *,
+        durable: bool = True,
+        sha256: bool = True,
     ) -> None:
         self._raw = raw
         self._pool = pool
@@ -236,14 +247,19 @@ def _digest_of_file(path: Path, digest: Any) -> str:
             view = memoryview(mapped)
             try:
                 for start in range(0, size, _HASH_CHUNK):
-                    digest.update(view[start:start + _HASH_CHUNK])
+                    digest.update(view[start : start + _HASH_CHUNK])
             finally:
                 view.release()
     return str(digest.hexdigest())
 
 
 def _write_atomically(
-    directory: Path, final: Path, write: Any, pool: concurrent.futures.Executor, *, sha256: bool = True
+    directory: Path,
+    final: Path,
+    write: Any,
+    pool: concurrent.futures.Executor,
+    *,
+    sha256: bool = True,
 ) -> tuple[str | None, int, str | None]:
     """Temp file in ``directory`` -> ``write(fileobj)`` -> flush -> fsync -> rename -> fsync dir.
     Returns (sha256 or None, size, xxh3_128 or None). The temp file is removed if anything fails."""
@@ -315,7 +331,9 @@ class TrialCheckpointer:
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ConfigError(f"keep_last must be an integer >= 1 but got {keep_last!r}.")
         if keep_on_complete not in (False, True, "best"):
-            raise ConfigError(f"keep_on_complete must be False, True or 'best' but got {keep_on_complete!r}.")
+            raise ConfigError(
+                f"keep_on_complete must be False, True or 'best' but got {keep_on_complete!r}."
+            )
         if format not in ("auto", "torch", "pickle"):
             raise ConfigError(f"format must be 'auto', 'torch' or 'pickle' but got {format!r}.")
         self._trial = trial
@@ -350,16 +368,23 @@ class TrialCheckpointer:
                 return None
         elif isinstance(store, str):
             store = stores.open_checkpoint_store(store)
-        elif not all(callable(getattr(store, m, None)) for m in ("open_reader", "write", "remove")):
+        elif not all(
+            callable(getattr(store, m, None)) for m in ("open_reader", "write", "remove")
+        ):
             raise ConfigError(
                 f"store must be an Optuna artifact store (open_reader/write/remove) or a URL such as "
                 f"file:///shared/dir or s3://bucket/prefix, but got {type(store).__name__}."
             )
         if study is None:
-            raise ConfigError("a checkpoint store needs the study: pass study= with a FrozenTrial.")
+            raise ConfigError(
+                "a checkpoint store needs the study: pass study= with a FrozenTrial."
+            )
         storage = study._storage
         study_id = getattr(study, "_study_id", None)
-        chain_ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in self.retry_history]
+        chain_ids = [
+            storage.get_trial_id_from_study_id_trial_number(study_id, n)
+            for n in self.retry_history
+        ]
         return stores.ArtifactChain(
             store,
             storage,
@@ -394,11 +419,15 @@ class TrialCheckpointer:
 
     # -- saving ---------------------------------------------------------------------------
 
-    def should_save(self, step: int, every: int | None = None, *, every_seconds: float | None = None) -> bool:
+    def should_save(
+        self, step: int, every: int | None = None, *, every_seconds: float | None = None
+    ) -> bool:
         """True when a checkpoint is due: every ``every`` steps, every ``every_seconds``
         seconds, when SIGUSR1 asked for one, or when the trial is asked to stop (so it saves
         before :meth:`save` raises TrialPreempted)."""
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
             raise ConfigError(f"every must be an integer >= 1 but got {every!r}.")
         if preemption.stop_requested() or preemption.consume_checkpoint_request():
             return True
@@ -406,7 +435,10 @@ class TrialCheckpointer:
             return False
         if every is not None and step % every == 0:
             return True
-        return every_seconds is not None and time.monotonic() - self._last_save_monotonic >= every_seconds
+        return (
+            every_seconds is not None
+            and time.monotonic() - self._last_save_monotonic >= every_seconds
+        )
 
     def save(self, state: Any, step: int) -> Path | str | None:
         """Write a checkpoint of ``state`` at ``step`` atomically and durably; return the
@@ -443,7 +475,12 @@ class TrialCheckpointer:
             self._record_step(step)
         preemption.consume_checkpoint_request()
         if preemption.stop_requested():
-            _log.warning("Trial %d saved checkpoint step %d before stopping (%s).", self.number, step, preemption.stop_reason())
+            _log.warning(
+                "Trial %d saved checkpoint step %d before stopping (%s).",
+                self.number,
+                step,
+                preemption.stop_reason(),
+            )
             preemption.raise_if_stop_requested(self._trial)
         return path
 
@@ -452,7 +489,9 @@ class TrialCheckpointer:
             self._warned_taken_over = True
             _log.warning(
                 "Trial %d was ended from outside while it ran (taken over as lost); checkpoint "
-                "step %d and later ones are not kept.", self.number, step,
+                "step %d and later ones are not kept.",
+                self.number,
+                step,
             )
 
     def _record_step(self, step: int) -> None:
@@ -467,7 +506,9 @@ class TrialCheckpointer:
         try:
             storage.set_trial_system_attr(trial_id, CHECKPOINT_STEP, int(step))
         except Exception as exc:  # a bookkeeping write must never fail the save
-            _log.debug("Could not record checkpoint step %d of trial %s: %s", step, self.number, exc)
+            _log.debug(
+                "Could not record checkpoint step %d of trial %s: %s", step, self.number, exc
+            )
 
     def _save_making_room(self, state: Any, step: int) -> Path | str:
         """``_save``; on a full disk, rotate away what ``keep_last`` allows and retry once; a
@@ -483,7 +524,11 @@ class TrialCheckpointer:
             freed = self._make_room()
             _log.info(
                 "Trial %d: disk full saving checkpoint step %d; removed %d older checkpoint(s) "
-                "that keep_last=%d lets go, retrying once.", self.number, step, freed, self.keep_last,
+                "that keep_last=%d lets go, retrying once.",
+                self.number,
+                step,
+                freed,
+                self.keep_last,
             )
             return self._save(state, step)
 
@@ -496,7 +541,10 @@ class TrialCheckpointer:
             return self._chain.rotate(keep)
         removed = 0
         for info in self.checkpoints()[keep:]:
-            for path in (info.manifest, info.payload):  # manifest first: never a manifest without payload
+            for path in (
+                info.manifest,
+                info.payload,
+            ):  # manifest first: never a manifest without payload
                 _unlink_quietly(path)
             removed += 1
         if self.directory.is_dir():  # leftovers of crashed saves hold space too
@@ -517,14 +565,20 @@ class TrialCheckpointer:
             hint = " Free disk space or lower keep_last." if _is_disk_full(exc) else ""
             _log.warning(
                 "%s; the trial goes on without this checkpoint (a retry resumes from the last one "
-                "saved).%s Further failures of this trial are logged at DEBUG.", message, hint,
+                "saved).%s Further failures of this trial are logged at DEBUG.",
+                message,
+                hint,
             )
         else:
             _log.debug("%s; the trial goes on without it.", message)
 
     def _save(self, state: Any, step: int) -> Path | str:
         fmt = _resolve_format(self.format)
-        payload_obj = {"state": state, "step": step, "rng": capture_rng_state() if self.capture_rng else None}
+        payload_obj = {
+            "state": state,
+            "step": step,
+            "rng": capture_rng_state() if self.capture_rng else None,
+        }
         if self._chain is not None:
             return self._save_to_store(payload_obj, step, fmt)
         started = time.monotonic()
@@ -557,14 +611,21 @@ class TrialCheckpointer:
         try:
             _write_atomically(self.directory, manifest, lambda f: f.write(encoded), pool)
         except BaseException:
-            _unlink_quietly(payload)  # a payload without manifest is no checkpoint, only used space
+            _unlink_quietly(
+                payload
+            )  # a payload without manifest is no checkpoint, only used space
             raise
         self.last_saved_step = step
         self._last_save_monotonic = time.monotonic()
         self._rotate(keep=payload, save_started=time.time() - (time.monotonic() - started))
         _log.debug(
             "Trial %d saved checkpoint step %d (%.1f MB, %s) in %.2f s to %s.",
-            self.number, step, size / MB, fmt, time.monotonic() - started, payload,
+            self.number,
+            step,
+            size / MB,
+            fmt,
+            time.monotonic() - started,
+            payload,
         )
         return payload
 
@@ -584,7 +645,12 @@ class TrialCheckpointer:
         self._last_save_monotonic = time.monotonic()
         _log.debug(
             "Trial %d saved checkpoint step %d (%.1f MB, %s) in %.2f s to %s.",
-            self.number, step, saved.size / MB, fmt, time.monotonic() - started, self._chain.url,
+            self.number,
+            step,
+            saved.size / MB,
+            fmt,
+            time.monotonic() - started,
+            self._chain.url,
         )
         return saved.artifact_id
 
@@ -594,10 +660,13 @@ class TrialCheckpointer:
         payload another process is about to describe is left alone)."""
         complete = self.checkpoints()
         referenced = {info.payload.name for info in complete}
-        for info in complete[self.keep_last:]:
+        for info in complete[self.keep_last :]:
             if info.payload == keep:
                 continue
-            for path in (info.manifest, info.payload):  # manifest first: never a manifest without payload
+            for path in (
+                info.manifest,
+                info.payload,
+            ):  # manifest first: never a manifest without payload
                 _unlink_quietly(path)
             referenced.discard(info.payload.name)
         now = time.time()
@@ -640,7 +709,10 @@ class TrialCheckpointer:
             if problem is not None:
                 _log.warning(
                     "Trial %d: checkpoint step %d (%s) %s; skipped, trying the previous one.",
-                    self.number, info.step, info.payload.name, problem,
+                    self.number,
+                    info.step,
+                    info.payload.name,
+                    problem,
                 )
                 _quarantine(info)
                 continue
@@ -669,7 +741,11 @@ class TrialCheckpointer:
             if problem is not None:
                 _log.warning(
                     "Trial %d: checkpoint step %d (%s in %s) %s; skipped, trying the previous one.",
-                    self.number, item.step, item.artifact_id, chain.url, problem,
+                    self.number,
+                    item.step,
+                    item.artifact_id,
+                    chain.url,
+                    problem,
                 )
                 chain.forget(item)
                 continue
@@ -837,7 +913,10 @@ def _verified_payload(
     if error is not None:
         return None, f"cannot be read ({type(error).__name__}: {error})"
     if payload.get("step") != info.step:  # the manifest was edited: it is not trusted
-        return None, f"has a manifest that says step {info.step} but the payload holds step {payload.get('step')!r}"
+        return (
+            None,
+            f"has a manifest that says step {info.step} but the payload holds step {payload.get('step')!r}",
+        )
     return payload, None
 
 
@@ -898,7 +977,13 @@ class CheckpointCleanupCallback:
     best trial (the Pareto front for multi-objective studies) are kept.
     """
 
-    def __init__(self, root: str | os.PathLike[str] = "checkpoints", *, keep_best: bool = False, store: Any = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = "checkpoints",
+        *,
+        keep_best: bool = False,
+        store: Any = None,
+    ) -> None:
         from optuna_guard import _checkpoint_store as stores
 
         self.root = Path(root)
@@ -917,7 +1002,9 @@ class CheckpointCleanupCallback:
         study_dir = self.root / _study_dirname(study.study_name)
         if not study_dir.is_dir():
             return
-        present = {p.name for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("trial-")}
+        present = {
+            p.name for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("trial-")
+        }
         if not present:
             return
         finished: set[int] = set()
@@ -935,7 +1022,6 @@ class CheckpointCleanupCallback:
             name = f"trial-{original}"
             if name in present and remove_directory(study_dir / name):
                 _log.debug("Removed the checkpoints of finished trial chain %d.", original)
-
 
     def _clean_store(self, study: Any) -> None:
         """Artifact-store mode: remove the listed checkpoints of finished chains (once each)."""
@@ -986,4 +1072,6 @@ def iter_chain_directories(root: str | os.PathLike[str], study_name: str) -> Ite
     """The chain directories that exist for a study (for tools and reports)."""
     study_dir = Path(root) / _study_dirname(study_name)
     if study_dir.is_dir():
-        yield from sorted(p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("trial-"))
+        yield from sorted(
+            p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("trial-")
+        )

@@ -75,7 +75,9 @@ class EventLog:
         now = time.time()
         record: dict[str, Any] = {
             "ts": round(now, 3),
-            "time": _dt.datetime.fromtimestamp(now).astimezone().isoformat(timespec="milliseconds"),
+            "time": _dt.datetime.fromtimestamp(now)
+            .astimezone()
+            .isoformat(timespec="milliseconds"),
             "event": event,
         }
         record.update(fields)
@@ -105,7 +107,9 @@ def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         with open(path, encoding="utf-8") as handle:
             lines = handle.readlines()
     except OSError as exc:
-        raise ConfigError(f"cannot read event log {os.fspath(path)!r}: {exc.strerror}; pass an existing file.") from None
+        raise ConfigError(
+            f"cannot read event log {os.fspath(path)!r}: {exc.strerror}; pass an existing file."
+        ) from None
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
@@ -115,6 +119,8 @@ def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         except json.JSONDecodeError:
             if number == len(lines):
                 continue
-            raise ConfigError(f"event log {os.fspath(path)!r} line {number} is not JSON; is it an optuna-guard event log?") from None
+            raise ConfigError(
+                f"event log {os.fspath(path)!r} line {number} is not JSON; is it an optuna-guard event log?"
+            ) from None
         if isinstance(record, dict) and "event" in record:
             yield record

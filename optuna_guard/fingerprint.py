@@ -58,7 +58,9 @@ class Fingerprint:
 
     @property
     def digest(self) -> str:
-        parts = [self.function, self.file, self.spec] + [f"{label}={value}" for label, value in self.extra]
+        parts = [self.function, self.file, self.spec] + [
+            f"{label}={value}" for label, value in self.extra
+        ]
         return _sha256("\n".join(parts).encode())
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +127,10 @@ def _definition(tree: ast.Module, qualname: str) -> ast.AST | None:
             return None
         found: ast.AST | None = None
         for child in body:
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and child.name == part:
+            if (
+                isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and child.name == part
+            ):
                 found = child
             elif isinstance(child, (ast.Assign, ast.AnnAssign)):
                 targets = child.targets if isinstance(child, ast.Assign) else [child.target]
@@ -158,9 +163,13 @@ def hash_extra(inputs: Iterable[str]) -> tuple[tuple[str, str], ...]:
     hashed: dict[str, str] = {}
     for item in inputs:
         if not isinstance(item, str) or not item:
-            raise ConfigError(f"--fingerprint-extra needs a file path or a non-empty string but got {item!r}.")
+            raise ConfigError(
+                f"--fingerprint-extra needs a file path or a non-empty string but got {item!r}."
+            )
         if os.path.isdir(item):
-            raise ConfigError(f"--fingerprint-extra {item!r} is a directory; pass files (or a version string) instead.")
+            raise ConfigError(
+                f"--fingerprint-extra {item!r} is a directory; pass files (or a version string) instead."
+            )
         if os.path.isfile(item):
             hashed[item] = _sha256(_read_source(item).encode("utf-8", errors="surrogateescape"))
         else:
@@ -168,17 +177,25 @@ def hash_extra(inputs: Iterable[str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(hashed.items()))
 
 
-def fingerprint_file(path: str, qualname: str, *, spec_text: str, extra: Iterable[str] = ()) -> Fingerprint:
+def fingerprint_file(
+    path: str, qualname: str, *, spec_text: str, extra: Iterable[str] = ()
+) -> Fingerprint:
     """The fingerprint of the objective ``qualname`` defined in the file ``path``."""
     try:
         source = _read_source(path)
     except OSError as exc:
-        raise ConfigError(f"cannot read {path!r} to fingerprint the objective: {exc.strerror}.") from None
+        raise ConfigError(
+            f"cannot read {path!r} to fingerprint the objective: {exc.strerror}."
+        ) from None
     function = function_source(source, qualname)
     if function is None:
-        _log.warning("Objective fingerprint: %s not found in %s; only the file is hashed.", qualname, path)
+        _log.warning(
+            "Objective fingerprint: %s not found in %s; only the file is hashed.", qualname, path
+        )
     return Fingerprint(
-        function=_sha256(function.encode("utf-8", errors="surrogateescape")) if function is not None else UNAVAILABLE,
+        function=_sha256(function.encode("utf-8", errors="surrogateescape"))
+        if function is not None
+        else UNAVAILABLE,
         file=_sha256(source.encode("utf-8", errors="surrogateescape")),
         spec=_sha256(spec_text.encode()),
         extra=hash_extra(extra),
@@ -187,7 +204,9 @@ def fingerprint_file(path: str, qualname: str, *, spec_text: str, extra: Iterabl
     )
 
 
-def fingerprint_spec(spec: str, *, extra: Iterable[str] = (), search_path: Sequence[str] = ()) -> Fingerprint:
+def fingerprint_spec(
+    spec: str, *, extra: Iterable[str] = (), search_path: Sequence[str] = ()
+) -> Fingerprint:
     """The fingerprint of an OBJECTIVE spec (``path/file.py:f`` or ``package.module:f``),
     locating the module's file without importing anything."""
     from optuna_guard.supervisor._objective_spec import is_file_target, split_spec
@@ -199,8 +218,13 @@ def fingerprint_spec(spec: str, *, extra: Iterable[str] = (), search_path: Seque
     else:
         path = _module_file(target, search_path)
         if path is None:
-            _log.warning("Objective fingerprint: the source of module %r was not found; only the spec is hashed.", target)
-            return Fingerprint(UNAVAILABLE, UNAVAILABLE, _sha256(spec.encode()), hash_extra(extra), "", spec)
+            _log.warning(
+                "Objective fingerprint: the source of module %r was not found; only the spec is hashed.",
+                target,
+            )
+            return Fingerprint(
+                UNAVAILABLE, UNAVAILABLE, _sha256(spec.encode()), hash_extra(extra), "", spec
+            )
     return fingerprint_file(path, attr, spec_text=spec, extra=extra)
 
 
@@ -216,12 +240,16 @@ def fingerprint_callable(func: Callable[..., Any], *, extra: Iterable[str] = ())
     except TypeError:
         path = None
     spec_text = f"{os.path.basename(path) if path else '?'}:{qualname}"
-    if not path or not os.path.isfile(path):  # a notebook cell: linecache may still have the source
+    if not path or not os.path.isfile(
+        path
+    ):  # a notebook cell: linecache may still have the source
         try:
             function = _sha256(inspect.getsource(func).replace("\r\n", "\n").encode())
         except (OSError, TypeError):
             function = UNAVAILABLE
-        return Fingerprint(function, UNAVAILABLE, _sha256(spec_text.encode()), hash_extra(extra), "", spec_text)
+        return Fingerprint(
+            function, UNAVAILABLE, _sha256(spec_text.encode()), hash_extra(extra), "", spec_text
+        )
     return fingerprint_file(path, qualname, spec_text=spec_text, extra=extra)
 
 
@@ -267,7 +295,9 @@ def current_version(study: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def resolve_version(study: Any, fingerprint: Fingerprint, *, allow_changed: bool, how_to_allow: str) -> VersionDecision:
+def resolve_version(
+    study: Any, fingerprint: Fingerprint, *, allow_changed: bool, how_to_allow: str
+) -> VersionDecision:
     """Record the fingerprint on a study that has none (version 1); keep the current version
     when it matches; otherwise raise ObjectiveChangedError, or with ``allow_changed`` make
     the matching earlier version current again or record a new one."""
@@ -281,7 +311,9 @@ def resolve_version(study: Any, fingerprint: Fingerprint, *, allow_changed: bool
     latest = next((v for v in versions if v["version"] == current), versions[-1])
     if latest["fingerprint"]["digest"] == fingerprint.digest:
         return VersionDecision(int(latest["version"]), fingerprint.digest, recorded=False)
-    what = tuple(changes(Fingerprint.from_dict(latest["fingerprint"]), fingerprint)) or ("fingerprint",)
+    what = tuple(changes(Fingerprint.from_dict(latest["fingerprint"]), fingerprint)) or (
+        "fingerprint",
+    )
     same = next((v for v in versions if v["fingerprint"]["digest"] == fingerprint.digest), None)
     new_version = int(same["version"]) if same else max(int(v["version"]) for v in versions) + 1
     if not allow_changed:
@@ -297,7 +329,9 @@ def resolve_version(study: Any, fingerprint: Fingerprint, *, allow_changed: bool
         storage.set_study_system_attr(study_id, CURRENT_ATTR, new_version)
     _log.warning(
         "Objective of study %r changed (%s): new trials are objective_version %d.",
-        study.study_name, ", ".join(what), new_version,
+        study.study_name,
+        ", ".join(what),
+        new_version,
     )
     return VersionDecision(new_version, fingerprint.digest, recorded=same is None, changed=what)
 
@@ -306,7 +340,13 @@ def _and(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _record(storage: Any, study_id: int, versions: list[dict[str, Any]], version: int, fingerprint: Fingerprint) -> None:
+def _record(
+    storage: Any,
+    study_id: int,
+    versions: list[dict[str, Any]],
+    version: int,
+    fingerprint: Fingerprint,
+) -> None:
     entry = {
         "version": version,
         "fingerprint": fingerprint.to_dict(),

@@ -41,7 +41,9 @@ def take_sample(probe: MemoryProbe | None = None, *, now: float | None = None) -
     gpus = probe.gpus()
     now = time.time() if now is None else now
     return {
-        "timestamp": _dt.datetime.fromtimestamp(now).astimezone().isoformat(timespec="milliseconds"),
+        "timestamp": _dt.datetime.fromtimestamp(now)
+        .astimezone()
+        .isoformat(timespec="milliseconds"),
         "ts": round(now, 3),
         "memory": {
             "total_gb": _gb(system.total_bytes),
@@ -80,12 +82,17 @@ def format_sample(record: dict[str, Any]) -> str:
     ]
     if psi.get("some_avg10") is not None:
         full = psi.get("full_avg10")
-        parts.append(f"PSI some {psi['some_avg10']:.2f}%" + (f" full {full:.2f}%" if full is not None else ""))
+        parts.append(
+            f"PSI some {psi['some_avg10']:.2f}%"
+            + (f" full {full:.2f}%" if full is not None else "")
+        )
     else:
         parts.append("PSI n/a")
     if record["gpu"]:
         for gpu in record["gpu"]:
-            parts.append(f"GPU{gpu['index']} {gpu['used_gb']:.2f}/{gpu['total_gb']:.2f} GB ({gpu['percent']:.1f}%)")
+            parts.append(
+                f"GPU{gpu['index']} {gpu['used_gb']:.2f}/{gpu['total_gb']:.2f} GB ({gpu['percent']:.1f}%)"
+            )
     else:
         parts.append("no GPU")
     return " | ".join(parts)
@@ -113,7 +120,9 @@ def run_monitor(
             os.makedirs(directory, exist_ok=True)
             handle = open(log_path, "a", encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot write the monitor log {os.fspath(log_path)!r}: {exc.strerror}; pass --log FILE in a writable place or --no-log.") from None
+            raise ConfigError(
+                f"cannot write the monitor log {os.fspath(log_path)!r}: {exc.strerror}; pass --log FILE in a writable place or --no-log."
+            ) from None
     taken = 0
     try:
         while True:
@@ -166,7 +175,9 @@ def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         with open(name, encoding="utf-8") as handle:
             lines = handle.readlines()
     except OSError as exc:
-        raise ConfigError(f"cannot read monitor log {name!r}: {exc.strerror}; pass a file written by 'optuna-guard monitor --log'.") from None
+        raise ConfigError(
+            f"cannot read monitor log {name!r}: {exc.strerror}; pass a file written by 'optuna-guard monitor --log'."
+        ) from None
     samples = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
@@ -175,14 +186,22 @@ def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
             _ = float(record["ts"]) if "ts" in record else _parse_time(record["timestamp"])
-            _ = float(record["memory"]["available_gb"]), float(record["memory"]["used_gb"]), float(record["memory"]["percent"])
+            _ = (
+                float(record["memory"]["available_gb"]),
+                float(record["memory"]["used_gb"]),
+                float(record["memory"]["percent"]),
+            )
         except (ValueError, KeyError, TypeError):
             if number == len(lines):
                 continue  # the monitor was killed mid-write
-            raise ConfigError(f"monitor log {name!r} line {number} is not a monitor sample; is it a file written by 'optuna-guard monitor'?") from None
+            raise ConfigError(
+                f"monitor log {name!r} line {number} is not a monitor sample; is it a file written by 'optuna-guard monitor'?"
+            ) from None
         samples.append(record)
     if not samples:
-        raise ConfigError(f"monitor log {name!r} has no samples; run 'optuna-guard monitor --log {name}' first.")
+        raise ConfigError(
+            f"monitor log {name!r} has no samples; run 'optuna-guard monitor --log {name}' first."
+        )
     return samples
 
 
@@ -194,7 +213,9 @@ def _time_of(record: dict[str, Any]) -> float:
     return float(record["ts"]) if "ts" in record else _parse_time(record["timestamp"])
 
 
-def analyze_samples(samples: Iterable[dict[str, Any]], *, warn_available_gb: float = 4.0, path: str = "") -> LogSummary:
+def analyze_samples(
+    samples: Iterable[dict[str, Any]], *, warn_available_gb: float = 4.0, path: str = ""
+) -> LogSummary:
     ordered = sorted(samples, key=_time_of)
     if not ordered:
         raise ConfigError("no monitor samples to analyze.")
@@ -250,14 +271,20 @@ def _slope_per_hour(times: list[float], values: list[float]) -> float | None:
 
 def analyze_log(path: str | os.PathLike[str], *, warn_available_gb: float = 4.0) -> LogSummary:
     """Summarize a monitor log (see :class:`LogSummary`)."""
-    return analyze_samples(read_samples(path), warn_available_gb=warn_available_gb, path=os.fspath(path))
+    return analyze_samples(
+        read_samples(path), warn_available_gb=warn_available_gb, path=os.fspath(path)
+    )
 
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+    return (
+        f"{hours}h{minutes:02d}m{secs:02d}s"
+        if hours
+        else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+    )
 
 
 def format_summary(summary: LogSummary) -> str:

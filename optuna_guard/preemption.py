@@ -107,7 +107,9 @@ def stop_study_if_requested(study: Any, _trial: Any = None) -> None:
 
 
 @contextlib.contextmanager
-def exit_on_preemption(exit_code: int = 99, *, exit: Callable[[int], Any] | None = None) -> Iterator[None]:
+def exit_on_preemption(
+    exit_code: int = 99, *, exit: Callable[[int], Any] | None = None
+) -> Iterator[None]:
     """Around a worker's ``study.optimize``: a TrialPreempted (or a stop request seen after the
     loop) ends the process with ``exit_code`` (99, "requeue me"), after the trial was tagged."""
     do_exit = exit if exit is not None else _exit
@@ -118,7 +120,11 @@ def exit_on_preemption(exit_code: int = 99, *, exit: Callable[[int], Any] | None
         do_exit(exit_code)
         return
     if _stop.is_set():
-        _log.warning("Stopped (%s); exiting with code %d so the job can be requeued.", stop_reason(), exit_code)
+        _log.warning(
+            "Stopped (%s); exiting with code %d so the job can be requeued.",
+            stop_reason(),
+            exit_code,
+        )
         do_exit(exit_code)
 
 
@@ -152,7 +158,9 @@ def handling_signals(
 ) -> Iterator[None]:
     """``install_signal_handlers`` for the duration of a block, then the previous handlers are
     put back (the flags stay as they are: the caller decides what a stop means afterwards)."""
-    previous = {signum: signal.getsignal(signum) for signum in (*stop_signals, *checkpoint_signals)}
+    previous = {
+        signum: signal.getsignal(signum) for signum in (*stop_signals, *checkpoint_signals)
+    }
     install_signal_handlers(stop_signals, checkpoint_signals)
     try:
         yield

@@ -37,7 +37,9 @@ _STOP_TAGS = (tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED, tags.D
 
 def canonical_params(params: Mapping[str, Any]) -> str:
     """Params as JSON with sorted keys; json writes floats with ``repr`` (round-trip exact)."""
-    return json.dumps(dict(params), sort_keys=True, separators=(",", ":"), default=repr, allow_nan=True)
+    return json.dumps(
+        dict(params), sort_keys=True, separators=(",", ":"), default=repr, allow_nan=True
+    )
 
 
 def cache_key(params: Mapping[str, Any], digest: str) -> str:
@@ -84,7 +86,9 @@ class ResultCache:
         """Index the COMPLETE trials finished since the last refresh (``trials``: a list the
         caller already read, e.g. the study's per-trial snapshot that the sampler also uses)."""
         if trials is None:
-            trials = storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.COMPLETE,))
+            trials = storage.get_all_trials(
+                self.study_id, deepcopy=False, states=(TrialState.COMPLETE,)
+            )
         with self._lock:
             self.add_trials(trials)
 
@@ -99,7 +103,12 @@ class ResultCache:
                 continue
             self._index.setdefault(
                 cache_key(trial.params, self.digest),
-                CachedResult(trial.number, tuple(trial.values), dict(trial.params), dict(trial.distributions)),
+                CachedResult(
+                    trial.number,
+                    tuple(trial.values),
+                    dict(trial.params),
+                    dict(trial.distributions),
+                ),
             )
             self._update_space(trial.distributions)
 

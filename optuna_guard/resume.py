@@ -41,7 +41,9 @@ SAMPLER_HISTORIES = ("all", "current")
 ON_CHANGED = ("warn", "raise")
 
 
-def launcher_env(version: int, digest: str, *, cache: bool, sampler_history: str) -> dict[str, str]:
+def launcher_env(
+    version: int, digest: str, *, cache: bool, sampler_history: str
+) -> dict[str, str]:
     """The worker environment that carries the launcher's version decision."""
     return {
         ENV_VERSION: str(version),
@@ -85,7 +87,9 @@ class ResumeHook:
         extra: Sequence[str] = (),
     ) -> None:
         if on_changed not in ON_CHANGED:
-            raise ConfigError(f"on_changed_objective must be 'warn' or 'raise' but got {on_changed!r}.")
+            raise ConfigError(
+                f"on_changed_objective must be 'warn' or 'raise' but got {on_changed!r}."
+            )
         self.cache_enabled = bool(cache)
         self.on_changed = on_changed
         self.extra = tuple(extra)
@@ -94,7 +98,9 @@ class ResumeHook:
         self._studies: dict[tuple[int, int, str], _StudyState] = {}
         self._lock = threading.Lock()
 
-    def start_trial(self, trial: Any, objective: Callable[..., Any] | None = None) -> CachedResult | None:
+    def start_trial(
+        self, trial: Any, objective: Callable[..., Any] | None = None
+    ) -> CachedResult | None:
         if not isinstance(trial, optuna.trial.Trial):
             return None  # FixedTrial, FrozenTrial: nothing to tag or look up
         state = self._state(trial, objective)
@@ -125,7 +131,9 @@ class ResumeHook:
                         how_to_allow="use @guard(on_changed_objective='warn')",
                     )
                     version, digest = decision.version, decision.digest
-                cache = ResultCache(study._study_id, version, digest) if self.cache_enabled else None
+                cache = (
+                    ResultCache(study._study_id, version, digest) if self.cache_enabled else None
+                )
                 state = _StudyState(version, digest, cache)
                 self._studies[key] = state
         return state
@@ -147,8 +155,12 @@ def serve_from_cache(trial: optuna.trial.Trial, cache: ResultCache) -> CachedRes
     if trial.params != hit.params:
         return None
     trial.set_user_attr(CACHED_FROM, hit.number)
-    _log.info("Trial #%d served from the cache: same params as trial #%d (value %s).",
-              trial.number, hit.number, ", ".join(f"{v:.6g}" for v in hit.values))
+    _log.info(
+        "Trial #%d served from the cache: same params as trial #%d (value %s).",
+        trial.number,
+        hit.number,
+        ", ".join(f"{v:.6g}" for v in hit.values),
+    )
     return hit
 
 
@@ -172,9 +184,13 @@ def _suggest(trial: optuna.trial.Trial, name: str, distribution: BaseDistributio
     if isinstance(distribution, CategoricalDistribution):
         trial.suggest_categorical(name, distribution.choices)
     elif isinstance(distribution, IntDistribution):
-        trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+        trial.suggest_int(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
     elif isinstance(distribution, FloatDistribution):
-        trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+        trial.suggest_float(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
 
 
 def wrap_objective(objective: Callable[..., Any], hook: ResumeHook) -> Callable[..., Any]:
@@ -194,28 +210,41 @@ def wrap_objective(objective: Callable[..., Any], hook: ResumeHook) -> Callable[
 def launch_fingerprint(config: Any) -> _fp.Fingerprint:
     """The fingerprint of the launch's objective (source found without importing it); a bad
     ``--fingerprint-extra`` is a ConfigError here, before anything is written."""
-    search = [*config.python_path, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    return _fp.fingerprint_spec(config.objective, extra=config.fingerprint_extra, search_path=search)
+    search = [
+        *config.python_path,
+        *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p],
+    ]
+    return _fp.fingerprint_spec(
+        config.objective, extra=config.fingerprint_extra, search_path=search
+    )
 
 
-def prepare_launch(config: Any, study: optuna.Study, fingerprint: _fp.Fingerprint | None = None) -> Any:
+def prepare_launch(
+    config: Any, study: optuna.Study, fingerprint: _fp.Fingerprint | None = None
+) -> Any:
     """Check the objective's fingerprint against the study before any worker starts; the
     returned config carries the version for the workers. Raises ObjectiveChangedError (exit 2)."""
     started = time.perf_counter()
     fingerprint = fingerprint or launch_fingerprint(config)
     decision = _fp.resolve_version(
-        study, fingerprint, allow_changed=config.allow_changed_objective,
+        study,
+        fingerprint,
+        allow_changed=config.allow_changed_objective,
         how_to_allow="rerun with --allow-changed-objective",
     )
     _log.info(
         "Objective fingerprint %s (%s version %d, %.0f ms).",
-        decision.digest[:12], "recorded as" if decision.recorded else "matches", decision.version,
+        decision.digest[:12],
+        "recorded as" if decision.recorded else "matches",
+        decision.version,
         (time.perf_counter() - started) * 1000,
     )
     return config.replace(objective_version=decision.version, objective_digest=decision.digest)
 
 
-def install_in_worker(study: optuna.Study, objective: Callable[..., Any], environ: Mapping[str, str]) -> Callable[..., Any]:
+def install_in_worker(
+    study: optuna.Study, objective: Callable[..., Any], environ: Mapping[str, str]
+) -> Callable[..., Any]:
     """In a launcher worker: tag trials with the version, serve cache hits, and (with
     ``--sampler-history current``) hide older versions from the sampler."""
     raw = environ.get(ENV_VERSION)
@@ -224,7 +253,9 @@ def install_in_worker(study: optuna.Study, objective: Callable[..., Any], enviro
     version = int(raw)
     if environ.get(ENV_SAMPLER_HISTORY, "all") == "current":
         study.sampler = CurrentVersionSampler(study.sampler, version=version)
-    hook = ResumeHook(cache=environ.get(ENV_CACHE) == "1", version=version, digest=environ.get(ENV_DIGEST, ""))
+    hook = ResumeHook(
+        cache=environ.get(ENV_CACHE) == "1", version=version, digest=environ.get(ENV_DIGEST, "")
+    )
     return wrap_objective(objective, hook)
 
 
@@ -241,9 +272,14 @@ class _VersionStudy(optuna.Study):
     _og_version: int
 
     def _get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
+        self,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+        use_cache: bool = False,
     ) -> list[FrozenTrial]:
-        trials = optuna.Study._get_trials(self, deepcopy=deepcopy, states=states, use_cache=use_cache)
+        trials = optuna.Study._get_trials(
+            self, deepcopy=deepcopy, states=states, use_cache=use_cache
+        )
         return [t for t in trials if _fp.trial_version(t) == self._og_version]
 
     def get_trials(
@@ -282,21 +318,39 @@ class CurrentVersionSampler(BaseSampler):
                 self._versions[study._study_id] = version
         return version_view(study, version)
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
         return self._sampler.infer_relative_search_space(self._view(study), trial)
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         return self._sampler.sample_relative(self._view(study), trial, search_space)
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        return self._sampler.sample_independent(self._view(study), trial, param_name, param_distribution)
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._sampler.sample_independent(
+            self._view(study), trial, param_name, param_distribution
+        )
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self._fixed_version is None:
             self._versions.pop(study._study_id, None)  # re-read the version once per trial
         self._sampler.before_trial(study, trial)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
         self._sampler.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
@@ -319,8 +373,14 @@ def resolve_version_filter(study: optuna.Study, objective_version: int | str | N
         return None
     if objective_version == "current":
         return _fp.current_version(study) or 1
-    if isinstance(objective_version, bool) or not isinstance(objective_version, int) or objective_version < 1:
-        raise ConfigError(f"objective_version must be 'current', 'all' or a version number >= 1 but got {objective_version!r}.")
+    if (
+        isinstance(objective_version, bool)
+        or not isinstance(objective_version, int)
+        or objective_version < 1
+    ):
+        raise ConfigError(
+            f"objective_version must be 'current', 'all' or a version number >= 1 but got {objective_version!r}."
+        )
     return objective_version
 
 
@@ -335,12 +395,20 @@ def guard_hook(fingerprint: Any, cache: Any, on_changed: Any) -> ResumeHook | No
     if cache not in (True, False):
         raise ConfigError(f"cache must be True or False but got {cache!r}.")
     if on_changed not in ON_CHANGED:
-        raise ConfigError(f"on_changed_objective must be 'warn' or 'raise' but got {on_changed!r}.")
+        raise ConfigError(
+            f"on_changed_objective must be 'warn' or 'raise' but got {on_changed!r}."
+        )
     if cache and fingerprint is False:
-        raise ConfigError("cache=True needs the objective fingerprint (it keys the cache); drop fingerprint=False.")
+        raise ConfigError(
+            "cache=True needs the objective fingerprint (it keys the cache); drop fingerprint=False."
+        )
     if under_launcher():
         if cache and os.environ.get(ENV_CACHE) != "1":
-            return ResumeHook(cache=True, version=int(os.environ[ENV_VERSION]), digest=os.environ.get(ENV_DIGEST, ""))
+            return ResumeHook(
+                cache=True,
+                version=int(os.environ[ENV_VERSION]),
+                digest=os.environ.get(ENV_DIGEST, ""),
+            )
         return None
     if not (cache or fingerprint):
         return None
@@ -358,4 +426,6 @@ def version_option(text: str) -> int | str | None:
         return "current"
     if value.isdigit() and int(value) >= 1:
         return int(value)
-    raise argparse.ArgumentTypeError(f"expected 'current', 'all' or a version number >= 1, got {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"expected 'current', 'all' or a version number >= 1, got {text!r}"
+    )

@@ -43,8 +43,16 @@ __all__ = [
 ShrinkHook = Callable[[dict[str, Any]], dict[str, Any]]
 
 # The ends a retry can be asked for; each is the name of the boolean tag that marks it.
-RETRYABLE_ENDS = frozenset({tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED, tags.DIVERGED,
-                            tags.WORKER_LOST, tags.TIMED_OUT})
+RETRYABLE_ENDS = frozenset(
+    {
+        tags.EMERGENCY_KILLED,
+        tags.WORKER_CRASHED,
+        tags.PREEMPTED,
+        tags.DIVERGED,
+        tags.WORKER_LOST,
+        tags.TIMED_OUT,
+    }
+)
 
 # Optuna's own retry-chain system attrs (optuna/storages/_callbacks.py).
 FAILED_TRIAL = "failed_trial"
@@ -100,28 +108,52 @@ class RetryPolicy:
 
     max_retries: int = 0
     max_preemptions: int = 20
-    retry_on: frozenset[str] = frozenset({tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED,
-                                          tags.WORKER_LOST, tags.TIMED_OUT})
+    retry_on: frozenset[str] = frozenset(
+        {
+            tags.EMERGENCY_KILLED,
+            tags.WORKER_CRASHED,
+            tags.PREEMPTED,
+            tags.WORKER_LOST,
+            tags.TIMED_OUT,
+        }
+    )
     shrink: ShrinkHook | None = None
     shrink_on: frozenset[str] = frozenset({tags.EMERGENCY_KILLED})
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
             raise ConfigError(f"max_retries must be an integer >= 0 but got {self.max_retries!r}.")
-        if (isinstance(self.max_preemptions, bool) or not isinstance(self.max_preemptions, int)
-                or self.max_preemptions < 0):
-            raise ConfigError(f"max_preemptions must be an integer >= 0 but got {self.max_preemptions!r}.")
+        if (
+            isinstance(self.max_preemptions, bool)
+            or not isinstance(self.max_preemptions, int)
+            or self.max_preemptions < 0
+        ):
+            raise ConfigError(
+                f"max_preemptions must be an integer >= 0 but got {self.max_preemptions!r}."
+            )
         object.__setattr__(self, "retry_on", _as_end_set(self.retry_on, "retry_on"))
         object.__setattr__(self, "shrink_on", _as_end_set(self.shrink_on, "shrink_on"))
         if isinstance(self.shrink, str):
             object.__setattr__(self, "shrink", load_shrink_hook(self.shrink))
         elif self.shrink is not None and not callable(self.shrink):
-            raise ConfigError(f"shrink must be a function params -> params but got {self.shrink!r}.")
+            raise ConfigError(
+                f"shrink must be a function params -> params but got {self.shrink!r}."
+            )
 
-    def is_free_preemption(self, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]) -> bool:
+    def is_free_preemption(
+        self, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]
+    ) -> bool:
         """A preempted attempt that saved a checkpoint step beyond the one it resumed from,
         while the chain has free retries left: retried without using up ``max_retries``."""
-        if self.max_retries <= 0 or not user_attrs.get(tags.PREEMPTED) or tags.PREEMPTED not in self.retry_on:
+        if (
+            self.max_retries <= 0
+            or not user_attrs.get(tags.PREEMPTED)
+            or tags.PREEMPTED not in self.retry_on
+        ):
             return False
         saved = system_attrs.get(CHECKPOINT_STEP)
         if not isinstance(saved, int):
@@ -133,7 +165,9 @@ class RetryPolicy:
     def attempt(self, frozen_trial: FrozenTrial) -> int:
         """0 for an original trial, k for the k-th retry of it that used up a retry (free
         retries after preemptions with progress are not counted)."""
-        return len(retry_history(frozen_trial)) - int(frozen_trial.system_attrs.get(FREE_RETRIES, 0))
+        return len(retry_history(frozen_trial)) - int(
+            frozen_trial.system_attrs.get(FREE_RETRIES, 0)
+        )
 
     def is_retryable(self, user_attrs: Mapping[str, Any]) -> bool:
         return bool(end_reasons(user_attrs) & self.retry_on)
@@ -145,7 +179,9 @@ class RetryPolicy:
     def wants_shrink(self, user_attrs: Mapping[str, Any]) -> bool:
         return self.shrink is not None and bool(end_reasons(user_attrs) & self.shrink_on)
 
-    def final_tags(self, user_attrs: Mapping[str, Any], attempt: int, *, free: bool = False) -> dict[str, Any]:
+    def final_tags(
+        self, user_attrs: Mapping[str, Any], attempt: int, *, free: bool = False
+    ) -> dict[str, Any]:
         """Tags to write before ending a trial for good: ``{"retries_exhausted": True}`` when
         it ended in a retryable way but its chain has used all retries, else ``{}``.
 
@@ -163,7 +199,9 @@ def load_shrink_hook(spec: str) -> ShrinkHook:
     (the objective's loader, so the same specs work for every option)."""
     from optuna_guard.supervisor._objective_spec import load_callable
 
-    return load_callable(spec, label=f"shrink hook {spec!r}", what="a function taking and returning params")
+    return load_callable(
+        spec, label=f"shrink hook {spec!r}", what="a function taking and returning params"
+    )
 
 
 def _fit_to_distribution(name: str, value: Any, dist: BaseDistribution, trial_number: int) -> Any:
@@ -192,7 +230,11 @@ def _fit_to_distribution(name: str, value: Any, dist: BaseDistribution, trial_nu
     if fitted != value:
         _log.warning(
             "Shrink hook returned %s=%r for trial %d, outside its distribution %r; using %r.",
-            name, value, trial_number, dist, fitted,
+            name,
+            value,
+            trial_number,
+            dist,
+            fitted,
         )
     return fitted
 
@@ -227,7 +269,9 @@ def _existing_retry(study: optuna.Study, trial_number: int) -> FrozenTrial | Non
     return None
 
 
-def enqueue_retry(study: optuna.Study, frozen_trial: FrozenTrial, policy: RetryPolicy) -> int | None:
+def enqueue_retry(
+    study: optuna.Study, frozen_trial: FrozenTrial, policy: RetryPolicy
+) -> int | None:
     """Queue a WAITING retry of a finished trial if the policy wants one; return its number.
 
     The retry carries the same params (or shrunk ones), the user's own user attrs (not our
@@ -266,8 +310,12 @@ def enqueue_retry(study: optuna.Study, frozen_trial: FrozenTrial, policy: RetryP
     system_attrs[RETRY_HISTORY] = [*retry_history(trial), trial.number]
     system_attrs[FREE_RETRIES] = int(trial.system_attrs.get(FREE_RETRIES, 0)) + int(free)
     if "fixed_params" in system_attrs:  # enqueue_trial's params not suggested before the kill
-        system_attrs["fixed_params"] = {k: params.get(k, v) for k, v in system_attrs["fixed_params"].items()}
-    user_attrs = {key: value for key, value in trial.user_attrs.items() if key not in tags.ALL_TAGS}
+        system_attrs["fixed_params"] = {
+            k: params.get(k, v) for k, v in system_attrs["fixed_params"].items()
+        }
+    user_attrs = {
+        key: value for key, value in trial.user_attrs.items() if key not in tags.ALL_TAGS
+    }
     user_attrs[tags.RETRY_OF] = trial.number
     if shrunk:
         user_attrs[tags.RETRY_SHRUNK] = True
@@ -283,13 +331,23 @@ def enqueue_retry(study: optuna.Study, frozen_trial: FrozenTrial, policy: RetryP
     new_number = study._storage.get_trial_number_from_id(new_id)
     reasons = ", ".join(sorted(end_reasons(trial.user_attrs) & policy.retry_on))
     if free:
-        _log.info("Trial %d (%s, with checkpoint progress) re-queued as trial %d; free retry %d of %d "
-                  "(--max-preemptions), --retry not used up.", trial.number, reasons, new_number,
-                  system_attrs[FREE_RETRIES], policy.max_preemptions)
+        _log.info(
+            "Trial %d (%s, with checkpoint progress) re-queued as trial %d; free retry %d of %d "
+            "(--max-preemptions), --retry not used up.",
+            trial.number,
+            reasons,
+            new_number,
+            system_attrs[FREE_RETRIES],
+            policy.max_preemptions,
+        )
     else:
         _log.info(
             "Trial %d (%s) re-queued as trial %d, retry %d of %d%s.",
-            trial.number, reasons, new_number, attempt + 1, policy.max_retries,
+            trial.number,
+            reasons,
+            new_number,
+            attempt + 1,
+            policy.max_retries,
             f", with shrunk params {params}" if shrunk else "",
         )
     return new_number

@@ -67,8 +67,12 @@ def open_storage(
             "postgresql+psycopg://user@host/db, journal:///path/study.log, redis://host:6379/0 or grpc://host:13000"
         )
     if not _storage_urls.is_rdb_url(url):
-        timeout = dict(dict(engine_kwargs or {}).get("connect_args", {})).get("connect_timeout", 5.0)
-        return _storage_urls.open_url_storage(_storage_urls.normalize_url(url), connect_timeout=float(timeout))
+        timeout = dict(dict(engine_kwargs or {}).get("connect_args", {})).get(
+            "connect_timeout", 5.0
+        )
+        return _storage_urls.open_url_storage(
+            _storage_urls.normalize_url(url), connect_timeout=float(timeout)
+        )
     _check_not_in_memory(url)
     kwargs: dict[str, Any] = dict(engine_kwargs or {})
     is_sqlite = url.startswith("sqlite")
@@ -141,7 +145,9 @@ def end_trial_from_outside(
         raise
 
 
-def _last_intermediate_value(storage: optuna.storages.BaseStorage, trial_id: int) -> list[float] | None:
+def _last_intermediate_value(
+    storage: optuna.storages.BaseStorage, trial_id: int
+) -> list[float] | None:
     """Optuna stores a pruned trial's last intermediate value as its value; do the same.
 
     Only single-objective trials can report intermediate values, so this never applies to

@@ -86,8 +86,14 @@ class TimeBudget:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
-            raise ConfigError(f"time budget must be a positive number of seconds but got {seconds!r}.")
-        if not isinstance(grace_period, (int, float)) or not math.isfinite(grace_period) or grace_period < 0:
+            raise ConfigError(
+                f"time budget must be a positive number of seconds but got {seconds!r}."
+            )
+        if (
+            not isinstance(grace_period, (int, float))
+            or not math.isfinite(grace_period)
+            or grace_period < 0
+        ):
             raise ConfigError(f"grace_period cannot be negative but got {grace_period!r}.")
         self.seconds = float(seconds)
         self.grace_period = float(grace_period)
@@ -112,7 +118,9 @@ class TimeBudget:
 
     def typical_trial_seconds(self, finished_durations: Sequence[float]) -> float | None:
         """The median of finished trials' durations (robust to a few very long or killed ones)."""
-        durations = [float(d) for d in finished_durations if d is not None and math.isfinite(d) and d >= 0]
+        durations = [
+            float(d) for d in finished_durations if d is not None and math.isfinite(d) and d >= 0
+        ]
         return statistics.median(durations) if durations else None
 
     def allows_new_trial(self, finished_durations: Sequence[float]) -> bool:

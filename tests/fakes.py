@@ -25,10 +25,20 @@ class FakeNvml:
 
     NVMLError = FakeNvmlError
 
-    def __init__(self, devices: Sequence[tuple[str, int, int]] = (), *, fail_init: bool = False, uuids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        devices: Sequence[tuple[str, int, int]] = (),
+        *,
+        fail_init: bool = False,
+        uuids: Sequence[str] | None = None,
+    ) -> None:
         self.devices = [list(d) for d in devices]
         self.fail_init = fail_init
-        self.uuids = list(uuids) if uuids is not None else [f"GPU-fake-{i}" for i in range(len(self.devices))]
+        self.uuids = (
+            list(uuids)
+            if uuids is not None
+            else [f"GPU-fake-{i}" for i in range(len(self.devices))]
+        )
         self.init_calls = 0
         self.memory_calls = 0
 

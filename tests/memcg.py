@@ -95,7 +95,9 @@ time.sleep(3600)
 
 def hold_memory(group: MemoryCgroup, nbytes: int) -> subprocess.Popen:
     """An unrelated process inside ``group`` that holds ``nbytes`` (touched) until killed."""
-    proc = group.popen([sys.executable, "-c", HOLDER, str(int(nbytes))], stdout=subprocess.PIPE, text=True)
+    proc = group.popen(
+        [sys.executable, "-c", HOLDER, str(int(nbytes))], stdout=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline()
     if line.strip() != "ready":
         proc.kill()

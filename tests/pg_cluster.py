@@ -31,7 +31,9 @@ def _free_port() -> int:
 
 
 def _as_postgres(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Cluster:
@@ -45,8 +47,24 @@ class Cluster:
 
     def sql(self, statement: str, database: str = "postgres") -> str:
         result = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", database, "-At", "-c", statement],
-            capture_output=True, text=True, timeout=60)
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-At",
+                "-c",
+                statement,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"psql failed: {result.stderr.strip()}")
         return result.stdout.strip()
@@ -57,8 +75,12 @@ class Cluster:
         self.drop_connections()
 
     def drop_connections(self) -> int:
-        return len(self.sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname='{DB}' "
-                            "AND pid <> pg_backend_pid()").splitlines())
+        return len(
+            self.sql(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname='{DB}' "
+                "AND pid <> pg_backend_pid()"
+            ).splitlines()
+        )
 
     def unblock(self) -> None:
         self.sql(f"ALTER DATABASE {DB} ALLOW_CONNECTIONS true")
@@ -75,13 +97,34 @@ def private_cluster() -> Iterator[Cluster]:
     cluster = Cluster(root, port)
     started = False
     try:
-        init = _as_postgres(os.path.join(bindir, "initdb"), "-D", cluster.data, "-U", "postgres", "-A", "trust",
-                            "--no-sync", "-E", "UTF8")
+        init = _as_postgres(
+            os.path.join(bindir, "initdb"),
+            "-D",
+            cluster.data,
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr}")
         options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=100 -c fsync=off"
-        start = _as_postgres(os.path.join(bindir, "pg_ctl"), "-D", cluster.data, "-l", os.path.join(root, "log"),
-                             "-o", options, "-w", "-t", "60", "start")
+        start = _as_postgres(
+            os.path.join(bindir, "pg_ctl"),
+            "-D",
+            cluster.data,
+            "-l",
+            os.path.join(root, "log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         started = True
         if start.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {start.stderr} {start.stdout}")
@@ -89,7 +132,9 @@ def private_cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         if started:
-            _as_postgres(os.path.join(bindir, "pg_ctl"), "-D", cluster.data, "-m", "immediate", "-w", "stop")
+            _as_postgres(
+                os.path.join(bindir, "pg_ctl"), "-D", cluster.data, "-m", "immediate", "-w", "stop"
+            )
             deadline = time.monotonic() + 30
             pid_file = os.path.join(cluster.data, "postmaster.pid")
             while os.path.exists(pid_file) and time.monotonic() < deadline:

@@ -57,7 +57,10 @@ def idle_worker_rss_gb(tmp_dir: str) -> float:
     if not _IDLE_RSS:
         out = subprocess.run(
             [sys.executable, "-c", _IDLE_SCRIPT, os.path.join(tmp_dir, "idle.db")],
-            capture_output=True, text=True, check=True, timeout=120,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
         )
         _IDLE_RSS.append(int(out.stdout.strip().splitlines()[-1]) / GB)
     return _IDLE_RSS[0]
@@ -78,22 +81,36 @@ def read_events(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def cli(*args: str, cwd: str | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run ``optuna-guard`` as a subprocess, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "optuna_guard.cli", *args],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
     )
 
 
-def start_cli(*args: str, cwd: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_cli(
+    *args: str, cwd: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "optuna_guard.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
     )
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any, timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -131,8 +148,12 @@ class PerPidProbe:
         from optuna_guard.memory import SystemMemory
 
         total, available = int(self.total_gb * GB), int(self.available_gb * GB)
-        return SystemMemory(total_bytes=total, available_bytes=available, used_bytes=total - available,
-                            percent=100.0 * (total - available) / total)
+        return SystemMemory(
+            total_bytes=total,
+            available_bytes=available,
+            used_bytes=total - available,
+            percent=100.0 * (total - available) / total,
+        )
 
     def process_tree_rss(self, pid: int) -> int:
         return int(self.rss_gb.get(pid, 0.1) * GB)

@@ -12,7 +12,15 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_guard import tags
-from optuna_guard.analysis import END_STATES, end_state, is_killed, killed_trials, retry_origin, trials_frame, valid_trials
+from optuna_guard.analysis import (
+    END_STATES,
+    end_state,
+    is_killed,
+    killed_trials,
+    retry_origin,
+    trials_frame,
+    valid_trials,
+)
 from optuna_guard.analysis._frame import TAG_COLUMNS
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -23,7 +31,11 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 @pytest.fixture(params=["memory", "sqlite"])
 def known_study(request, tmp_path) -> optuna.Study:
-    storage = optuna.storages.InMemoryStorage() if request.param == "memory" else f"sqlite:///{tmp_path / 'k.db'}"
+    storage = (
+        optuna.storages.InMemoryStorage()
+        if request.param == "memory"
+        else f"sqlite:///{tmp_path / 'k.db'}"
+    )
     return build_known_study(storage, f"known-{uuid.uuid4().hex[:8]}")
 
 
@@ -31,12 +43,27 @@ def test_frame_of_a_tagged_study(known_study: optuna.Study) -> None:
     df = trials_frame(known_study)
     assert len(df) == EXPECTED["n_trials"]
     assert list(df["number"]) == list(range(EXPECTED["n_trials"]))
-    for column in ("number", "state", "end_state", "value", "duration", "duration_s", "params_batch_size",
-                   "params_width", "params_lr", "params_optimizer", *TAG_COLUMNS):
+    for column in (
+        "number",
+        "state",
+        "end_state",
+        "value",
+        "duration",
+        "duration_s",
+        "params_batch_size",
+        "params_width",
+        "params_lr",
+        "params_optimizer",
+        *TAG_COLUMNS,
+    ):
         assert column in df.columns, column
 
-    assert df["state"].value_counts().to_dict() == {k: v for k, v in EXPECTED["states"].items() if v}
-    assert df["end_state"].value_counts().to_dict() == {k: v for k, v in EXPECTED["end_states"].items() if v}
+    assert df["state"].value_counts().to_dict() == {
+        k: v for k, v in EXPECTED["states"].items() if v
+    }
+    assert df["end_state"].value_counts().to_dict() == {
+        k: v for k, v in EXPECTED["end_states"].items() if v
+    }
     assert sorted(df.loc[df[tags.EMERGENCY_KILLED], "number"]) == EXPECTED["killed"]
     assert sorted(df.loc[df[tags.WORKER_CRASHED], "number"]) == EXPECTED["crashed"]
     assert sorted(df.loc[df[tags.PREEMPTED], "number"]) == EXPECTED["preempted"]
@@ -52,13 +79,17 @@ def test_frame_of_a_tagged_study(known_study: optuna.Study) -> None:
     assert row6["duration_s"] == pytest.approx(30.0)
 
     # retry origin from our tag (14 -> 10) or from Optuna's failed_trial system attr only (15 -> 7)
-    retries = df.dropna(subset=[tags.RETRY_OF]).set_index("number")[tags.RETRY_OF].astype(int).to_dict()
+    retries = (
+        df.dropna(subset=[tags.RETRY_OF]).set_index("number")[tags.RETRY_OF].astype(int).to_dict()
+    )
     assert retries == EXPECTED["retry_of"]
     assert df.set_index("number").loc[15, "retry_history"] == [7]
     assert bool(df.set_index("number").loc[15, tags.RETRY_SHRUNK]) is True
 
     best = df[(df["end_state"] == "complete")].sort_values("value").iloc[0]
-    assert best["number"] == EXPECTED["best_number"] and best["value"] == pytest.approx(EXPECTED["best_value"])
+    assert best["number"] == EXPECTED["best_number"] and best["value"] == pytest.approx(
+        EXPECTED["best_value"]
+    )
 
 
 def test_filters_agree_with_the_frame(known_study: optuna.Study) -> None:
@@ -82,9 +113,22 @@ def test_frame_of_a_study_without_tags() -> None:
     assert len(df) == 5
     for column in TAG_COLUMNS:
         assert column in df.columns, column
-    for flag in (tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED, tags.DIVERGED, tags.RETRY_SHRUNK):
+    for flag in (
+        tags.EMERGENCY_KILLED,
+        tags.WORKER_CRASHED,
+        tags.PREEMPTED,
+        tags.DIVERGED,
+        tags.RETRY_SHRUNK,
+    ):
         assert not df[flag].any()
-    for numeric in (tags.PEAK_RSS_GB, tags.AVAILABLE_GB_AT_KILL, tags.PEAK_GPU_GB, tags.WORKER_ID, tags.RETRY_OF, "constraint_memory"):
+    for numeric in (
+        tags.PEAK_RSS_GB,
+        tags.AVAILABLE_GB_AT_KILL,
+        tags.PEAK_GPU_GB,
+        tags.WORKER_ID,
+        tags.RETRY_OF,
+        "constraint_memory",
+    ):
         assert df[numeric].isna().all(), numeric
     for text in (tags.KILL_REASON, tags.KILL_LIMIT, tags.HOSTNAME):
         assert df[text].isna().all(), text
@@ -125,7 +169,17 @@ def test_user_attrs_that_are_not_tags_become_columns() -> None:
 
 
 def test_end_states_are_the_documented_ones() -> None:
-    assert set(END_STATES) == {"complete", "pruned", "failed", "killed", "crashed", "preempted", "diverged", "running", "waiting"}
+    assert set(END_STATES) == {
+        "complete",
+        "pruned",
+        "failed",
+        "killed",
+        "crashed",
+        "preempted",
+        "diverged",
+        "running",
+        "waiting",
+    }
 
 
 def test_missing_pandas_names_the_extra(monkeypatch) -> None:

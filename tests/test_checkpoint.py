@@ -122,7 +122,11 @@ def _drop_manifest(path: Path) -> None:
     ids=["truncated", "bit-flipped", "missing-manifest"],
 )
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(
-    study: optuna.Study, root: Path, caplog: pytest.LogCaptureFixture, damage: Any, message: str | None
+    study: optuna.Study,
+    root: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Any,
+    message: str | None,
 ) -> None:
     trial = study.ask()
     ckpt = TrialCheckpointer(trial, root=root, keep_last=3)
@@ -136,7 +140,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert step == 2 and state == {"weights": [2] * 100, "step": 2}
     assert _stored_user_attrs(study, trial)[tags.RESUMED_FROM_STEP] == 2
     if message is not None:
-        assert any(message in r.getMessage() and "step 3" in r.getMessage() for r in caplog.records)
+        assert any(
+            message in r.getMessage() and "step 3" in r.getMessage() for r in caplog.records
+        )
         # the bad one no longer counts as a checkpoint, and is kept for inspection
         assert [info.step for info in ckpt.checkpoints()] == [2, 1]
         assert list(ckpt.directory.glob("*.json.corrupt"))
@@ -159,13 +165,18 @@ def test_failed_write_leaves_previous_checkpoint_and_no_temp(
     ckpt.save("good", 1)
 
     def io_error(*_a: Any, **_k: Any) -> None:
-        raise OSError(5, "Input/output error")  # a full disk is not an error: see test_checkpoint_faults
+        raise OSError(
+            5, "Input/output error"
+        )  # a full disk is not an error: see test_checkpoint_faults
 
     monkeypatch.setattr(os, "fsync", io_error)
     with pytest.raises(CheckpointError, match="Input/output error"):
         ckpt.save("never", 2)
     monkeypatch.undo()
-    assert sorted(p.name.split("-")[1] for p in ckpt.directory.iterdir()) == ["0000000001", "0000000001"]
+    assert sorted(p.name.split("-")[1] for p in ckpt.directory.iterdir()) == [
+        "0000000001",
+        "0000000001",
+    ]
     assert ckpt.load() == ("good", 1)
 
 
@@ -191,7 +202,9 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(root: Path) -> Non
     directory = chain_directory(root, study_name, 0)
     deadline = time.monotonic() + 30
     while not any(p.name.startswith(".tmp-") for p in directory.iterdir()):  # the write has begun
-        assert time.monotonic() < deadline and proc.poll() is None, "the child never started writing"
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            "the child never started writing"
+        )
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -211,7 +224,9 @@ def test_retry_loads_the_original_trials_checkpoint(study: optuna.Study, root: P
     original = study.ask()
     x = original.suggest_float("x", 0, 1)
     _save_steps(TrialCheckpointer(original, root=root), range(1, 6))
-    end_trial_from_outside(study._storage, original._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_CRASHED: True})
+    end_trial_from_outside(
+        study._storage, original._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_CRASHED: True}
+    )
     number = enqueue_retry(study, study.trials[0], RetryPolicy(max_retries=2))
 
     retry = study.ask()
@@ -270,7 +285,7 @@ def test_auto_format_does_not_import_torch(tmp_path: Path) -> None:
         import sys, optuna
         from optuna_guard.checkpoint import TrialCheckpointer
         study = optuna.create_study()
-        ckpt = TrialCheckpointer(study.ask(), root={str(tmp_path / 'ck')!r})
+        ckpt = TrialCheckpointer(study.ask(), root={str(tmp_path / "ck")!r})
         ckpt.save({{"a": [1, 2]}}, 1)
         assert ckpt.load() == ({{"a": [1, 2]}}, 1)
         print("torch" in sys.modules)
@@ -371,7 +386,9 @@ def test_finalize_best_keeps_only_a_best_value(study: optuna.Study, root: Path) 
     assert worse.finalize(2.0) is True and not worse.directory.exists()
 
 
-def test_context_manager_keeps_checkpoints_when_the_trial_fails(study: optuna.Study, root: Path) -> None:
+def test_context_manager_keeps_checkpoints_when_the_trial_fails(
+    study: optuna.Study, root: Path
+) -> None:
     with pytest.raises(optuna.TrialPruned):
         with TrialCheckpointer(study.ask(), root=root) as ckpt:
             ckpt.save("s", 1)
@@ -382,7 +399,9 @@ def test_context_manager_keeps_checkpoints_when_the_trial_fails(study: optuna.St
     assert not done.directory.exists()
 
 
-def test_cleanup_callback_removes_finished_chains_and_keeps_the_best(study: optuna.Study, root: Path) -> None:
+def test_cleanup_callback_removes_finished_chains_and_keeps_the_best(
+    study: optuna.Study, root: Path
+) -> None:
     values = {0: 3.0, 1: 1.0, 2: 2.0}
 
     def objective(trial: optuna.Trial) -> float:
@@ -394,7 +413,9 @@ def test_cleanup_callback_removes_finished_chains_and_keeps_the_best(study: optu
             raise optuna.TrialPruned()  # pruned by a pruner: nothing will retry it
         return values[trial.number]
 
-    study.optimize(objective, n_trials=5, callbacks=[CheckpointCleanupCallback(root, keep_best=True)])
+    study.optimize(
+        objective, n_trials=5, callbacks=[CheckpointCleanupCallback(root, keep_best=True)]
+    )
     left = sorted(p.name for p in (root / study.study_name).iterdir())
     assert left == ["trial-1", "trial-3"]  # the best (1.0) and the killed one
 
@@ -443,22 +464,35 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_worker_sigkilled_at_step_5_is_retried_and_resumes_there(tmp_path: Path, root: Path) -> None:
+def test_worker_sigkilled_at_step_5_is_retried_and_resumes_there(
+    tmp_path: Path, root: Path
+) -> None:
     url = f"sqlite:///{tmp_path / 'worker.db'}"
     study = optuna.create_study(storage=open_storage(url), study_name=f"w-{uuid.uuid4().hex[:6]}")
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    first = subprocess.run([sys.executable, str(script), url, study.study_name, str(root)], timeout=60)
+    first = subprocess.run(
+        [sys.executable, str(script), url, study.study_name, str(root)], timeout=60
+    )
     assert first.returncode == -signal.SIGKILL
     [dead] = study.get_trials()
     assert dead.state == TrialState.RUNNING and max(dead.intermediate_values) == 5
     # what the launcher does when it reaps a worker that died under a trial
-    assert end_trial_from_outside(study._storage, dead._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_CRASHED: True})
-    assert enqueue_retry(study, study._storage.get_trial(dead._trial_id), RetryPolicy(max_retries=1)) == 1
+    assert end_trial_from_outside(
+        study._storage, dead._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_CRASHED: True}
+    )
+    assert (
+        enqueue_retry(study, study._storage.get_trial(dead._trial_id), RetryPolicy(max_retries=1))
+        == 1
+    )
 
-    second = subprocess.run([sys.executable, str(script), url, study.study_name, str(root)], timeout=60)
+    second = subprocess.run(
+        [sys.executable, str(script), url, study.study_name, str(root)], timeout=60
+    )
     assert second.returncode == 0
-    original, retry = optuna.load_study(study_name=study.study_name, storage=open_storage(url)).get_trials()
+    original, retry = optuna.load_study(
+        study_name=study.study_name, storage=open_storage(url)
+    ).get_trials()
     assert original.state == TrialState.FAIL and original.user_attrs[tags.WORKER_CRASHED] is True
     assert retry.state == TrialState.COMPLETE
     assert retry.params == original.params

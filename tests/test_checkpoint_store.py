@@ -163,7 +163,10 @@ def test_save_on_a_trial_taken_over_from_outside_goes_on_and_keeps_nothing(
     ckpt = TrialCheckpointer(trial, root=tmp_path / "a", format="pickle", store=f"file://{shared}")
     assert isinstance(ckpt.save({"at": 1}, 1), str)
     end_trial_from_outside(
-        study._storage, trial._trial_id, TrialState.FAIL, user_attrs={tags.WORKER_LOST: True, tags.KILL_REASON: "host b lost"}
+        study._storage,
+        trial._trial_id,
+        TrialState.FAIL,
+        user_attrs={tags.WORKER_LOST: True, tags.KILL_REASON: "host b lost"},
     )
     with caplog.at_level(logging.WARNING, logger="optuna_guard"):
         assert ckpt.save({"at": 2}, 2) is None

@@ -114,7 +114,9 @@ def test_constraint_written_from_outside_before_the_kill(tmp_path) -> None:
 
 
 def _guard():
-    trial_guard = pytest.importorskip("optuna_guard.trial_guard", reason="the guard is not built yet")
+    trial_guard = pytest.importorskip(
+        "optuna_guard.trial_guard", reason="the guard is not built yet"
+    )
     return trial_guard.guard
 
 

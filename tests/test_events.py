@@ -14,7 +14,13 @@ def test_emit_and_read_back(tmp_path) -> None:
     path = tmp_path / "logs" / "events.jsonl"
     with events.EventLog(path) as log:
         log.emit(events.WORKER_STARTED, worker_id=1, pid=42)
-        log.emit(events.TRIAL_KILLED, worker_id=1, pid=42, trial_number=3, reason="tree RSS 8.21 GB > 8.00 GB")
+        log.emit(
+            events.TRIAL_KILLED,
+            worker_id=1,
+            pid=42,
+            trial_number=3,
+            reason="tree RSS 8.21 GB > 8.00 GB",
+        )
     records = list(events.read_events(path))
     assert [r["event"] for r in records] == ["worker_started", "trial_killed"]
     assert records[1]["trial_number"] == 3 and records[1]["ts"] > 0

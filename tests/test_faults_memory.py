@@ -16,13 +16,32 @@ from optuna_guard import events, tags
 from optuna_guard._units import GB
 from supervisor_helpers import objective_spec, read_events, trials_of
 
-pytestmark = pytest.mark.skipif(not available(), reason="needs a writable cgroup v1 memory controller")
+pytestmark = pytest.mark.skipif(
+    not available(), reason="needs a writable cgroup v1 memory controller"
+)
 
 
 def _launch_argv(name: str, url: str, logs: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "optuna_guard.cli", "run", objective_spec("launcher_quick"), "--study-name", name,
-            "--storage", url, "--log-dir", logs, "--display", "off", "--check-interval", "0.1",
-            "--max-worker-age", "off", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "optuna_guard.cli",
+        "run",
+        objective_spec("launcher_quick"),
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--log-dir",
+        logs,
+        "--display",
+        "off",
+        "--check-interval",
+        "0.1",
+        "--max-worker-age",
+        "off",
+        *extra,
+    ]
 
 
 def _finish(proc, timeout: float) -> tuple[int, str]:
@@ -43,11 +62,27 @@ def test_memory_held_outside_the_study_exits_4_without_killing(tmp_path):
     with memory_cgroup(int(1.2 * GB)) as group:
         holder = hold_memory(group, int(0.8 * GB))  # leaves ~0.25 GB once the launcher is in
         started = time.monotonic()
-        proc = group.popen(_launch_argv("held", url, str(logs), "--workers", "2", "--n-trials", "6",
-                                        "--min-available-gb", "0.25", "--warn-available-gb", "0.3",
-                                        "--memory-stall-timeout", "5"),
-                           stdout=open(os.devnull, "w"), stderr=__import__("subprocess").PIPE, text=True,
-                           env={**os.environ, "LAUNCHER_TEST_SLEEP": "0.2"})
+        proc = group.popen(
+            _launch_argv(
+                "held",
+                url,
+                str(logs),
+                "--workers",
+                "2",
+                "--n-trials",
+                "6",
+                "--min-available-gb",
+                "0.25",
+                "--warn-available-gb",
+                "0.3",
+                "--memory-stall-timeout",
+                "5",
+            ),
+            stdout=open(os.devnull, "w"),
+            stderr=__import__("subprocess").PIPE,
+            text=True,
+            env={**os.environ, "LAUNCHER_TEST_SLEEP": "0.2"},
+        )
         code, err = _finish(proc, 120)
         took = time.monotonic() - started
         oom = group.oom_kills
@@ -71,10 +106,25 @@ def test_sixteen_workers_in_a_small_cgroup_start_paced(tmp_path):
     logs = tmp_path / "logs"
     with memory_cgroup(1 * GB) as group:
         started = time.monotonic()
-        proc = group.popen(_launch_argv("burst", url, str(logs), "--workers", "16", "--n-trials", "16",
-                                        "--min-available-gb", "0.2", "--warn-available-gb", "0.3"),
-                           stdout=open(os.devnull, "w"), stderr=__import__("subprocess").PIPE, text=True,
-                           env={**os.environ, "LAUNCHER_TEST_SLEEP": "0.3"})
+        proc = group.popen(
+            _launch_argv(
+                "burst",
+                url,
+                str(logs),
+                "--workers",
+                "16",
+                "--n-trials",
+                "16",
+                "--min-available-gb",
+                "0.2",
+                "--warn-available-gb",
+                "0.3",
+            ),
+            stdout=open(os.devnull, "w"),
+            stderr=__import__("subprocess").PIPE,
+            text=True,
+            env={**os.environ, "LAUNCHER_TEST_SLEEP": "0.3"},
+        )
         code, err = _finish(proc, 240)
         took = time.monotonic() - started
         oom, peak = group.oom_kills, group.peak_bytes
@@ -82,9 +132,11 @@ def test_sixteen_workers_in_a_small_cgroup_start_paced(tmp_path):
     log = read_events(str(logs / "events.jsonl"))
     starts = sum(e["event"] == events.WORKER_STARTED for e in log)
     kills = [e for e in log if e["event"] == events.WORKER_KILLED]
-    print(f"\n16 workers in 1 GB: exit {code} in {took:.1f}s, {starts} worker starts, {len(kills)} kills, "
-          f"{oom} OOM kills, cgroup peak {peak / GB:.2f} GB, "
-          f"{sum(t.state == TrialState.COMPLETE for t in trials)}/16 COMPLETE")
+    print(
+        f"\n16 workers in 1 GB: exit {code} in {took:.1f}s, {starts} worker starts, {len(kills)} kills, "
+        f"{oom} OOM kills, cgroup peak {peak / GB:.2f} GB, "
+        f"{sum(t.state == TrialState.COMPLETE for t in trials)}/16 COMPLETE"
+    )
     assert code == 0, err[-2000:]
     assert oom == 0
     assert kills == []
@@ -102,21 +154,35 @@ def test_the_guard_stops_hogs_before_the_supervisor_needs_to(tmp_path, monkeypat
     idle = idle_worker_rss_gb(str(tmp_path))
     limit = round(idle + 0.4, 2)
     monkeypatch.setenv("LAUNCHER_TEST_ALLOC_TRIALS", "0,1,2,3")
-    monkeypatch.setenv("LAUNCHER_TEST_ALLOC_MAX_MB", str(int((limit + 0.5) * 1024)))  # bounded past the limit
+    monkeypatch.setenv(
+        "LAUNCHER_TEST_ALLOC_MAX_MB", str(int((limit + 0.5) * 1024))
+    )  # bounded past the limit
     url = f"sqlite:///{tmp_path / 'hog.db'}"
     logs = tmp_path / "logs"
-    summary = launch(objective_spec("launcher_alloc"), study_name="hog", storage=url, workers=2, n_trials=4,
-                     log_dir=str(logs), **dict(FAST, max_worker_rss_gb=limit, recycle_worker_rss_gb=None,
-                                                kill_wait=0.0))
+    summary = launch(
+        objective_spec("launcher_alloc"),
+        study_name="hog",
+        storage=url,
+        workers=2,
+        n_trials=4,
+        log_dir=str(logs),
+        **dict(FAST, max_worker_rss_gb=limit, recycle_worker_rss_gb=None, kill_wait=0.0),
+    )
     trials = trials_of(url, "hog")
     log = read_events(str(logs / "events.jsonl"))
     hard = [e for e in log if e["event"] == events.WORKER_KILLED]
     soft = [t for t in trials if t.user_attrs.get(tags.KILL_LIMIT) == "max_trial_rss_gb"]
-    print(f"\nhog trials: {len(soft)} soft stops by the guard, {len(hard)} hard kills (limit {limit} GB)")
+    print(
+        f"\nhog trials: {len(soft)} soft stops by the guard, {len(hard)} hard kills (limit {limit} GB)"
+    )
     assert summary.exit_code == 0
-    assert all(t.state == TrialState.PRUNED and t.user_attrs.get(tags.EMERGENCY_KILLED) for t in trials)
+    assert all(
+        t.state == TrialState.PRUNED and t.user_attrs.get(tags.EMERGENCY_KILLED) for t in trials
+    )
     assert len(soft) >= 3 and len(hard) <= 1
-    for trial in trials:  # one kill record per trial: the limit named in storage matches the event log
+    for (
+        trial
+    ) in trials:  # one kill record per trial: the limit named in storage matches the event log
         killed = [e for e in hard if e.get("trial_number") == trial.number]
         if killed:
             assert trial.user_attrs[tags.KILL_LIMIT] == killed[0]["limit"]

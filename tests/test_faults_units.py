@@ -13,8 +13,9 @@ from optuna_guard.supervisor import _memory_policy, _policies, _shutdown
 
 
 def _c(worker_id, rss_gb, in_trial=True):
-    return _policies.VictimCandidate(worker_id=worker_id, tree_rss_bytes=int(rss_gb * GB), in_trial=in_trial,
-                                     pid=worker_id)
+    return _policies.VictimCandidate(
+        worker_id=worker_id, tree_rss_bytes=int(rss_gb * GB), in_trial=in_trial, pid=worker_id
+    )
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,10 @@ def test_biggest_outside_skips_the_launch_and_small_processes():
 
 
 def test_exit_budget_is_grace_plus_bounded_storage_allowance():
-    assert _shutdown.exit_budget(120.0, 300.0) == 120.0 + _shutdown.REAP_SLACK_S + 60.0 + _shutdown.EXIT_SLACK_S
+    assert (
+        _shutdown.exit_budget(120.0, 300.0)
+        == 120.0 + _shutdown.REAP_SLACK_S + 60.0 + _shutdown.EXIT_SLACK_S
+    )
     assert _shutdown.storage_allowance(20.0) == 20.0
     assert _shutdown.storage_allowance(None) == 10.0
 

@@ -11,7 +11,10 @@ from fakes import FakeProbe
 from optuna_guard import check_memory, guard, killed_trials, tags, valid_trials
 from optuna_guard.analysis import is_killed
 
-KILL = {tags.EMERGENCY_KILLED: True, tags.KILL_REASON: "OOM prevention [split 2/5]: available 1.80 GB < 2.00 GB"}
+KILL = {
+    tags.EMERGENCY_KILLED: True,
+    tags.KILL_REASON: "OOM prevention [split 2/5]: available 1.80 GB < 2.00 GB",
+}
 
 
 def _trial(state, value=None, attrs=None):
@@ -34,7 +37,9 @@ def study(sqlite_url):
         _trial(TrialState.PRUNED),  # 2 pruned by the median pruner
         _trial(TrialState.FAIL, attrs=KILL),  # 3 killed with on_trip="fail"
         _trial(TrialState.FAIL),  # 4 an ordinary error
-        _trial(TrialState.COMPLETE, 0.5, attrs={tags.EMERGENCY_KILLED: False, tags.PEAK_RSS_GB: 1.2}),  # 5
+        _trial(
+            TrialState.COMPLETE, 0.5, attrs={tags.EMERGENCY_KILLED: False, tags.PEAK_RSS_GB: 1.2}
+        ),  # 5
     ]:
         study.add_trial(trial)
     return study
@@ -49,7 +54,9 @@ def test_valid_trials_excludes_killed_ones(study) -> None:
     assert [t.number for t in valid_trials(study)] == [0, 2, 4, 5]
     assert [t.number for t in valid_trials(study, complete_only=True)] == [0, 5]
     assert [t.number for t in valid_trials(study, states=(TrialState.PRUNED,))] == [2]
-    assert [t.number for t in valid_trials(study, states=[TrialState.PRUNED, TrialState.FAIL])] == [2, 4]
+    assert [
+        t.number for t in valid_trials(study, states=[TrialState.PRUNED, TrialState.FAIL])
+    ] == [2, 4]
 
 
 def test_filters_on_a_study_without_any_tags() -> None:

@@ -91,7 +91,10 @@ def test_module_spec_is_fingerprinted_without_importing_it(tmp_path):
     other.mkdir()
     (tmp_path / "a.py").write_text(OBJECTIVE)
     (other / "a.py").write_text(OBJECTIVE)
-    assert fingerprint_spec(f"{tmp_path / 'a.py'}:objective").digest == fingerprint_spec(f"{other / 'a.py'}:objective").digest
+    assert (
+        fingerprint_spec(f"{tmp_path / 'a.py'}:objective").digest
+        == fingerprint_spec(f"{other / 'a.py'}:objective").digest
+    )
 
 
 def test_resolve_version_records_matches_refuses_allows_and_reverts(tmp_path):
@@ -103,24 +106,49 @@ def test_resolve_version_records_matches_refuses_allows_and_reverts(tmp_path):
     assert resolve_version(study, v1, allow_changed=False, how_to_allow="x").recorded is False
     path.write_text(OBJECTIVE.replace("0.5", "0.7"))
     v2 = fingerprint_file(str(path), "objective", spec_text="obj.py:objective")
-    with pytest.raises(ObjectiveChangedError, match=r"function source and defining file .*obj.py differ; x to record it as version 2"):
+    with pytest.raises(
+        ObjectiveChangedError,
+        match=r"function source and defining file .*obj.py differ; x to record it as version 2",
+    ):
         resolve_version(study, v2, allow_changed=False, how_to_allow="x")
     assert resolve_version(study, v2, allow_changed=True, how_to_allow="x").version == 2
-    assert resolve_version(study, v1, allow_changed=True, how_to_allow="x").version == 1  # reverted code
+    assert (
+        resolve_version(study, v1, allow_changed=True, how_to_allow="x").version == 1
+    )  # reverted code
     attrs = _attrs(study)
     assert attrs[CURRENT_ATTR] == 1 and [v["version"] for v in attrs[VERSIONS_ATTR]] == [1, 2]
 
 
 # ------------------------------------------------------------------------- the launcher
-def _launch(tmp_path, spec: str, study: str, url: str, *extra: str, logs: str = "logs", n: int = 4):
+def _launch(
+    tmp_path, spec: str, study: str, url: str, *extra: str, logs: str = "logs", n: int = 4
+):
     return cli(
-        "run", spec, "--study-name", study, "--storage", url, "--workers", "1", "--n-trials", str(n),
-        "--log-dir", str(tmp_path / logs), "--display", "off", "--max-worker-age", "off", *extra,
-        cwd=str(tmp_path), timeout=180,
+        "run",
+        spec,
+        "--study-name",
+        study,
+        "--storage",
+        url,
+        "--workers",
+        "1",
+        "--n-trials",
+        str(n),
+        "--log-dir",
+        str(tmp_path / logs),
+        "--display",
+        "off",
+        "--max-worker-age",
+        "off",
+        *extra,
+        cwd=str(tmp_path),
+        timeout=180,
     )
 
 
-def test_changed_objective_exits_2_before_any_worker_and_allow_makes_version_2(tmp_path, storage_url, unique_study_name):
+def test_changed_objective_exits_2_before_any_worker_and_allow_makes_version_2(
+    tmp_path, storage_url, unique_study_name
+):
     path = tmp_path / "train.py"
     path.write_text(OBJECTIVE)
     spec = f"{path}:objective"
@@ -131,20 +159,45 @@ def test_changed_objective_exits_2_before_any_worker_and_allow_makes_version_2(t
     assert len(versions) == 1 and len(versions[0]["fingerprint"]["digest"]) == 64
     assert {t.user_attrs[OBJECTIVE_VERSION] for t in study.trials} == {1}
 
-    status = cli("status", "--study-name", unique_study_name, "--storage", storage_url, "--json", cwd=str(tmp_path))
+    status = cli(
+        "status",
+        "--study-name",
+        unique_study_name,
+        "--storage",
+        storage_url,
+        "--json",
+        cwd=str(tmp_path),
+    )
     objective = json.loads(status.stdout)["objective"]
-    assert objective["current_version"] == 1 and objective["digest"] == versions[0]["fingerprint"]["digest"]
+    assert (
+        objective["current_version"] == 1
+        and objective["digest"] == versions[0]["fingerprint"]["digest"]
+    )
 
     path.write_text(OBJECTIVE.replace("(x - 0.5)", "(x - 0.75)"))  # a "bug fix"
     refused = _launch(tmp_path, spec, unique_study_name, storage_url, logs="logs2")
     assert refused.returncode == 2
-    lines = [line for line in refused.stderr.splitlines() if line.strip() and not line.startswith("[I ")]
+    lines = [
+        line for line in refused.stderr.splitlines() if line.strip() and not line.startswith("[I ")
+    ]
     assert len(lines) == 1, refused.stderr
-    assert "function source" in lines[0] and "--allow-changed-objective" in lines[0] and "version 2" in lines[0]
+    assert (
+        "function source" in lines[0]
+        and "--allow-changed-objective" in lines[0]
+        and "version 2" in lines[0]
+    )
     assert not list((tmp_path / "logs2").glob("worker_*.log"))  # no worker started
     assert len(optuna.load_study(study_name=unique_study_name, storage=storage_url).trials) == 4
 
-    allowed = _launch(tmp_path, spec, unique_study_name, storage_url, "--allow-changed-objective", logs="logs3", n=3)
+    allowed = _launch(
+        tmp_path,
+        spec,
+        unique_study_name,
+        storage_url,
+        "--allow-changed-objective",
+        logs="logs3",
+        n=3,
+    )
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     study = optuna.load_study(study_name=unique_study_name, storage=storage_url)
     assert [t.user_attrs[OBJECTIVE_VERSION] for t in study.trials] == [1] * 4 + [2] * 3
@@ -155,8 +208,13 @@ def test_changed_objective_exits_2_before_any_worker_and_allow_makes_version_2(t
     rows = {row["version"]: row for row in report["objective"]["versions"]}
     assert rows[1]["n_trials"] == 4 and rows[2]["n_trials"] == 3
     assert rows[1]["best"]["number"] < 4 <= rows[2]["best"]["number"]
-    assert report["objective"]["best_from_version"] == 2 and report["best"]["trials"][0]["number"] >= 4
-    text = cli("report", "--study-name", unique_study_name, "--storage", storage_url, cwd=str(tmp_path))
+    assert (
+        report["objective"]["best_from_version"] == 2
+        and report["best"]["trials"][0]["number"] >= 4
+    )
+    text = cli(
+        "report", "--study-name", unique_study_name, "--storage", storage_url, cwd=str(tmp_path)
+    )
     assert text.returncode == 0 and "Objective versions (current: 2)" in text.stdout
     assert "Objective versions (current: 2)" in render_html(report)
 
@@ -167,13 +225,36 @@ def test_changed_extra_input_is_named(tmp_path, sqlite_url, unique_study_name):
     config = tmp_path / "config.yaml"
     config.write_text("lr: 0.1\n")
     spec = f"{path}:objective"
-    assert _launch(tmp_path, spec, unique_study_name, sqlite_url, "--fingerprint-extra", str(config),
-                   "--fingerprint-extra", "data-v1", n=1).returncode == 0
+    assert (
+        _launch(
+            tmp_path,
+            spec,
+            unique_study_name,
+            sqlite_url,
+            "--fingerprint-extra",
+            str(config),
+            "--fingerprint-extra",
+            "data-v1",
+            n=1,
+        ).returncode
+        == 0
+    )
     config.write_text("lr: 0.2\n")
-    refused = _launch(tmp_path, spec, unique_study_name, sqlite_url, "--fingerprint-extra", str(config),
-                      "--fingerprint-extra", "data-v1", n=1)
+    refused = _launch(
+        tmp_path,
+        spec,
+        unique_study_name,
+        sqlite_url,
+        "--fingerprint-extra",
+        str(config),
+        "--fingerprint-extra",
+        "data-v1",
+        n=1,
+    )
     assert refused.returncode == 2 and f"extra input '{config}' differs" in refused.stderr
-    refused = _launch(tmp_path, spec, unique_study_name, sqlite_url, "--fingerprint-extra", str(config), n=1)
+    refused = _launch(
+        tmp_path, spec, unique_study_name, sqlite_url, "--fingerprint-extra", str(config), n=1
+    )
     assert refused.returncode == 2 and "extra input 'data-v1' (removed)" in refused.stderr
 
 
@@ -195,11 +276,19 @@ def test_standalone_guard_records_warns_and_raises(tmp_path, caplog, quiet_optun
 
     path.write_text(OBJECTIVE.replace("0.5", "0.9"))
     with pytest.raises(ObjectiveChangedError, match="on_changed_objective='warn'"):
-        study.optimize(guard(fingerprint=True, on_changed_objective="raise")(_objective_from(path)), n_trials=1)
+        study.optimize(
+            guard(fingerprint=True, on_changed_objective="raise")(_objective_from(path)),
+            n_trials=1,
+        )
     with caplog.at_level(logging.WARNING, logger="optuna_guard"):
         study.optimize(guard(fingerprint=True)(_objective_from(path)), n_trials=2)
-    assert any("changed" in r.getMessage() and "objective_version 2" in r.getMessage() for r in caplog.records)
-    tagged = [t.user_attrs.get(OBJECTIVE_VERSION) for t in study.trials if t.state == TrialState.COMPLETE]
+    assert any(
+        "changed" in r.getMessage() and "objective_version 2" in r.getMessage()
+        for r in caplog.records
+    )
+    tagged = [
+        t.user_attrs.get(OBJECTIVE_VERSION) for t in study.trials if t.state == TrialState.COMPLETE
+    ]
     assert tagged == [1, 1, 2, 2]
 
 
@@ -225,8 +314,14 @@ def test_current_version_sampler_sees_only_the_current_version():
     study = optuna.create_study()
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for i, version in enumerate((1, 1, 1, 2)):
-        study.add_trial(optuna.trial.create_trial(params={"x": i / 10}, distributions=dist, value=float(i),
-                                                  user_attrs={OBJECTIVE_VERSION: version}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": i / 10},
+                distributions=dist,
+                value=float(i),
+                user_attrs={OBJECTIVE_VERSION: version},
+            )
+        )
     inner = _RecordingSampler()
     study.sampler = CurrentVersionSampler(inner, version=2)
     trial = study.ask()
@@ -241,8 +336,18 @@ def test_current_version_sampler_sees_only_the_current_version():
 def test_sampler_history_current_reaches_the_workers(tmp_path, sqlite_url, unique_study_name):
     path = tmp_path / "train.py"
     path.write_text(OBJECTIVE)
-    result = _launch(tmp_path, f"{path}:objective", unique_study_name, sqlite_url, "--sampler-history", "current", n=2)
+    result = _launch(
+        tmp_path,
+        f"{path}:objective",
+        unique_study_name,
+        sqlite_url,
+        "--sampler-history",
+        "current",
+        n=2,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     log = (tmp_path / "logs" / "worker_1.log").read_text()
     assert "Traceback" not in log
-    assert os.environ.get("OPTUNA_GUARD_SAMPLER_HISTORY") is None  # only the workers' environment has it
+    assert (
+        os.environ.get("OPTUNA_GUARD_SAMPLER_HISTORY") is None
+    )  # only the workers' environment has it

@@ -13,15 +13,29 @@ from optuna.trial import TrialState
 from optuna_guard import events, tags
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.supervisor import launch
-from supervisor_helpers import FAST, OBJECTIVES, assert_nothing_running, objective_spec, read_events, trials_of
+from supervisor_helpers import (
+    FAST,
+    OBJECTIVES,
+    assert_nothing_running,
+    objective_spec,
+    read_events,
+    trials_of,
+)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
-def test_three_workers_finish_exactly_t_trials(backend, request, tmp_path, unique_study_name, quiet_optuna):
+def test_three_workers_finish_exactly_t_trials(
+    backend, request, tmp_path, unique_study_name, quiet_optuna
+):
     url = request.getfixturevalue(f"{backend}_url")
     summary = launch(
-        objective_spec("launcher_quick"), study_name=unique_study_name, storage=url,
-        workers=3, n_trials=10, log_dir=str(tmp_path / "logs"), **FAST,
+        objective_spec("launcher_quick"),
+        study_name=unique_study_name,
+        storage=url,
+        workers=3,
+        n_trials=10,
+        log_dir=str(tmp_path / "logs"),
+        **FAST,
     )
     trials = trials_of(url, unique_study_name)
     assert len(trials) == 10
@@ -39,7 +53,9 @@ def test_three_workers_finish_exactly_t_trials(backend, request, tmp_path, uniqu
     assert_nothing_running(trials)
 
 
-def test_function_objective_and_existing_direction(sqlite_url, tmp_path, unique_study_name, quiet_optuna):
+def test_function_objective_and_existing_direction(
+    sqlite_url, tmp_path, unique_study_name, quiet_optuna
+):
     """A module-level function is launched by its spec; another direction is refused."""
     sys.path.insert(0, OBJECTIVES)
     try:
@@ -47,20 +63,41 @@ def test_function_objective_and_existing_direction(sqlite_url, tmp_path, unique_
     finally:
         sys.path.remove(OBJECTIVES)
 
-    summary = launch(maximize_me, study_name=unique_study_name, storage=sqlite_url, direction="maximize",
-                     workers=2, n_trials=3, log_dir=str(tmp_path / "a"), **FAST)
+    summary = launch(
+        maximize_me,
+        study_name=unique_study_name,
+        storage=sqlite_url,
+        direction="maximize",
+        workers=2,
+        n_trials=3,
+        log_dir=str(tmp_path / "a"),
+        **FAST,
+    )
     assert summary.finished == 3 and summary.best_value is not None
     trials = trials_of(sqlite_url, unique_study_name)
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert summary.best_value == max(t.value for t in trials)  # the study was created with maximize
+    assert summary.best_value == max(
+        t.value for t in trials
+    )  # the study was created with maximize
     with pytest.raises(ConfigError, match="already exists with direction maximize"):
-        launch(objective_spec("launcher_quick"), study_name=unique_study_name, storage=sqlite_url,
-               workers=1, n_trials=1, log_dir=str(tmp_path / "c"), **FAST)
+        launch(
+            objective_spec("launcher_quick"),
+            study_name=unique_study_name,
+            storage=sqlite_url,
+            workers=1,
+            n_trials=1,
+            log_dir=str(tmp_path / "c"),
+            **FAST,
+        )
     assert len(trials_of(sqlite_url, unique_study_name)) == 3  # nothing ran
 
 
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage:UserWarning")
-def test_heartbeat_rows_and_stale_trials_of_a_dead_launcher_are_failed(sqlite_url, tmp_path, unique_study_name, quiet_optuna):
+@pytest.mark.filterwarnings(
+    "ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage:UserWarning"
+)
+def test_heartbeat_rows_and_stale_trials_of_a_dead_launcher_are_failed(
+    sqlite_url, tmp_path, unique_study_name, quiet_optuna
+):
     """The supervisor keeps Optuna's heartbeat rows for its workers' trials (a row at each
     trial's start, however short the trial: plain ``optimize`` workers judge by these rows), and
     fails RUNNING trials whose heartbeat stopped long ago (a launcher on another host that died)."""
@@ -73,14 +110,27 @@ def test_heartbeat_rows_and_stale_trials_of_a_dead_launcher_are_failed(sqlite_ur
     zombie = study.ask()
     hb_storage.record_heartbeat(zombie._trial_id)
     with hb_storage.engine.begin() as connection:
-        connection.execute(sqlalchemy.text(
-            "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id = :id"),
-            {"id": zombie._trial_id})
-    launch(objective_spec("launcher_quick"), study_name=unique_study_name, storage=sqlite_url,
-           workers=1, n_trials=2, log_dir=str(tmp_path / "logs"), **FAST)
+        connection.execute(
+            sqlalchemy.text(
+                "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id = :id"
+            ),
+            {"id": zombie._trial_id},
+        )
+    launch(
+        objective_spec("launcher_quick"),
+        study_name=unique_study_name,
+        storage=sqlite_url,
+        workers=1,
+        n_trials=2,
+        log_dir=str(tmp_path / "logs"),
+        **FAST,
+    )
     trials = trials_of(sqlite_url, unique_study_name)
     assert trials[0].state == TrialState.FAIL  # failed as stale by the launcher's heartbeat sweep
     assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2
     with hb_storage.engine.connect() as connection:
-        beats = {row[0] for row in connection.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+        beats = {
+            row[0]
+            for row in connection.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))
+        }
     assert {t._trial_id for t in trials[1:]} <= beats

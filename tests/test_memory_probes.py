@@ -26,7 +26,17 @@ def _write(path, text) -> None:
     path.write_text(text)
 
 
-def make_proc(tmp_path, *, cgroup="0::/\n", total=HOST_TOTAL, available=HOST_AVAILABLE, swap_total=0, swap_free=0, psi=None, meminfo=None):
+def make_proc(
+    tmp_path,
+    *,
+    cgroup="0::/\n",
+    total=HOST_TOTAL,
+    available=HOST_AVAILABLE,
+    swap_total=0,
+    swap_free=0,
+    psi=None,
+    meminfo=None,
+):
     proc = tmp_path / "proc"
     if meminfo is None:
         meminfo = (
@@ -44,13 +54,18 @@ def make_proc(tmp_path, *, cgroup="0::/\n", total=HOST_TOTAL, available=HOST_AVA
     return str(proc)
 
 
-def v2_level(root, rel, *, limit="max", current=None, inactive=0, swap_max=None, swap_current=None):
+def v2_level(
+    root, rel, *, limit="max", current=None, inactive=0, swap_max=None, swap_current=None
+):
     directory = root / rel if rel else root
     directory.mkdir(parents=True, exist_ok=True)
     if rel:
         _write(directory / "memory.max", f"{limit}\n")
         _write(directory / "memory.current", f"{current or 0}\n")
-        _write(directory / "memory.stat", f"anon 1234\nfile 99\nactive_file 5\ninactive_file {inactive}\nslab 7\n")
+        _write(
+            directory / "memory.stat",
+            f"anon 1234\nfile 99\nactive_file 5\ninactive_file {inactive}\nslab 7\n",
+        )
         if swap_max is not None:
             _write(directory / "memory.swap.max", f"{swap_max}\n")
             _write(directory / "memory.swap.current", f"{swap_current or 0}\n")
@@ -83,7 +98,11 @@ def v1_level(root, rel, *, limit=9223372036854771712, usage=0, inactive_own=0, i
     "text, v1, v2",
     [
         ("0::/user.slice/session-3.scope\n", None, "/user.slice/session-3.scope"),
-        ("9:name=systemd:/\n4:memory:/process_api/d2b2\n3:cpuset:/\n0::/\n", "/process_api/d2b2", "/"),
+        (
+            "9:name=systemd:/\n4:memory:/process_api/d2b2\n3:cpuset:/\n0::/\n",
+            "/process_api/d2b2",
+            "/",
+        ),
         ("7:memory,hugetlb:/docker/abc\n", "/docker/abc", None),
         ("5:cpu,cpuacct:/x\n", None, None),
         ("garbage\n\n", None, None),
@@ -101,7 +120,9 @@ def test_parse_psi_some_and_full() -> None:
 
 
 def test_meminfo_without_memavailable_is_estimated() -> None:
-    info = parse_meminfo(b"MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 50 kB\nCached: 200 kB\nSwapTotal: 0 kB\n")
+    info = parse_meminfo(
+        b"MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 50 kB\nCached: 200 kB\nSwapTotal: 0 kB\n"
+    )
     assert info.total_bytes == 1000 * 1024
     assert info.available_bytes == 350 * 1024
 
@@ -122,12 +143,18 @@ def test_host_numbers_without_any_cgroup(tmp_path) -> None:
     assert reading.available_bytes == HOST_AVAILABLE
     assert reading.used_bytes == HOST_TOTAL - HOST_AVAILABLE
     assert reading.percent == pytest.approx(6.2, abs=0.05)
-    assert (reading.swap_total_bytes, reading.swap_used_bytes, reading.swap_percent) == (8 * GB, 2 * GB, 25.0)
+    assert (reading.swap_total_bytes, reading.swap_used_bytes, reading.swap_percent) == (
+        8 * GB,
+        2 * GB,
+        25.0,
+    )
     assert (reading.psi_some_avg10, reading.psi_full_avg10) == (2.5, 0.5)
 
 
 def test_missing_psi_is_none_not_an_error(tmp_path) -> None:
-    reading = SystemProbe(proc_root=make_proc(tmp_path), cgroup_root=str(tmp_path / "none")).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path), cgroup_root=str(tmp_path / "none")
+    ).system()
     assert reading.psi_some_avg10 is None and reading.psi_full_avg10 is None
 
 
@@ -160,7 +187,9 @@ def test_v2_max_everywhere_means_host(tmp_path) -> None:
     root = make_v2_root(tmp_path)
     v2_level(root, "a", limit="max", current=GB)
     v2_level(root, "a/b", limit="max", current=GB)
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup="0::/a/b\n"), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup="0::/a/b\n"), cgroup_root=str(root)
+    ).system()
     assert reading.source == "host"
     assert reading.available_bytes == HOST_AVAILABLE
 
@@ -168,7 +197,9 @@ def test_v2_max_everywhere_means_host(tmp_path) -> None:
 def test_v2_limit_above_host_ram_is_ignored(tmp_path) -> None:
     root = make_v2_root(tmp_path)
     v2_level(root, "big", limit=128 * GB, current=100 * GB)
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup="0::/big\n"), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup="0::/big\n"), cgroup_root=str(root)
+    ).system()
     assert reading.source == "host"
     assert reading.total_bytes == HOST_TOTAL
 
@@ -177,7 +208,9 @@ def test_v2_nested_limits_smallest_wins(tmp_path) -> None:
     root = make_v2_root(tmp_path)
     v2_level(root, "job", limit=8 * GB, current=1 * GB)
     v2_level(root, "job/step", limit=2 * GB, current=GB // 2)
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup="0::/job/step\n"), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup="0::/job/step\n"), cgroup_root=str(root)
+    ).system()
     assert reading.total_bytes == 2 * GB
     assert reading.available_bytes == 2 * GB - GB // 2
 
@@ -187,7 +220,9 @@ def test_v2_ancestor_with_less_headroom_wins(tmp_path) -> None:
     root = make_v2_root(tmp_path)
     v2_level(root, "slurm/job7", limit=4 * GB, current=3 * GB + GB // 2)
     v2_level(root, "slurm/job7/task0", limit=3 * GB, current=GB // 2)
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup="0::/slurm/job7/task0\n"), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup="0::/slurm/job7/task0\n"), cgroup_root=str(root)
+    ).system()
     assert reading.total_bytes == 4 * GB
     assert reading.available_bytes == GB // 2
 
@@ -217,7 +252,11 @@ def test_v2_cgroup_swap_limit(tmp_path) -> None:
     v2_level(root, "c", limit=4 * GB, current=GB, swap_max=2 * GB, swap_current=GB // 2)
     proc = make_proc(tmp_path, cgroup="0::/c\n", swap_total=32 * GB, swap_free=32 * GB)
     reading = SystemProbe(proc_root=proc, cgroup_root=str(root)).system()
-    assert (reading.swap_total_bytes, reading.swap_used_bytes, reading.swap_percent) == (2 * GB, GB // 2, 25.0)
+    assert (reading.swap_total_bytes, reading.swap_used_bytes, reading.swap_percent) == (
+        2 * GB,
+        GB // 2,
+        25.0,
+    )
 
 
 # -- cgroup v1 ----------------------------------------------------------------------------------
@@ -231,9 +270,18 @@ def test_v1_hybrid_machine_uses_the_memory_controller_path(tmp_path) -> None:
     root = tmp_path / "cgroup"
     v1_level(root, "", usage=20 * GB)
     v1_level(root, "process_api")
-    v1_level(root, "process_api/d2b21e2b", limit=GB, usage=800 * MB, inactive_own=10 * MB, inactive_total=300 * MB)
+    v1_level(
+        root,
+        "process_api/d2b21e2b",
+        limit=GB,
+        usage=800 * MB,
+        inactive_own=10 * MB,
+        inactive_total=300 * MB,
+    )
     _write(root / "unified" / "cgroup.controllers", "hugetlb\n")
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup=HYBRID_CGROUP), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup=HYBRID_CGROUP), cgroup_root=str(root)
+    ).system()
     assert reading.source == "cgroup v1"
     assert reading.total_bytes == GB
     assert reading.used_bytes == 500 * MB  # total_inactive_file (hierarchical) is page cache
@@ -244,7 +292,9 @@ def test_v1_unlimited_means_host(tmp_path) -> None:
     root = tmp_path / "cgroup"
     v1_level(root, "")
     v1_level(root, "process_api/x", usage=GB)
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup="4:memory:/process_api/x\n"), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup="4:memory:/process_api/x\n"), cgroup_root=str(root)
+    ).system()
     assert reading.source == "host"
 
 
@@ -275,12 +325,17 @@ def _fake_process(proc, pid, rss_pages, *, ppid=1, children_by_tid=None) -> None
     _write(proc / str(pid) / "statm", f"9999 {rss_pages} 10 1 0 100 0\n")
     _write(proc / str(pid) / "stat", f"{pid} (py thon) S {ppid} 1 1 0 -1 4194304 0 0\n")
     for tid, children in (children_by_tid or {pid: []}).items():
-        _write(proc / str(pid) / "task" / str(tid) / "children", " ".join(map(str, children)) + (" " if children else ""))
+        _write(
+            proc / str(pid) / "task" / str(tid) / "children",
+            " ".join(map(str, children)) + (" " if children else ""),
+        )
 
 
 def test_process_tree_counts_children_of_every_thread(tmp_path) -> None:
     proc = tmp_path / "proc"
-    _fake_process(proc, 100, 1000, children_by_tid={100: [101], 105: [102]})  # 105: a worker thread
+    _fake_process(
+        proc, 100, 1000, children_by_tid={100: [101], 105: [102]}
+    )  # 105: a worker thread
     _fake_process(proc, 101, 200, ppid=100, children_by_tid={101: [103]})
     _fake_process(proc, 102, 30, ppid=100)
     _fake_process(proc, 103, 4, ppid=101)
@@ -296,7 +351,9 @@ def test_process_tree_without_children_files_scans_parents(tmp_path) -> None:
     for pid, pages, ppid in ((100, 1000, 1), (101, 200, 100), (103, 4, 101), (200, 5, 1)):
         _write(proc / str(pid) / "statm", f"1 {pages} 0 0 0 0 0\n")
         _write(proc / str(pid) / "stat", f"{pid} (a) b) S {ppid} 1 1 0\n")  # ")" inside the name
-        (proc / str(pid) / "task" / str(pid)).mkdir(parents=True)  # kernel without CONFIG_PROC_CHILDREN
+        (proc / str(pid) / "task" / str(pid)).mkdir(
+            parents=True
+        )  # kernel without CONFIG_PROC_CHILDREN
     probe = SystemProbe(proc_root=str(proc), cgroup_root=str(tmp_path / "none"))
     assert probe.process_tree_rss(100) == (1000 + 200 + 4) * PAGE_SIZE
 
@@ -332,7 +389,9 @@ def test_real_machine_reading_is_sane() -> None:
 
 def test_gpus_through_fake_nvml(tmp_path) -> None:
     nvml = FakeNvml([("NVIDIA A100", 40 * GB, 10 * GB), ("NVIDIA A100", 40 * GB, 30 * GB)])
-    probe = SystemProbe(proc_root=make_proc(tmp_path), cgroup_root=str(tmp_path / "none"), nvml=nvml)
+    probe = SystemProbe(
+        proc_root=make_proc(tmp_path), cgroup_root=str(tmp_path / "none"), nvml=nvml
+    )
     gpus = probe.gpus()
     assert [(g.index, g.name, g.total_bytes, g.used_bytes) for g in gpus] == [
         (0, "NVIDIA A100", 40 * GB, 10 * GB),
@@ -370,7 +429,14 @@ def test_nvml_error_mid_run_gives_empty_list() -> None:
 
 @pytest.mark.parametrize(
     "visible, expected",
-    [(None, [0, 1, 2]), ("2,0", [0, 2]), ("", []), ("-1", []), ("GPU-b", [1]), ("MIG-xyz", [0, 1, 2])],
+    [
+        (None, [0, 1, 2]),
+        ("2,0", [0, 2]),
+        ("", []),
+        ("-1", []),
+        ("GPU-b", [1]),
+        ("MIG-xyz", [0, 1, 2]),
+    ],
 )
 def test_cuda_visible_devices_filters_nvml_devices(visible, expected) -> None:
     nvml = FakeNvml([("a", GB, 0), ("b", GB, 0), ("c", GB, 0)], uuids=["GPU-a", "GPU-b", "GPU-c"])

@@ -23,7 +23,9 @@ CLI = [sys.executable, "-m", "optuna_guard.cli", "monitor"]
 
 def test_once_prints_one_line_and_logs_one_sample(tmp_path) -> None:
     log = tmp_path / "logs" / "mem.jsonl"
-    out = subprocess.run(CLI + ["--once", "--log", str(log)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        CLI + ["--once", "--log", str(log)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -32,7 +34,9 @@ def test_once_prints_one_line_and_logs_one_sample(tmp_path) -> None:
     assert set(record) >= {"timestamp", "memory", "swap", "gpu"}
     assert set(record["memory"]) >= {"total_gb", "used_gb", "available_gb", "percent"}
     assert 0 < record["memory"]["available_gb"] <= record["memory"]["total_gb"]
-    assert record["memory"]["used_gb"] == pytest.approx(record["memory"]["total_gb"] - record["memory"]["available_gb"], abs=0.01)
+    assert record["memory"]["used_gb"] == pytest.approx(
+        record["memory"]["total_gb"] - record["memory"]["available_gb"], abs=0.01
+    )
     assert isinstance(record["gpu"], list)
 
 
@@ -51,7 +55,12 @@ def test_default_log_file_in_cwd(tmp_path, monkeypatch, capsys) -> None:
 
 def test_continuous_mode_stops_cleanly_on_sigterm(tmp_path) -> None:
     log = tmp_path / "mem.jsonl"
-    proc = subprocess.Popen(CLI + ["--interval", "0.1", "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        CLI + ["--interval", "0.1", "--log", str(log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -71,27 +80,44 @@ def test_continuous_mode_stops_cleanly_on_sigterm(tmp_path) -> None:
 
 
 def test_library_loop_with_a_fake_probe() -> None:
-    probe = FakeProbe(total_gb=32.0, available_gb=20.0, psi_some=1.25, psi_full=0.5, gpus=[GpuMemory(0, "Fake GPU", 16 * GB, 4 * GB)])
+    probe = FakeProbe(
+        total_gb=32.0,
+        available_gb=20.0,
+        psi_some=1.25,
+        psi_full=0.5,
+        gpus=[GpuMemory(0, "Fake GPU", 16 * GB, 4 * GB)],
+    )
     lines: list[str] = []
-    assert monitor.run_monitor(interval=0.01, log_path=None, out=lines.append, probe=probe, max_samples=3) == 3
+    assert (
+        monitor.run_monitor(
+            interval=0.01, log_path=None, out=lines.append, probe=probe, max_samples=3
+        )
+        == 3
+    )
     assert len(lines) == 3
     assert "RAM 12.00/32.00 GB used (37.5%), 20.00 GB available [fake]" in lines[0]
     assert "PSI some 1.25% full 0.50%" in lines[0]
     assert "GPU0 4.00/16.00 GB (25.0%)" in lines[0]
     record = monitor.take_sample(probe)
-    assert record["gpu"] == [{"index": 0, "name": "Fake GPU", "total_gb": 16.0, "used_gb": 4.0, "percent": 25.0}]
+    assert record["gpu"] == [
+        {"index": 0, "name": "Fake GPU", "total_gb": 16.0, "used_gb": 4.0, "percent": 25.0}
+    ]
     assert record["psi"] == {"some_avg10": 1.25, "full_avg10": 0.5}
 
 
 # -- --analyze ----------------------------------------------------------------------------------
 
 
-def _write_log(path, available, used, *, start=1_700_000_000.0, step=3600.0, percent=None, torn=False) -> None:
+def _write_log(
+    path, available, used, *, start=1_700_000_000.0, step=3600.0, percent=None, torn=False
+) -> None:
     lines = []
     for index, (avail, use) in enumerate(zip(available, used)):
         ts = start + index * step
         record = monitor.take_sample(FakeProbe(total_gb=avail + use, available_gb=avail), now=ts)
-        record["memory"].update({"available_gb": avail, "used_gb": use, "percent": percent[index] if percent else 50.0})
+        record["memory"].update(
+            {"available_gb": avail, "used_gb": use, "percent": percent[index] if percent else 50.0}
+        )
         lines.append(json.dumps(record))
     text = "\n".join(lines) + "\n"
     if torn:
@@ -101,7 +127,13 @@ def _write_log(path, available, used, *, start=1_700_000_000.0, step=3600.0, per
 
 def test_analyze_summarizes_a_log(tmp_path, capsys) -> None:
     log = tmp_path / "mem.jsonl"
-    _write_log(log, available=[6.0, 3.0, 2.0, 5.0, 6.0], used=[2.0, 5.0, 6.0, 3.0, 2.0], percent=[25.0, 62.5, 75.0, 37.5, 25.0], torn=True)
+    _write_log(
+        log,
+        available=[6.0, 3.0, 2.0, 5.0, 6.0],
+        used=[2.0, 5.0, 6.0, 3.0, 2.0],
+        percent=[25.0, 62.5, 75.0, 37.5, 25.0],
+        torn=True,
+    )
     summary = monitor.analyze_log(log, warn_available_gb=4.0)
     assert summary.samples == 5
     assert summary.duration_s == 4 * 3600

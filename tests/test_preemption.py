@@ -68,7 +68,9 @@ def test_stop_callback_ends_optimize_even_when_catch_swallows_the_preemption() -
         preemption.raise_if_stop_requested(trial)
         return 1.0
 
-    study.optimize(objective, n_trials=50, catch=(Exception,), callbacks=[preemption.stop_study_if_requested])
+    study.optimize(
+        objective, n_trials=50, catch=(Exception,), callbacks=[preemption.stop_study_if_requested]
+    )
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert study.trials[1].user_attrs[tags.PREEMPTED] is True
 
@@ -121,9 +123,13 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_sigterm_to_a_worker_saves_tags_and_exits_99_then_the_retry_resumes(tmp_path: Path) -> None:
+def test_sigterm_to_a_worker_saves_tags_and_exits_99_then_the_retry_resumes(
+    tmp_path: Path,
+) -> None:
     url = f"sqlite:///{tmp_path / 'preempt.db'}"
-    study = optuna.create_study(storage=open_storage(url), study_name=f"pre-{uuid.uuid4().hex[:6]}")
+    study = optuna.create_study(
+        storage=open_storage(url), study_name=f"pre-{uuid.uuid4().hex[:6]}"
+    )
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     root = tmp_path / "ckpt"
@@ -152,7 +158,9 @@ def test_sigterm_to_a_worker_saves_tags_and_exits_99_then_the_retry_resumes(tmp_
     assert subprocess.run(args, timeout=60).returncode == 0
     retry = study.trials[number]
     assert retry.state == TrialState.COMPLETE
-    assert retry.user_attrs[tags.RESUMED_FROM_STEP] == stopped_at  # saved at the stop, not at step 0
+    assert (
+        retry.user_attrs[tags.RESUMED_FROM_STEP] == stopped_at
+    )  # saved at the stop, not at step 0
     assert min(retry.intermediate_values) == stopped_at + 1
     assert retry.value == pytest.approx(60 * trial.params["x"])
 
@@ -164,7 +172,9 @@ def test_sigterm_to_a_worker_saves_tags_and_exits_99_then_the_retry_resumes(tmp_
 def test_sbatch_scripts_parse_and_declare_requeue(script: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert "#SBATCH --signal=B:TERM@120" in text  # B: the batch shell (the launcher) gets it, no srun step
+    assert (
+        "#SBATCH --signal=B:TERM@120" in text
+    )  # B: the batch shell (the launcher) gets it, no srun step
     assert "#SBATCH --requeue" in text
     assert "scontrol requeue" in text
 
@@ -221,10 +231,14 @@ def _calls(tmp_path: Path) -> list[str]:
     ("rc", "restarts", "script_rc", "requeued"),
     [("99", "0", 0, True), ("0", "0", 0, False), ("1", "0", 1, False), ("99", "20", 99, False)],
 )
-def test_sbatch_requeues_on_exit_99(tmp_path: Path, rc: str, restarts: str, script_rc: int, requeued: bool) -> None:
+def test_sbatch_requeues_on_exit_99(
+    tmp_path: Path, rc: str, restarts: str, script_rc: int, requeued: bool
+) -> None:
     bin_dir = _stub_bin(tmp_path)
     env = _env(tmp_path, bin_dir, FAKE_RC=rc, SLURM_RESTART_COUNT=restarts)
-    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == script_rc, done.stderr
     calls = _calls(tmp_path)
     launcher = [c for c in calls if c.startswith("launcher ")]
@@ -242,13 +256,24 @@ def test_script_arguments_are_accepted_by_the_real_cli(tmp_path: Path) -> None:
     from optuna_guard.cli import build_parser
 
     bin_dir = _stub_bin(tmp_path)
-    env = _env(tmp_path, bin_dir, OPTUNA_GUARD_N_TRIALS="10", OPTUNA_GUARD_RETRY_SHRINK="hooks:halve",
-               OPTUNA_GUARD_SEED="1", SLURM_ARRAY_JOB_ID="5", SLURM_ARRAY_TASK_ID="0")
+    env = _env(
+        tmp_path,
+        bin_dir,
+        OPTUNA_GUARD_N_TRIALS="10",
+        OPTUNA_GUARD_RETRY_SHRINK="hooks:halve",
+        OPTUNA_GUARD_SEED="1",
+        SLURM_ARRAY_JOB_ID="5",
+        SLURM_ARRAY_TASK_ID="0",
+    )
     for script in (SBATCH, ARRAY):
-        subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, check=True)
+        subprocess.run(
+            ["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, check=True
+        )
     k8s_job = next(d for d in yaml.safe_load_all(K8S_JOB.read_text()) if d["kind"] == "Job")
     k8s_args = k8s_job["spec"]["template"]["spec"]["containers"][0]["args"]
-    launches = [shlex.split(c)[1:] for c in _calls(tmp_path) if c.startswith("launcher ")] + [k8s_args]
+    launches = [shlex.split(c)[1:] for c in _calls(tmp_path) if c.startswith("launcher ")] + [
+        k8s_args
+    ]
     assert len(launches) == 3
     for args in launches:
         parsed = build_parser().parse_args(args)  # exits 2 on an unknown option
@@ -261,7 +286,9 @@ def test_sbatch_study_wide_target_is_passed_as_study_trials(tmp_path: Path) -> N
     interface and has no inline Python any more."""
     bin_dir = _stub_bin(tmp_path)
     env = _env(tmp_path, bin_dir, OPTUNA_GUARD_STUDY_TRIALS="5")
-    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     runs = [c for c in _calls(tmp_path) if c.startswith("launcher ")]
     assert len(runs) == 1 and "--study-trials 5 --time-budget 3480" in runs[0]
@@ -272,7 +299,9 @@ def test_sbatch_without_a_storage_fails_with_one_clear_line(tmp_path: Path) -> N
     bin_dir = _stub_bin(tmp_path)
     env = _env(tmp_path, bin_dir)
     del env["OPTUNA_GUARD_STORAGE"]
-    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=30
+    )
     assert done.returncode != 0
     assert "OPTUNA_GUARD_STORAGE" in done.stderr
     assert _calls(tmp_path) == []
@@ -281,7 +310,9 @@ def test_sbatch_without_a_storage_fails_with_one_clear_line(tmp_path: Path) -> N
 def test_sbatch_forwards_sigterm_and_requeues(tmp_path: Path) -> None:
     bin_dir = _stub_bin(tmp_path)
     env = _env(tmp_path, bin_dir, FAKE_WAIT_FOR_TERM="1")
-    proc = subprocess.Popen(["bash", str(SBATCH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 20
     while not (tmp_path / "launcher-started").exists():
         assert time.monotonic() < deadline and proc.poll() is None
@@ -297,9 +328,19 @@ def test_sbatch_forwards_sigterm_and_requeues(tmp_path: Path) -> None:
 
 def test_array_task_requeues_itself_with_its_own_seed(tmp_path: Path) -> None:
     bin_dir = _stub_bin(tmp_path)
-    env = _env(tmp_path, bin_dir, FAKE_RC="99", SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="3",
-               SLURM_RESTART_COUNT="1", OPTUNA_GUARD_SEED="10", OPTUNA_GUARD_N_TRIALS="50")
-    done = subprocess.run(["bash", str(ARRAY)], env=env, capture_output=True, text=True, timeout=30)
+    env = _env(
+        tmp_path,
+        bin_dir,
+        FAKE_RC="99",
+        SLURM_ARRAY_JOB_ID="77",
+        SLURM_ARRAY_TASK_ID="3",
+        SLURM_RESTART_COUNT="1",
+        OPTUNA_GUARD_SEED="10",
+        OPTUNA_GUARD_N_TRIALS="50",
+    )
+    done = subprocess.run(
+        ["bash", str(ARRAY)], env=env, capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     calls = _calls(tmp_path)
     [launcher] = [c for c in calls if c.startswith("launcher ")]
@@ -322,11 +363,19 @@ def test_k8s_job_runs_n_pods_on_one_study_and_replaces_stopped_ones() -> None:
     assert container["command"] == ["optuna-guard"] and container["args"][0] == "run"
     args = " ".join(container["args"])
     assert "--storage=$(OPTUNA_STORAGE)" in args and "--study-name=" in args
-    grace = int(next(a for a in container["args"] if a.startswith("--grace-period=")).split("=")[1])
+    grace = int(
+        next(a for a in container["args"] if a.startswith("--grace-period=")).split("=")[1]
+    )
     assert pod["terminationGracePeriodSeconds"] > grace
     env = {e["name"]: e for e in container["env"]}
     assert env["OPTUNA_STORAGE"]["valueFrom"]["secretKeyRef"]["name"] == "optuna-db"
     rules = spec["podFailurePolicy"]["rules"]
-    ignore_99 = [r for r in rules if r["action"] == "Ignore" and 99 in r.get("onExitCodes", {}).get("values", [])]
+    ignore_99 = [
+        r
+        for r in rules
+        if r["action"] == "Ignore" and 99 in r.get("onExitCodes", {}).get("values", [])
+    ]
     assert ignore_99, "exit 99 (stopped, retry me) must not count as a failure"
-    assert any(r["action"] == "FailJob" and 2 in r.get("onExitCodes", {}).get("values", []) for r in rules)
+    assert any(
+        r["action"] == "FailJob" and 2 in r.get("onExitCodes", {}).get("values", []) for r in rules
+    )

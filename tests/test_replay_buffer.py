@@ -28,7 +28,8 @@ from optuna_guard.replay_buffer import (  # noqa: E402
 )
 
 needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device (torch.cuda.is_available() is False)",
 )
 
 FIELDS = {
@@ -493,12 +494,18 @@ def test_compact_state_dict_saves_only_the_valid_rows() -> None:
     ("mutate", "message"),
     [
         (lambda s: s.update(format=None), "missing format marker"),
-        (lambda s: s.update(capacity=41), "saved with capacity 41 but this buffer has capacity 40"),
+        (
+            lambda s: s.update(capacity=41),
+            "saved with capacity 41 but this buffer has capacity 40",
+        ),
         (lambda s: s.update(position=3), "position 3 does not match size 13"),
         (lambda s: s.update(size=41), "size 41 is outside"),
         (lambda s: s.update(full=True), "contradicts size 13"),
         (lambda s: s["storage"].pop("done"), "its fields are obs, action, reward"),
-        (lambda s: s["storage"].update(obs=torch.zeros(13, 4)), r"field 'obs' has shape \(13, 4\)"),
+        (
+            lambda s: s["storage"].update(obs=torch.zeros(13, 4)),
+            r"field 'obs' has shape \(13, 4\)",
+        ),
         (
             lambda s: s["storage"].update(action=torch.zeros(13, dtype=torch.int32)),
             "field 'action' is int32 but this buffer stores int64",

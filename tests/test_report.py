@@ -28,14 +28,39 @@ NESTED_KEYS = {
     "stopped": {tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED, tags.DIVERGED},
     "retries": {"count", "trials", "shrunk", "exhausted"},
     "memory_constraint": {"trials_with_constraint", "infeasible", "infeasible_trials"},
-    "best": {"valid_complete", "constrained", "feasible_complete", "trials", "killed_with_better_intermediate"},
+    "best": {
+        "valid_complete",
+        "constrained",
+        "feasible_complete",
+        "trials",
+        "killed_with_better_intermediate",
+    },
     "event_log": {"path", "events", "first_ts", "last_ts", "by_event"},
-    "plots": {"numeric_params", "categorical_params", "memory_points", "timeline_source", "timeline", "markers", "memory_samples"},
+    "plots": {
+        "numeric_params",
+        "categorical_params",
+        "memory_points",
+        "timeline_source",
+        "timeline",
+        "markers",
+        "memory_samples",
+    },
 }
 STOPPED_KEYS = {"count", "trials", "by_state", "by_limit", "top_reasons"}
 BEST_TRIAL_KEYS = {"number", "values", "params", "peak_rss_gb", "duration_s", "constraint_memory"}
 TOP_MEMORY_KEYS = {"number", "state", "end_state", "peak_rss_gb", "kill_reason", "params"}
-WORKER_KEYS = {"worker_id", "pids", "trials_started", "trials_finished", "kills", "recycles", "crashes", "peak_rss_gb", "mean_rss_gb", "rss_samples"}
+WORKER_KEYS = {
+    "worker_id",
+    "pids",
+    "trials_started",
+    "trials_finished",
+    "kills",
+    "recycles",
+    "crashes",
+    "peak_rss_gb",
+    "mean_rss_gb",
+    "rss_samples",
+}
 SEGMENT_KEYS = {"worker_id", "trial_number", "start_ts", "end_ts", "end_state", "source"}
 
 
@@ -57,7 +82,9 @@ def run_report(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_json_report_counts_match_the_study(known, capsys) -> None:
     url, name, events = known
-    code, out, err = run_report(capsys, "--study-name", name, "--storage", url, "--format", "json", "--event-log", events)
+    code, out, err = run_report(
+        capsys, "--study-name", name, "--storage", url, "--format", "json", "--event-log", events
+    )
     assert code == 0, err
     report = json.loads(out)
 
@@ -74,7 +101,9 @@ def test_json_report_counts_match_the_study(known, capsys) -> None:
 
     assert report["study"]["name"] == name and report["study"]["n_trials"] == EXPECTED["n_trials"]
     assert report["study"]["directions"] == ["minimize"]
-    assert {k: v for k, v in report["trials_by_state"].items() if k in EXPECTED["states"]} == EXPECTED["states"]
+    assert {
+        k: v for k, v in report["trials_by_state"].items() if k in EXPECTED["states"]
+    } == EXPECTED["states"]
     assert report["end_states"] == EXPECTED["end_states"]
     stopped = report["stopped"]
     assert stopped[tags.EMERGENCY_KILLED]["trials"] == EXPECTED["killed"]
@@ -94,7 +123,9 @@ def test_json_report_counts_match_the_study(known, capsys) -> None:
     assert [t["number"] for t in best["trials"]] == [EXPECTED["best_number"]]
     assert best["trials"][0]["values"] == [pytest.approx(EXPECTED["best_value"])]
     assert best["valid_complete"] == EXPECTED["valid_complete"]
-    assert [k["number"] for k in best["killed_with_better_intermediate"]] == EXPECTED["better_intermediate"]
+    assert [k["number"] for k in best["killed_with_better_intermediate"]] == EXPECTED[
+        "better_intermediate"
+    ]
     assert best["killed_with_better_intermediate"][0]["intermediate_value"] == pytest.approx(0.15)
     assert [t["number"] for t in report["top_memory"]] == EXPECTED["top_memory"]
     assert report["retries"]["count"] == 2 and report["retries"]["shrunk"] == 1
@@ -104,7 +135,9 @@ def test_json_report_counts_match_the_study(known, capsys) -> None:
         assert {k: workers[wid][k] for k in expected} == expected, wid
     assert report["event_log"]["by_event"]["trial_started"] == EXPECTED["n_trials"]
     plots = report["plots"]
-    assert plots["timeline_source"] == "event_log" and len(plots["timeline"]) == EXPECTED["n_trials"]
+    assert (
+        plots["timeline_source"] == "event_log" and len(plots["timeline"]) == EXPECTED["n_trials"]
+    )
     segment = {s["trial_number"]: s for s in plots["timeline"]}
     assert segment[6]["end_state"] == "killed" and segment[10]["end_state"] == "crashed"
     assert segment[6]["end_ts"] - segment[6]["start_ts"] == pytest.approx(30.0)
@@ -120,12 +153,20 @@ def test_json_report_counts_match_the_study(known, capsys) -> None:
 def test_text_report_shows_the_same_facts(known, capsys, tmp_path) -> None:
     url, name, events = known
     out_file = tmp_path / "report.txt"
-    code, out, err = run_report(capsys, "--study-name", name, "--storage", url, "--event-log", events, "-o", str(out_file))
+    code, out, err = run_report(
+        capsys, "--study-name", name, "--storage", url, "--event-log", events, "-o", str(out_file)
+    )
     assert code == 0, err
     text = out_file.read_text()
     assert "\x1b[" not in text  # plain text in a file
     assert f"Study {name}: 17 trials (minimize)" in text
-    for line in ("Trials by state", "Trials stopped early", "Best valid trial", "Highest peak memory", "Memory per worker"):
+    for line in (
+        "Trials by state",
+        "Trials stopped early",
+        "Best valid trial",
+        "Highest peak memory",
+        "Memory per worker",
+    ):
         assert line in text, line
     for limit, count in EXPECTED["killed_by_limit"].items():
         assert f"{limit}: {count}" in text
@@ -140,7 +181,19 @@ def test_text_report_shows_the_same_facts(known, capsys, tmp_path) -> None:
 def test_html_report_is_one_self_contained_file(known, capsys, tmp_path) -> None:
     url, name, events = known
     out_file = tmp_path / "report.html"
-    code, out, err = run_report(capsys, "--study-name", name, "--storage", url, "--format", "html", "-o", str(out_file), "--event-log", events)
+    code, out, err = run_report(
+        capsys,
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--format",
+        "html",
+        "-o",
+        str(out_file),
+        "--event-log",
+        events,
+    )
     assert code == 0, err
     html = out_file.read_text()
     assert html.startswith("<!DOCTYPE html>")
@@ -155,7 +208,9 @@ def test_report_on_a_study_without_tags(tmp_path, capsys) -> None:
     url = f"sqlite:///{tmp_path / 'plain.db'}"
     study = optuna.create_study(study_name="plain", storage=url)
     study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.2) ** 2, n_trials=5)
-    code, out, err = run_report(capsys, "--study-name", "plain", "--storage", url, "--format", "json")
+    code, out, err = run_report(
+        capsys, "--study-name", "plain", "--storage", url, "--format", "json"
+    )
     assert code == 0, err
     report = json.loads(out)
     assert tuple(report) == REPORT_KEYS
@@ -163,10 +218,27 @@ def test_report_on_a_study_without_tags(tmp_path, capsys) -> None:
     assert all(info["count"] == 0 for info in report["stopped"].values())
     assert report["top_memory"] == [] and report["workers"] is None and report["event_log"] is None
     assert report["best"]["trials"][0]["number"] == study.best_trial.number
-    assert report["plots"]["timeline_source"] == "storage" and len(report["plots"]["timeline"]) == 5
+    assert (
+        report["plots"]["timeline_source"] == "storage" and len(report["plots"]["timeline"]) == 5
+    )
 
     html_file = tmp_path / "plain.html"
-    assert main(["report", "--study-name", "plain", "--storage", url, "--format", "html", "-o", str(html_file)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--study-name",
+                "plain",
+                "--storage",
+                url,
+                "--format",
+                "html",
+                "-o",
+                str(html_file),
+            ]
+        )
+        == 0
+    )
     html = html_file.read_text()
     assert 'id="plot-memory-vs-params-empty"' in html and 'id="plot-timeline"' in html
     code, out, err = run_report(capsys, "--study-name", "plain", "--storage", url)
@@ -176,7 +248,12 @@ def test_report_on_a_study_without_tags(tmp_path, capsys) -> None:
 def test_multi_objective_best_is_the_valid_pareto_front(tmp_path, capsys) -> None:
     url = f"sqlite:///{tmp_path / 'mo.db'}"
     study = optuna.create_study(study_name="mo", storage=url, directions=["minimize", "minimize"])
-    for x, y, killed in ((1.0, 3.0, False), (2.0, 2.0, False), (3.0, 3.0, False), (0.5, 0.5, True)):
+    for x, y, killed in (
+        (1.0, 3.0, False),
+        (2.0, 2.0, False),
+        (3.0, 3.0, False),
+        (0.5, 0.5, True),
+    ):
         trial = study.ask()
         if killed:
             trial.set_user_attr(tags.EMERGENCY_KILLED, True)
@@ -199,14 +276,20 @@ def test_the_best_valid_trial_respects_the_memory_constraint(tmp_path, capsys) -
     code, out, err = run_report(capsys, "--study-name", "c", "--storage", url, "--format", "json")
     report = json.loads(out)
     assert report["best"]["trials"][0]["number"] == 1  # trial 0 is better but over the budget
-    assert report["memory_constraint"] == {"trials_with_constraint": 3, "infeasible": 1, "infeasible_trials": [0]}
+    assert report["memory_constraint"] == {
+        "trials_with_constraint": 3,
+        "infeasible": 1,
+        "infeasible_trials": [0],
+    }
 
 
 def test_report_reads_postgresql(postgres_url, capsys) -> None:
     name = f"report-pg-{uuid.uuid4().hex[:10]}"
     build_known_study(postgres_url, name)
     try:
-        code, out, err = run_report(capsys, "--study-name", name, "--storage", postgres_url, "--format", "json")
+        code, out, err = run_report(
+            capsys, "--study-name", name, "--storage", postgres_url, "--format", "json"
+        )
         assert code == 0, err
         report = json.loads(out)
         assert report["end_states"] == EXPECTED["end_states"]
@@ -275,24 +358,56 @@ def test_unreadable_event_log_is_exit_2(known, kind, tmp_path, capsys) -> None:
         target.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
     elif kind == "empty":
         target.write_text("")
-    code, out, err = run_report(capsys, "--study-name", name, "--storage", url, "--event-log", str(target))
+    code, out, err = run_report(
+        capsys, "--study-name", name, "--storage", url, "--event-log", str(target)
+    )
     assert code == 2
     _one_line_error(err, "event log")
 
 
 def test_output_into_a_missing_directory_is_exit_2(known, tmp_path, capsys) -> None:
     url, name, _ = known
-    code, out, err = run_report(capsys, "--study-name", name, "--storage", url, "-o", str(tmp_path / "no" / "r.html"))
+    code, out, err = run_report(
+        capsys, "--study-name", name, "--storage", url, "-o", str(tmp_path / "no" / "r.html")
+    )
     assert code == 2
     _one_line_error(err, "output directory")
 
 
 def test_cli_exit_code_in_a_real_process(known) -> None:
     url, name, _ = known
-    ok = subprocess.run([sys.executable, "-m", "optuna_guard.cli", "report", "--study-name", name, "--storage", url, "--format", "json"],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optuna_guard.cli",
+            "report",
+            "--study-name",
+            name,
+            "--storage",
+            url,
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["study"]["name"] == name
-    bad = subprocess.run([sys.executable, "-m", "optuna_guard.cli", "report", "--study-name", "nope", "--storage", url],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optuna_guard.cli",
+            "report",
+            "--study-name",
+            "nope",
+            "--storage",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr

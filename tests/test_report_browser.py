@@ -36,9 +36,25 @@ def html_report(tmp_path: pathlib.Path) -> pathlib.Path:
     events = write_event_log(tmp_path / "events.jsonl")
     out = tmp_path / "report.html"
     result = subprocess.run(
-        [sys.executable, "-m", "optuna_guard.cli", "report", "--study-name", name, "--storage", url,
-         "--format", "html", "-o", str(out), "--event-log", events],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "optuna_guard.cli",
+            "report",
+            "--study-name",
+            name,
+            "--storage",
+            url,
+            "--format",
+            "html",
+            "-o",
+            str(out),
+            "--event-log",
+            events,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     return out
@@ -79,7 +95,12 @@ def test_html_report_renders_offline_in_chromium(html_report: pathlib.Path, chro
 
     chromium.get(html_report.as_uri())
     WebDriverWait(chromium, 60).until(
-        lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot .main-svg').length") >= 3
+        lambda d: (
+            d.execute_script(
+                "return document.querySelectorAll('.js-plotly-plot .main-svg').length"
+            )
+            >= 3
+        )
     )
 
     plots = {}
@@ -93,16 +114,22 @@ def test_html_report_renders_offline_in_chromium(html_report: pathlib.Path, chro
         "return document.querySelectorAll('#plot-memory-vs-params .scatterlayer .point').length"
     )
     assert points >= 14 * 3  # 14 trials with a peak_rss_gb tag, three numeric params
-    bars = chromium.execute_script("return document.querySelectorAll('#plot-timeline .barlayer .point').length")
+    bars = chromium.execute_script(
+        "return document.querySelectorAll('#plot-timeline .barlayer .point').length"
+    )
     assert bars == 17  # one bar per trial_started in the event log
     # Self-contained: the page fetched nothing (no CDN, no fonts) while it loaded and drew.
-    fetched = chromium.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    fetched = chromium.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
     assert fetched == [], fetched
     tables = chromium.find_elements(By.CSS_SELECTOR, "table")
     assert len(tables) >= 5
 
     height = chromium.execute_script("return document.documentElement.scrollHeight")
-    chromium.set_window_size(1400, min(int(height) + 300, 6000))  # the whole page in one screenshot
+    chromium.set_window_size(
+        1400, min(int(height) + 300, 6000)
+    )  # the whole page in one screenshot
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report_browser.png"
     chromium.save_screenshot(str(shot))

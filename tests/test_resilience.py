@@ -31,7 +31,9 @@ from optuna_guard.storage import open_storage
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
-    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize"),
+    pytest.mark.filterwarnings(
+        "ignore:Heartbeat of storage is supposed to be used with Study.optimize"
+    ),
 ]
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -66,7 +68,9 @@ def _dropped_connection() -> Exception:
     return error
 
 
-def _failing(times: int, result: Any = 42, error: Callable[[], Exception] = _dropped_connection) -> Callable[[], Any]:
+def _failing(
+    times: int, result: Any = 42, error: Callable[[], Exception] = _dropped_connection
+) -> Callable[[], Any]:
     calls = {"n": 0}
 
     def fn() -> Any:
@@ -82,11 +86,18 @@ def _failing(times: int, result: Any = 42, error: Callable[[], Exception] = _dro
 # -- backoff on a fake clock ------------------------------------------------------------------
 
 
-def test_transient_errors_are_retried_with_exponential_backoff(caplog: pytest.LogCaptureFixture) -> None:
+def test_transient_errors_are_retried_with_exponential_backoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     fake = FakeClock()
     fn = _failing(4)
     with caplog.at_level(logging.INFO, logger="optuna_guard"):
-        assert call_with_retry(fn, settings=fake.settings(initial_backoff_s=0.5, max_backoff_s=2.0), what="tell") == 42
+        assert (
+            call_with_retry(
+                fn, settings=fake.settings(initial_backoff_s=0.5, max_backoff_s=2.0), what="tell"
+            )
+            == 42
+        )
     assert fn.calls["n"] == 5  # type: ignore[attr-defined]
     # 0.5 * 2**k capped at 2.0, times the jitter factor 0.5 (random() == 0)
     assert fake.sleeps == [0.25, 0.5, 1.0, 1.0]
@@ -113,7 +124,11 @@ def test_deadline_gives_storage_unavailable() -> None:
     fake = FakeClock()
     fn = _failing(10**6)
     with pytest.raises(StorageUnavailableError) as info:
-        call_with_retry(fn, settings=fake.settings(deadline_s=30, initial_backoff_s=1, max_backoff_s=4), what="ask")
+        call_with_retry(
+            fn,
+            settings=fake.settings(deadline_s=30, initial_backoff_s=1, max_backoff_s=4),
+            what="ask",
+        )
     assert sum(fake.sleeps) == pytest.approx(30)  # the last wait is cut to the deadline
     message = str(info.value)
     assert "\n" not in message and "deadline 30 s" in message and "ask failed" in message
@@ -137,7 +152,9 @@ def test_permanent_errors_pass_through_at_once(error: Callable[[], Exception]) -
     assert fake.sleeps == [] and fn.calls["n"] == 1  # type: ignore[attr-defined]
 
 
-def _wrapped(inner: BaseException, outer: type[Exception] = optuna.exceptions.StorageInternalError) -> Exception:
+def _wrapped(
+    inner: BaseException, outer: type[Exception] = optuna.exceptions.StorageInternalError
+) -> Exception:
     error = outer("wrapper")
     error.__cause__ = inner
     return error
@@ -161,7 +178,10 @@ _FakePsycopgError.__name__ = "OperationalError"
     ("error", "transient"),
     [
         (_dropped_connection(), True),
-        (sa_exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused")), True),
+        (
+            sa_exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused")),
+            True,
+        ),
         (sa_exc.InterfaceError("SELECT 1", {}, Exception("connection already closed")), True),
         (sa_exc.DBAPIError("SELECT 1", {}, Exception("x"), connection_invalidated=True), True),
         (sa_exc.DisconnectionError("gone"), True),
@@ -171,7 +191,10 @@ _FakePsycopgError.__name__ = "OperationalError"
         (_sqlite_error("database is locked"), True),
         (_wrapped(_sqlite_error("database is locked")), True),
         (_sqlite_error("no such table: trials"), False),
-        (sa_exc.OperationalError("SELECT 1", {}, Exception('relation "trials" does not exist')), False),
+        (
+            sa_exc.OperationalError("SELECT 1", {}, Exception('relation "trials" does not exist')),
+            False,
+        ),
         (sa_exc.IntegrityError("INSERT", {}, Exception("duplicate key")), False),
         (sa_exc.ProgrammingError("SELECT", {}, Exception("syntax error")), False),
         (ConnectionRefusedError("refused"), True),
@@ -187,8 +210,13 @@ def test_is_transient_db_error(error: BaseException, transient: bool) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"deadline_s": -1}, {"initial_backoff_s": 0}, {"max_backoff_s": float("inf")},
-     {"initial_backoff_s": 5, "max_backoff_s": 1}, {"deadline_s": "300"}],
+    [
+        {"deadline_s": -1},
+        {"initial_backoff_s": 0},
+        {"max_backoff_s": float("inf")},
+        {"initial_backoff_s": 5, "max_backoff_s": 1},
+        {"deadline_s": "300"},
+    ],
 )
 def test_settings_validation(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
@@ -215,7 +243,9 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-def _inject(storage: ResilientStorage, method: str, *, after_commit: bool, times: int = 1) -> dict[str, int]:
+def _inject(
+    storage: ResilientStorage, method: str, *, after_commit: bool, times: int = 1
+) -> dict[str, int]:
     """Make ``method`` of the wrapped storage fail like a dropped connection ``times`` times,
     optionally after doing its work (the commit happened, the reply was lost)."""
     inner = storage.wrapped
@@ -255,16 +285,23 @@ def test_optimize_through_the_wrapper_records_heartbeats(sqlite_url: str) -> Non
     study.optimize(lambda t: (time.sleep(0.3), t.suggest_float("x", 0, 1))[1], n_trials=2)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     with storage.engine.connect() as conn:
-        ids = {row[0] for row in conn.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+        ids = {
+            row[0]
+            for row in conn.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))
+        }
     assert {t._trial_id for t in study.trials} <= ids
 
 
-def test_completed_value_survives_a_commit_whose_reply_was_lost(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_completed_value_survives_a_commit_whose_reply_was_lost(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     study, storage = _study(sqlite_url)
     trial = study.ask()
     calls = _inject(storage, "set_trial_state_values", after_commit=True)
     with caplog.at_level(logging.INFO, logger="optuna_guard"):
-        study.tell(trial, 1.5)  # the retry hits "already finished": same state and value -> success
+        study.tell(
+            trial, 1.5
+        )  # the retry hits "already finished": same state and value -> success
     assert calls["n"] == 2
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].value == 1.5
     assert any("already COMPLETE with these values" in r.getMessage() for r in caplog.records)
@@ -274,7 +311,9 @@ def test_completed_value_survives_a_commit_whose_reply_was_lost(sqlite_url: str,
 def test_a_different_finished_state_is_not_hidden(sqlite_url: str) -> None:
     study, storage = _study(sqlite_url)
     trial = study.ask()
-    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # e.g. failed by a watchdog
+    study._storage.set_trial_state_values(
+        trial._trial_id, TrialState.FAIL
+    )  # e.g. failed by a watchdog
     _inject(storage, "set_trial_state_values", after_commit=False)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [2.0])
@@ -285,7 +324,9 @@ def test_trial_creation_is_not_duplicated(sqlite_url: str) -> None:
     study, storage = _study(sqlite_url)
     calls = _inject(storage, "create_new_trial", after_commit=True)
     trial = study.ask()
-    assert calls["n"] == 1  # the retry found the trial by its start time instead of creating another
+    assert (
+        calls["n"] == 1
+    )  # the retry found the trial by its start time instead of creating another
     assert len(study.trials) == 1 and trial.number == 0
     assert study.trials[0].system_attrs == {}  # nothing of ours visible to other readers
     study.tell(trial, 0.0)
@@ -333,9 +374,13 @@ def test_stale_check_waits_after_an_outage(sqlite_url: str) -> None:
     assert storage._get_stale_trial_ids(study._study_id) == [trial._trial_id]
 
 
-def test_heartbeat_failing_past_the_deadline_is_logged_not_raised(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_heartbeat_failing_past_the_deadline_is_logged_not_raised(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     fake = FakeClock()
-    storage = ResilientStorage(open_storage(sqlite_url, heartbeat_interval=1), fake.settings(deadline_s=5))
+    storage = ResilientStorage(
+        open_storage(sqlite_url, heartbeat_interval=1), fake.settings(deadline_s=5)
+    )
     study = optuna.create_study(storage=storage, study_name=f"hb-{uuid.uuid4().hex[:8]}")
     trial = study.ask()
     _inject(storage, "record_heartbeat", after_commit=False, times=10**6)
@@ -359,8 +404,11 @@ def test_permanent_storage_errors_are_not_retried(sqlite_url: str) -> None:
 
 def test_outage_listener_gets_begin_and_end(sqlite_url: str) -> None:
     events: list[tuple[str, str]] = []
-    storage = ResilientStorage(open_storage(sqlite_url), RetrySettings(**FAST),
-                               on_outage=lambda event, seconds, what: events.append((event, what)))
+    storage = ResilientStorage(
+        open_storage(sqlite_url),
+        RetrySettings(**FAST),
+        on_outage=lambda event, seconds, what: events.append((event, what)),
+    )
     study = optuna.create_study(storage=storage, study_name=f"l-{uuid.uuid4().hex[:8]}")
     _inject(storage, "get_all_trials", after_commit=False, times=2)
     study.get_trials()
@@ -378,7 +426,9 @@ def _pg_accepts_connections() -> bool:
     import psycopg
 
     try:
-        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=1) as conn:
+        with psycopg.connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=1
+        ) as conn:
             conn.execute("SELECT 1")
         return True
     except psycopg.Error:
@@ -389,7 +439,10 @@ def _ensure_pg_up() -> None:
     deadline = time.monotonic() + 60
     while not _pg_accepts_connections():
         if time.monotonic() > deadline:
-            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", _pg_version(), "main", "start"], check=False)
+            subprocess.run(
+                ["pg_ctlcluster", "--skip-systemctl-redirect", _pg_version(), "main", "start"],
+                check=False,
+            )
             deadline = time.monotonic() + 60
         time.sleep(0.2)
 
@@ -427,7 +480,9 @@ def test_postgres_restart_mid_study_loses_nothing(caplog: pytest.LogCaptureFixtu
     fresh = optuna.load_study(study_name=study.study_name, storage=POSTGRES_URL)
     trials = fresh.get_trials()
     assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 10}
-    assert all(t.value == t.params["x"] and t.intermediate_values == {0: t.params["x"]} for t in trials)
+    assert all(
+        t.value == t.params["x"] and t.intermediate_values == {0: t.params["x"]} for t in trials
+    )
     assert storage.outages >= 1
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("Storage outage began") for m in messages)
@@ -464,7 +519,9 @@ def test_pickled_copy_keeps_retrying_and_drops_the_listener(sqlite_url: str) -> 
     import pickle
 
     heard: list[str] = []
-    storage = ResilientStorage(open_storage(sqlite_url), RetrySettings(**FAST), on_outage=lambda e, s, w: heard.append(e))
+    storage = ResilientStorage(
+        open_storage(sqlite_url), RetrySettings(**FAST), on_outage=lambda e, s, w: heard.append(e)
+    )
     for clone in (pickle.loads(pickle.dumps(storage)), copy.deepcopy(storage)):
         assert type(clone) is type(storage) and clone.settings == storage.settings
         study = optuna.create_study(storage=clone, study_name=f"res-{uuid.uuid4().hex[:8]}")
@@ -487,8 +544,12 @@ def test_attribute_writes_reach_the_wrapped_storage(sqlite_url: str) -> None:
 
     def beats(trial_id: int) -> int:  # the module's SQLite file is shared by its tests
         with rdb.engine.connect() as conn:
-            return int(conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = :id"),
-                                    {"id": trial_id}).scalar())
+            return int(
+                conn.execute(
+                    sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = :id"),
+                    {"id": trial_id},
+                ).scalar()
+            )
 
     def wait_for_a_beat(trial: optuna.Trial) -> float:
         deadline = time.monotonic() + 30  # Optuna's heartbeat thread beats right after it starts
@@ -497,14 +558,18 @@ def test_attribute_writes_reach_the_wrapped_storage(sqlite_url: str) -> None:
         return 0.0
 
     study.optimize(wait_for_a_beat, n_trials=1)
-    assert beats(study.trials[0]._trial_id) == 1  # Optuna's heartbeat thread ran through the wrapper
+    assert (
+        beats(study.trials[0]._trial_id) == 1
+    )  # Optuna's heartbeat thread ran through the wrapper
     storage.settings = RetrySettings(deadline_s=1.0)  # the wrapper's own attributes stay its own
     assert storage.settings.deadline_s == 1.0 and not hasattr(rdb, "settings")
 
 
 @pytest.mark.mysql
 @pytest.mark.parametrize("tagged", [True, False])
-def test_retried_create_on_mysql_second_precision(tagged: bool, caplog: pytest.LogCaptureFixture) -> None:
+def test_retried_create_on_mysql_second_precision(
+    tagged: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """MySQL keeps start times to the second: a retried create adopts the first attempt's trial
     only when it carries this process's pid and host (as the launcher's workers create them);
     an untagged one is never guessed at (it could be another process's), it is said instead."""
@@ -524,7 +589,10 @@ def test_retried_create_on_mysql_second_precision(tagged: bool, caplog: pytest.L
         def tag_commit_then_drop(study_id: int, template: Any = None) -> int:
             calls["n"] += 1
             if tagged:
-                template.user_attrs = {tags.WORKER_PID: os.getpid(), tags.HOSTNAME: socket.gethostname()}
+                template.user_attrs = {
+                    tags.WORKER_PID: os.getpid(),
+                    tags.HOSTNAME: socket.gethostname(),
+                }
             trial_id = original(study_id, template)
             if calls["n"] == 1:
                 raise _dropped_connection()

@@ -52,7 +52,9 @@ def test_canonical_key_sorts_keys_and_writes_floats_exactly():
     assert cache_key({"a": 1, "b": 0.1}, "d") == cache_key({"b": 0.1, "a": 1}, "d")
     assert cache_key({"a": 0.1}, "d") != cache_key({"a": 0.1 + 1e-12}, "d")
     assert cache_key({"a": 1}, "d") != cache_key({"a": 1.0}, "d")  # int and float params differ
-    assert cache_key({"a": 1}, "d1") != cache_key({"a": 1}, "d2")  # the fingerprint is part of the key
+    assert cache_key({"a": 1}, "d1") != cache_key(
+        {"a": 1}, "d2"
+    )  # the fingerprint is part of the key
 
 
 def _counting_objective(calls: list[int], *, cache: bool = True, prune_first: bool = False):
@@ -71,7 +73,9 @@ def _counting_objective(calls: list[int], *, cache: bool = True, prune_first: bo
     return objective
 
 
-def test_repeated_configuration_is_served_without_calling_the_objective(storage_url, unique_study_name, quiet_optuna):
+def test_repeated_configuration_is_served_without_calling_the_objective(
+    storage_url, unique_study_name, quiet_optuna
+):
     study = optuna.create_study(study_name=unique_study_name, storage=storage_url)
     calls: list[int] = []
     objective = _counting_objective(calls)
@@ -93,7 +97,9 @@ def test_repeated_configuration_is_served_without_calling_the_objective(storage_
 def test_sampled_repeat_is_served_before_the_objective_runs(tmp_path, quiet_optuna):
     """Params are drawn before the objective runs (the space every earlier trial had), so a
     sampler's repeat costs no objective call at all."""
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", sampler=optuna.samplers.RandomSampler(seed=1))
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 's.db'}", sampler=optuna.samplers.RandomSampler(seed=1)
+    )
     calls: list[int] = []
     study.optimize(_counting_objective(calls), n_trials=40)
     trials = study.get_trials()
@@ -109,7 +115,9 @@ def test_sampled_repeat_is_served_before_the_objective_runs(tmp_path, quiet_optu
 
 
 def test_n_jobs_2_serves_repeats_and_counts_races(tmp_path, quiet_optuna):
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", sampler=optuna.samplers.RandomSampler(seed=3))
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 's.db'}", sampler=optuna.samplers.RandomSampler(seed=3)
+    )
     calls: list[int] = []
     lock = threading.Lock()
 
@@ -142,7 +150,6 @@ def test_pruned_failed_and_killed_results_are_recomputed(tmp_path, quiet_optuna)
     assert calls == [0, 1]  # the PRUNED configuration ran again
 
 
-
 @pytest.mark.parametrize(
     ("state", "attrs"),
     [
@@ -154,11 +161,19 @@ def test_pruned_failed_and_killed_results_are_recomputed(tmp_path, quiet_optuna)
 )
 def test_killed_crashed_and_failed_results_are_not_served(tmp_path, quiet_optuna, state, attrs):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
-    dist = {"x": optuna.distributions.IntDistribution(0, 3), "y": optuna.distributions.FloatDistribution(0, 1, step=0.5)}
-    study.add_trial(optuna.trial.create_trial(
-        params={"x": 3, "y": 1.0}, distributions=dist, value=99.0 if state == TrialState.COMPLETE else None,
-        state=state, user_attrs={**attrs, OBJECTIVE_VERSION: 1},
-    ))
+    dist = {
+        "x": optuna.distributions.IntDistribution(0, 3),
+        "y": optuna.distributions.FloatDistribution(0, 1, step=0.5),
+    }
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 3, "y": 1.0},
+            distributions=dist,
+            value=99.0 if state == TrialState.COMPLETE else None,
+            state=state,
+            user_attrs={**attrs, OBJECTIVE_VERSION: 1},
+        )
+    )
     calls: list[int] = []
     study.enqueue_trial({"x": 3, "y": 1.0})
     study.optimize(_counting_objective(calls), n_trials=1)
@@ -168,7 +183,9 @@ def test_killed_crashed_and_failed_results_are_not_served(tmp_path, quiet_optuna
 
 
 def test_multi_objective_values_are_served_whole(tmp_path, quiet_optuna):
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", directions=["minimize", "maximize"])
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 's.db'}", directions=["minimize", "maximize"]
+    )
     calls: list[int] = []
 
     @guard(cache=True)
@@ -191,17 +208,24 @@ def test_index_is_incremental_and_only_indexes_the_current_version():
     dist = {"x": optuna.distributions.IntDistribution(0, 100)}
 
     def add(x: int, version: int, state: TrialState = TrialState.COMPLETE) -> None:
-        study.add_trial(optuna.trial.create_trial(
-            params={"x": x}, distributions=dist, value=float(x) if state == TrialState.COMPLETE else None,
-            state=state, user_attrs={OBJECTIVE_VERSION: version},
-        ))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": x},
+                distributions=dist,
+                value=float(x) if state == TrialState.COMPLETE else None,
+                state=state,
+                user_attrs={OBJECTIVE_VERSION: version},
+            )
+        )
 
     for x, version in ((0, 1), (1, 1), (2, 1), (3, 2), (4, 2)):
         add(x, version)
     add(7, 2, TrialState.FAIL)
     cache = ResultCache(study._study_id, version=2, digest="d")
     cache.refresh(study._storage)
-    assert len(cache) == 2 and cache.lookup({"x": 3}).number == 3 and cache.lookup({"x": 0}) is None
+    assert (
+        len(cache) == 2 and cache.lookup({"x": 3}).number == 3 and cache.lookup({"x": 0}) is None
+    )
     assert cache.lookup({"x": 7}) is None
     add(5, 2)
     cache.refresh(study._storage)
@@ -220,10 +244,32 @@ def test_launcher_with_two_workers_serves_repeats(tmp_path, storage_url, unique_
     calls_file = tmp_path / "calls.txt"
     env = {**os.environ, "CALLS_FILE": str(calls_file)}
     result = cli(
-        "run", spec, "--study-name", unique_study_name, "--storage", storage_url, "--workers", "2",
-        "--n-trials", "16", "--cache", "--sampler", "random", "--seed", "0", "--log-dir", str(tmp_path / "logs"),
-        "--display", "off", "--check-interval", str(FAST["check_interval"]), "--max-worker-age", "off",
-        cwd=str(tmp_path), env=env, timeout=180,
+        "run",
+        spec,
+        "--study-name",
+        unique_study_name,
+        "--storage",
+        storage_url,
+        "--workers",
+        "2",
+        "--n-trials",
+        "16",
+        "--cache",
+        "--sampler",
+        "random",
+        "--seed",
+        "0",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--display",
+        "off",
+        "--check-interval",
+        str(FAST["check_interval"]),
+        "--max-worker-age",
+        "off",
+        cwd=str(tmp_path),
+        env=env,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     study = optuna.load_study(study_name=unique_study_name, storage=storage_url)

@@ -40,8 +40,13 @@ def study(_storage: optuna.storages.RDBStorage) -> optuna.Study:
     return optuna.create_study(storage=_storage, study_name=f"retries-{uuid.uuid4().hex[:8]}")
 
 
-def _killed_trial(study: optuna.Study, *, end: str = tags.EMERGENCY_KILLED, batch: int = 64,
-                  state: TrialState = TrialState.PRUNED) -> optuna.trial.FrozenTrial:
+def _killed_trial(
+    study: optuna.Study,
+    *,
+    end: str = tags.EMERGENCY_KILLED,
+    batch: int = 64,
+    state: TrialState = TrialState.PRUNED,
+) -> optuna.trial.FrozenTrial:
     """A trial that suggested params, was tagged by the guard/launcher and ended from outside."""
     study.enqueue_trial({"batch": batch})
     trial = study.ask()
@@ -51,13 +56,22 @@ def _killed_trial(study: optuna.Study, *, end: str = tags.EMERGENCY_KILLED, batc
     trial.set_user_attr("note", "user's own attr")
     study._storage.set_trial_system_attr(trial._trial_id, "constraints:memory", 3.5)
     end_trial_from_outside(
-        study._storage, trial._trial_id, state,
-        user_attrs={end: True, tags.KILL_REASON: "OOM prevention", tags.PEAK_RSS_GB: 7.9, tags.WORKER_ID: 1},
+        study._storage,
+        trial._trial_id,
+        state,
+        user_attrs={
+            end: True,
+            tags.KILL_REASON: "OOM prevention",
+            tags.PEAK_RSS_GB: 7.9,
+            tags.WORKER_ID: 1,
+        },
     )
     return study._storage.get_trial(trial._trial_id)
 
 
-def _retry_of(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: RetryPolicy) -> optuna.trial.FrozenTrial:
+def _retry_of(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: RetryPolicy
+) -> optuna.trial.FrozenTrial:
     number = enqueue_retry(study, trial, policy)
     assert number is not None
     return study.trials[number]
@@ -81,7 +95,9 @@ def _retry_of(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: Retr
         (1, {"preempted": True, "emergency_killed": True}, 1, False, {"retries_exhausted": True}),
     ],
 )
-def test_policy_table(max_retries: int, attrs: dict[str, Any], attempt: int, wants: bool, final: dict[str, Any]) -> None:
+def test_policy_table(
+    max_retries: int, attrs: dict[str, Any], attempt: int, wants: bool, final: dict[str, Any]
+) -> None:
     policy = RetryPolicy(max_retries=max_retries)
     assert policy.wants_retry(attrs, attempt) is wants
     assert policy.final_tags(attrs, attempt) == final
@@ -122,8 +138,12 @@ def test_attempt_counts_the_retry_history(study: optuna.Study) -> None:
 # -- shrink hooks ------------------------------------------------------------------------------
 
 
-def test_load_shrink_hook_from_module_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "myhooks.py").write_text("def halve(p):\n    return {**p, 'batch': p['batch'] // 2}\n")
+def test_load_shrink_hook_from_module_and_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "myhooks.py").write_text(
+        "def halve(p):\n    return {**p, 'batch': p['batch'] // 2}\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert load_shrink_hook("myhooks:halve")({"batch": 64}) == {"batch": 32}
     script = tmp_path / "shrink_file.py"
@@ -190,7 +210,9 @@ def test_shrink_applies_only_to_shrink_on_ends(study: optuna.Study) -> None:
     shrunk = _retry_of(study, killed, policy)
     same = _retry_of(study, preempted, policy)
     assert shrunk.params["batch"] == 64
-    assert shrunk.system_attrs["fixed_params"] == {"batch": 64}  # enqueue_trial's fixed params follow
+    assert shrunk.system_attrs["fixed_params"] == {
+        "batch": 64
+    }  # enqueue_trial's fixed params follow
     assert shrunk.user_attrs[tags.RETRY_SHRUNK] is True
     assert {k: v for k, v in shrunk.params.items() if k != "batch"} == {
         k: v for k, v in killed.params.items() if k != "batch"
@@ -206,7 +228,9 @@ def test_shrink_applies_only_to_shrink_on_ends(study: optuna.Study) -> None:
 def test_shrunk_params_are_clipped_into_their_distribution(study: optuna.Study) -> None:
     killed = _killed_trial(study, batch=32)
     killed2 = _killed_trial(study, batch=64)
-    retry = _retry_of(study, killed, RetryPolicy(max_retries=1, shrink=lambda p: {"batch": 3, "lr": 10.0}))
+    retry = _retry_of(
+        study, killed, RetryPolicy(max_retries=1, shrink=lambda p: {"batch": 3, "lr": 10.0})
+    )
     assert retry.params["batch"] == 16  # below low=16 -> 16
     assert retry.params["lr"] == pytest.approx(1e-1)  # above high -> high
     retry2 = _retry_of(study, killed2, RetryPolicy(max_retries=1, shrink=lambda p: {"batch": 40}))
@@ -236,7 +260,9 @@ def test_retry_chain_ends_after_max_retries(study: optuna.Study) -> None:
     n1 = enqueue_retry(study, first, policy)
     t1 = study.ask()
     assert t1.number == n1
-    end_trial_from_outside(study._storage, t1._trial_id, TrialState.PRUNED, user_attrs={tags.EMERGENCY_KILLED: True})
+    end_trial_from_outside(
+        study._storage, t1._trial_id, TrialState.PRUNED, user_attrs={tags.EMERGENCY_KILLED: True}
+    )
     n2 = enqueue_retry(study, study.trials[n1], policy)
     second_retry = study.trials[n2]
     assert second_retry.system_attrs["failed_trial"] == 0  # the chain's original
@@ -247,7 +273,9 @@ def test_retry_chain_ends_after_max_retries(study: optuna.Study) -> None:
         tags.RETRIES_EXHAUSTED: True
     }
     end_trial_from_outside(
-        study._storage, t2._trial_id, TrialState.PRUNED,
+        study._storage,
+        t2._trial_id,
+        TrialState.PRUNED,
         user_attrs={tags.EMERGENCY_KILLED: True, tags.RETRIES_EXHAUSTED: True},
     )
     assert enqueue_retry(study, study.trials[n2], policy) is None

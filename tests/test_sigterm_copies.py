@@ -15,8 +15,16 @@ from test_supervisor_arbiter import Harness, _shared_storage  # noqa: F401 (the 
     [
         (signal.SIGTERM, 0.0, [(101, signal.SIGTERM, False)]),  # the forwarded copy: same stop
         (signal.SIGTERM, 1.5, [(101, signal.SIGTERM, False)]),
-        (signal.SIGTERM, 3.0, [(101, signal.SIGTERM, False), (101, signal.SIGKILL, True)]),  # a real second one
-        (signal.SIGINT, 0.0, [(101, signal.SIGTERM, False), (101, signal.SIGKILL, True)]),  # Ctrl-C twice
+        (
+            signal.SIGTERM,
+            3.0,
+            [(101, signal.SIGTERM, False), (101, signal.SIGKILL, True)],
+        ),  # a real second one
+        (
+            signal.SIGINT,
+            0.0,
+            [(101, signal.SIGTERM, False), (101, signal.SIGKILL, True)],
+        ),  # Ctrl-C twice
     ],
 )
 def test_second_signal_table(tmp_path, second, gap_s, expected):

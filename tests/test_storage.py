@@ -41,7 +41,10 @@ def test_end_running_trial_writes_tags_then_state(tmp_path) -> None:
     trial = study.ask()
     trial.report(0.5, step=1)
     ended = end_trial_from_outside(
-        study._storage, trial._trial_id, TrialState.PRUNED, {tags.EMERGENCY_KILLED: True, tags.KILL_REASON: "test"}
+        study._storage,
+        trial._trial_id,
+        TrialState.PRUNED,
+        {tags.EMERGENCY_KILLED: True, tags.KILL_REASON: "test"},
     )
     frozen = study.trials[0]
     assert ended is True
@@ -54,7 +57,9 @@ def test_finished_trial_is_left_alone(tmp_path) -> None:
     study = _study(tmp_path)
     trial = study.ask()
     study.tell(trial, 1.25)
-    ended = end_trial_from_outside(study._storage, trial._trial_id, TrialState.FAIL, {tags.WORKER_CRASHED: True})
+    ended = end_trial_from_outside(
+        study._storage, trial._trial_id, TrialState.FAIL, {tags.WORKER_CRASHED: True}
+    )
     frozen = study.trials[0]
     assert ended is False
     assert frozen.state == TrialState.COMPLETE and frozen.value == 1.25

@@ -59,7 +59,12 @@ TRANSIENT, PERMANENT, NEITHER = (True, False), (False, True), (False, False)
     [
         (_wrapped(_op("FATAL: sorry, too many clients already")), TRANSIENT),
         (_wrapped(_op("(1040, 'Too many connections')")), TRANSIENT),
-        (_op("FATAL: remaining connection slots are reserved for roles with the SUPERUSER attribute"), TRANSIENT),
+        (
+            _op(
+                "FATAL: remaining connection slots are reserved for roles with the SUPERUSER attribute"
+            ),
+            TRANSIENT,
+        ),
         (_op("FATAL: the database system is starting up"), TRANSIENT),
         (_op("FATAL: the database system is shutting down"), TRANSIENT),
         (_op("FATAL: terminating connection due to administrator command"), TRANSIENT),
@@ -67,8 +72,14 @@ TRANSIENT, PERMANENT, NEITHER = (True, False), (False, True), (False, False)
         (_op("consuming input failed: Connection reset by peer"), TRANSIENT),
         (_op("(1205, 'Lock wait timeout exceeded; try restarting transaction')"), TRANSIENT),
         (_op("canceling statement due to lock timeout"), TRANSIENT),
-        (_op("(1213, 'Deadlock found when trying to get lock; try restarting transaction')"), TRANSIENT),
-        (_op("failed to resolve host 'db': [Errno -3] Temporary failure in name resolution"), TRANSIENT),
+        (
+            _op("(1213, 'Deadlock found when trying to get lock; try restarting transaction')"),
+            TRANSIENT,
+        ),
+        (
+            _op("failed to resolve host 'db': [Errno -3] Temporary failure in name resolution"),
+            TRANSIENT,
+        ),
         (_wrapped(_op('FATAL: password authentication failed for user "optuna"')), PERMANENT),
         (_op("failed to resolve host 'nohost': [Errno -2] Name or service not known"), PERMANENT),
         (_wrapped(ConnectionResetError("reset")), TRANSIENT),
@@ -90,10 +101,17 @@ def test_classification(error: BaseException, expected: tuple[bool, bool]) -> No
 def test_redis_errors() -> None:
     redis = pytest.importorskip("redis")
     r = redis.exceptions
-    assert _classified(r.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")) == TRANSIENT
+    assert (
+        _classified(
+            r.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        )
+        == TRANSIENT
+    )
     assert _classified(r.TimeoutError("Timeout reading from socket")) == TRANSIENT
     assert _classified(r.BusyLoadingError("Redis is loading the dataset in memory")) == TRANSIENT
-    assert _classified(r.ReadOnlyError("You can't write against a read only replica.")) == TRANSIENT
+    assert (
+        _classified(r.ReadOnlyError("You can't write against a read only replica.")) == TRANSIENT
+    )
     assert _classified(_wrapped(r.ConnectionError("Connection closed by server."))) == TRANSIENT
     assert _classified(r.AuthenticationError("invalid username-password pair")) == PERMANENT
     assert _classified(r.ResponseError("WRONGTYPE Operation against a key")) == NEITHER
@@ -119,7 +137,11 @@ class _FakeRpcError:
 @pytest.mark.parametrize(
     ("code", "details", "expected"),
     [
-        ("UNAVAILABLE", "failed to connect to all addresses; last error: Connection refused", TRANSIENT),
+        (
+            "UNAVAILABLE",
+            "failed to connect to all addresses; last error: Connection refused",
+            TRANSIENT,
+        ),
         ("UNAVAILABLE", "Socket closed", TRANSIENT),
         ("DEADLINE_EXCEEDED", "Deadline Exceeded", TRANSIENT),
         ("RESOURCE_EXHAUSTED", "too many pings", TRANSIENT),
@@ -138,7 +160,10 @@ def test_grpc_errors(code: str, details: str, expected: tuple[bool, bool]) -> No
 def test_real_url_and_driver_errors() -> None:
     assert _classified(_raised(lambda: optuna.storages.RDBStorage("foo://x/y"))) == PERMANENT
     assert _classified(_raised(lambda: optuna.storages.RDBStorage("not a url"))) == PERMANENT
-    assert _classified(_raised(lambda: optuna.storages.RDBStorage("postgresql+nodriver://x/y"))) == PERMANENT
+    assert (
+        _classified(_raised(lambda: optuna.storages.RDBStorage("postgresql+nodriver://x/y")))
+        == PERMANENT
+    )
 
 
 def test_real_redis_errors() -> None:
@@ -146,9 +171,13 @@ def test_real_redis_errors() -> None:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalRedisBackend
 
-    refused = _raised(lambda: JournalStorage(JournalRedisBackend(f"redis://127.0.0.1:{_closed_port()}/0")))
+    refused = _raised(
+        lambda: JournalStorage(JournalRedisBackend(f"redis://127.0.0.1:{_closed_port()}/0"))
+    )
     assert _classified(refused) == TRANSIENT
-    unknown_host = _raised(lambda: JournalStorage(JournalRedisBackend("redis://nohost.invalid:6379/0")))
+    unknown_host = _raised(
+        lambda: JournalStorage(JournalRedisBackend("redis://nohost.invalid:6379/0"))
+    )
     assert _classified(unknown_host) == PERMANENT
     bad_scheme = _raised(lambda: JournalStorage(JournalRedisBackend("redis2://127.0.0.1:6379/0")))
     assert _classified(bad_scheme) == PERMANENT
@@ -158,9 +187,13 @@ def test_real_grpc_errors() -> None:
     pytest.importorskip("grpc")
     from optuna.storages import GrpcStorageProxy
 
-    refused = _raised(lambda: GrpcStorageProxy(host="127.0.0.1", port=_closed_port()).get_all_studies())
+    refused = _raised(
+        lambda: GrpcStorageProxy(host="127.0.0.1", port=_closed_port()).get_all_studies()
+    )
     assert _classified(refused) == TRANSIENT
-    unknown_host = _raised(lambda: GrpcStorageProxy(host="nohost.invalid", port=13000).get_all_studies())
+    unknown_host = _raised(
+        lambda: GrpcStorageProxy(host="nohost.invalid", port=13000).get_all_studies()
+    )
     assert _classified(unknown_host) == PERMANENT
 
 
@@ -169,11 +202,28 @@ def test_real_postgres_errors() -> None:
     def open_pg(url: str) -> Any:
         return optuna.storages.RDBStorage(url)
 
-    assert _classified(_raised(lambda: open_pg(f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/test"))) \
+    assert (
+        _classified(
+            _raised(
+                lambda: open_pg(f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/test")
+            )
+        )
         == TRANSIENT
-    assert _classified(_raised(lambda: open_pg("postgresql+psycopg://postgres@127.0.0.1/no_such_db_x"))) == PERMANENT
-    assert _classified(_raised(lambda: open_pg("postgresql+psycopg://no_such_role@127.0.0.1/test"))) == PERMANENT
-    assert _classified(_raised(lambda: open_pg("postgresql+psycopg://postgres@nohost.invalid/test"))) == PERMANENT
+    )
+    assert (
+        _classified(
+            _raised(lambda: open_pg("postgresql+psycopg://postgres@127.0.0.1/no_such_db_x"))
+        )
+        == PERMANENT
+    )
+    assert (
+        _classified(_raised(lambda: open_pg("postgresql+psycopg://no_such_role@127.0.0.1/test")))
+        == PERMANENT
+    )
+    assert (
+        _classified(_raised(lambda: open_pg("postgresql+psycopg://postgres@nohost.invalid/test")))
+        == PERMANENT
+    )
 
 
 @pytest.mark.mysql
@@ -181,6 +231,17 @@ def test_real_mysql_errors() -> None:
     def open_my(url: str) -> Any:
         return optuna.storages.RDBStorage(url)
 
-    assert _classified(_raised(lambda: open_my(f"mysql+pymysql://root@127.0.0.1:{_closed_port()}/test"))) == TRANSIENT
-    assert _classified(_raised(lambda: open_my("mysql+pymysql://root@127.0.0.1/no_such_db_x"))) == PERMANENT
-    assert _classified(_raised(lambda: open_my("mysql+pymysql://nobody:pw@127.0.0.1/test"))) == PERMANENT
+    assert (
+        _classified(
+            _raised(lambda: open_my(f"mysql+pymysql://root@127.0.0.1:{_closed_port()}/test"))
+        )
+        == TRANSIENT
+    )
+    assert (
+        _classified(_raised(lambda: open_my("mysql+pymysql://root@127.0.0.1/no_such_db_x")))
+        == PERMANENT
+    )
+    assert (
+        _classified(_raised(lambda: open_my("mysql+pymysql://nobody:pw@127.0.0.1/test")))
+        == PERMANENT
+    )

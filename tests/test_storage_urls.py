@@ -60,8 +60,20 @@ def redis_url() -> Iterator[str]:
 
 def _start_proxy(storage_url: str, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "optuna_guard.cli", "storage-proxy", "--storage", storage_url, "--port", "0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "optuna_guard.cli",
+            "storage-proxy",
+            "--storage",
+            storage_url,
+            "--port",
+            "0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -110,9 +122,17 @@ def any_url(request, tmp_path) -> str:
 
 def test_url_kinds_and_normalisation(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert [url_kind(u) for u in ("journal:///a.log", "redis://h:1/0", "rediss://h/0", "grpc://h:1",
-                                  "sqlite:///x.db", "postgresql+psycopg://h/db")] == [
-        "journal", "redis", "redis", "grpc", "rdb", "rdb"]
+    assert [
+        url_kind(u)
+        for u in (
+            "journal:///a.log",
+            "redis://h:1/0",
+            "rediss://h/0",
+            "grpc://h:1",
+            "sqlite:///x.db",
+            "postgresql+psycopg://h/db",
+        )
+    ] == ["journal", "redis", "redis", "grpc", "rdb", "rdb"]
     assert normalize_url("journal://rel/study.log") == f"journal://{tmp_path}/rel/study.log"
     assert normalize_url("journal:///abs/study.log") == "journal:///abs/study.log"
     assert normalize_url("redis://h:1/0") == "redis://h:1/0"
@@ -167,8 +187,9 @@ def test_proxy_stops_cleanly_on_sigterm_and_frees_its_port(tmp_path) -> None:
     port = int(url.rsplit(":", 1)[1])
     try:
         storage = open_storage(url)
-        optuna.create_study(storage=storage, study_name="served").optimize(lambda t: t.suggest_float("x", 0, 1),
-                                                                            n_trials=2)
+        optuna.create_study(storage=storage, study_name="served").optimize(
+            lambda t: t.suggest_float("x", 0, 1), n_trials=2
+        )
         storage.close()
     finally:
         started = time.monotonic()
@@ -184,16 +205,27 @@ def test_proxy_stops_cleanly_on_sigterm_and_frees_its_port(tmp_path) -> None:
 
 
 def test_proxy_bad_inputs_exit_2(tmp_path) -> None:
-    journal = cli("storage-proxy", "--storage", f"journal:///{tmp_path}/x.log", "--port", "0", timeout=60)
+    journal = cli(
+        "storage-proxy", "--storage", f"journal:///{tmp_path}/x.log", "--port", "0", timeout=60
+    )
     assert journal.returncode == 2 and "does not support journal" in journal.stderr
     assert len(journal.stderr.strip().splitlines()) == 1, journal.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = cli("storage-proxy", "--storage", f"sqlite:///{tmp_path}/y.db", "--port", str(port), timeout=60)
+        busy = cli(
+            "storage-proxy",
+            "--storage",
+            f"sqlite:///{tmp_path}/y.db",
+            "--port",
+            str(port),
+            timeout=60,
+        )
     assert busy.returncode == 2 and "cannot listen on 127.0.0.1" in busy.stderr, busy.stderr
-    bad_port = cli("storage-proxy", "--storage", f"sqlite:///{tmp_path}/y.db", "--port", "70000", timeout=60)
+    bad_port = cli(
+        "storage-proxy", "--storage", f"sqlite:///{tmp_path}/y.db", "--port", "70000", timeout=60
+    )
     assert bad_port.returncode == 2 and "--port must be between" in bad_port.stderr
 
 
@@ -202,21 +234,50 @@ def test_proxy_bad_inputs_exit_2(tmp_path) -> None:
 
 def test_run_status_report_on_each_url(any_url: str, tmp_path, unique_study_name: str) -> None:
     logs = str(tmp_path / "logs")
-    run = cli("run", "--study-name", unique_study_name, "--storage", any_url, "--log-dir", logs,
-              "--display", "off", "--workers", "2", "--n-trials", "6", objective_spec("launcher_quick"),
-              cwd=str(tmp_path), timeout=180)
+    run = cli(
+        "run",
+        "--study-name",
+        unique_study_name,
+        "--storage",
+        any_url,
+        "--log-dir",
+        logs,
+        "--display",
+        "off",
+        "--workers",
+        "2",
+        "--n-trials",
+        "6",
+        objective_spec("launcher_quick"),
+        cwd=str(tmp_path),
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    trials = optuna.load_study(study_name=unique_study_name, storage=open_storage(any_url)).get_trials()
+    trials = optuna.load_study(
+        study_name=unique_study_name, storage=open_storage(any_url)
+    ).get_trials()
     assert_nothing_running(trials)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
     assert {t.user_attrs[tags.WORKER_ID] for t in trials} <= {1, 2}
     assert all(t.user_attrs[tags.WORKER_PID] > 0 for t in trials)
     assert all(not any(k.startswith("optuna_guard:") for k in t.system_attrs) for t in trials)
-    status = cli("status", "--study-name", unique_study_name, "--storage", any_url, "--json", timeout=60)
+    status = cli(
+        "status", "--study-name", unique_study_name, "--storage", any_url, "--json", timeout=60
+    )
     assert status.returncode == 0, status.stderr
     assert '"COMPLETE": 6' in status.stdout
-    report = cli("report", "--study-name", unique_study_name, "--storage", any_url, "--format", "json",
-                 "-o", str(tmp_path / "report.json"), timeout=60)
+    report = cli(
+        "report",
+        "--study-name",
+        unique_study_name,
+        "--storage",
+        any_url,
+        "--format",
+        "json",
+        "-o",
+        str(tmp_path / "report.json"),
+        timeout=60,
+    )
     assert report.returncode == 0, report.stderr
     assert unique_study_name in (tmp_path / "report.json").read_text()
 
@@ -239,13 +300,19 @@ def test_a_frozen_proxy_is_an_outage_not_a_hang(tmp_path) -> None:
 
     proc, url = _start_proxy(f"sqlite:///{tmp_path / 'frozen.db'}")
     try:
-        storage = ResilientStorage(open_storage(url), RetrySettings(deadline_s=120, initial_backoff_s=0.2,
-                                                                    max_backoff_s=1.0))
+        storage = ResilientStorage(
+            open_storage(url),
+            RetrySettings(deadline_s=120, initial_backoff_s=0.2, max_backoff_s=1.0),
+        )
         study = optuna.create_study(storage=storage, study_name="frozen")
         os.kill(proc.pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
-        worker = threading.Thread(target=study.optimize, args=(lambda t: t.suggest_float("x", 0, 1),),
-                                  kwargs={"n_trials": 1}, daemon=True)
+        worker = threading.Thread(
+            target=study.optimize,
+            args=(lambda t: t.suggest_float("x", 0, 1),),
+            kwargs={"n_trials": 1},
+            daemon=True,
+        )
         worker.start()
         wait_for(lambda: storage.outages == 1, timeout=45, what="the dead connection noticed")
         assert time.monotonic() - frozen_at < 45
@@ -274,15 +341,22 @@ def test_proxy_rides_out_a_database_outage() -> None:
             study = optuna.create_study(storage=storage, study_name="outage")
             study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
             cluster.block()
-            worker = threading.Thread(target=study.optimize, args=(lambda t: t.suggest_float("x", 0, 1),),
-                                      kwargs={"n_trials": 3}, daemon=True)
+            worker = threading.Thread(
+                target=study.optimize,
+                args=(lambda t: t.suggest_float("x", 0, 1),),
+                kwargs={"n_trials": 3},
+                daemon=True,
+            )
             worker.start()
             time.sleep(4)
             assert worker.is_alive()  # waiting on the proxy, not failed
             cluster.unblock()
             worker.join(timeout=120)
             assert not worker.is_alive()
-            states = [t.state for t in optuna.load_study(study_name="outage", storage=cluster.url).get_trials()]
+            states = [
+                t.state
+                for t in optuna.load_study(study_name="outage", storage=cluster.url).get_trials()
+            ]
             assert states == [TrialState.COMPLETE] * 5
         finally:
             code = _stop(proc)

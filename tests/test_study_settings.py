@@ -15,7 +15,12 @@ import pytest
 from optuna_guard import DivergencePruner, MemoryGuardPruner
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.supervisor._objective_spec import resolve_next_to_objective
-from optuna_guard.supervisor._study import create_or_check_study, describe_directions, make_pruner, make_sampler
+from optuna_guard.supervisor._study import (
+    create_or_check_study,
+    describe_directions,
+    make_pruner,
+    make_sampler,
+)
 from supervisor_helpers import assert_nothing_running, cli, trials_of
 
 SETTINGS = os.path.join(os.path.dirname(__file__), "objectives", "settings")
@@ -48,26 +53,38 @@ def test_file_factories_with_seed_and_wrapped_pruners() -> None:
     assert isinstance(sampler, optuna.samplers.QMCSampler) and sampler.seed_given == 7
     pruner = make_pruner(f"{FACTORIES}:make_pruner")
     assert isinstance(pruner, MemoryGuardPruner)
-    assert isinstance(pruner._wrapped, optuna.pruners.MedianPruner) and pruner._wrapped._n_startup_trials == 5
+    assert (
+        isinstance(pruner._wrapped, optuna.pruners.MedianPruner)
+        and pruner._wrapped._n_startup_trials == 5
+    )
     assert isinstance(make_pruner(f"{FACTORIES}:make_divergence_pruner"), DivergencePruner)
-    assert isinstance(make_sampler(f"{FACTORIES}:SAMPLER", None), optuna.samplers.RandomSampler)  # an instance
+    assert isinstance(
+        make_sampler(f"{FACTORIES}:SAMPLER", None), optuna.samplers.RandomSampler
+    )  # an instance
 
 
 def test_module_factories_and_classes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(SETTINGS)
     assert make_sampler("objective:make_study_sampler", 4).seed_given == 4
-    assert isinstance(make_sampler("optuna.samplers:RandomSampler", 1), optuna.samplers.RandomSampler)
+    assert isinstance(
+        make_sampler("optuna.samplers:RandomSampler", 1), optuna.samplers.RandomSampler
+    )
     pruner = make_pruner("optuna.pruners:MedianPruner")
     assert isinstance(pruner, optuna.pruners.MedianPruner)
 
 
 def test_seed_not_taken_is_said(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="optuna_guard"):
-        assert isinstance(make_sampler(f"{FACTORIES}:plain_sampler", None), optuna.samplers.RandomSampler)
+        assert isinstance(
+            make_sampler(f"{FACTORIES}:plain_sampler", None), optuna.samplers.RandomSampler
+        )
         assert not caplog.records  # no seed asked for: nothing to say
-        assert isinstance(make_sampler(f"{FACTORIES}:plain_sampler", 3), optuna.samplers.RandomSampler)
+        assert isinstance(
+            make_sampler(f"{FACTORIES}:plain_sampler", 3), optuna.samplers.RandomSampler
+        )
     assert [r.getMessage() for r in caplog.records] == [
-        f"--sampler: {FACTORIES}:plain_sampler takes no seed argument; --seed is not passed to it."]
+        f"--sampler: {FACTORIES}:plain_sampler takes no seed argument; --seed is not passed to it."
+    ]
 
 
 @pytest.mark.parametrize(
@@ -94,9 +111,14 @@ def test_bad_factories_are_one_line_config_errors(option: str, spec: str, needle
 def test_relative_factory_file_is_found_next_to_the_objective(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     objective = f"{OBJECTIVE}:objective"
-    assert resolve_next_to_objective("factories.py:make_pruner", objective) == f"{FACTORIES}:make_pruner"
+    assert (
+        resolve_next_to_objective("factories.py:make_pruner", objective)
+        == f"{FACTORIES}:make_pruner"
+    )
     (tmp_path / "mine.py").write_text("x = 1\n")
-    assert resolve_next_to_objective("mine.py:f", objective) == f"{tmp_path / 'mine.py'}:f"  # else the cwd
+    assert (
+        resolve_next_to_objective("mine.py:f", objective) == f"{tmp_path / 'mine.py'}:f"
+    )  # else the cwd
     assert resolve_next_to_objective("pkg.mod:f", objective) == "pkg.mod:f"
 
 
@@ -109,9 +131,13 @@ def test_a_new_study_says_its_direction(tmp_path, caplog: pytest.LogCaptureFixtu
         create_or_check_study(storage, "fresh", ["minimize"])
         create_or_check_study(storage, "fresh", ["minimize"])  # existing: said once only
     said = [r.getMessage() for r in caplog.records if "New study" in r.getMessage()]
-    assert said == ["New study 'fresh': minimizing; pass --direction maximize if your objective is a score."]
+    assert said == [
+        "New study 'fresh': minimizing; pass --direction maximize if your objective is a score."
+    ]
     assert describe_directions(["maximize"]).startswith("maximizing; pass --direction minimize")
-    assert describe_directions(["minimize", "maximize"]).startswith("minimizing, maximizing (2 objectives")
+    assert describe_directions(["minimize", "maximize"]).startswith(
+        "minimizing, maximizing (2 objectives"
+    )
 
 
 # -- through optuna-guard run -------------------------------------------------------------------
@@ -121,25 +147,54 @@ def test_run_uses_factories_next_to_the_objective(tmp_path, unique_study_name) -
     url = f"sqlite:///{tmp_path / 'study.db'}"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = cli("run", f"{OBJECTIVE}:objective", "--study-name", unique_study_name, "--storage", url,
-                 "--log-dir", str(tmp_path / "logs"), "--display", "off", "--workers", "2", "--n-trials", "4",
-                 "--seed", "10", "--sampler", "factories.py:make_sampler", "--pruner", "factories.py:make_pruner",
-                 cwd=str(elsewhere), timeout=180)
+    result = cli(
+        "run",
+        f"{OBJECTIVE}:objective",
+        "--study-name",
+        unique_study_name,
+        "--storage",
+        url,
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--display",
+        "off",
+        "--workers",
+        "2",
+        "--n-trials",
+        "4",
+        "--seed",
+        "10",
+        "--sampler",
+        "factories.py:make_sampler",
+        "--pruner",
+        "factories.py:make_pruner",
+        cwd=str(elsewhere),
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     trials = trials_of(url, unique_study_name)
     assert_nothing_running(trials)
     assert len(trials) == 4
     for trial in trials:
         assert trial.user_attrs["sampler"] == "QMCSampler"
-        assert 10 <= trial.user_attrs["sampler_seed_given"] < 20  # each worker start gets S + its index
+        assert (
+            10 <= trial.user_attrs["sampler_seed_given"] < 20
+        )  # each worker start gets S + its index
         assert trial.user_attrs["pruner"] == "MemoryGuardPruner"
-        assert trial.user_attrs["wrapped_pruner"] == "MedianPruner" and trial.user_attrs["n_startup_trials"] == 5
+        assert (
+            trial.user_attrs["wrapped_pruner"] == "MedianPruner"
+            and trial.user_attrs["n_startup_trials"] == 5
+        )
     first_lines = result.stderr.splitlines()[:6]
-    assert any("minimizing; pass --direction maximize if your objective is a score" in line for line in first_lines), \
-        first_lines
+    assert any(
+        "minimizing; pass --direction maximize if your objective is a score" in line
+        for line in first_lines
+    ), first_lines
 
 
-def test_run_refuses_bad_factories_before_touching_the_storage(tmp_path, unique_study_name) -> None:
+def test_run_refuses_bad_factories_before_touching_the_storage(
+    tmp_path, unique_study_name
+) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     cases = {
         "missing factory": ("--sampler", "factories.py:nope", "has no attribute 'nope'"),
@@ -148,9 +203,24 @@ def test_run_refuses_bad_factories_before_touching_the_storage(tmp_path, unique_
         "unknown name": ("--pruner", "bogus", "is unknown"),
     }
     for name, (option, value, needle) in cases.items():
-        result = cli("run", f"{OBJECTIVE}:objective", "--study-name", unique_study_name, "--storage", url,
-                     "--log-dir", str(tmp_path / "logs"), "--display", "off", "--n-trials", "1", option, value,
-                     cwd=str(tmp_path), timeout=120)
+        result = cli(
+            "run",
+            f"{OBJECTIVE}:objective",
+            "--study-name",
+            unique_study_name,
+            "--storage",
+            url,
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--display",
+            "off",
+            "--n-trials",
+            "1",
+            option,
+            value,
+            cwd=str(tmp_path),
+            timeout=120,
+        )
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2, (name, result.stderr)
         assert len(lines) == 1 and needle in lines[0], (name, lines)

@@ -35,7 +35,12 @@ def test_describe_exit(code, expected):
 
 
 def _c(worker_id, rss_gb, in_trial=True, started=None):
-    return _policies.VictimCandidate(worker_id=worker_id, tree_rss_bytes=int(rss_gb * GB), in_trial=in_trial, trial_started_at=started)
+    return _policies.VictimCandidate(
+        worker_id=worker_id,
+        tree_rss_bytes=int(rss_gb * GB),
+        in_trial=in_trial,
+        trial_started_at=started,
+    )
 
 
 @pytest.mark.parametrize(
@@ -43,9 +48,18 @@ def _c(worker_id, rss_gb, in_trial=True, started=None):
     [
         ([], None),
         ([_c(1, 2.0), _c(2, 5.0), _c(3, 3.0)], 2),  # largest tree
-        ([_c(1, 2.0), _c(2, 9.0, in_trial=False)], 1),  # a worker running a trial before an idle one
-        ([_c(1, 4.0, started=10.0), _c(2, 4.0, started=50.0)], 2),  # tie: the newer trial loses least work
-        ([_c(1, 1.0, in_trial=False), _c(2, 2.0, in_trial=False)], None),  # idle workers are never victims (issue 10)
+        (
+            [_c(1, 2.0), _c(2, 9.0, in_trial=False)],
+            1,
+        ),  # a worker running a trial before an idle one
+        (
+            [_c(1, 4.0, started=10.0), _c(2, 4.0, started=50.0)],
+            2,
+        ),  # tie: the newer trial loses least work
+        (
+            [_c(1, 1.0, in_trial=False), _c(2, 2.0, in_trial=False)],
+            None,
+        ),  # idle workers are never victims (issue 10)
     ],
 )
 def test_choose_victim(candidates, expected):
@@ -62,13 +76,62 @@ def test_over_limit_picks_the_largest_worker_over_the_limit():
 @pytest.mark.parametrize(
     "kwargs,expected",
     [
-        (dict(age_s=3601, age_limit_s=3600, trials_finished=3, max_trials=None, tree_rss_bytes=0, recycle_rss_gb=6.0), "age 3601s >= 3600s"),
-        (dict(age_s=10, age_limit_s=None, trials_finished=5, max_trials=5, tree_rss_bytes=0, recycle_rss_gb=6.0), "5 trials >= --max-trials-per-worker 5"),
-        (dict(age_s=10, age_limit_s=3600, trials_finished=1, max_trials=None, tree_rss_bytes=int(6.5 * GB), recycle_rss_gb=6.0),
-         "tree RSS 6.50 GB after a trial > 6.00 GB"),
+        (
+            dict(
+                age_s=3601,
+                age_limit_s=3600,
+                trials_finished=3,
+                max_trials=None,
+                tree_rss_bytes=0,
+                recycle_rss_gb=6.0,
+            ),
+            "age 3601s >= 3600s",
+        ),
+        (
+            dict(
+                age_s=10,
+                age_limit_s=None,
+                trials_finished=5,
+                max_trials=5,
+                tree_rss_bytes=0,
+                recycle_rss_gb=6.0,
+            ),
+            "5 trials >= --max-trials-per-worker 5",
+        ),
+        (
+            dict(
+                age_s=10,
+                age_limit_s=3600,
+                trials_finished=1,
+                max_trials=None,
+                tree_rss_bytes=int(6.5 * GB),
+                recycle_rss_gb=6.0,
+            ),
+            "tree RSS 6.50 GB after a trial > 6.00 GB",
+        ),
         # a fresh worker is never recycled for its baseline RSS
-        (dict(age_s=10, age_limit_s=3600, trials_finished=0, max_trials=None, tree_rss_bytes=int(6.5 * GB), recycle_rss_gb=6.0), None),
-        (dict(age_s=10, age_limit_s=3600, trials_finished=4, max_trials=5, tree_rss_bytes=int(1 * GB), recycle_rss_gb=6.0), None),
+        (
+            dict(
+                age_s=10,
+                age_limit_s=3600,
+                trials_finished=0,
+                max_trials=None,
+                tree_rss_bytes=int(6.5 * GB),
+                recycle_rss_gb=6.0,
+            ),
+            None,
+        ),
+        (
+            dict(
+                age_s=10,
+                age_limit_s=3600,
+                trials_finished=4,
+                max_trials=5,
+                tree_rss_bytes=int(1 * GB),
+                recycle_rss_gb=6.0,
+            ),
+            None,
+        ),
     ],
 )
 def test_recycle_reason(kwargs, expected):
@@ -86,14 +149,31 @@ def test_age_jitter_stays_below_the_maximum_and_spreads_workers():
 def test_status_line_has_the_shape_people_grep_for():
     line = worker_status_line(1, 17650, "healthy", 74.2, 3600.0, int(2.27 * GB))
     assert line == "Worker 1 PID 17650 healthy (age: 74s/3600s, mem: 2.27GB, restart in 3526s)"
-    assert worker_status_line(2, 5, "recycling", 10, None, 0) == "Worker 2 PID 5 recycling (age: 10s/off, mem: 0.00GB, restart in never)"
+    assert (
+        worker_status_line(2, 5, "recycling", 10, None, 0)
+        == "Worker 2 PID 5 recycling (age: 10s/off, mem: 0.00GB, restart in never)"
+    )
 
 
 def test_progress_line():
-    progress = Progress(target=400, finished=37, running=3, complete=30, pruned=4, failed=3, killed=2, crashed=1,
-                        recycles=5, workers=3, available_gb=17.25, eta_s=312)
-    assert progress.line() == ("Trials 37/400 finished (running 3, complete 30, pruned 4, failed 3, killed 2, crashed 1, "
-                               "recycled 5), 3 workers, available 17.25GB, ETA 5m12s")
+    progress = Progress(
+        target=400,
+        finished=37,
+        running=3,
+        complete=30,
+        pruned=4,
+        failed=3,
+        killed=2,
+        crashed=1,
+        recycles=5,
+        workers=3,
+        available_gb=17.25,
+        eta_s=312,
+    )
+    assert progress.line() == (
+        "Trials 37/400 finished (running 3, complete 30, pruned 4, failed 3, killed 2, crashed 1, "
+        "recycled 5), 3 workers, available 17.25GB, ETA 5m12s"
+    )
 
 
 @pytest.mark.parametrize(
@@ -103,7 +183,10 @@ def test_progress_line():
         (dict(n_trials=0), "--n-trials must be >= 1"),
         (dict(max_worker_rss_gb=-1.0), "--max-worker-rss-gb must be > 0 but got -1.0"),
         (dict(min_available_gb=-0.5), "--min-available-gb cannot be negative"),
-        (dict(max_worker_rss_gb=4.0, recycle_worker_rss_gb=5.0), "cannot exceed --max-worker-rss-gb"),
+        (
+            dict(max_worker_rss_gb=4.0, recycle_worker_rss_gb=5.0),
+            "cannot exceed --max-worker-rss-gb",
+        ),
         (dict(min_available_gb=3.0, warn_available_gb=2.0), "cannot be below --min-available-gb"),
         (dict(check_interval=0.0), "--check-interval must be > 0"),
         (dict(grace_period=-1.0), "--grace-period cannot be negative"),
@@ -124,17 +207,37 @@ def test_launch_config_rejects_bad_values_with_one_line(changes, needle):
 def test_launch_config_defaults():
     config = LaunchConfig(objective="m:f", study_name="s")
     assert config.recycle_worker_rss_gb == 6.0  # 75 % of the 8 GB hard limit
-    assert config.check_interval == 0.25 and config.grace_period == 120 and config.status_interval == 60
+    assert (
+        config.check_interval == 0.25
+        and config.grace_period == 120
+        and config.status_interval == 60
+    )
     assert config.event_log_path == os.path.join("optuna_guard_logs", "events.jsonl")
-    assert config.guard_env()["OPTUNA_GUARD_MAX_TRIAL_RSS_GB"] == "7.2"  # 90 % of the worker limit (issue 16)
+    assert (
+        config.guard_env()["OPTUNA_GUARD_MAX_TRIAL_RSS_GB"] == "7.2"
+    )  # 90 % of the worker limit (issue 16)
     off = LaunchConfig(objective="m:f", study_name="s", max_worker_rss_gb=None)
-    assert off.recycle_worker_rss_gb is None and off.guard_env()["OPTUNA_GUARD_MAX_TRIAL_RSS_GB"] == "none"
+    assert (
+        off.recycle_worker_rss_gb is None
+        and off.guard_env()["OPTUNA_GUARD_MAX_TRIAL_RSS_GB"] == "none"
+    )
 
 
 def test_worker_settings_round_trip_through_env():
-    settings = WorkerSettings(worker_id=3, spawn_index=7, objective="/x/y.py:f", study_name="s", storage="sqlite:///a.db",
-                              seed=None, heartbeat_interval=30, heartbeat_grace=300, guard=False,
-                              retry=2, retry_on=("emergency_killed", "preempted"), storage_deadline=12.5)
+    settings = WorkerSettings(
+        worker_id=3,
+        spawn_index=7,
+        objective="/x/y.py:f",
+        study_name="s",
+        storage="sqlite:///a.db",
+        seed=None,
+        heartbeat_interval=30,
+        heartbeat_grace=300,
+        guard=False,
+        retry=2,
+        retry_on=("emergency_killed", "preempted"),
+        storage_deadline=12.5,
+    )
     env = settings.to_env()
     assert env["OPTUNA_GUARD_WORKER_ID"] == "3" and env["OPTUNA_GUARD_WORKER_STUDY_NAME"] == "s"
     assert WorkerSettings.from_env(env) == settings
@@ -176,7 +279,10 @@ def test_spec_from_callable():
     with pytest.raises(ObjectiveSpecError, match="lambda, closure or local function"):
         _objective_spec.spec_from_callable(lambda trial: 0.0)
     loaded = _objective_spec.load_objective(objective_spec("launcher_quick"))
-    assert _objective_spec.spec_from_callable(loaded) == f"{os.path.join(OBJECTIVES, 'launcher_quick.py')}:objective"
+    assert (
+        _objective_spec.spec_from_callable(loaded)
+        == f"{os.path.join(OBJECTIVES, 'launcher_quick.py')}:objective"
+    )
 
 
 def test_protocol_channel_frames_messages_across_partial_reads():
@@ -197,5 +303,8 @@ def test_protocol_channel_frames_messages_across_partial_reads():
 
 
 def test_mask_url_hides_passwords():
-    assert mask_url("postgresql+psycopg://user:s3cret@db:5432/x") == "postgresql+psycopg://user:***@db:5432/x"
+    assert (
+        mask_url("postgresql+psycopg://user:s3cret@db:5432/x")
+        == "postgresql+psycopg://user:***@db:5432/x"
+    )
     assert mask_url("sqlite:///a.db") == "sqlite:///a.db"

@@ -33,8 +33,27 @@ def test_parse_duration(text: object, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", "abc", "11x", "h", "30m11h", "1h1h", "-5", "-1h", "0", "0s", "0h0m", "1:2", "1:61:00",
-     "nan", "inf", True, -3, 0.0],
+    [
+        "",
+        "   ",
+        "abc",
+        "11x",
+        "h",
+        "30m11h",
+        "1h1h",
+        "-5",
+        "-1h",
+        "0",
+        "0s",
+        "0h0m",
+        "1:2",
+        "1:61:00",
+        "nan",
+        "inf",
+        True,
+        -3,
+        0.0,
+    ],
 )
 def test_parse_duration_rejects_with_the_value_named(text: object) -> None:
     with pytest.raises(ConfigError) as info:

@@ -28,17 +28,23 @@ def _v1_worker_tree(tmp_path):
     return root, leaf
 
 
-def test_v1_without_the_skip_the_worker_cgroup_headroom_is_what_the_guard_sees(tmp_path, monkeypatch) -> None:
+def test_v1_without_the_skip_the_worker_cgroup_headroom_is_what_the_guard_sees(
+    tmp_path, monkeypatch
+) -> None:
     monkeypatch.delenv(ENV_SKIP_CGROUP, raising=False)
     root, _leaf = _v1_worker_tree(tmp_path)
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup=WORKER_V1), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup=WORKER_V1), cgroup_root=str(root)
+    ).system()
     assert (reading.total_bytes, reading.available_bytes) == (GB, GB - 900 * MB)
 
 
 def test_v1_skipping_the_worker_cgroup_keeps_the_job_limit(tmp_path, monkeypatch) -> None:
     root, leaf = _v1_worker_tree(tmp_path)
     monkeypatch.setenv(ENV_SKIP_CGROUP, str(leaf))
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup=WORKER_V1), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup=WORKER_V1), cgroup_root=str(root)
+    ).system()
     assert reading.source == "cgroup v1"
     assert (reading.total_bytes, reading.available_bytes) == (6 * GB, 4 * GB)
 
@@ -48,7 +54,9 @@ def test_v2_skipping_the_worker_cgroup_falls_back_to_the_host(tmp_path, monkeypa
     v2_level(root, "launcher")
     leaf = v2_level(root, "launcher/w1", limit=GB, current=GB - 50 * MB)
     monkeypatch.setenv(ENV_SKIP_CGROUP, str(leaf) + "/")  # normalised
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup="0::/launcher/w1\n"), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup="0::/launcher/w1\n"), cgroup_root=str(root)
+    ).system()
     assert reading.source == "host"
     assert reading.available_bytes == 60 * GB
 
@@ -58,12 +66,15 @@ def test_a_worker_left_in_the_launcher_cgroup_skips_nothing(tmp_path, monkeypatc
     root = make_v2_root(tmp_path)
     v2_level(root, "launcher", limit=2 * GB, current=GB)
     monkeypatch.setenv(ENV_SKIP_CGROUP, str(root / "launcher" / "w1"))
-    reading = SystemProbe(proc_root=make_proc(tmp_path, cgroup="0::/launcher\n"), cgroup_root=str(root)).system()
+    reading = SystemProbe(
+        proc_root=make_proc(tmp_path, cgroup="0::/launcher\n"), cgroup_root=str(root)
+    ).system()
     assert (reading.source, reading.available_bytes) == ("cgroup v2", GB)
 
 
-def test_guard_in_a_real_worker_cgroup_reads_system_memory(sqlite_url, tmp_path, unique_study_name, quiet_optuna,
-                                                          monkeypatch) -> None:
+def test_guard_in_a_real_worker_cgroup_reads_system_memory(
+    sqlite_url, tmp_path, unique_study_name, quiet_optuna, monkeypatch
+) -> None:
     """Per-worker cgroups with a tight limit (idle worker + 0.35 GB) and --min-available-gb 0.5:
     the cgroup's headroom is below 0.5 GB, the machine's is not, so no trial is pruned for low
     memory and the trials' lowest available memory is the system's."""
@@ -75,10 +86,20 @@ def test_guard_in_a_real_worker_cgroup_reads_system_memory(sqlite_url, tmp_path,
     monkeypatch.setenv("OPTUNA_GUARD_WORKER_CGROUPS", "1")
     limit_gb = idle_worker_rss_gb(str(tmp_path)) + 0.35
     settings = {**FAST, "min_available_gb": 0.5, "warn_available_gb": 0.6}
-    summary = launch(objective_spec("launcher_quick"), study_name=unique_study_name, storage=sqlite_url,
-                     workers=2, n_trials=6, max_worker_rss_gb=limit_gb, log_dir=str(tmp_path / "logs"), **settings)
+    summary = launch(
+        objective_spec("launcher_quick"),
+        study_name=unique_study_name,
+        storage=sqlite_url,
+        workers=2,
+        n_trials=6,
+        max_worker_rss_gb=limit_gb,
+        log_dir=str(tmp_path / "logs"),
+        **settings,
+    )
     trials = trials_of(sqlite_url, unique_study_name)
     assert summary.exit_code == 0
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, [t.user_attrs.get(tags.KILL_REASON) for t in trials]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, [
+        t.user_attrs.get(tags.KILL_REASON) for t in trials
+    ]
     lowest = [t.user_attrs[tags.LOWEST_AVAILABLE_GB] for t in trials]
     assert min(lowest) > limit_gb, f"the guard read the worker cgroup's headroom: {lowest}"

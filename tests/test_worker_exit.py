@@ -17,7 +17,9 @@ from supervisor_helpers import FAST, objective_spec, trials_of
 N_TRIALS = 3
 
 
-ORPHAN_GRACE_S = 1.0  # the supervisor reaps within a check interval; longer than this is "left behind"
+ORPHAN_GRACE_S = (
+    1.0  # the supervisor reaps within a check interval; longer than this is "left behind"
+)
 
 
 def _launch_processes(launch_id: str) -> list[int]:
@@ -57,10 +59,16 @@ class OrphanWatch:
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.wait(0.1):
-            marked = {int(name): _worker_mark(int(name)) for name in os.listdir("/proc") if name.isdigit()}
+            marked = {
+                int(name): _worker_mark(int(name))
+                for name in os.listdir("/proc")
+                if name.isdigit()
+            }
             marked = {pid: mark for pid, mark in marked.items() if mark is not None}
             live_workers = {mark for pid, mark in marked.items() if _parent(pid) == me}
-            self.launch_ids.update(mark.split("/")[0] for mark in live_workers)  # ours, not a parallel test's
+            self.launch_ids.update(
+                mark.split("/")[0] for mark in live_workers
+            )  # ours, not a parallel test's
             now = time.monotonic()
             for pid, mark in marked.items():
                 if mark.split("/")[0] in self.launch_ids and mark not in live_workers:
@@ -68,7 +76,11 @@ class OrphanWatch:
                     self.last_seen[pid] = now
 
     def left_behind(self) -> list[int]:
-        return sorted(pid for pid, first in self.first_seen.items() if self.last_seen[pid] - first > ORPHAN_GRACE_S)
+        return sorted(
+            pid
+            for pid, first in self.first_seen.items()
+            if self.last_seen[pid] - first > ORPHAN_GRACE_S
+        )
 
 
 def _parent(pid: int) -> int | None:
@@ -93,8 +105,14 @@ def test_recycled_joblib_workers_leave_nothing_and_run_atexit(
     try:
         with OrphanWatch() as watch:
             summary = launch(
-                objective_spec("worker_exit_joblib"), study_name=unique_study_name, storage=sqlite_url,
-                workers=1, n_trials=N_TRIALS, max_trials_per_worker=1, log_dir=str(tmp_path / "logs"), **FAST,
+                objective_spec("worker_exit_joblib"),
+                study_name=unique_study_name,
+                storage=sqlite_url,
+                workers=1,
+                n_trials=N_TRIALS,
+                max_trials_per_worker=1,
+                log_dir=str(tmp_path / "logs"),
+                **FAST,
             )
         trials = trials_of(sqlite_url, unique_study_name)
         launch_ids = {t.user_attrs[tags.LAUNCH_ID] for t in trials}
@@ -130,13 +148,22 @@ def test_a_worker_that_cannot_exit_is_killed_after_the_bounded_wait(
 
     started = time.monotonic()
     summary = launch(
-        objective_spec("worker_exit_hang"), study_name=unique_study_name, storage=sqlite_url,
-        workers=1, n_trials=1, log_dir=str(tmp_path / "logs"), **FAST,
+        objective_spec("worker_exit_hang"),
+        study_name=unique_study_name,
+        storage=sqlite_url,
+        workers=1,
+        n_trials=1,
+        log_dir=str(tmp_path / "logs"),
+        **FAST,
     )
     elapsed = time.monotonic() - started
     trials = trials_of(sqlite_url, unique_study_name)
     assert summary.exit_code == 0 and [t.state for t in trials] == [TrialState.COMPLETE]
     assert WORKER_EXIT_WAIT_S <= elapsed < WORKER_EXIT_WAIT_S + 60
-    exits = [e for e in read_events(str(tmp_path / "logs" / "events.jsonl")) if e["event"] == events.WORKER_EXITED]
+    exits = [
+        e
+        for e in read_events(str(tmp_path / "logs" / "events.jsonl"))
+        if e["event"] == events.WORKER_EXITED
+    ]
     assert any("did not exit within" in str(e.get("reason")) for e in exits), exits
     assert summary.crashes == 0

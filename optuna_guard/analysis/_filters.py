@@ -35,11 +35,7 @@ def valid_trials(
     if complete_only:
         states = (TrialState.COMPLETE,)
     allowed = tuple(states) if states is not None else None
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False, states=allowed)
-        if not is_killed(t)
-    ]
+    trials = [t for t in study.get_trials(deepcopy=False, states=allowed) if not is_killed(t)]
     if objective_version is None:
         return trials
     from optuna_guard.resume import filter_version, resolve_version_filter

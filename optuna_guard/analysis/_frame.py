@@ -38,7 +38,13 @@ FLOAT_COLUMNS = (
     tags.PEAK_GPU_GB,
     tags.PREDICTED_PEAK_GB,
 )
-INT_COLUMNS = (tags.WORKER_ID, tags.WORKER_PID, tags.RESUMED_FROM_STEP, "objective_version", "cached_from")
+INT_COLUMNS = (
+    tags.WORKER_ID,
+    tags.WORKER_PID,
+    tags.RESUMED_FROM_STEP,
+    "objective_version",
+    "cached_from",
+)
 TEXT_COLUMNS = (tags.KILL_REASON, tags.KILL_LIMIT, tags.HOSTNAME)
 
 # Column order of the guard part of the frame (after number/state/values/times/params).
@@ -116,7 +122,16 @@ def trials_frame(
 
     rows = [_row(t, value_cols, param_names, extra_attr_names) for t in trials]
     columns = (
-        ["number", "state", "end_state", *value_cols, "datetime_start", "datetime_complete", "duration", "duration_s"]
+        [
+            "number",
+            "state",
+            "end_state",
+            *value_cols,
+            "datetime_start",
+            "datetime_complete",
+            "duration",
+            "duration_s",
+        ]
         + [f"params_{name}" for name in param_names]
         + list(TAG_COLUMNS)
         + [f"user_attrs_{key}" for key in extra_attr_names]
@@ -140,7 +155,9 @@ def trials_frame(
     return frame
 
 
-def _row(trial: FrozenTrial, value_cols: list[str], param_names: list[str], extra: list[str]) -> dict[str, Any]:
+def _row(
+    trial: FrozenTrial, value_cols: list[str], param_names: list[str], extra: list[str]
+) -> dict[str, Any]:
     attrs = trial.user_attrs
     row: dict[str, Any] = {
         "number": trial.number,

@@ -70,8 +70,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         "</head><body>",
         f"<h1>optuna-guard report: study {_e(study['name'])}</h1>",
         f'<div class="meta">{study["n_trials"]} trials, {", ".join(_e(d) for d in study["directions"])}'
-        f'{_span(study)} &middot; generated {_e(report["generated_at"])} by optuna-guard '
-        f'{_e(report["optuna_guard_version"])} (report schema v{report["version"]})</div>',
+        f"{_span(study)} &middot; generated {_e(report['generated_at'])} by optuna-guard "
+        f"{_e(report['optuna_guard_version'])} (report schema v{report['version']})</div>",
         '<div class="grid">',
         f"<div><h2>Trials by state</h2>{_states_table(report)}</div>",
         f"<div><h2>Trials stopped early</h2>{_stopped_table(report)}</div>",
@@ -83,10 +83,18 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append(f"<h2>Memory per worker (event log)</h2>{_workers_table(report)}")
     parts.append(_versions_section(report))
     parts.append("<h2>Peak memory vs hyperparameters</h2>")
-    parts.append(_figure_html(_memory_vs_params_figure(report), "plot-memory-vs-params", "no trial has both a peak_rss_gb tag and a numeric param"))
+    parts.append(
+        _figure_html(
+            _memory_vs_params_figure(report),
+            "plot-memory-vs-params",
+            "no trial has both a peak_rss_gb tag and a numeric param",
+        )
+    )
     parts.append("<h2>Trials per worker over time</h2>")
     parts.append(_timeline_note(report))
-    parts.append(_figure_html(_timeline_figure(report), "plot-timeline", "no trial has a start time yet"))
+    parts.append(
+        _figure_html(_timeline_figure(report), "plot-timeline", "no trial has a start time yet")
+    )
     parts.append("<h2>Memory over time</h2>")
     parts.append(
         _figure_html(
@@ -120,7 +128,9 @@ def _span(study: Mapping[str, Any]) -> str:
     return f", from {_e(study['first_start'])} to {_e(study['last_complete'] or 'now')}"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()
+) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = []
     for row in rows:
@@ -139,17 +149,41 @@ def _versions_section(report: Mapping[str, Any]) -> str:
     html = ""
     if objective.get("fingerprinted") or len(objective.get("versions", [])) > 1:
         rows = [
-            (v["version"], (v.get("digest") or "-")[:12], v.get("recorded_at"), v["n_trials"], v["complete"],
-             v["cached"], (v.get("best") or {}).get("number"), (v.get("best") or {}).get("value"))
+            (
+                v["version"],
+                (v.get("digest") or "-")[:12],
+                v.get("recorded_at"),
+                v["n_trials"],
+                v["complete"],
+                v["cached"],
+                (v.get("best") or {}).get("number"),
+                (v.get("best") or {}).get("value"),
+            )
             for v in objective.get("versions", [])
         ]
-        html += (f"<h2>Objective versions (current: {_e(objective.get('current_version'))})</h2>"
-                 + _table(("version", "fingerprint", "recorded", "trials", "complete", "cached", "best trial", "best value"),
-                          rows, numeric=(0, 3, 4, 5, 6, 7)))
+        html += (
+            f"<h2>Objective versions (current: {_e(objective.get('current_version'))})</h2>"
+            + _table(
+                (
+                    "version",
+                    "fingerprint",
+                    "recorded",
+                    "trials",
+                    "complete",
+                    "cached",
+                    "best trial",
+                    "best value",
+                ),
+                rows,
+                numeric=(0, 3, 4, 5, 6, 7),
+            )
+        )
     if cache.get("served") or cache.get("duplicates_computed"):
-        html += (f"<p>Result cache: {cache['served']} trials served from earlier results, "
-                 f"{_e(_fmt(cache['saved_s']))} s of compute saved; {cache['duplicates_computed']} "
-                 "configurations computed more than once.</p>")
+        html += (
+            f"<p>Result cache: {cache['served']} trials served from earlier results, "
+            f"{_e(_fmt(cache['saved_s']))} s of compute saved; {cache['duplicates_computed']} "
+            "configurations computed more than once.</p>"
+        )
     return html
 
 
@@ -179,25 +213,37 @@ def _best_section(report: Mapping[str, Any]) -> str:
     parts = []
     if best["trials"]:
         rows = [
-            (t["number"], ", ".join(_fmt(v) for v in (t["values"] or [])), t["peak_rss_gb"], _params(t["params"]))
+            (
+                t["number"],
+                ", ".join(_fmt(v) for v in (t["values"] or [])),
+                t["peak_rss_gb"],
+                _params(t["params"]),
+            )
             for t in best["trials"]
         ]
         parts.append(_table(("trial", "value(s)", "peak GB", "params"), rows, numeric=(0, 2)))
     else:
-        parts.append('<p class="note">No valid COMPLETE trial (every complete trial was killed, or none is within the memory constraint).</p>')
+        parts.append(
+            '<p class="note">No valid COMPLETE trial (every complete trial was killed, or none is within the memory constraint).</p>'
+        )
     for item in best["killed_with_better_intermediate"]:
         parts.append(
             f'<p class="warn">Trial {item["number"]} ({_e(item["end_state"])}) reported '
-            f'{_e(_fmt(item["intermediate_value"]))} at step {_e(item["step"])}, better than the best valid value '
-            f'{_e(_fmt(item["best_valid_value"]))}{" - " + _e(item["kill_reason"]) if item["kill_reason"] else ""}</p>'
+            f"{_e(_fmt(item['intermediate_value']))} at step {_e(item['step'])}, better than the best valid value "
+            f"{_e(_fmt(item['best_valid_value']))}{' - ' + _e(item['kill_reason']) if item['kill_reason'] else ''}</p>"
         )
     if best["trials"] and not best["killed_with_better_intermediate"]:
-        parts.append('<p class="note">No killed, crashed or preempted trial reported a better intermediate value.</p>')
+        parts.append(
+            '<p class="note">No killed, crashed or preempted trial reported a better intermediate value.</p>'
+        )
     return "".join(parts)
 
 
 def _top_memory_table(report: Mapping[str, Any]) -> str:
-    rows = [(t["number"], t["end_state"], t["peak_rss_gb"], _params(t["params"])) for t in report["top_memory"]]
+    rows = [
+        (t["number"], t["end_state"], t["peak_rss_gb"], _params(t["params"]))
+        for t in report["top_memory"]
+    ]
     if not rows:
         return '<p class="note">No trial has a peak_rss_gb tag (was the objective guarded?).</p>'
     return _table(("trial", "end state", "peak GB", "params"), rows, numeric=(0, 2))
@@ -217,7 +263,16 @@ def _workers_table(report: Mapping[str, Any]) -> str:
         )
         for w in report["workers"]
     ]
-    headers = ("worker", "pids", "trials", "kills", "recycles", "crashes", "peak RSS GB", "mean RSS GB")
+    headers = (
+        "worker",
+        "pids",
+        "trials",
+        "kills",
+        "recycles",
+        "crashes",
+        "peak RSS GB",
+        "mean RSS GB",
+    )
     return _table(headers, rows, numeric=(2, 3, 4, 5, 6, 7))
 
 
@@ -240,18 +295,32 @@ def _memory_vs_params_figure(report: Mapping[str, Any]) -> Any:
 
     plots = report["plots"]
     points = plots["memory_points"]
-    params = [p for p in plots["numeric_params"] if any(_is_number(pt["params"].get(p["name"])) for pt in points)]
+    params = [
+        p
+        for p in plots["numeric_params"]
+        if any(_is_number(pt["params"].get(p["name"])) for pt in points)
+    ]
     if not params:
         return None
     cols = min(3, len(params))
     rows = math.ceil(len(params) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p["name"] for p in params], horizontal_spacing=0.08, vertical_spacing=0.18)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[p["name"] for p in params],
+        horizontal_spacing=0.08,
+        vertical_spacing=0.18,
+    )
     shown: set[str] = set()
     states = [s for s in END_STATE_COLORS if any(pt["end_state"] == s for pt in points)]
     for index, param in enumerate(params):
         row, col = index // cols + 1, index % cols + 1
         for state in states:
-            chosen = [pt for pt in points if pt["end_state"] == state and _is_number(pt["params"].get(param["name"]))]
+            chosen = [
+                pt
+                for pt in points
+                if pt["end_state"] == state and _is_number(pt["params"].get(param["name"]))
+            ]
             if not chosen:
                 continue
             killed = state == _classify.KILLED
@@ -279,7 +348,12 @@ def _memory_vs_params_figure(report: Mapping[str, Any]) -> Any:
             shown.add(state)
         fig.update_xaxes(type="log" if param["log"] else "linear", row=row, col=col)
         fig.update_yaxes(title_text="peak RSS (GB)" if col == 1 else None, row=row, col=col)
-    fig.update_layout(height=340 * rows + 60, margin={"l": 60, "r": 20, "t": 50, "b": 40}, legend_title_text="end state", template="plotly_white")
+    fig.update_layout(
+        height=340 * rows + 60,
+        margin={"l": 60, "r": 20, "t": 50, "b": 40},
+        legend_title_text="end state",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -305,7 +379,10 @@ def _timeline_figure(report: Mapping[str, Any]) -> Any:
     if not segments and not marks:
         return None
     last = max([s["end_ts"] or s["start_ts"] for s in segments] + [m["ts"] for m in marks])
-    labels = sorted({_worker_label(s["worker_id"]) for s in segments} | {_worker_label(m["worker_id"]) for m in marks})
+    labels = sorted(
+        {_worker_label(s["worker_id"]) for s in segments}
+        | {_worker_label(m["worker_id"]) for m in marks}
+    )
     fig = go.Figure()
     for state in END_STATE_COLORS:
         chosen = [s for s in segments if s["end_state"] == state]
@@ -321,9 +398,17 @@ def _timeline_figure(report: Mapping[str, Any]) -> Any:
                 y=[_worker_label(s["worker_id"]) for s in chosen],
                 orientation="h",
                 name=state,
-                marker={"color": END_STATE_COLORS[state], "line": {"width": 0.5, "color": "#ffffff"}},
-                customdata=[[s["trial_number"], round((s["end_ts"] or last) - s["start_ts"], 1)] for s in chosen],
-                hovertemplate="trial %{customdata[0]}<br>%{customdata[1]} s<extra>" + state + "</extra>",
+                marker={
+                    "color": END_STATE_COLORS[state],
+                    "line": {"width": 0.5, "color": "#ffffff"},
+                },
+                customdata=[
+                    [s["trial_number"], round((s["end_ts"] or last) - s["start_ts"], 1)]
+                    for s in chosen
+                ],
+                hovertemplate="trial %{customdata[0]}<br>%{customdata[1]} s<extra>"
+                + state
+                + "</extra>",
             )
         )
     for event, (label, symbol, color) in _MARKER_STYLE.items():
@@ -336,7 +421,12 @@ def _timeline_figure(report: Mapping[str, Any]) -> Any:
                 y=[_worker_label(m["worker_id"]) for m in chosen],
                 mode="markers",
                 name=label,
-                marker={"symbol": symbol, "size": 14, "color": color, "line": {"width": 2, "color": color}},
+                marker={
+                    "symbol": symbol,
+                    "size": 14,
+                    "color": color,
+                    "line": {"width": 2, "color": color},
+                },
                 text=[f"trial {m['trial_number']}: {m['reason'] or ''}" for m in chosen],
                 hovertemplate="%{text}<extra>" + label + "</extra>",
             )
@@ -347,7 +437,13 @@ def _timeline_figure(report: Mapping[str, Any]) -> Any:
         xaxis={"type": "date", "title": "time"},
         yaxis={"categoryorder": "array", "categoryarray": labels[::-1], "title": None},
         margin={"l": 90, "r": 20, "t": 30, "b": 50},
-        legend={"orientation": "h", "yanchor": "top", "y": -0.3, "x": 0, "title": {"text": "end state / event: "}},
+        legend={
+            "orientation": "h",
+            "yanchor": "top",
+            "y": -0.3,
+            "x": 0,
+            "title": {"text": "end state / event: "},
+        },
         template="plotly_white",
     )
     return fig
@@ -365,7 +461,9 @@ def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
     if not available and not rss:
         return None
     rows = (["available memory (GB)"] if available else []) + (["worker RSS (GB)"] if rss else [])
-    fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=rows)
+    fig = make_subplots(
+        rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=rows
+    )
     rss_row = len(rows)
     if available:
         fig.add_trace(
@@ -399,7 +497,11 @@ def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
             go.Scatter(
                 x=[_when(m["ts"]) for m in kills],
                 y=[
-                    (m["available_gb"] if m["available_gb"] is not None else _nearest(available, m["ts"]))
+                    (
+                        m["available_gb"]
+                        if m["available_gb"] is not None
+                        else _nearest(available, m["ts"])
+                    )
                     if on_available
                     else m["rss_gb"]
                     for m in kills
@@ -407,7 +509,10 @@ def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
                 mode="markers",
                 name="kill",
                 marker={"symbol": "x", "size": 13, "color": "#d62728"},
-                text=[f"{_worker_label(m['worker_id'])}, trial {m['trial_number']}: {m['reason'] or ''}" for m in kills],
+                text=[
+                    f"{_worker_label(m['worker_id'])}, trial {m['trial_number']}: {m['reason'] or ''}"
+                    for m in kills
+                ],
                 hovertemplate="%{text}<extra>kill</extra>",
                 legendgroup="kill",
             ),
@@ -425,7 +530,10 @@ def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
                     showlegend=False,
                     legendgroup="kill",
                     marker={"symbol": "x", "size": 13, "color": "#d62728"},
-                    text=[f"{_worker_label(m['worker_id'])}, trial {m['trial_number']}: {m['reason'] or ''}" for m in with_rss],
+                    text=[
+                        f"{_worker_label(m['worker_id'])}, trial {m['trial_number']}: {m['reason'] or ''}"
+                        for m in with_rss
+                    ],
                     hovertemplate="%{text}<extra>kill</extra>",
                 ),
                 row=rss_row,

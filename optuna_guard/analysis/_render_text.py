@@ -22,7 +22,9 @@ _STOP_TITLES = {
 def render_text(report: Mapping[str, Any], *, width: int = 110) -> str:
     """The report as plain text (no colour codes), e.g. for a file."""
     buffer = io.StringIO()
-    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, highlight=False)
+    console = Console(
+        file=buffer, width=width, color_system=None, force_terminal=False, highlight=False
+    )
     print_report(report, console)
     return buffer.getvalue()
 
@@ -31,7 +33,9 @@ def print_report(report: Mapping[str, Any], console: Console) -> None:
     """Print the report's tables on ``console`` (colours when it is a terminal)."""
     study = report["study"]
     directions = ", ".join(study["directions"])
-    console.print(f"[bold]Study {escape(study['name'])}[/bold]: {study['n_trials']} trials ({directions})")
+    console.print(
+        f"[bold]Study {escape(study['name'])}[/bold]: {study['n_trials']} trials ({directions})"
+    )
     if study["first_start"]:
         console.print(f"from {study['first_start']} to {study['last_complete'] or 'now'}")
     console.print(_states_table(report))
@@ -83,7 +87,9 @@ def _stopped_table(report: Mapping[str, Any]) -> Table:
     table.add_column("trials", justify="right")
     table.add_column("top reasons (numbers shown as N)")
     for kind, info in report["stopped"].items():
-        reasons = "\n".join(f"{r['count']} x {escape(r['reason'])}" for r in info["top_reasons"]) or "-"
+        reasons = (
+            "\n".join(f"{r['count']} x {escape(r['reason'])}" for r in info["top_reasons"]) or "-"
+        )
         title = _STOP_TITLES.get(kind, kind)
         if kind == tags.EMERGENCY_KILLED and info["by_limit"]:
             title += "".join(f"\n  {escape(limit)}: {n}" for limit, n in info["by_limit"].items())
@@ -106,13 +112,19 @@ def _best_lines(report: Mapping[str, Any]) -> list[str]:
             + (f" - {escape(str(item['kill_reason']))}" if item["kill_reason"] else "")
         )
     if best["trials"] and not best["killed_with_better_intermediate"]:
-        lines.append("No killed, crashed or preempted trial reported a better intermediate value than the best valid trial.")
+        lines.append(
+            "No killed, crashed or preempted trial reported a better intermediate value than the best valid trial."
+        )
     return lines
 
 
 def _best_table(report: Mapping[str, Any]) -> Table:
     best = report["best"]
-    title = "Best valid trial" if len(best["trials"]) == 1 else f"Best valid trials (Pareto front, {len(best['trials'])})"
+    title = (
+        "Best valid trial"
+        if len(best["trials"]) == 1
+        else f"Best valid trials (Pareto front, {len(best['trials'])})"
+    )
     table = Table(title=title)
     table.add_column("trial", justify="right")
     table.add_column("value(s)")
@@ -120,7 +132,9 @@ def _best_table(report: Mapping[str, Any]) -> Table:
     table.add_column("params")
     for item in best["trials"]:
         values = ", ".join(_fmt(v) for v in (item["values"] or []))
-        table.add_row(str(item["number"]), values, _fmt(item["peak_rss_gb"]), _params(item["params"]))
+        table.add_row(
+            str(item["number"]), values, _fmt(item["peak_rss_gb"]), _params(item["params"])
+        )
     return table
 
 
@@ -149,14 +163,33 @@ def _versions_table(objective: Mapping[str, Any]) -> Table:
     elif objective.get("best_from_version") is not None:
         title += f" - best valid trial above is from version {objective['best_from_version']}"
     table = Table(title=title)
-    for name in ("version", "fingerprint", "recorded", "trials", "complete", "cached", "best trial", "best value"):
-        table.add_column(name, justify="right" if name in ("version", "trials", "complete", "cached", "best trial") else "left")
+    for name in (
+        "version",
+        "fingerprint",
+        "recorded",
+        "trials",
+        "complete",
+        "cached",
+        "best trial",
+        "best value",
+    ):
+        table.add_column(
+            name,
+            justify="right"
+            if name in ("version", "trials", "complete", "cached", "best trial")
+            else "left",
+        )
     for row in objective.get("versions", []):
         best = row.get("best") or {}
         table.add_row(
-            str(row["version"]), (row.get("digest") or "-")[:12], escape(str(row.get("recorded_at") or "-")),
-            str(row["n_trials"]), str(row["complete"]), str(row["cached"]),
-            str(best.get("number", "-")), _fmt(best.get("value")),
+            str(row["version"]),
+            (row.get("digest") or "-")[:12],
+            escape(str(row.get("recorded_at") or "-")),
+            str(row["n_trials"]),
+            str(row["complete"]),
+            str(row["cached"]),
+            str(best.get("number", "-")),
+            _fmt(best.get("value")),
         )
     return table
 
@@ -170,13 +203,27 @@ def _top_memory_table(report: Mapping[str, Any]) -> Table:
     if not report["top_memory"]:
         table.add_row("-", "no trial has a peak_rss_gb tag", "", "")
     for item in report["top_memory"]:
-        table.add_row(str(item["number"]), item["end_state"], _fmt(item["peak_rss_gb"]), _params(item["params"]))
+        table.add_row(
+            str(item["number"]),
+            item["end_state"],
+            _fmt(item["peak_rss_gb"]),
+            _params(item["params"]),
+        )
     return table
 
 
 def _workers_table(report: Mapping[str, Any]) -> Table:
     table = Table(title="Memory per worker (event log)")
-    for name in ("worker", "pids", "trials", "kills", "recycles", "crashes", "peak RSS GB", "mean RSS GB"):
+    for name in (
+        "worker",
+        "pids",
+        "trials",
+        "kills",
+        "recycles",
+        "crashes",
+        "peak RSS GB",
+        "mean RSS GB",
+    ):
         table.add_column(name, justify="left" if name in ("worker", "pids") else "right")
     if not report["workers"]:
         table.add_row("-", "no worker events", "", "", "", "", "", "")

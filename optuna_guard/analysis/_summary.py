@@ -151,7 +151,12 @@ def _stopped(trials: Sequence[FrozenTrial], tag: str) -> dict[str, Any]:
         "by_state": dict(Counter(t.state.name for t in hit)),
         "by_limit": dict(by_limit.most_common()),
         "top_reasons": [
-            {"reason": pattern, "count": count, "example": example[pattern][0], "example_trial": example[pattern][1]}
+            {
+                "reason": pattern,
+                "count": count,
+                "example": example[pattern][0],
+                "example_trial": example[pattern][1],
+            }
             for pattern, count in patterns.most_common(TOP_REASONS)
         ],
     }
@@ -181,7 +186,11 @@ def _best(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
     """Best valid trial(s): COMPLETE, not killed, feasible when the study has constraints."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE and not is_killed(t)]
     constrained = any(t.constraints for t in trials)
-    candidates = [t for t in complete if all(v <= 0 for v in t.constraints.values())] if constrained else complete
+    candidates = (
+        [t for t in complete if all(v <= 0 for v in t.constraints.values())]
+        if constrained
+        else complete
+    )
     directions = list(study.directions)
     if not candidates:
         best: list[FrozenTrial] = []
@@ -205,7 +214,9 @@ def _best(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
 
 
 def _stopped_with_better_intermediate(
-    trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial], directions: Sequence[StudyDirection]
+    trials: Sequence[FrozenTrial],
+    best: Sequence[FrozenTrial],
+    directions: Sequence[StudyDirection],
 ) -> list[dict[str, Any]]:
     """Killed/crashed/preempted trials whose best reported value beat the best valid value."""
     if len(directions) != 1 or not best:
@@ -247,7 +258,10 @@ def _trial_brief(trial: FrozenTrial) -> dict[str, Any]:
 
 def _top_memory(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
     with_peak = [(t, _peak(t)) for t in trials]
-    ranked = sorted(((t, p) for t, p in with_peak if p is not None), key=lambda item: (-item[1], item[0].number))
+    ranked = sorted(
+        ((t, p) for t, p in with_peak if p is not None),
+        key=lambda item: (-item[1], item[0].number),
+    )
     return [
         {
             "number": t.number,
@@ -266,7 +280,9 @@ def _peak(trial: FrozenTrial) -> float | None:
     return observed_peak(trial)
 
 
-def _event_log_info(events: Sequence[Mapping[str, Any]] | None, path: str | None) -> dict[str, Any] | None:
+def _event_log_info(
+    events: Sequence[Mapping[str, Any]] | None, path: str | None
+) -> dict[str, Any] | None:
     if events is None:
         return None
     return {
@@ -279,7 +295,9 @@ def _event_log_info(events: Sequence[Mapping[str, Any]] | None, path: str | None
 
 
 def _plots(
-    trials: Sequence[FrozenTrial], by_number: Mapping[int, FrozenTrial], events: Sequence[Mapping[str, Any]] | None
+    trials: Sequence[FrozenTrial],
+    by_number: Mapping[int, FrozenTrial],
+    events: Sequence[Mapping[str, Any]] | None,
 ) -> dict[str, Any]:
     """The data the HTML plots draw (also useful to JSON consumers)."""
     numeric: dict[str, bool] = {}  # param name -> log scale
@@ -291,12 +309,21 @@ def _plots(
             elif isinstance(dist, CategoricalDistribution) and name not in categorical:
                 categorical.append(name)
     points = [
-        {"number": t.number, "end_state": _classify.end_state(t), "peak_rss_gb": p, "params": dict(t.params)}
+        {
+            "number": t.number,
+            "end_state": _classify.end_state(t),
+            "peak_rss_gb": p,
+            "params": dict(t.params),
+        }
         for t in trials
         if (p := _peak(t)) is not None
     ]
     has_trial_events = events is not None and any(e["event"] == "trial_started" for e in events)
-    segments = _timeline.event_segments(events, by_number) if has_trial_events else _timeline.storage_segments(trials)
+    segments = (
+        _timeline.event_segments(events, by_number)
+        if has_trial_events
+        else _timeline.storage_segments(trials)
+    )
     return {
         "numeric_params": [{"name": name, "log": log} for name, log in numeric.items()],
         "categorical_params": categorical,

@@ -18,7 +18,13 @@ from optuna_guard.analysis import _classify
 from optuna_guard.exceptions import ConfigError
 
 # Events drawn as markers on the worker timeline.
-MARKER_EVENTS = (ev.WORKER_KILLED, ev.TRIAL_KILLED, ev.WORKER_RECYCLED, ev.WORKER_CRASHED, ev.MEMORY_WARNING)
+MARKER_EVENTS = (
+    ev.WORKER_KILLED,
+    ev.TRIAL_KILLED,
+    ev.WORKER_RECYCLED,
+    ev.WORKER_CRASHED,
+    ev.MEMORY_WARNING,
+)
 
 _SAME_KILL_WINDOW_S = 5.0
 
@@ -35,13 +41,19 @@ _END_EVENTS = {
 def load_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All events of a log sorted by time; ConfigError if it cannot be read or has no events."""
     if os.path.isdir(path):
-        raise ConfigError(f"event log {os.fspath(path)!r} is a directory; pass the events.jsonl file.")
+        raise ConfigError(
+            f"event log {os.fspath(path)!r} is a directory; pass the events.jsonl file."
+        )
     events = list(ev.read_events(path))
     if not events:
-        raise ConfigError(f"event log {os.fspath(path)!r} holds no events; is it an optuna-guard event log?")
+        raise ConfigError(
+            f"event log {os.fspath(path)!r} holds no events; is it an optuna-guard event log?"
+        )
     for record in events:
         if not isinstance(record.get("ts"), (int, float)):
-            raise ConfigError(f"event log {os.fspath(path)!r} has an event without a numeric 'ts'; is it an optuna-guard event log?")
+            raise ConfigError(
+                f"event log {os.fspath(path)!r} has an event without a numeric 'ts'; is it an optuna-guard event log?"
+            )
     return sorted(events, key=lambda e: e["ts"])
 
 
@@ -112,7 +124,9 @@ def worker_memory(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(workers.values(), key=lambda r: str(r["worker_id"]))
 
 
-def event_segments(events: Sequence[Mapping[str, Any]], trials: Mapping[int, FrozenTrial]) -> list[dict[str, Any]]:
+def event_segments(
+    events: Sequence[Mapping[str, Any]], trials: Mapping[int, FrozenTrial]
+) -> list[dict[str, Any]]:
     """Trial segments per worker: trial_started up to the event that ended it."""
     segments: list[dict[str, Any]] = []
     open_by_worker: dict[Any, dict[str, Any]] = {}
@@ -140,7 +154,11 @@ def event_segments(events: Sequence[Mapping[str, Any]], trials: Mapping[int, Fro
         elif name in _END_EVENTS and wid in open_by_worker:
             seg = open_by_worker[wid]
             number = record.get("trial_number")
-            if name in (ev.TRIAL_FINISHED, ev.TRIAL_KILLED) and number is not None and seg["trial_number"] not in (None, number):
+            if (
+                name in (ev.TRIAL_FINISHED, ev.TRIAL_KILLED)
+                and number is not None
+                and seg["trial_number"] not in (None, number)
+            ):
                 continue  # an end of another trial (should not happen; keep the open one)
             close(open_by_worker.pop(wid), record["ts"], _END_EVENTS[name])
     for seg in open_by_worker.values():
@@ -180,7 +198,9 @@ def markers(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if e["event"] in MARKER_EVENTS
         and not (
             e["event"] == ev.TRIAL_KILLED
-            and any(k.get("worker_id") == e.get("worker_id") and _same_kill(k, e) for k in hard_kills)
+            and any(
+                k.get("worker_id") == e.get("worker_id") and _same_kill(k, e) for k in hard_kills
+            )
         )
     ]
     return [
@@ -214,7 +234,12 @@ def memory_samples(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         )
         for reading in _worker_readings(record):
             samples.append(
-                {"ts": record["ts"], "available_gb": None, "worker_id": reading["worker_id"], "rss_gb": _number(reading.get("rss_gb"))}
+                {
+                    "ts": record["ts"],
+                    "available_gb": None,
+                    "worker_id": reading["worker_id"],
+                    "rss_gb": _number(reading.get("rss_gb")),
+                }
             )
     return samples
 

@@ -40,15 +40,17 @@ def objective_section(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dic
         members = by_version.get(version, [])
         entry = recorded.get(version, {})
         fingerprint = entry.get("fingerprint") or {}
-        rows.append({
-            "version": version,
-            "digest": fingerprint.get("digest"),
-            "recorded_at": entry.get("recorded_at"),
-            "n_trials": len(members),
-            "complete": sum(t.state == TrialState.COMPLETE for t in members),
-            "cached": sum(t.user_attrs.get(CACHED_FROM) is not None for t in members),
-            "best": best_brief(study, members),
-        })
+        rows.append(
+            {
+                "version": version,
+                "digest": fingerprint.get("digest"),
+                "recorded_at": entry.get("recorded_at"),
+                "n_trials": len(members),
+                "complete": sum(t.state == TrialState.COMPLETE for t in members),
+                "cached": sum(t.user_attrs.get(CACHED_FROM) is not None for t in members),
+                "best": best_brief(study, members),
+            }
+        )
     return {"fingerprinted": bool(entries), "current_version": current, "versions": rows}
 
 
@@ -56,7 +58,11 @@ def best_brief(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, 
     """The best valid COMPLETE trial among ``trials`` (single objective), or None."""
     if len(study.directions) != 1:
         return None
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and not is_killed(t) and t.value is not None]
+    complete = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and not is_killed(t) and t.value is not None
+    ]
     if not complete:
         return None
     minimize = study.directions[0] == StudyDirection.MINIMIZE
@@ -104,8 +110,12 @@ def status_section(
     section = objective_section(study, trials)
     version = resolve_version_filter(study, objective_version)
     shown = filter_trials(trials, version)
-    current = next((v for v in section["versions"] if v["version"] == section["current_version"]), None)
-    section.update(filter=version, digest=current["digest"] if current else None, cache=cache_section(shown))
+    current = next(
+        (v for v in section["versions"] if v["version"] == section["current_version"]), None
+    )
+    section.update(
+        filter=version, digest=current["digest"] if current else None, cache=cache_section(shown)
+    )
     return section, shown
 
 
@@ -120,10 +130,14 @@ def status_lines(section: dict[str, Any] | None) -> list[str]:
     for row in section["versions"]:
         best = row["best"]
         best_text = f", best trial {best['number']} value {best['value']:.6g}" if best else ""
-        lines.append(f"  version {row['version']}: {row['n_trials']} trials, {row['complete']} complete, "
-                     f"{row['cached']} from the cache{best_text}")
+        lines.append(
+            f"  version {row['version']}: {row['n_trials']} trials, {row['complete']} complete, "
+            f"{row['cached']} from the cache{best_text}"
+        )
     cache = section["cache"]
     if cache["served"] or cache["duplicates_computed"]:
-        lines.append(f"Result cache: {cache['served']} trials served, {cache['saved_s']:.1f} s of compute saved, "
-                     f"{cache['duplicates_computed']} configurations computed twice")
+        lines.append(
+            f"Result cache: {cache['served']} trials served, {cache['saved_s']:.1f} s of compute saved, "
+            f"{cache['duplicates_computed']} configurations computed twice"
+        )
     return lines

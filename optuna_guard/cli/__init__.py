@@ -16,7 +16,13 @@ import logging
 import sys
 from typing import NoReturn, Sequence
 
-from optuna_guard.exceptions import ConfigError, CrashLoopError, GuardError, MemoryStallError, StorageUnavailableError
+from optuna_guard.exceptions import (
+    ConfigError,
+    CrashLoopError,
+    GuardError,
+    MemoryStallError,
+    StorageUnavailableError,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -41,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep long Optuna studies alive: memory guards, supervised workers, reports.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=OneLineErrorParser
+    )
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(f"optuna_guard.cli.{name}")

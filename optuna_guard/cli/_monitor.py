@@ -59,11 +59,24 @@ def add_parser(subparsers: Any) -> None:
             "append each sample as a JSON line to a log; or summarize such a log with --analyze."
         ),
     )
-    parser.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="SECONDS", help="seconds between samples (default 1)")
+    parser.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between samples (default 1)",
+    )
     logging = parser.add_mutually_exclusive_group()
-    logging.add_argument("--log", metavar="FILE", default=None, help=f"JSON-lines log to append to (default ./{monitor.DEFAULT_LOG_FILE})")
+    logging.add_argument(
+        "--log",
+        metavar="FILE",
+        default=None,
+        help=f"JSON-lines log to append to (default ./{monitor.DEFAULT_LOG_FILE})",
+    )
     logging.add_argument("--no-log", action="store_true", help="print only, write no log")
-    parser.add_argument("--analyze", metavar="FILE", default=None, help="summarize a monitor log and exit")
+    parser.add_argument(
+        "--analyze", metavar="FILE", default=None, help="summarize a monitor log and exit"
+    )
     parser.add_argument("--once", action="store_true", help="print one sample and exit")
     parser.add_argument(
         "--warn-available-gb",
@@ -79,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     warn = args.warn_available_gb if args.warn_available_gb is not None else _default_warn_gb()
     if args.analyze is not None:
         if args.once or args.log is not None or args.no_log:
-            raise ConfigError("--analyze reads an existing log; it cannot be combined with --once, --log or --no-log.")
+            raise ConfigError(
+                "--analyze reads an existing log; it cannot be combined with --once, --log or --no-log."
+            )
         print(monitor.format_summary(monitor.analyze_log(args.analyze, warn_available_gb=warn)))
         return 0
     log_path = None if args.no_log else (args.log or monitor.DEFAULT_LOG_FILE)

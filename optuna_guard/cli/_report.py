@@ -35,16 +35,25 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="storage URL (default: sqlite file optuna_guard.db in the current directory)",
     )
-    parser.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
-    parser.add_argument("-o", "--output", default=None, metavar="FILE", help="write to FILE instead of stdout")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="text", help="output format (default: text)"
+    )
+    parser.add_argument(
+        "-o", "--output", default=None, metavar="FILE", help="write to FILE instead of stdout"
+    )
     parser.add_argument(
         "--event-log",
         default=None,
         metavar="FILE",
         help="the launcher's event log (events.jsonl): adds memory per worker and the worker timeline",
     )
-    parser.add_argument("--objective-version", type=_version_option, default=None, metavar="current|all|N",
-                        help="report one objective version only (default all, shown per version)")
+    parser.add_argument(
+        "--objective-version",
+        type=_version_option,
+        default=None,
+        metavar="current|all|N",
+        help="report one objective version only (default all, shown per version)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -62,11 +71,17 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         directory = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(directory):
-            raise ConfigError(f"output directory {directory!r} does not exist; create it or choose another -o FILE.")
+            raise ConfigError(
+                f"output directory {directory!r} does not exist; create it or choose another -o FILE."
+            )
     events = load_events(args.event_log) if args.event_log is not None else None
     study = load_study_readonly(args.study_name, args.storage)
-    report = build_report(study, events=events, event_log_path=args.event_log,
-                          objective_version=getattr(args, "objective_version", None))
+    report = build_report(
+        study,
+        events=events,
+        event_log_path=args.event_log,
+        objective_version=getattr(args, "objective_version", None),
+    )
 
     if args.format == "json":
         content = render_json(report)
@@ -86,9 +101,14 @@ def run(args: argparse.Namespace) -> int:
             with open(args.output, "w", encoding="utf-8") as handle:
                 handle.write(content)
         except OSError as exc:
-            print(f"optuna-guard report: error: cannot write {args.output!r}: {exc.strerror or exc}.", file=sys.stderr)
+            print(
+                f"optuna-guard report: error: cannot write {args.output!r}: {exc.strerror or exc}.",
+                file=sys.stderr,
+            )
             return 1
-        _log.info("Report on study %r written to %s (%s).", args.study_name, args.output, args.format)
+        _log.info(
+            "Report on study %r written to %s (%s).", args.study_name, args.output, args.format
+        )
     return 0
 
 
@@ -102,11 +122,15 @@ def load_study_readonly(study_name: str, storage_url: str | None) -> Any:
 
     url = storage_url or default_storage_url()
     if "://" not in url:
-        raise ConfigError(f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db or postgresql+psycopg://user@host/db.")
+        raise ConfigError(
+            f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db or postgresql+psycopg://user@host/db."
+        )
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and path != ":memory:" and not os.path.isfile(path):
-            raise ConfigError(f"storage {url!r}: database file {path!r} does not exist; check --storage.")
+            raise ConfigError(
+                f"storage {url!r}: database file {path!r} does not exist; check --storage."
+            )
     engine_kwargs: dict[str, Any] = {}
     if url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
@@ -114,7 +138,9 @@ def load_study_readonly(study_name: str, storage_url: str | None) -> Any:
     from optuna_guard._storage_urls import is_rdb_url, open_url_storage, url_kind
 
     if url_kind(url) == "journal" and not os.path.isfile(url.split("://", 1)[1]):
-        raise ConfigError(f"storage {url!r}: journal file {url.split('://', 1)[1]!r} does not exist; check --storage.")
+        raise ConfigError(
+            f"storage {url!r}: journal file {url.split('://', 1)[1]!r} does not exist; check --storage."
+        )
     try:
         if is_rdb_url(url):
             storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)
@@ -126,13 +152,24 @@ def load_study_readonly(study_name: str, storage_url: str | None) -> Any:
             f"study {study_name!r} not found in storage {_redact(url)}; list studies with "
             f"'optuna studies --storage URL' and check --study-name."
         ) from None
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, ImportError) as exc:
-        raise ConfigError(f"storage URL {_redact(url)} is not usable: {_first_line(exc)}; check --storage.") from None
+    except (
+        sqlalchemy.exc.ArgumentError,
+        sqlalchemy.exc.NoSuchModuleError,
+        ValueError,
+        ImportError,
+    ) as exc:
+        raise ConfigError(
+            f"storage URL {_redact(url)} is not usable: {_first_line(exc)}; check --storage."
+        ) from None
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise ConfigError(f"cannot read storage {_redact(url)}: {_first_line(exc)}; check --storage.") from None
+        raise ConfigError(
+            f"cannot read storage {_redact(url)}: {_first_line(exc)}; check --storage."
+        ) from None
     except Exception as exc:  # optuna/alembic wrap some storage errors in their own types
         if type(exc).__module__.startswith(("optuna", "alembic", "redis", "grpc")):
-            raise ConfigError(f"cannot read storage {_redact(url)}: {_first_line(exc)}; check --storage.") from None
+            raise ConfigError(
+                f"cannot read storage {_redact(url)}: {_first_line(exc)}; check --storage."
+            ) from None
         raise
 
 

@@ -26,12 +26,23 @@ def add_parser(subparsers: Any) -> None:
         description="Show a study's trials by state, killed/crashed/preempted trials with reasons, and running trials.",
     )
     parser.add_argument("--study-name", required=True, metavar="NAME")
-    parser.add_argument("--storage", default=None, metavar="URL",
-                        help="storage URL: database, journal:///file.log, redis://host:port/db or grpc://host:port "
-                             "(default: SQLite file optuna_guard.db in the current directory)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--objective-version", type=_version_option, default=None, metavar="current|all|N",
-                        help="count only one objective version's trials (default all)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="storage URL: database, journal:///file.log, redis://host:port/db or grpc://host:port "
+        "(default: SQLite file optuna_guard.db in the current directory)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables"
+    )
+    parser.add_argument(
+        "--objective-version",
+        type=_version_option,
+        default=None,
+        metavar="current|all|N",
+        help="count only one objective version's trials (default all)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -48,7 +59,9 @@ def collect_status(study: Any, objective_version: Any = None) -> dict[str, Any]:
     from optuna_guard import tags
 
     trials = study.get_trials(deepcopy=False)
-    from optuna_guard.analysis._versions import status_section  # issue 13: fingerprint, versions, cache
+    from optuna_guard.analysis._versions import (
+        status_section,
+    )  # issue 13: fingerprint, versions, cache
 
     objective, trials = status_section(study, trials, objective_version)
     by_state = collections.Counter(t.state.name for t in trials)
@@ -61,17 +74,23 @@ def collect_status(study: Any, objective_version: Any = None) -> dict[str, Any]:
         if t.state != TrialState.RUNNING:
             continue
         started = t.datetime_start
-        running.append({
-            "number": t.number,
-            "worker_id": t.user_attrs.get(tags.WORKER_ID),
-            "worker_pid": t.user_attrs.get(tags.WORKER_PID),
-            "hostname": t.user_attrs.get(tags.HOSTNAME),
-            "started": started.isoformat(timespec="seconds") if started else None,
-            "running_s": round((now - started).total_seconds(), 1) if started else None,
-        })
+        running.append(
+            {
+                "number": t.number,
+                "worker_id": t.user_attrs.get(tags.WORKER_ID),
+                "worker_pid": t.user_attrs.get(tags.WORKER_PID),
+                "hostname": t.user_attrs.get(tags.HOSTNAME),
+                "started": started.isoformat(timespec="seconds") if started else None,
+                "running_s": round((now - started).total_seconds(), 1) if started else None,
+            }
+        )
     best = None
     if len(study.directions) == 1:
-        complete = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get(tags.EMERGENCY_KILLED)]
+        complete = [
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE and not t.user_attrs.get(tags.EMERGENCY_KILLED)
+        ]
         if complete:
             pick = min if study.direction.name == "MINIMIZE" else max
             top = pick(complete, key=lambda t: t.value)
@@ -98,40 +117,61 @@ def _reasons(trials: list[Any], *, by_limit: bool) -> list[dict[str, Any]]:
     groups: dict[str, list[Any]] = collections.defaultdict(list)
     for t in trials:
         reason = str(t.user_attrs.get(tags.KILL_REASON, "no reason recorded"))
-        key = str(t.user_attrs.get(tags.KILL_LIMIT) or reason.split(":")[0]) if by_limit else reason
+        key = (
+            str(t.user_attrs.get(tags.KILL_LIMIT) or reason.split(":")[0]) if by_limit else reason
+        )
         groups[key].append(t)
     rows = []
     for key, members in sorted(groups.items(), key=lambda item: -len(item[1])):
         last = max(members, key=lambda t: t.number)
-        rows.append({"reason": key, "count": len(members), "example": str(last.user_attrs.get(tags.KILL_REASON, "")),
-                     "trials": sorted(t.number for t in members)[-10:]})
+        rows.append(
+            {
+                "reason": key,
+                "count": len(members),
+                "example": str(last.user_attrs.get(tags.KILL_REASON, "")),
+                "trials": sorted(t.number for t in members)[-10:],
+            }
+        )
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
     import optuna
 
-    from optuna_guard.supervisor._study import mask_url, open_checked_storage, probe_connection, resolve_storage_url
+    from optuna_guard.supervisor._study import (
+        mask_url,
+        open_checked_storage,
+        probe_connection,
+        resolve_storage_url,
+    )
 
     url = resolve_storage_url(args.storage)
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
+        path = url[len("sqlite:///") :]
         if path and path != ":memory:" and not os.path.exists(path):
-            raise ConfigError(f"storage file {path!r} does not exist; pass --storage with the URL the study was run on.")
-    if url.startswith("journal://") and not os.path.isfile(url[len("journal://"):]):
-        raise ConfigError(f"journal file {url[len('journal://'):]!r} does not exist; pass --storage with the URL "
-                          "the study was run on.")
+            raise ConfigError(
+                f"storage file {path!r} does not exist; pass --storage with the URL the study was run on."
+            )
+    if url.startswith("journal://") and not os.path.isfile(url[len("journal://") :]):
+        raise ConfigError(
+            f"journal file {url[len('journal://') :]!r} does not exist; pass --storage with the URL "
+            "the study was run on."
+        )
     try:
         probe_connection(url, 5.0)
         storage = open_checked_storage(url)
-    except StorageUnavailableError as exc:  # status does not wait for a server: exit 2, check --storage
+    except (
+        StorageUnavailableError
+    ) as exc:  # status does not wait for a server: exit 2, check --storage
         raise ConfigError(str(exc)) from None
     try:
         study = optuna.load_study(study_name=args.study_name, storage=storage)
     except KeyError:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
         known = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "") if names else "none"
-        raise ConfigError(f"study {args.study_name!r} not found in {mask_url(url)}; studies there: {known}.") from None
+        raise ConfigError(
+            f"study {args.study_name!r} not found in {mask_url(url)}; studies there: {known}."
+        ) from None
     status = collect_status(study, getattr(args, "objective_version", None))
     status["storage"] = mask_url(url)
     if args.json:
@@ -149,19 +189,30 @@ def _print_tables(status: dict[str, Any]) -> None:
 
     # Not a terminal (a pipe, a log file): wide enough that reasons are not cut or wrapped.
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-    states = ", ".join(f"{name} {count}" for name, count in status["states"].items()) or "no trials"
-    console.print(f"Study {status['study_name']!r} ({','.join(status['directions'])}) in {status['storage']}: "
-                  f"{status['n_trials']} trials - {states}")
+    states = (
+        ", ".join(f"{name} {count}" for name, count in status["states"].items()) or "no trials"
+    )
+    console.print(
+        f"Study {status['study_name']!r} ({','.join(status['directions'])}) in {status['storage']}: "
+        f"{status['n_trials']} trials - {states}"
+    )
     if status["best"]:
         best = status["best"]
-        console.print(f"Best valid trial {best['number']}: value {best['value']:.6g}, params {best['params']}")
+        console.print(
+            f"Best valid trial {best['number']}: value {best['value']:.6g}, params {best['params']}"
+        )
     from optuna_guard.analysis._versions import status_lines
 
     for line in status_lines(status.get("objective")):
         console.print(line)
-    console.print(f"Emergency-killed: {status['emergency_killed']}   Crashed: {status['crashed']}   "
-                  f"Preempted: {status['preempted']}")
-    for title, rows in (("Killed trials by limit", status["killed_by_limit"]), ("Crashed trials by reason", status["crash_reasons"])):
+    console.print(
+        f"Emergency-killed: {status['emergency_killed']}   Crashed: {status['crashed']}   "
+        f"Preempted: {status['preempted']}"
+    )
+    for title, rows in (
+        ("Killed trials by limit", status["killed_by_limit"]),
+        ("Crashed trials by reason", status["crash_reasons"]),
+    ):
         if not rows:
             continue
         table = Table(title=title, title_justify="left")
@@ -170,15 +221,23 @@ def _print_tables(status: dict[str, Any]) -> None:
         table.add_column("last trials")
         table.add_column("example")
         for row in rows:
-            table.add_row(row["reason"], str(row["count"]), " ".join(map(str, row["trials"])), row["example"])
+            table.add_row(
+                row["reason"], str(row["count"]), " ".join(map(str, row["trials"])), row["example"]
+            )
         console.print(table)
     if status["running"]:
         table = Table(title="Running trials", title_justify="left")
         for column in ("trial", "worker", "pid", "host", "started", "running for"):
             table.add_column(column)
         for row in status["running"]:
-            table.add_row(str(row["number"]), str(row["worker_id"]), str(row["worker_pid"]), str(row["hostname"]),
-                          str(row["started"]), f"{row['running_s']:.0f}s" if row["running_s"] is not None else "?")
+            table.add_row(
+                str(row["number"]),
+                str(row["worker_id"]),
+                str(row["worker_pid"]),
+                str(row["hostname"]),
+                str(row["started"]),
+                f"{row['running_s']:.0f}s" if row["running_s"] is not None else "?",
+            )
         console.print(table)
     else:
         console.print("Running trials: none")

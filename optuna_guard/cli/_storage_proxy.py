@@ -35,18 +35,46 @@ def add_parser(subparsers: Any) -> None:
         help="serve Optuna's gRPC storage proxy in front of a database (for many workers)",
         description="Serve Optuna's gRPC storage proxy in front of a database URL; workers use --storage grpc://HOST:PORT.",
     )
-    parser.add_argument("--storage", required=True, metavar="URL",
-                        help="database URL behind the proxy (postgresql+psycopg://..., mysql+pymysql://..., sqlite:///...)")
-    parser.add_argument("--host", default="127.0.0.1", metavar="H",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for other hosts)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, metavar="P",
-                        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--threads", type=_positive_int, default=10, metavar="N",
-                        help="calls served at once (default 10, Optuna's default)")
-    parser.add_argument("--storage-deadline", type=float, default=300.0, metavar="S",
-                        help="seconds a database outage is ridden out before calls fail (default 300)")
-    parser.add_argument("--stop-grace", type=float, default=5.0, metavar="S",
-                        help="seconds calls in flight get to finish on SIGTERM (default 5)")
+    parser.add_argument(
+        "--storage",
+        required=True,
+        metavar="URL",
+        help="database URL behind the proxy (postgresql+psycopg://..., mysql+pymysql://..., sqlite:///...)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="H",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for other hosts)",
+    )
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        metavar="P",
+        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="calls served at once (default 10, Optuna's default)",
+    )
+    parser.add_argument(
+        "--storage-deadline",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds a database outage is ridden out before calls fail (default 300)",
+    )
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds calls in flight get to finish on SIGTERM (default 5)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -66,7 +94,9 @@ def _positive_int(text: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"--threads must be a positive whole number, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--threads must be a positive whole number, got {text!r}"
+        )
     return value
 
 
@@ -97,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
         from optuna.storages._grpc.auto_generated import api_pb2_grpc
         from optuna.storages._grpc.servicer import OptunaStorageProxyService
     except ImportError:
-        raise ConfigError("storage-proxy needs grpcio and protobuf; pip install 'optuna-guard[grpc]'.") from None
+        raise ConfigError(
+            "storage-proxy needs grpcio and protobuf; pip install 'optuna-guard[grpc]'."
+        ) from None
     backend = _open_backend(args.storage, args.storage_deadline)
     import optuna
 
@@ -106,8 +138,12 @@ def run(args: argparse.Namespace) -> int:
         from optuna_guard._storage_urls import GRPC_SERVER_OPTIONS
 
         # accepts the clients' keepalive pings (they detect a dead connection in seconds)
-        server = grpc.server(ThreadPoolExecutor(max_workers=args.threads), options=list(GRPC_SERVER_OPTIONS))
-        api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(backend), server)
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=args.threads), options=list(GRPC_SERVER_OPTIONS)
+        )
+        api_pb2_grpc.add_StorageServiceServicer_to_server(
+            OptunaStorageProxyService(backend), server
+        )
     try:
         port = server.add_insecure_port(f"{args.host}:{args.port}")
     except RuntimeError as exc:  # grpc: "Failed to bind to address"
@@ -115,19 +151,27 @@ def run(args: argparse.Namespace) -> int:
         _log.debug("bind failed: %s", exc)
     if not port:
         _close(backend)
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}; is the port taken or the address not local?")
+        raise ConfigError(
+            f"cannot listen on {args.host}:{args.port}; is the port taken or the address not local?"
+        )
     stopping = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:
         if not stopping.is_set():
             stopping.set()
-            _log.info("Signal %d: stopping the storage proxy (calls in flight get %.0f s).", signum, args.stop_grace)
+            _log.info(
+                "Signal %d: stopping the storage proxy (calls in flight get %.0f s).",
+                signum,
+                args.stop_grace,
+            )
             threading.Thread(target=server.stop, args=(args.stop_grace,), daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
-        _log.info("Storage proxy for %s listening on %s:%d.", mask_url(args.storage), args.host, port)
+        _log.info(
+            "Storage proxy for %s listening on %s:%d.", mask_url(args.storage), args.host, port
+        )
         print(f"listening on grpc://{args.host}:{port}", flush=True)
         server.wait_for_termination()
     finally:

@@ -31,13 +31,20 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import FrozenTrial
 
 from optuna_guard import tags
 
 METHODS = ("auto", "regression", "knn")
-AUTO_MAX_FIT_ERROR = 0.15  # "auto" uses the regression while its typical relative error is below this
+AUTO_MAX_FIT_ERROR = (
+    0.15  # "auto" uses the regression while its typical relative error is below this
+)
 KILLED_FLOOR_DISTANCE = 0.1
 SAME_PARAMS_DISTANCE = 0.02
 KILLED_GROWTH = 1.1
@@ -64,7 +71,9 @@ class PeakEstimate:
     n_trials: int  # trials the estimate was computed from
     nearest: tuple[int, ...] = ()  # numbers of the nearest trials (knn), or the killed floor
     detail: str = ""  # a short sentence for logs and the kill reason
-    error: float = 0.0  # typical relative error: the fit's (regression) or the neighbours' spread (knn)
+    error: float = (
+        0.0  # typical relative error: the fit's (regression) or the neighbours' spread (knn)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,27 +125,38 @@ def estimate_peak(
     weights = relevance(names, distributions, observations)
     predict = None
     result: PeakEstimate | Abstention
-    fit = _fit_regression(names, distributions, observations, min_history) if method != "knn" else None
+    fit = (
+        _fit_regression(names, distributions, observations, min_history)
+        if method != "knn"
+        else None
+    )
     if method == "regression" and isinstance(fit, Abstention):
         return fit
     if isinstance(fit, _Fit) and (method == "regression" or fit.error <= AUTO_MAX_FIT_ERROR):
         predict = fit.predict
         result = fit.estimate(params)
     else:  # knn, or auto when the fit is poor or not possible yet
-        result = _knn(params, names, distributions, observations, min_history, k, max_distance, weights)
+        result = _knn(
+            params, names, distributions, observations, min_history, k, max_distance, weights
+        )
         if isinstance(fit, _Fit) and not isinstance(result, Abstention):
             result = dataclasses.replace(
-                result, detail=f"{result.detail}; the fit's typical error {100 * fit.error:.0f}% was too large"
+                result,
+                detail=f"{result.detail}; the fit's typical error {100 * fit.error:.0f}% was too large",
             )
     if isinstance(result, Abstention):
         return result
-    return _apply_killed_floor(result, params, names, distributions, observations, predict, weights)
+    return _apply_killed_floor(
+        result, params, names, distributions, observations, predict, weights
+    )
 
 
 # -- features -------------------------------------------------------------------------------
 
 
-def _has_params(trial: FrozenTrial, names: Sequence[str], distributions: Mapping[str, BaseDistribution]) -> bool:
+def _has_params(
+    trial: FrozenTrial, names: Sequence[str], distributions: Mapping[str, BaseDistribution]
+) -> bool:
     for name in names:
         if name not in trial.params:
             return False
@@ -156,7 +176,9 @@ def _scale(value: Any, dist: BaseDistribution) -> float:
     return (x - low) / (high - low)
 
 
-def _features(params: Mapping[str, Any], names: Sequence[str], distributions: Mapping[str, BaseDistribution]) -> list[float]:
+def _features(
+    params: Mapping[str, Any], names: Sequence[str], distributions: Mapping[str, BaseDistribution]
+) -> list[float]:
     """Numeric params scaled, categoricals one-hot (first choice dropped): the regression's x."""
     row: list[float] = []
     for name in names:
@@ -193,7 +215,9 @@ def _distance(
     return math.sqrt(total / weight_sum) if weight_sum > 0 else 0.0
 
 
-def relevance(names: Sequence[str], distributions: Mapping[str, BaseDistribution], observations) -> dict[str, float]:
+def relevance(
+    names: Sequence[str], distributions: Mapping[str, BaseDistribution], observations
+) -> dict[str, float]:
     """How much each param moves memory: |correlation| of its scaled value with log(need) for a
     numeric param, the correlation ratio for a categorical one (0..1).
 
@@ -259,7 +283,9 @@ class _Fit:
 
 def _fit_regression(names, distributions, observations, min_history) -> _Fit | Abstention:
     usable = [(t, peak) for t, peak in observations if not is_killed(t)]
-    n_features = 1 + len(_features({n: _any_value(distributions[n]) for n in names}, names, distributions))
+    n_features = 1 + len(
+        _features({n: _any_value(distributions[n]) for n in names}, names, distributions)
+    )
     needed = max(min_history, n_features + 1)
     if len(usable) < needed:
         return Abstention(
@@ -295,31 +321,43 @@ def _ridge(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.linalg.solve(xw.T @ x + penalty, xw.T @ y)
 
 
-def _knn(params, names, distributions, observations, min_history, k, max_distance, weights) -> PeakEstimate | Abstention:
+def _knn(
+    params, names, distributions, observations, min_history, k, max_distance, weights
+) -> PeakEstimate | Abstention:
     if len(observations) < min_history:
         return Abstention(
             f"only {len(observations)} finished trial(s) with a peak_rss_gb tag and these params; need {min_history}"
         )
     ranked = sorted(
-        ((_distance(params, t.params, names, distributions, weights), t, peak) for t, peak in observations),
+        (
+            (_distance(params, t.params, names, distributions, weights), t, peak)
+            for t, peak in observations
+        ),
         key=lambda item: (item[0], -item[1].number),
     )[:k]
     if ranked[0][0] > max_distance:
-        return Abstention(f"no finished trial with similar params (nearest at distance {ranked[0][0]:.2f} > {max_distance})")
+        return Abstention(
+            f"no finished trial with similar params (nearest at distance {ranked[0][0]:.2f} > {max_distance})"
+        )
     closeness = [1.0 / (d + _EPS_DISTANCE) for d, _, _ in ranked]
     peak = sum(w * p for w, (_, _, p) in zip(closeness, ranked)) / sum(closeness)
-    spread = math.sqrt(sum(w * (p - peak) ** 2 for w, (_, _, p) in zip(closeness, ranked)) / sum(closeness))
+    spread = math.sqrt(
+        sum(w * (p - peak) ** 2 for w, (_, _, p) in zip(closeness, ranked)) / sum(closeness)
+    )
     return PeakEstimate(
         peak_gb=peak,
         method="knn",
         n_trials=len(ranked),
         nearest=tuple(t.number for _, t, _ in ranked),
-        detail=f"{len(ranked)} nearest trials " + ", ".join(f"#{t.number} {p:.1f} GB" for _, t, p in ranked),
+        detail=f"{len(ranked)} nearest trials "
+        + ", ".join(f"#{t.number} {p:.1f} GB" for _, t, p in ranked),
         error=spread / peak if peak > 0 else 0.0,
     )
 
 
-def _apply_killed_floor(estimate: PeakEstimate, params, names, distributions, observations, predict, weights) -> PeakEstimate:
+def _apply_killed_floor(
+    estimate: PeakEstimate, params, names, distributions, observations, predict, weights
+) -> PeakEstimate:
     """Raise the estimate to the need of a killed trial with nearly the same params.
 
     With the regression, only when the fit ranks this trial at least as big as the killed one

@@ -77,7 +77,9 @@ def set_memory_constraint(
     return value
 
 
-def memory_constraint_system_attrs(peak_rss_gb: float | None, budget_gb: float, *, killed: bool) -> dict[str, float]:
+def memory_constraint_system_attrs(
+    peak_rss_gb: float | None, budget_gb: float, *, killed: bool
+) -> dict[str, float]:
     """The system attribute to write when a trial is ended from outside its process.
 
     For ``optuna_guard.storage.end_trial_from_outside(..., system_attrs=...)`` (the supervisor
@@ -107,14 +109,18 @@ def budget_from_env(environ: Mapping[str, str] | None = None) -> float | None:
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"environment variable {BUDGET_ENV_VAR}={raw!r} is not a number; set it to e.g. 8.0.") from None
+        raise ConfigError(
+            f"environment variable {BUDGET_ENV_VAR}={raw!r} is not a number; set it to e.g. 8.0."
+        ) from None
     return _check_budget(value)
 
 
 def _check_budget(budget_gb: Any) -> float:
     budget = _check_number("memory budget (budget_gb)", budget_gb)
     if budget <= 0:
-        raise ConfigError(f"memory budget must be > 0 GB but got {budget}; pass e.g. budget_gb=8.0.")
+        raise ConfigError(
+            f"memory budget must be > 0 GB but got {budget}; pass e.g. budget_gb=8.0."
+        )
     return budget
 
 

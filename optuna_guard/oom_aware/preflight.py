@@ -31,14 +31,25 @@ import os
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.search_space import intersection_search_space
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_guard import tags
 from optuna_guard._logging import get_logger
 from optuna_guard._units import GB, to_gb
-from optuna_guard.oom_aware._peak_model import PREFLIGHT_LIMIT, Abstention, PeakEstimate, estimate_peak, observed_peak
+from optuna_guard.oom_aware._peak_model import (
+    PREFLIGHT_LIMIT,
+    Abstention,
+    PeakEstimate,
+    estimate_peak,
+    observed_peak,
+)
 from optuna_guard.oom_aware.constraints import budget_from_env, set_memory_constraint
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.limits import MemoryLimits
@@ -87,7 +98,9 @@ def preflight_check(
     """
     _validate(min_history, k)
     if not isinstance(trial, optuna.Trial):
-        return PreflightResult(getattr(trial, "number", -1), None, "not an optuna.Trial (nothing to look up)")
+        return PreflightResult(
+            getattr(trial, "number", -1), None, "not an optuna.Trial (nothing to look up)"
+        )
     limits = MemoryLimits.from_env() if margin_gb is None or max_trial_rss_gb is None else None
     if margin_gb is None:
         margin_gb = limits.min_available_gb or 0.0
@@ -103,7 +116,9 @@ def preflight_check(
         if t.number != trial.number and observed_peak(t) is not None
     ]
     if len(history) < min_history:
-        reason = f"only {len(history)} finished trial(s) with a peak_rss_gb tag; need {min_history}"
+        reason = (
+            f"only {len(history)} finished trial(s) with a peak_rss_gb tag; need {min_history}"
+        )
         _log.debug("Pre-flight check for trial %d abstained: %s.", trial.number, reason)
         return PreflightResult(trial.number, None, reason)
 
@@ -136,7 +151,13 @@ def preflight_check(
         )
     if reason is None:
         return PreflightResult(
-            trial.number, estimate, estimate.detail, available_gb, needed_gb, margin_gb, prune=False
+            trial.number,
+            estimate,
+            estimate.detail,
+            available_gb,
+            needed_gb,
+            margin_gb,
+            prune=False,
         )
 
     _set_tag(trial, tags.EMERGENCY_KILLED, True)
@@ -176,7 +197,9 @@ def _draw_shared_params(trial: optuna.Trial, study: optuna.Study) -> None:
     They go through ``trial.suggest_*``, so the sampler (and enqueued/fixed params) decide as
     usual, and the objective's later ``suggest_*`` calls get the same values back.
     """
-    finished: list[FrozenTrial] = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    finished: list[FrozenTrial] = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+    )
     for name, dist in intersection_search_space(finished, include_pruned=True).items():
         if name not in trial.params:
             _suggest(trial, name, dist)

@@ -114,7 +114,9 @@ class ReplayBuffer:
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             self._storage.clear()
             raise InsufficientMemoryError(
-                f"{what} could not allocate {self.nbytes_needed / GB:.2f} GB: {exc}".splitlines()[0]
+                f"{what} could not allocate {self.nbytes_needed / GB:.2f} GB: {exc}".splitlines()[
+                    0
+                ]
             ) from exc
         self._storage_list = list(self._storage.values())  # field order, for the write loop
         self._direct = direct_copy_plan(self._storage_list)

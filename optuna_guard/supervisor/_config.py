@@ -66,7 +66,9 @@ class LaunchConfig:
     connect_timeout: float = 5.0
     crash_loop_limit: int = 3
     display: Display = "auto"
-    python_path: tuple[str, ...] = ()  # prepended to workers' PYTHONPATH (objective passed as a function)
+    python_path: tuple[
+        str, ...
+    ] = ()  # prepended to workers' PYTHONPATH (objective passed as a function)
     # issue 4 (crash-safe trials)
     retry: int = 0
     retry_on: tuple[str, ...] | None = None
@@ -94,20 +96,34 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         _check_int("workers", self.workers, minimum=1, hint="start at least one worker")
         if self.n_trials is not None:
-            _check_int("n_trials", self.n_trials, minimum=1, hint="or leave it unset to run until stopped")
+            _check_int(
+                "n_trials", self.n_trials, minimum=1, hint="or leave it unset to run until stopped"
+            )
         if not self.study_name or not isinstance(self.study_name, str):
             raise ConfigError("--study-name is required and cannot be empty.")
         if not self.objective or not isinstance(self.objective, str):
-            raise ConfigError("OBJECTIVE is required: package.module:function or path/to/file.py:function.")
+            raise ConfigError(
+                "OBJECTIVE is required: package.module:function or path/to/file.py:function."
+            )
         directions = tuple(d.lower() for d in self.directions)
         if not directions or any(d not in DIRECTIONS for d in directions):
-            raise ConfigError(f"--direction must be 'minimize' or 'maximize' but got {','.join(self.directions)!r}.")
+            raise ConfigError(
+                f"--direction must be 'minimize' or 'maximize' but got {','.join(self.directions)!r}."
+            )
         object.__setattr__(self, "directions", directions)
-        if self.sampler is not None and self.sampler.lower() not in SAMPLERS and ":" not in self.sampler:
+        if (
+            self.sampler is not None
+            and self.sampler.lower() not in SAMPLERS
+            and ":" not in self.sampler
+        ):
             raise ConfigError(
                 f"--sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}, module:factory or file.py:factory."
             )
-        if self.pruner is not None and self.pruner.lower() not in PRUNERS and ":" not in self.pruner:
+        if (
+            self.pruner is not None
+            and self.pruner.lower() not in PRUNERS
+            and ":" not in self.pruner
+        ):
             raise ConfigError(
                 f"--pruner {self.pruner!r} is unknown; use one of {', '.join(PRUNERS)}, module:factory or file.py:factory."
             )
@@ -118,7 +134,9 @@ class LaunchConfig:
         for name in ("min_available_gb", "warn_available_gb"):
             _check_number(name, getattr(self, name), positive=False, allow_none=True)
         if self.recycle_worker_rss_gb is None and self.max_worker_rss_gb is not None:
-            object.__setattr__(self, "recycle_worker_rss_gb", round(self.max_worker_rss_gb * RECYCLE_FRACTION, 3))
+            object.__setattr__(
+                self, "recycle_worker_rss_gb", round(self.max_worker_rss_gb * RECYCLE_FRACTION, 3)
+            )
         if (
             self.recycle_worker_rss_gb is not None
             and self.max_worker_rss_gb is not None
@@ -140,17 +158,26 @@ class LaunchConfig:
         _check_number("max_worker_age", self.max_worker_age, positive=True, allow_none=True)
         _check_number("max_worker_age_jitter", self.max_worker_age_jitter, positive=False)
         if self.max_worker_age_jitter >= 1:
-            raise ConfigError(f"max_worker_age_jitter must be below 1 but got {self.max_worker_age_jitter}.")
+            raise ConfigError(
+                f"max_worker_age_jitter must be below 1 but got {self.max_worker_age_jitter}."
+            )
         if self.max_trials_per_worker is not None:
             _check_int("max_trials_per_worker", self.max_trials_per_worker, minimum=1)
         _check_number("grace_period", self.grace_period, positive=False)
         _check_number("kill_wait", self.kill_wait, positive=False)
-        for name in ("check_interval", "status_interval", "memory_sample_interval", "connect_timeout"):
+        for name in (
+            "check_interval",
+            "status_interval",
+            "memory_sample_interval",
+            "connect_timeout",
+        ):
             _check_number(name, getattr(self, name), positive=True)
         if self.on_kill not in ("prune", "fail"):
             raise ConfigError(f"--on-kill must be 'prune' or 'fail' but got {self.on_kill!r}.")
         if self.display not in ("auto", "rich", "plain", "off"):
-            raise ConfigError(f"display must be auto, rich, plain or off but got {self.display!r}.")
+            raise ConfigError(
+                f"display must be auto, rich, plain or off but got {self.display!r}."
+            )
         for name in ("heartbeat_interval", "heartbeat_grace"):
             value = getattr(self, name)
             if value is not None:
@@ -167,14 +194,28 @@ class LaunchConfig:
             object.__setattr__(self, "retry_on", tuple(self.retry_on))
         _check_number("time_budget", self.time_budget, positive=True, allow_none=True)
         _check_number("storage_deadline", self.storage_deadline, positive=True, allow_none=True)
-        _check_number("memory_stall_timeout", self.memory_stall_timeout, positive=True, allow_none=True)
+        _check_number(
+            "memory_stall_timeout", self.memory_stall_timeout, positive=True, allow_none=True
+        )
         if self.study_trials is not None:
-            _check_int("study_trials", self.study_trials, minimum=1, hint="or leave it unset for no study-wide target")
+            _check_int(
+                "study_trials",
+                self.study_trials,
+                minimum=1,
+                hint="or leave it unset for no study-wide target",
+            )
         _check_number("trial_timeout", self.trial_timeout, positive=True, allow_none=True)
-        _check_int("max_preemptions", self.max_preemptions, minimum=0, hint="0 makes every preemption use up --retry")
+        _check_int(
+            "max_preemptions",
+            self.max_preemptions,
+            minimum=0,
+            hint="0 makes every preemption use up --retry",
+        )
         object.__setattr__(self, "fingerprint_extra", tuple(self.fingerprint_extra))
         if self.sampler_history not in ("all", "current"):
-            raise ConfigError(f"--sampler-history must be 'current' or 'all' but got {self.sampler_history!r}.")
+            raise ConfigError(
+                f"--sampler-history must be 'current' or 'all' but got {self.sampler_history!r}."
+            )
         if self.checkpoint_store is not None:
             from optuna_guard._checkpoint_store import open_checkpoint_store
 
@@ -219,8 +260,14 @@ class LaunchConfig:
         if self.objective_version is not None:  # issue 13: the launcher's fingerprint decision
             from optuna_guard.resume import launcher_env
 
-            env.update(launcher_env(self.objective_version, self.objective_digest or "", cache=self.cache,
-                                    sampler_history=self.sampler_history))
+            env.update(
+                launcher_env(
+                    self.objective_version,
+                    self.objective_digest or "",
+                    cache=self.cache,
+                    sampler_history=self.sampler_history,
+                )
+            )
         return env
 
     def python_env(self, base: Any = None) -> dict[str, str]:
@@ -228,7 +275,9 @@ class LaunchConfig:
         ``python_path`` in front of PYTHONPATH."""
         env = dict(os.environ if base is None else base)
         if self.python_path:
-            parts = list(self.python_path) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            parts = list(self.python_path) + [
+                p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p
+            ]
             env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
         return env
 
@@ -292,7 +341,9 @@ def _check_number(name: str, value: Any, *, positive: bool, allow_none: bool = F
         raise ConfigError(f"{label} cannot be negative but got {value}.")
 
 
-def normalize_directions(direction: str | Sequence[str] | None, directions: Sequence[str] | None) -> tuple[str, ...]:
+def normalize_directions(
+    direction: str | Sequence[str] | None, directions: Sequence[str] | None
+) -> tuple[str, ...]:
     """``direction="maximize"`` or ``directions=[...]`` (or "minimize,maximize") -> a tuple."""
     if directions is not None and direction is not None:
         raise ConfigError("pass either direction or directions, not both.")
@@ -307,7 +358,7 @@ WORKER_ENV_PREFIX = "OPTUNA_GUARD_WORKER_"
 
 def _env_key(field_name: str) -> str:
     """``worker_id`` -> ``OPTUNA_GUARD_WORKER_ID``, ``study_name`` -> ``OPTUNA_GUARD_WORKER_STUDY_NAME``."""
-    name = field_name[len("worker_"):] if field_name.startswith("worker_") else field_name
+    name = field_name[len("worker_") :] if field_name.startswith("worker_") else field_name
     return WORKER_ENV_PREFIX + name.upper()
 
 

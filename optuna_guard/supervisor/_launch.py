@@ -128,10 +128,15 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     spec = _objective_spec.normalize_spec(config.objective)
     # --sampler/--pruner factories: relative files next to the objective; built once in the
     # check process (exit 2 on any problem), never in the supervisor, before the storage is touched.
-    sampler, pruner = (_objective_spec.resolve_next_to_objective(x, spec, label=f"--{o} {x!r}") if x and ":" in x
-                       else x for o, x in (("sampler", config.sampler), ("pruner", config.pruner)))
-    _objective_spec.check_spec_in_subprocess(spec, env=config.python_env(), sampler=sampler, pruner=pruner,
-                                             seed=config.seed)
+    sampler, pruner = (
+        _objective_spec.resolve_next_to_objective(x, spec, label=f"--{o} {x!r}")
+        if x and ":" in x
+        else x
+        for o, x in (("sampler", config.sampler), ("pruner", config.pruner))
+    )
+    _objective_spec.check_spec_in_subprocess(
+        spec, env=config.python_env(), sampler=sampler, pruner=pruner, seed=config.seed
+    )
     config = config.replace(sampler=sampler, pruner=pruner)
     url = resolve_storage_url(config.storage)
     config = config.replace(objective=spec, storage=url, log_dir=os.path.abspath(config.log_dir))
@@ -150,31 +155,54 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     # Transient storage errors are ridden out up to --storage-deadline; exit 2 only for
     # errors that retrying cannot fix.
     probe_connection(url, config.connect_timeout, config.storage_deadline)
-    storage = open_checked_storage(url, connect_timeout=config.connect_timeout, deadline_s=config.storage_deadline)
+    storage = open_checked_storage(
+        url, connect_timeout=config.connect_timeout, deadline_s=config.storage_deadline
+    )
     relay = OutageRelay()
     storage = _resilient(storage, config, relay)
     study_target = _study_target(config, storage)
     if study_target is not None and study_target.reached:
         return _nothing_to_run(config, study_target, time.monotonic() - started)
     study = create_or_check_study(storage, config.study_name, config.directions)
-    config = prepare_launch(config, study, fingerprint)  # a changed objective: exit 2, no worker started
+    config = prepare_launch(
+        config, study, fingerprint
+    )  # a changed objective: exit 2, no worker started
     if study_target is not None:
         study_target.study_id = study._study_id
     try:
         os.makedirs(config.log_dir, exist_ok=True)
         event_log = events.EventLog(config.event_log_path)
     except OSError as exc:
-        raise ConfigError(f"--log-dir/--event-log {config.log_dir!r} is not writable: {exc.strerror}.") from None
+        raise ConfigError(
+            f"--log-dir/--event-log {config.log_dir!r} is not writable: {exc.strerror}."
+        ) from None
     _log.info(
         "Launching %d worker(s) on study %r (%s), %s; logs in %s.",
-        config.workers, config.study_name, mask_url(url),
-        ", ".join(filter(None, (f"{config.n_trials} trials" if config.n_trials else "",
-                                study_target.describe() if study_target is not None else ""))) or "until stopped",
+        config.workers,
+        config.study_name,
+        mask_url(url),
+        ", ".join(
+            filter(
+                None,
+                (
+                    f"{config.n_trials} trials" if config.n_trials else "",
+                    study_target.describe() if study_target is not None else "",
+                ),
+            )
+        )
+        or "until stopped",
         config.log_dir,
     )
     arbiter = Arbiter(
-        config, study, url, probe=probe, event_log=event_log, display=make_display(config.display),
-        retry_policy=retry_policy, time_budget=budget, study_target=study_target,
+        config,
+        study,
+        url,
+        probe=probe,
+        event_log=event_log,
+        display=make_display(config.display),
+        retry_policy=retry_policy,
+        time_budget=budget,
+        study_target=study_target,
     )
     relay.arbiter = arbiter
     try:
@@ -186,7 +214,9 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
     return summary
 
 
-def summarize(arbiter: Arbiter, study: optuna.Study, config: LaunchConfig, exit_code: int, duration: float) -> LaunchSummary:
+def summarize(
+    arbiter: Arbiter, study: optuna.Study, config: LaunchConfig, exit_code: int, duration: float
+) -> LaunchSummary:
     ids = set(arbiter.finished_states)
     states: collections.Counter[str] = collections.Counter()
     emergency = preempted = 0
@@ -200,7 +230,9 @@ def summarize(arbiter: Arbiter, study: optuna.Study, config: LaunchConfig, exit_
             emergency += bool(trial.user_attrs.get(tags.EMERGENCY_KILLED))
             preempted += bool(trial.user_attrs.get(tags.PREEMPTED))
         if len(study.directions) == 1:
-            values = [t.value for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+            values = [
+                t.value for t in trials if t.state.name == "COMPLETE" and t.value is not None
+            ]
             pick = max if study.direction.name == "MAXIMIZE" else min
             best = pick(values) if values else None
     except Exception as exc:  # storage gone at the very end: fall back to what the loop saw
@@ -237,8 +269,11 @@ def _final_trials(arbiter: Arbiter, study: optuna.Study) -> list[Any]:
 
     if arbiter.storage_abandoned:
         raise StorageUnavailableError("storage work at exit was skipped")
-    done, trials = _shutdown.bounded_call(lambda: study.get_trials(deepcopy=False), arbiter.storage_deadline_at_exit(),
-                                          arbiter.storage_interrupted)
+    done, trials = _shutdown.bounded_call(
+        lambda: study.get_trials(deepcopy=False),
+        arbiter.storage_deadline_at_exit(),
+        arbiter.storage_interrupted,
+    )
     if not done:
         raise StorageUnavailableError("no answer before the exit deadline")
     return list(trials)
@@ -260,8 +295,13 @@ class OutageRelay:
 
     def __call__(self, event: str, seconds: float, what: str) -> None:
         if self.arbiter is not None:
-            self.arbiter.emit(events.STORAGE_OUTAGE, reason=f"outage {event} ({what})", outage=event,
-                              seconds=round(seconds, 1), source="supervisor")
+            self.arbiter.emit(
+                events.STORAGE_OUTAGE,
+                reason=f"outage {event} ({what})",
+                outage=event,
+                seconds=round(seconds, 1),
+                source="supervisor",
+            )
 
 
 def _resilient(storage: Any, config: LaunchConfig, relay: OutageRelay | None = None) -> Any:
@@ -271,7 +311,9 @@ def _resilient(storage: Any, config: LaunchConfig, relay: OutageRelay | None = N
         return storage
     from optuna_guard.resilience import ResilientStorage, RetrySettings
 
-    return ResilientStorage(storage, RetrySettings(deadline_s=config.storage_deadline), on_outage=relay)
+    return ResilientStorage(
+        storage, RetrySettings(deadline_s=config.storage_deadline), on_outage=relay
+    )
 
 
 def _retry_policy(config: LaunchConfig) -> Any:
@@ -283,7 +325,10 @@ def _retry_policy(config: LaunchConfig) -> Any:
         return None
     from optuna_guard.retries import RetryPolicy
 
-    kwargs: dict[str, Any] = {"max_retries": config.retry, "max_preemptions": config.max_preemptions}
+    kwargs: dict[str, Any] = {
+        "max_retries": config.retry,
+        "max_preemptions": config.max_preemptions,
+    }
     if config.retry_on is not None:
         kwargs["retry_on"] = frozenset(config.retry_on)
     if config.retry_shrink:
@@ -315,8 +360,10 @@ def _nothing_to_run(config: LaunchConfig, target: StudyTarget, duration: float) 
         n_trials=config.n_trials,
         finished=0,
         states={},
-        stop_reason=(f"nothing to run, the study already has {target.finished} finished trials "
-                     f"(--study-trials {target.target})"),
+        stop_reason=(
+            f"nothing to run, the study already has {target.finished} finished trials "
+            f"(--study-trials {target.target})"
+        ),
         duration_s=round(duration, 3),
         event_log=None,
     )

@@ -39,7 +39,11 @@ class StartGate:
 
     @property
     def footprint(self) -> int:
-        return self.measured_footprint if self.measured_footprint is not None else DEFAULT_WORKER_FOOTPRINT_BYTES
+        return (
+            self.measured_footprint
+            if self.measured_footprint is not None
+            else DEFAULT_WORKER_FOOTPRINT_BYTES
+        )
 
     def record_boot(self, tree_rss_bytes: int) -> None:
         """A worker finished booting (imports, storage) with this tree RSS."""
@@ -52,7 +56,9 @@ class StartGate:
         still_to_come = sum(max(0, self.footprint - rss) for rss in booting_rss)
         return available - still_to_come - min_available - self.footprint
 
-    def may_start(self, available: int | None, min_available: int | None, booting_rss: Iterable[int]) -> bool:
+    def may_start(
+        self, available: int | None, min_available: int | None, booting_rss: Iterable[int]
+    ) -> bool:
         if available is None or min_available is None:
             return True
         return self.headroom(available, min_available, booting_rss) >= 0
@@ -74,7 +80,9 @@ class StallClock:
         return now - self.since
 
 
-def biggest_outside(launch_pids: set[int], limit: int = 3, proc: str = "/proc") -> list[tuple[int, str, int]]:
+def biggest_outside(
+    launch_pids: set[int], limit: int = 3, proc: str = "/proc"
+) -> list[tuple[int, str, int]]:
     """``(pid, name, rss_bytes)`` of the largest processes in our memory cgroup (or on the host
     when the cgroup cannot be read) that are not this launcher or its workers' trees."""
     own = os.getpid()

@@ -103,7 +103,9 @@ def import_root(func: Callable[..., Any]) -> str | None:
     return root
 
 
-def resolve_next_to_objective(spec: str, objective_spec: str | None, label: str | None = None) -> str:
+def resolve_next_to_objective(
+    spec: str, objective_spec: str | None, label: str | None = None
+) -> str:
     """A ``file.py:function`` spec with a relative path made absolute: next to the objective
     file if the file is there, else in the current directory (so workers started elsewhere
     find it). Module specs are returned as they are."""
@@ -231,7 +233,9 @@ def check_spec_in_subprocess(
     if result.returncode == 2 and lines:
         raise ObjectiveSpecError(lines[-1])
     tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    raise ObjectiveSpecError(f"objective spec {spec!r}: the check process failed (exit {result.returncode}): {tail}")
+    raise ObjectiveSpecError(
+        f"objective spec {spec!r}: the check process failed (exit {result.returncode}): {tail}"
+    )
 
 
 def _main(argv: list[str]) -> int:
@@ -239,8 +243,10 @@ def _main(argv: list[str]) -> int:
 
     options = dict(zip(argv[1::2], argv[2::2]))
     if len(argv) % 2 != 1 or set(options) - {"--sampler", "--pruner", "--seed"}:
-        print(f"usage: python -m optuna_guard.supervisor._objective_spec SPEC [--sampler S] [--pruner P] [--seed N] "
-              f"({FORMAT_HINT})")
+        print(
+            f"usage: python -m optuna_guard.supervisor._objective_spec SPEC [--sampler S] [--pruner P] [--seed N] "
+            f"({FORMAT_HINT})"
+        )
         return 2
     try:
         load_objective(argv[0])

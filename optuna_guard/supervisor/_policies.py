@@ -59,7 +59,9 @@ class VictimCandidate:
 VICTIM_MIN_SHARE = 0.5  # a low-memory victim must hold at least half of the deficit
 
 
-def choose_victim(candidates: Sequence[VictimCandidate], deficit_bytes: int | None = None) -> VictimCandidate | None:
+def choose_victim(
+    candidates: Sequence[VictimCandidate], deficit_bytes: int | None = None
+) -> VictimCandidate | None:
     """The worker to kill when the system is ``deficit_bytes`` short of ``--min-available-gb``
     (see the module docstring); None when no worker in a trial could make a difference."""
     eligible = [c for c in candidates if c.in_trial]
@@ -69,11 +71,17 @@ def choose_victim(candidates: Sequence[VictimCandidate], deficit_bytes: int | No
         return None
     return max(
         eligible,
-        key=lambda c: (c.in_trial, c.tree_rss_bytes, c.trial_started_at if c.trial_started_at is not None else float("-inf")),
+        key=lambda c: (
+            c.in_trial,
+            c.tree_rss_bytes,
+            c.trial_started_at if c.trial_started_at is not None else float("-inf"),
+        ),
     )
 
 
-def over_limit(candidates: Sequence[VictimCandidate], limit_gb: float | None) -> VictimCandidate | None:
+def over_limit(
+    candidates: Sequence[VictimCandidate], limit_gb: float | None
+) -> VictimCandidate | None:
     """The largest worker over the per-worker hard limit, if any."""
     if limit_gb is None:
         return None
@@ -82,7 +90,9 @@ def over_limit(candidates: Sequence[VictimCandidate], limit_gb: float | None) ->
     return max(over, key=lambda c: c.tree_rss_bytes) if over else None
 
 
-def jittered_age_limit(max_age: float | None, jitter: float, rng: random.Random | None = None) -> float | None:
+def jittered_age_limit(
+    max_age: float | None, jitter: float, rng: random.Random | None = None
+) -> float | None:
     """Each worker's own age limit, drawn in ``[max_age * (1 - jitter), max_age]`` so workers
     started together do not all restart together and ``max_age`` stays a true maximum."""
     if max_age is None:

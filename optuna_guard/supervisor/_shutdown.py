@@ -16,7 +16,9 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-STORAGE_ALLOWANCE_CAP_S = 60.0  # at most this long for the exit's storage work, whatever --storage-deadline says
+STORAGE_ALLOWANCE_CAP_S = (
+    60.0  # at most this long for the exit's storage work, whatever --storage-deadline says
+)
 REAP_SLACK_S = 5.0  # SIGKILL + reap of the workers after the grace period
 EXIT_SLACK_S = 3.0  # the summary line and the interpreter's own exit, after the storage work
 
@@ -49,8 +51,12 @@ def run_in_daemon(fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Fut
     return future
 
 
-def wait_until(futures: Iterable["concurrent.futures.Future[Any]"], deadline: float,
-               interrupted: Callable[[], bool], clock: Callable[[], float] = time.monotonic) -> bool:
+def wait_until(
+    futures: Iterable["concurrent.futures.Future[Any]"],
+    deadline: float,
+    interrupted: Callable[[], bool],
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
     """Wait for ``futures`` until ``deadline`` (clock time) or until ``interrupted()``; True
     when all are done."""
     pending = [f for f in futures if not f.done()]
@@ -65,8 +71,12 @@ def wait_until(futures: Iterable["concurrent.futures.Future[Any]"], deadline: fl
     return True
 
 
-def bounded_call(fn: Callable[[], Any], deadline: float, interrupted: Callable[[], bool],
-                 clock: Callable[[], float] = time.monotonic) -> tuple[bool, Any]:
+def bounded_call(
+    fn: Callable[[], Any],
+    deadline: float,
+    interrupted: Callable[[], bool],
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[bool, Any]:
     """``(True, fn())`` if it finishes before the deadline or an interruption, else ``(False, None)``;
     exceptions of ``fn`` are raised."""
     future = run_in_daemon(fn)

@@ -29,7 +29,9 @@ def engine_kwargs_for(url: str, connect_timeout: float) -> dict[str, Any]:
     timeout = max(1, int(round(connect_timeout)))
     if url.startswith("postgresql"):
         return {"connect_args": {"connect_timeout": timeout}}
-    if url.startswith(("mysql", "redis", "rediss")):  # Redis: open_storage turns it into socket timeouts
+    if url.startswith(
+        ("mysql", "redis", "rediss")
+    ):  # Redis: open_storage turns it into socket timeouts
         return {"connect_args": {"connect_timeout": timeout}}
     return {}
 
@@ -91,7 +93,9 @@ def _probe_once(url: str, timeout: float) -> None:
 
     def attempt() -> None:
         try:
-            engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+            engine = sqlalchemy.create_engine(
+                url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool
+            )
             try:
                 with engine.connect() as connection:
                     connection.execute(sqlalchemy.text("SELECT 1"))
@@ -130,7 +134,9 @@ def _with_start_retries(url: str, call: Callable[[], T], deadline_s: float | Non
         ) from None
     except Exception as exc:
         if _is_bad_url(exc):
-            raise ConfigError(f"storage URL {mask_url(url)} is invalid: {_first_line(exc)}.") from None
+            raise ConfigError(
+                f"storage URL {mask_url(url)} is invalid: {_first_line(exc)}."
+            ) from None
         if is_transient_db_error(exc) or isinstance(exc, TimeoutError):
             raise StorageUnavailableError(
                 f"cannot reach storage {mask_url(url)}: {_first_line(exc)}; the server may be down "
@@ -144,7 +150,9 @@ def _with_start_retries(url: str, call: Callable[[], T], deadline_s: float | Non
 def _is_bad_url(exc: BaseException) -> bool:
     import sqlalchemy.exc
 
-    return isinstance(exc, (sqlalchemy.exc.ArgumentError, ValueError)) and not isinstance(exc, ConfigError)
+    return isinstance(exc, (sqlalchemy.exc.ArgumentError, ValueError)) and not isinstance(
+        exc, ConfigError
+    )
 
 
 def open_checked_storage(
@@ -204,7 +212,9 @@ def create_or_check_study(
             load_if_exists=True,
         )
     except optuna.exceptions.StorageInternalError as exc:  # transient ones were retried below us
-        raise ConfigError(f"cannot create study {study_name[:60]!r}: {_first_line(exc)}.") from None
+        raise ConfigError(
+            f"cannot create study {study_name[:60]!r}: {_first_line(exc)}."
+        ) from None
     existing = [d.name.lower() for d in study.directions]
     if existing != [d.lower() for d in directions]:
         raise ConfigError(
@@ -217,11 +227,14 @@ def create_or_check_study(
 
 
 def describe_directions(directions: Sequence[str]) -> str:
-    """"minimizing; pass --direction maximize if your objective is a score" and the like."""
+    """ "minimizing; pass --direction maximize if your objective is a score" and the like."""
     words = ["minimizing" if d == "minimize" else "maximizing" for d in directions]
     if len(words) == 1:
-        hint = ("pass --direction maximize if your objective is a score" if words[0] == "minimizing"
-                else "pass --direction minimize if your objective is a loss")
+        hint = (
+            "pass --direction maximize if your objective is a score"
+            if words[0] == "minimizing"
+            else "pass --direction minimize if your objective is a loss"
+        )
         return f"{words[0]}; {hint}"
     return f"{', '.join(words)} ({len(words)} objectives, in the order the objective returns them)"
 
@@ -274,7 +287,9 @@ def make_sampler(name: str | None, seed: int | None) -> optuna.samplers.BaseSamp
     if name is None:
         return optuna.samplers.TPESampler(seed=seed) if seed is not None else None
     if is_factory_spec(name):
-        return _from_factory("--sampler", name, optuna.samplers.BaseSampler, "an Optuna sampler", seed=seed)
+        return _from_factory(
+            "--sampler", name, optuna.samplers.BaseSampler, "an Optuna sampler", seed=seed
+        )
     key = name.lower()
     samplers = optuna.samplers
     try:
@@ -295,8 +310,12 @@ def make_sampler(name: str | None, seed: int | None) -> optuna.samplers.BaseSamp
         if key == "bruteforce":
             return samplers.BruteForceSampler(seed=seed)
     except ImportError as exc:
-        raise ConfigError(f"--sampler {name}: a dependency is missing ({exc}); install it or pick another sampler.") from None
-    raise ConfigError(f"--sampler {name!r} is unknown; use a sampler name, module:factory or file.py:factory.")
+        raise ConfigError(
+            f"--sampler {name}: a dependency is missing ({exc}); install it or pick another sampler."
+        ) from None
+    raise ConfigError(
+        f"--sampler {name!r} is unknown; use a sampler name, module:factory or file.py:factory."
+    )
 
 
 def make_pruner(name: str | None) -> optuna.pruners.BasePruner | None:
@@ -320,8 +339,12 @@ def make_pruner(name: str | None) -> optuna.pruners.BasePruner | None:
     if key == "successive-halving":
         return pruners.SuccessiveHalvingPruner()
     if key == "threshold":
-        raise ConfigError("--pruner threshold needs bounds; pass a factory instead: --pruner file.py:make_pruner.")
-    raise ConfigError(f"--pruner {name!r} is unknown; use a pruner name, module:factory or file.py:factory.")
+        raise ConfigError(
+            "--pruner threshold needs bounds; pass a factory instead: --pruner file.py:make_pruner."
+        )
+    raise ConfigError(
+        f"--pruner {name!r} is unknown; use a pruner name, module:factory or file.py:factory."
+    )
 
 
 def _from_factory(option: str, spec: str, kind: type, what: str, **kwargs: Any) -> Any:
@@ -340,21 +363,33 @@ def _from_factory(option: str, spec: str, kind: type, what: str, **kwargs: Any) 
         return target
     call_kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if call_kwargs and not _accepts(target, call_kwargs):
-        _log.warning("%s: %s takes no %s argument; --seed is not passed to it.", option, spec, ", ".join(call_kwargs))
+        _log.warning(
+            "%s: %s takes no %s argument; --seed is not passed to it.",
+            option,
+            spec,
+            ", ".join(call_kwargs),
+        )
         call_kwargs = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             made = target(**call_kwargs)
     except Exception as exc:
-        raise ConfigError(f"{label}: calling it failed: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(
+            f"{label}: calling it failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from None
     if not isinstance(made, kind):
         raise ConfigError(f"{label} returned {type(made).__name__}, not {what}.")
     return made
 
 
 def _attribute(spec: str) -> Any:
-    from optuna_guard.supervisor._objective_spec import _load_file, _load_module, is_file_target, split_spec
+    from optuna_guard.supervisor._objective_spec import (
+        _load_file,
+        _load_module,
+        is_file_target,
+        split_spec,
+    )
 
     target, attr = split_spec(spec)
     obj = _load_file(target, spec) if is_file_target(target) else _load_module(target, spec)

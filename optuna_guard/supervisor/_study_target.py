@@ -54,13 +54,17 @@ class StudyTarget:
         ended COMPLETE/PRUNED but whose end the supervisor is still writing."""
         ids = set() if self.study_id is None else finished_trial_ids(self.storage, self.study_id)
         if own_finished:
-            ids.update(trial_id for trial_id, state in own_finished.items() if state in _FINISHED_NAMES)
+            ids.update(
+                trial_id for trial_id, state in own_finished.items() if state in _FINISHED_NAMES
+            )
         self.finished = len(ids)
         if self.finished >= self.target:
             self.reached = True
         return self.finished
 
-    def deny_reason(self, in_flight: int, own_finished: Mapping[int, str] | None = None) -> str | None:
+    def deny_reason(
+        self, in_flight: int, own_finished: Mapping[int, str] | None = None
+    ) -> str | None:
         """None when one more trial may start, else the sentence that says why not.
 
         ``in_flight``: this launcher's trials holding a ticket or running (other launchers'
@@ -69,13 +73,18 @@ class StudyTarget:
         if not self.reached:
             self.count(own_finished)
             if self.reached:
-                _log.info("Study target reached: %d of --study-trials %d trials finished; no new trials start.",
-                          self.finished, self.target)
+                _log.info(
+                    "Study target reached: %d of --study-trials %d trials finished; no new trials start.",
+                    self.finished,
+                    self.target,
+                )
         if self.reached:
             return f"study target reached: {self.finished} of --study-trials {self.target} trials finished"
         if self.finished + in_flight >= self.target:
-            return (f"study target: {self.finished} finished + {in_flight} running = --study-trials "
-                    f"{self.target}")
+            return (
+                f"study target: {self.finished} finished + {in_flight} running = --study-trials "
+                f"{self.target}"
+            )
         return None
 
     def describe(self) -> str:

@@ -64,7 +64,10 @@ class LaunchSummary:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        states = ", ".join(f"{name.lower()} {count}" for name, count in sorted(self.states.items())) or "none"
+        states = (
+            ", ".join(f"{name.lower()} {count}" for name, count in sorted(self.states.items()))
+            or "none"
+        )
         target = "" if self.n_trials is None else f"/{self.n_trials}"
         text = (
             f"Study {self.study_name!r}: {self.finished}{target} trials finished ({states}); "

@@ -86,7 +86,7 @@ def start_time_ticks(pid: int) -> int | None:
     except OSError:
         return None
     try:  # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-        return int(data[data.rindex(b")") + 2:].split()[19])
+        return int(data[data.rindex(b")") + 2 :].split()[19])
     except (ValueError, IndexError):
         return None
 
@@ -100,7 +100,7 @@ def is_same_process(pid: int, start_ticks: int | None) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read()
-        return data[data.rindex(b")") + 2:data.rindex(b")") + 3] != b"Z"
+        return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] != b"Z"
     except (OSError, ValueError):
         return False
 
@@ -110,7 +110,7 @@ def process_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read()
-        return data[data.rindex(b")") + 2:data.rindex(b")") + 3].decode()
+        return data[data.rindex(b")") + 2 : data.rindex(b")") + 3].decode()
     except (OSError, ValueError):
         return None
 
@@ -142,7 +142,7 @@ def cpu_ticks(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read()
-        fields = data[data.rindex(b")") + 2:].split()
+        fields = data[data.rindex(b")") + 2 :].split()
         return int(fields[11]) + int(fields[12])
     except (OSError, ValueError, IndexError):
         return None

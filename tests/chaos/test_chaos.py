@@ -33,12 +33,16 @@ from chaos_objective import KINDS, expected_value  # noqa: E402
 
 pytestmark = [
     pytest.mark.chaos,
-    pytest.mark.skipif(not memcg_available(), reason="needs a writable cgroup v1 memory controller"),
+    pytest.mark.skipif(
+        not memcg_available(), reason="needs a writable cgroup v1 memory controller"
+    ),
 ]
 
 WORKERS = 4
 MAX_WORKER_RSS_GB = 0.5
-CGROUP_BYTES = int((WORKERS * MAX_WORKER_RSS_GB + 0.6) * GB)  # 4 workers' worth + launcher + margin (2.6 GB)
+CGROUP_BYTES = int(
+    (WORKERS * MAX_WORKER_RSS_GB + 0.6) * GB
+)  # 4 workers' worth + launcher + margin (2.6 GB)
 FIRST_TRIALS = 40
 STOP_AFTER_FINISHED = 14
 MIN_VICTIM_AGE_S = 4.0
@@ -132,16 +136,59 @@ class Injector:
 
 
 def _launch(group, cluster, tmp, name: str, n_trials: int) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "optuna_guard.cli", "run", os.path.join(HERE, "chaos_objective.py:objective"),
-            "--study-name", name, "--storage", cluster.url, "--workers", str(WORKERS), "--n-trials", str(n_trials),
-            "--retry", "2", "--sampler", "random", "--seed", "7",
-            "--max-worker-rss-gb", str(MAX_WORKER_RSS_GB), "--min-available-gb", "0.3", "--warn-available-gb", "0.4",
-            "--grace-period", "4", "--kill-wait", "0", "--storage-deadline", "60", "--check-interval", "0.1",
-            "--heartbeat-interval", "2", "--heartbeat-grace", "30", "--max-worker-age", "off",
-            "--log-dir", os.path.join(tmp, "logs"), "--display", "off"]
+    argv = [
+        sys.executable,
+        "-m",
+        "optuna_guard.cli",
+        "run",
+        os.path.join(HERE, "chaos_objective.py:objective"),
+        "--study-name",
+        name,
+        "--storage",
+        cluster.url,
+        "--workers",
+        str(WORKERS),
+        "--n-trials",
+        str(n_trials),
+        "--retry",
+        "2",
+        "--sampler",
+        "random",
+        "--seed",
+        "7",
+        "--max-worker-rss-gb",
+        str(MAX_WORKER_RSS_GB),
+        "--min-available-gb",
+        "0.3",
+        "--warn-available-gb",
+        "0.4",
+        "--grace-period",
+        "4",
+        "--kill-wait",
+        "0",
+        "--storage-deadline",
+        "60",
+        "--check-interval",
+        "0.1",
+        "--heartbeat-interval",
+        "2",
+        "--heartbeat-grace",
+        "30",
+        "--max-worker-age",
+        "off",
+        "--log-dir",
+        os.path.join(tmp, "logs"),
+        "--display",
+        "off",
+    ]
     env = {**os.environ, "CHAOS_CKPT_DIR": os.path.join(tmp, "ckpt")}
-    return group.popen(argv, env=env, stdout=open(os.path.join(tmp, f"{name}-{n_trials}.out"), "a"),
-                       stderr=open(os.path.join(tmp, f"{name}-{n_trials}.err"), "a"), cwd=tmp)
+    return group.popen(
+        argv,
+        env=env,
+        stdout=open(os.path.join(tmp, f"{name}-{n_trials}.out"), "a"),
+        stderr=open(os.path.join(tmp, f"{name}-{n_trials}.err"), "a"),
+        cwd=tmp,
+    )
 
 
 def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -177,7 +224,10 @@ def test_chaos(tmp_path):
             injector.launcher = first
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and first.poll() is None:
-                if sum(t.state.is_finished() for t in _trials(cluster.url, name)) >= STOP_AFTER_FINISHED:
+                if (
+                    sum(t.state.is_finished() for t in _trials(cluster.url, name))
+                    >= STOP_AFTER_FINISHED
+                ):
                     break
                 time.sleep(0.5)
             first.send_signal(signal.SIGTERM)
@@ -192,7 +242,9 @@ def test_chaos(tmp_path):
         drained = 0
         waiting = sum(t.state == TrialState.WAITING for t in _trials(cluster.url, name))
         drain_code = 0
-        if waiting:  # retries queued after the second launch's last ticket: the next launch runs them
+        if (
+            waiting
+        ):  # retries queued after the second launch's last ticket: the next launch runs them
             drained = waiting
             drain_code = _wait(_launch(group, cluster, tmp, name, waiting), 300)
         left = group.pids()
@@ -206,16 +258,29 @@ def test_chaos(tmp_path):
         by_chain[_root(trial)].append(trial)
     resumed = [t for t in trials if t.user_attrs.get(tags.RESUMED_FROM_STEP) is not None]
     kinds = collections.Counter(t.params.get("kind") for t in trials)
-    print(f"\nchaos: faults injected {dict(injector.counts)}; launcher exits {first_code}, {second_code}"
-          f"{f', drain {drain_code} ({drained} queued retries)' if drained else ''}; trials {len(trials)} {dict(states)}; "
-          f"kinds {dict(kinds)}; retry chains {len(by_chain)}; resumed from a checkpoint {len(resumed)}; "
-          f"kernel OOM kills {oom_kills}; cgroup peak {peak / GB:.2f} of {CGROUP_BYTES / GB:.2f} GB; "
-          f"processes left {len(left)}; wall {wall:.0f}s")
+    print(
+        f"\nchaos: faults injected {dict(injector.counts)}; launcher exits {first_code}, {second_code}"
+        f"{f', drain {drain_code} ({drained} queued retries)' if drained else ''}; trials {len(trials)} {dict(states)}; "
+        f"kinds {dict(kinds)}; retry chains {len(by_chain)}; resumed from a checkpoint {len(resumed)}; "
+        f"kernel OOM kills {oom_kills}; cgroup peak {peak / GB:.2f} of {CGROUP_BYTES / GB:.2f} GB; "
+        f"processes left {len(left)}; wall {wall:.0f}s"
+    )
 
     outcomes = collections.Counter(
-        (t.params.get("kind"), t.state.name, t.user_attrs.get(tags.KILL_LIMIT) or
-         ("crashed" if t.user_attrs.get(tags.WORKER_CRASHED) else "preempted" if t.user_attrs.get(tags.PREEMPTED) else ""))
-        for t in trials)
+        (
+            t.params.get("kind"),
+            t.state.name,
+            t.user_attrs.get(tags.KILL_LIMIT)
+            or (
+                "crashed"
+                if t.user_attrs.get(tags.WORKER_CRASHED)
+                else "preempted"
+                if t.user_attrs.get(tags.PREEMPTED)
+                else ""
+            ),
+        )
+        for t in trials
+    )
     print("chaos outcomes (kind, state, why):", dict(sorted(outcomes.items(), key=str)))
     assert not injector.errors, injector.errors
     assert first_code == 99 and second_code == 0 and drain_code == 0
@@ -224,18 +289,30 @@ def test_chaos(tmp_path):
     assert states.get("RUNNING", 0) == 0 and states.get("WAITING", 0) == 0
     for trial in trials:
         if trial.state == TrialState.COMPLETE:
-            assert trial.value == pytest.approx(expected_value(trial.params), abs=1e-12), (trial.number, trial.params)
+            assert trial.value == pytest.approx(expected_value(trial.params), abs=1e-12), (
+                trial.number,
+                trial.params,
+            )
         if trial.state in (TrialState.FAIL, TrialState.PRUNED):
-            assert trial.user_attrs.get(tags.KILL_REASON), (trial.number, trial.state, trial.user_attrs)
+            assert trial.user_attrs.get(tags.KILL_REASON), (
+                trial.number,
+                trial.state,
+                trial.user_attrs,
+            )
     for root, chain in by_chain.items():
         chain.sort(key=lambda t: t.number)
         if chain[0].params.get("kind") == "hog":
             continue
         last = chain[-1]
-        assert any(t.state == TrialState.COMPLETE for t in chain) or last.user_attrs.get(tags.RETRIES_EXHAUSTED), (
-            root, [(t.number, t.state.name, t.user_attrs) for t in chain])
-    innocent = [(t.number, t.params.get("kind"), t.user_attrs.get(tags.KILL_REASON)) for t in trials
-                if t.params.get("kind") in ("normal", "native", "crash") and t.user_attrs.get(tags.EMERGENCY_KILLED)]
+        assert any(t.state == TrialState.COMPLETE for t in chain) or last.user_attrs.get(
+            tags.RETRIES_EXHAUSTED
+        ), (root, [(t.number, t.state.name, t.user_attrs) for t in chain])
+    innocent = [
+        (t.number, t.params.get("kind"), t.user_attrs.get(tags.KILL_REASON))
+        for t in trials
+        if t.params.get("kind") in ("normal", "native", "crash")
+        and t.user_attrs.get(tags.EMERGENCY_KILLED)
+    ]
     assert innocent == []  # no trial tagged emergency_killed that was not over a limit itself
     retried_with_checkpoint = [t for t in resumed if t.system_attrs.get("retry_history")]
     assert retried_with_checkpoint, "no retried trial resumed from a checkpoint"

@@ -29,7 +29,10 @@ _SKIP = skip_reason()
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "multihost: simulated hosts in network namespaces (root, ip, PostgreSQL binaries)")
+    config.addinivalue_line(
+        "markers",
+        "multihost: simulated hosts in network namespaces (root, ip, PostgreSQL binaries)",
+    )
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -69,8 +72,14 @@ def mh_run(needs_netns, simulated_hosts) -> Iterator[MultiHostRun]:
     work = Path(tempfile.mkdtemp(prefix="og-mh-run-", dir=hosts.base_dir))
     shared = work / "shared-store"
     shared.mkdir()
-    run = MultiHostRun(hosts=hosts, storage_url=cluster.url, local_url=cluster.local_url,
-                       study_name=f"mh-{uuid.uuid4().hex[:10]}", work_dir=work, shared_store=shared)
+    run = MultiHostRun(
+        hosts=hosts,
+        storage_url=cluster.url,
+        local_url=cluster.local_url,
+        study_name=f"mh-{uuid.uuid4().hex[:10]}",
+        work_dir=work,
+        shared_store=shared,
+    )
     optuna.create_study(study_name=run.study_name, storage=cluster.local_url)
     try:
         yield run

@@ -29,7 +29,15 @@ HEARTBEAT_INTERVAL = 1
 HEARTBEAT_GRACE = 6
 
 # Tags that say why a trial did not COMPLETE (one of them must be on every such trial).
-END_TAGS = ("worker_lost", "worker_crashed", "emergency_killed", "preempted", "diverged", "timed_out", "kill_reason")
+END_TAGS = (
+    "worker_lost",
+    "worker_crashed",
+    "emergency_killed",
+    "preempted",
+    "diverged",
+    "timed_out",
+    "kill_reason",
+)
 
 FIGURES_ENV = "MULTIHOST_FIGURES"  # file to append measured figures to (JSON lines), optional
 
@@ -88,8 +96,10 @@ class Launch:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"launcher on host {self.host} still running after {timeout:.0f}s; "
-                                 f"end of its output:\n{self.text()[-3000:]}") from None
+            raise AssertionError(
+                f"launcher on host {self.host} still running after {timeout:.0f}s; "
+                f"end of its output:\n{self.text()[-3000:]}"
+            ) from None
 
 
 @dataclass
@@ -121,25 +131,69 @@ class MultiHostRun:
             env["MH_CKPT_ROOT"] = str(private)
             env["OPTUNA_GUARD_CHECKPOINT_STORE"] = f"file://{self.shared_store}"
         else:
-            env["MH_CKPT_ROOT"] = str(self.shared_store)  # fallback: a shared local directory as root
+            env["MH_CKPT_ROOT"] = str(
+                self.shared_store
+            )  # fallback: a shared local directory as root
         return env
 
-    def launch(self, host: int, *, n_trials: int, workers: int = 2, retry: int = 1,
-               extra: Sequence[str] = ()) -> Launch:
+    def launch(
+        self,
+        host: int,
+        *,
+        n_trials: int,
+        workers: int = 2,
+        retry: int = 1,
+        extra: Sequence[str] = (),
+    ) -> Launch:
         log_dir = self.work_dir / f"host{host}-launch{len(self.launches)}"
         log_dir.mkdir()
         console = log_dir / "console.log"
         argv = [
-            PYTHON, "-m", "optuna_guard.cli", "run", OBJECTIVE,
-            "--study-name", self.study_name, "--storage", self.storage_url,
-            "--workers", str(workers), "--n-trials", str(n_trials),
-            "--heartbeat-interval", str(HEARTBEAT_INTERVAL), "--heartbeat-grace", str(HEARTBEAT_GRACE),
-            "--retry", str(retry), "--log-dir", str(log_dir), "--display", "plain", "--no-guard",
-            "--min-available-gb", "0.1", "--warn-available-gb", "0.2", "--max-worker-age", "off",
-            "--check-interval", "0.1", "--status-interval", "5", "--kill-wait", "0.3", "--grace-period", "5",
-            "--storage-deadline", "120", *extra,
+            PYTHON,
+            "-m",
+            "optuna_guard.cli",
+            "run",
+            OBJECTIVE,
+            "--study-name",
+            self.study_name,
+            "--storage",
+            self.storage_url,
+            "--workers",
+            str(workers),
+            "--n-trials",
+            str(n_trials),
+            "--heartbeat-interval",
+            str(HEARTBEAT_INTERVAL),
+            "--heartbeat-grace",
+            str(HEARTBEAT_GRACE),
+            "--retry",
+            str(retry),
+            "--log-dir",
+            str(log_dir),
+            "--display",
+            "plain",
+            "--no-guard",
+            "--min-available-gb",
+            "0.1",
+            "--warn-available-gb",
+            "0.2",
+            "--max-worker-age",
+            "off",
+            "--check-interval",
+            "0.1",
+            "--status-interval",
+            "5",
+            "--kill-wait",
+            "0.3",
+            "--grace-period",
+            "5",
+            "--storage-deadline",
+            "120",
+            *extra,
         ]
-        proc = self.hosts.spawn(host, argv, env=self.env(host), log_path=console, cwd=self.work_dir)
+        proc = self.hosts.spawn(
+            host, argv, env=self.env(host), log_path=console, cwd=self.work_dir
+        )
         launch = Launch(host, self.hosts.hostname(host), proc, log_dir, console)
         self.launches.append(launch)
         return launch
@@ -151,8 +205,12 @@ class MultiHostRun:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    storage = optuna.storages.RDBStorage(self.local_url, engine_kwargs={"pool_pre_ping": True},
-                                                         skip_compatibility_check=True, skip_table_creation=True)
+                    storage = optuna.storages.RDBStorage(
+                        self.local_url,
+                        engine_kwargs={"pool_pre_ping": True},
+                        skip_compatibility_check=True,
+                        skip_table_creation=True,
+                    )
                     try:
                         study = optuna.load_study(study_name=self.study_name, storage=storage)
                         return study.get_trials(deepcopy=False)
@@ -167,35 +225,56 @@ class MultiHostRun:
     def system_attrs(self, trial: FrozenTrial) -> dict[str, Any]:
         return dict(trial.system_attrs)
 
-    def wait_for(self, what: str, predicate: Callable[[list[FrozenTrial]], Any], timeout: float,
-                 poll: float = 0.2) -> Any:
+    def wait_for(
+        self,
+        what: str,
+        predicate: Callable[[list[FrozenTrial]], Any],
+        timeout: float,
+        poll: float = 0.2,
+    ) -> Any:
         """Poll the study until ``predicate(trials)`` is truthy; return its value."""
         deadline = time.monotonic() + timeout
         while True:
             for launch in self.launches:
                 code = launch.proc.poll()
                 if code not in (None, 0) and launch.host not in self.killed_hosts:
-                    raise AssertionError(f"launcher on host {launch.host} exited {code} while waiting for {what}; "
-                                         f"end of its output:\n{launch.text()[-3000:]}")
+                    raise AssertionError(
+                        f"launcher on host {launch.host} exited {code} while waiting for {what}; "
+                        f"end of its output:\n{launch.text()[-3000:]}"
+                    )
             trials = self.trials()
             value = predicate(trials)
             if value:
                 return value
             if time.monotonic() > deadline:
-                states = sorted((t.number, t.state.name, t.user_attrs.get("hostname")) for t in trials)
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; trials: {states}")
+                states = sorted(
+                    (t.number, t.state.name, t.user_attrs.get("hostname")) for t in trials
+                )
+                raise AssertionError(
+                    f"timed out after {timeout:.0f}s waiting for {what}; trials: {states}"
+                )
             time.sleep(poll)
 
     def wait_all(self, timeout: float) -> dict[int, int]:
         """Wait for every launch; returns host -> exit code."""
         deadline = time.monotonic() + timeout
-        return {launch.host: launch.wait(max(1.0, deadline - time.monotonic())) for launch in self.launches}
+        return {
+            launch.host: launch.wait(max(1.0, deadline - time.monotonic()))
+            for launch in self.launches
+        }
 
 
-def running_on(trials: Iterable[FrozenTrial], hostname: str, min_step: int = 0) -> list[FrozenTrial]:
+def running_on(
+    trials: Iterable[FrozenTrial], hostname: str, min_step: int = 0
+) -> list[FrozenTrial]:
     """RUNNING trials of a host that reported at least ``min_step`` steps."""
-    return [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("hostname") == hostname
-            and len(t.intermediate_values) >= min_step]
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.RUNNING
+        and t.user_attrs.get("hostname") == hostname
+        and len(t.intermediate_values) >= min_step
+    ]
 
 
 def chain_of(trial: FrozenTrial) -> int:
@@ -223,15 +302,25 @@ def assert_end_invariants(run: MultiHostRun, trials: list[FrozenTrial]) -> None:
             complete_per_chain.setdefault(chain_of(t), []).append(t.number)
     doubles = {chain: numbers for chain, numbers in complete_per_chain.items() if len(numbers) > 1}
     assert doubles == {}, f"retry chains with more than one COMPLETE trial: {doubles}"
-    untagged = [t.number for t in trials if t.state in (TrialState.FAIL, TrialState.PRUNED)
-                and not any(t.user_attrs.get(tag) for tag in END_TAGS)]
+    untagged = [
+        t.number
+        for t in trials
+        if t.state in (TrialState.FAIL, TrialState.PRUNED)
+        and not any(t.user_attrs.get(tag) for tag in END_TAGS)
+    ]
     assert untagged == [], f"trials that did not COMPLETE and carry no reason tag: {untagged}"
-    waiting = [t.number for t in trials if t.state == TrialState.WAITING and "failed_trial" not in t.system_attrs]
+    waiting = [
+        t.number
+        for t in trials
+        if t.state == TrialState.WAITING and "failed_trial" not in t.system_attrs
+    ]
     assert waiting == [], f"WAITING trials that are not retries: {waiting}"
     for launch in run.launches:
         assert launch.proc.poll() is not None, f"launcher on host {launch.host} still running"
         leftovers = [line for line in launch.text().splitlines() if line.startswith("LEFTOVER")]
-        assert leftovers == [], f"processes of the launch on host {launch.host} outlived it: {leftovers}"
+        assert leftovers == [], (
+            f"processes of the launch on host {launch.host} outlived it: {leftovers}"
+        )
     for n in range(1, run.hosts.n_hosts + 1):
         pids = run.hosts.namespace_pids(run.hosts.ns(n))
         assert pids == [], f"processes left on host {n}: {pids}"

@@ -83,15 +83,21 @@ def pg_bin_dir() -> Path | None:
     root = Path(PG_BIN_GLOB)
     if not root.is_dir():
         return None
-    candidates = sorted((p / "bin" for p in root.iterdir() if (p / "bin" / "pg_ctl").exists()),
-                        key=lambda p: p.parent.name)
+    candidates = sorted(
+        (p / "bin" for p in root.iterdir() if (p / "bin" / "pg_ctl").exists()),
+        key=lambda p: p.parent.name,
+    )
     return candidates[-1] if candidates else None
 
 
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+def _run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess:
     done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
+        )
     return done
 
 
@@ -149,7 +155,23 @@ class SimulatedHosts:
     def _add_host(self, ns: str, port_name: str, ip: str) -> None:
         _run(["ip", "netns", "add", ns])
         self._made.append(ns)
-        _run(["ip", "-n", self.switch, "link", "add", port_name, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        _run(
+            [
+                "ip",
+                "-n",
+                self.switch,
+                "link",
+                "add",
+                port_name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            ]
+        )
         _run(["ip", "-n", self.switch, "link", "set", port_name, "master", "br0", "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
@@ -202,22 +224,48 @@ class SimulatedHosts:
             time.sleep(0.1)
         return pids
 
-    def spawn(self, n: int, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              log_path: Path | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    def spawn(
+        self,
+        n: int,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen:
         """Start ``argv`` on host n: its netns, own hostname, own PID and mount (/proc) namespace."""
-        wrapper = ["nsenter", f"--net={NETNS_DIR / self.ns(n)}", "unshare", "--uts", "--pid", "--kill-child",
-                   "--mount-proc", "sh", "-c", HOST_INIT, self.hostname(n), *argv]
+        wrapper = [
+            "nsenter",
+            f"--net={NETNS_DIR / self.ns(n)}",
+            "unshare",
+            "--uts",
+            "--pid",
+            "--kill-child",
+            "--mount-proc",
+            "sh",
+            "-c",
+            HOST_INIT,
+            self.hostname(n),
+            *argv,
+        ]
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
-            proc = subprocess.Popen(wrapper, env=dict(env) if env is not None else None, stdout=out,
-                                    stderr=subprocess.STDOUT, cwd=cwd)
+            proc = subprocess.Popen(
+                wrapper,
+                env=dict(env) if env is not None else None,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+            )
         finally:
             if log_path:
                 out.close()
         self._procs.append(proc)
         return proc
 
-    def exec_in(self, ns: str, argv: Sequence[str], *, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    def exec_in(
+        self, ns: str, argv: Sequence[str], *, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run a short command in namespace ``ns`` (network only) and wait for it."""
         return _run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
 
@@ -258,7 +306,9 @@ class PostgresCluster:
         """The URL the test process uses (Unix socket, outside the simulated network)."""
         return f"postgresql+psycopg://postgres@/postgres?host={self.socket_dir}&port={self.port}"
 
-    def _as_postgres(self, argv: Sequence[str], *, in_ns: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def _as_postgres(
+        self, argv: Sequence[str], *, in_ns: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         cmd = ["runuser", "-u", "postgres", "--", *argv]
         if in_ns:
             cmd = ["nsenter", f"--net={NETNS_DIR / self.ns}", *cmd]
@@ -268,8 +318,20 @@ class PostgresCluster:
         self.socket_dir.mkdir(parents=True)
         shutil.chown(self.dir, "postgres", "postgres")
         shutil.chown(self.socket_dir, "postgres", "postgres")
-        self._as_postgres([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                           "-E", "UTF8", "--no-sync"], in_ns=False)
+        self._as_postgres(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            in_ns=False,
+        )
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"listen_addresses = '{self.listen_ip}'\nport = {self.port}\n"
@@ -282,7 +344,17 @@ class PostgresCluster:
         return self
 
     def _pg_ctl(self, action: str) -> None:
-        argv = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", action]
+        argv = [
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            action,
+        ]
         if action == "stop" or action == "restart":
             argv += ["-m", "fast"]
         self._as_postgres(argv)

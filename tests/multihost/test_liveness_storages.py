@@ -39,13 +39,48 @@ def _env(tmp: Path) -> dict[str, str]:
 def _launch(url: str, study: str, tmp: Path, name: str, n_trials: int) -> subprocess.Popen:
     log_dir = tmp / name
     log_dir.mkdir()
-    argv = [PYTHON, "-m", "optuna_guard.cli", "run", OBJECTIVE, "--study-name", study, "--storage", url,
-            "--workers", "1", "--n-trials", str(n_trials), "--retry", "1",
-            "--heartbeat-interval", str(INTERVAL), "--heartbeat-grace", str(GRACE), "--log-dir", str(log_dir),
-            "--display", "plain", "--no-guard", "--min-available-gb", "0.1", "--warn-available-gb", "0.2",
-            "--check-interval", "0.1", "--kill-wait", "0.3", "--grace-period", "5", "--max-worker-age", "off"]
+    argv = [
+        PYTHON,
+        "-m",
+        "optuna_guard.cli",
+        "run",
+        OBJECTIVE,
+        "--study-name",
+        study,
+        "--storage",
+        url,
+        "--workers",
+        "1",
+        "--n-trials",
+        str(n_trials),
+        "--retry",
+        "1",
+        "--heartbeat-interval",
+        str(INTERVAL),
+        "--heartbeat-grace",
+        str(GRACE),
+        "--log-dir",
+        str(log_dir),
+        "--display",
+        "plain",
+        "--no-guard",
+        "--min-available-gb",
+        "0.1",
+        "--warn-available-gb",
+        "0.2",
+        "--check-interval",
+        "0.1",
+        "--kill-wait",
+        "0.3",
+        "--grace-period",
+        "5",
+        "--max-worker-age",
+        "off",
+    ]
     with open(log_dir / "console.log", "ab") as out:
-        return subprocess.Popen(argv, env=_env(tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            argv, env=_env(tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -66,7 +101,9 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def _trials(url_or_storage, study: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return optuna.load_study(study_name=study, storage=url_or_storage).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=study, storage=url_or_storage).get_trials(
+            deepcopy=False
+        )
 
 
 def _wait(what: str, check: Callable[[], object], timeout: float) -> object:
@@ -94,17 +131,29 @@ def _check_detection(url: str, reader, tmp: Path) -> None:
     a = _launch(url, study, tmp, "a", n_trials=1)
     b = None
     try:
+
         def a_running():
             assert a.poll() is None, f"launcher A exited {a.returncode}:\n{_log_text(tmp)[-3000:]}"
-            return [t for t in _trials(reader, study) if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2]
+            return [
+                t
+                for t in _trials(reader, study)
+                if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2
+            ]
+
         running = _wait("launcher A's trial to be 2 steps in", a_running, timeout=120)
         number = running[0].number
         _kill_tree(a)
         t_fault = time.time()
         b = _launch(url, study, tmp, "b", n_trials=2)
-        ended = _wait(f"trial {number} to be ended by launcher B", lambda: [
-            t for t in _trials(reader, study) if t.number == number and t.state != TrialState.RUNNING],
-            timeout=DETECTION_LIMIT_S + 60)[0]
+        ended = _wait(
+            f"trial {number} to be ended by launcher B",
+            lambda: [
+                t
+                for t in _trials(reader, study)
+                if t.number == number and t.state != TrialState.RUNNING
+            ],
+            timeout=DETECTION_LIMIT_S + 60,
+        )[0]
         t_ended = time.time()
         assert b.wait(timeout=180) == 0, f"launcher B failed:\n{_log_text(tmp)[-3000:]}"
     finally:
@@ -112,15 +161,27 @@ def _check_detection(url: str, reader, tmp: Path) -> None:
             if proc is not None and proc.poll() is None:
                 _kill_tree(proc)
     trials = _trials(reader, study)
-    assert ended.user_attrs.get("worker_lost") is True, f"trial {number} ended without worker_lost: {ended.user_attrs}"
+    assert ended.user_attrs.get("worker_lost") is True, (
+        f"trial {number} ended without worker_lost: {ended.user_attrs}"
+    )
     assert ended.state in (TrialState.FAIL, TrialState.PRUNED)
-    assert socket.gethostname() in str(ended.user_attrs.get("kill_reason")), ended.user_attrs.get("kill_reason")
+    assert socket.gethostname() in str(ended.user_attrs.get("kill_reason")), ended.user_attrs.get(
+        "kill_reason"
+    )
     retries = retries_of(trials, number)
-    assert [r.state for r in retries] == [TrialState.COMPLETE], f"retries of {number}: {[(r.number, r.state.name) for r in retries]}"
+    assert [r.state for r in retries] == [TrialState.COMPLETE], (
+        f"retries of {number}: {[(r.number, r.state.name) for r in retries]}"
+    )
     assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
-    assert all(any(t.user_attrs.get(tag) for tag in END_TAGS) for t in trials if t.state != TrialState.COMPLETE)
-    print(f"MULTIHOST-FIGURE liveness {url.split(':')[0]}: trial ended {t_ended - t_fault:.1f}s after its launcher died "
-          f"(interval {INTERVAL}s, grace {GRACE}s, includes launcher B's start)")
+    assert all(
+        any(t.user_attrs.get(tag) for tag in END_TAGS)
+        for t in trials
+        if t.state != TrialState.COMPLETE
+    )
+    print(
+        f"MULTIHOST-FIGURE liveness {url.split(':')[0]}: trial ended {t_ended - t_fault:.1f}s after its launcher died "
+        f"(interval {INTERVAL}s, grace {GRACE}s, includes launcher B's start)"
+    )
     assert t_ended - t_fault <= DETECTION_LIMIT_S + 10
 
 
@@ -183,14 +244,33 @@ def grpc_proxy(tmp_path) -> Iterator[str]:
     pytest.importorskip("grpc")
     port = _free_port()
     log = open(tmp_path / "proxy.log", "ab")
-    proc = subprocess.Popen([PYTHON, "-m", "optuna_guard.cli", "storage-proxy", "--storage",
-                             f"sqlite:///{tmp_path / 'behind-proxy.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                            env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "optuna_guard.cli",
+            "storage-proxy",
+            "--storage",
+            f"sqlite:///{tmp_path / 'behind-proxy.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=_env(tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
+
         def listening() -> bool:
-            assert proc.poll() is None, f"storage-proxy exited {proc.returncode}: {(tmp_path / 'proxy.log').read_text()}"
+            assert proc.poll() is None, (
+                f"storage-proxy exited {proc.returncode}: {(tmp_path / 'proxy.log').read_text()}"
+            )
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
+
         _wait("the storage proxy to listen", listening, timeout=60)
         yield f"grpc://127.0.0.1:{port}"
     finally:

@@ -5,7 +5,9 @@ import os
 import sys
 
 if os.environ.get("OPTUNA_GUARD_WORKER_ID"):
-    print("launcher_bootcrash: cannot initialise the fake accelerator", file=sys.stderr, flush=True)
+    print(
+        "launcher_bootcrash: cannot initialise the fake accelerator", file=sys.stderr, flush=True
+    )
     os._exit(17)
 
 

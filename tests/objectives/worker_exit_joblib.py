@@ -20,5 +20,7 @@ atexit.register(_mark_exit)
 def objective(trial):
     x = trial.suggest_float("x", -1.0, 1.0)
     # math.pow, a builtin: the loky workers need not import this file
-    results = joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(math.pow)(x + i, 2) for i in range(4))
+    results = joblib.Parallel(n_jobs=2, backend="loky")(
+        joblib.delayed(math.pow)(x + i, 2) for i in range(4)
+    )
     return float(sum(results))

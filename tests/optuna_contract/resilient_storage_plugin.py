@@ -22,7 +22,9 @@ _original_enter = _storages.StorageSupplier.__enter__
 
 
 def _enter_resilient(self: Any) -> Any:
-    return ResilientStorage(_original_enter(self), RetrySettings(deadline_s=5.0, initial_backoff_s=0.05))
+    return ResilientStorage(
+        _original_enter(self), RetrySettings(deadline_s=5.0, initial_backoff_s=0.05)
+    )
 
 
 _storages.StorageSupplier.__enter__ = _enter_resilient  # type: ignore[method-assign]

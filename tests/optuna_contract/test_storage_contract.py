@@ -25,12 +25,22 @@ from optuna.testing.pytest_storages import StorageTestCase
 from optuna_guard.resilience import ResilientStorage, RetrySettings
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-pytestmark = [pytest.mark.optuna_contract,
-              pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+pytestmark = [
+    pytest.mark.optuna_contract,
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+]
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
-BACKENDS = ["inmemory", "sqlite", "cached_sqlite", "journal_file", "journal_redis", "grpc_proxy", "postgres"]
+BACKENDS = [
+    "inmemory",
+    "sqlite",
+    "cached_sqlite",
+    "journal_file",
+    "journal_redis",
+    "grpc_proxy",
+    "postgres",
+]
 FAST_FAIL = RetrySettings(deadline_s=5.0, initial_backoff_s=0.05, max_backoff_s=0.5)
 
 
@@ -58,8 +68,14 @@ def _empty_postgres(url: str) -> RDBStorage:
     import sqlalchemy
 
     with storage.engine.begin() as conn:
-        tables = [t for t in storage.engine.dialect.get_table_names(conn) if t != "alembic_version"]
-        conn.execute(sqlalchemy.text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"))
+        tables = [
+            t for t in storage.engine.dialect.get_table_names(conn) if t != "alembic_version"
+        ]
+        conn.execute(
+            sqlalchemy.text(
+                "TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"
+            )
+        )
     return storage
 
 
@@ -164,14 +180,19 @@ def storage(request: pytest.FixtureRequest, fast_dir: Any) -> Iterator[BaseStora
 
 # Not the wrapper's doing: the plain GrpcStorageProxy fails this too (params travel in a protobuf
 # map, which does not keep insertion order), depending on the names' hash order.
-_PROXY_LOSES_PARAM_ORDER = "Optuna's GrpcStorageProxy does not keep param order (protobuf map); plain proxy fails too"
+_PROXY_LOSES_PARAM_ORDER = (
+    "Optuna's GrpcStorageProxy does not keep param order (protobuf map); plain proxy fails too"
+)
 
 
 @pytest.fixture(autouse=True)
 def _known_proxy_limits(request: pytest.FixtureRequest) -> None:
     callspec = getattr(request.node, "callspec", None)
-    if (callspec is not None and callspec.params.get("storage") == "grpc_proxy"
-            and request.node.originalname == "test_get_all_trials_params_order"):
+    if (
+        callspec is not None
+        and callspec.params.get("storage") == "grpc_proxy"
+        and request.node.originalname == "test_get_all_trials_params_order"
+    ):
         request.node.add_marker(pytest.mark.xfail(reason=_PROXY_LOSES_PARAM_ORDER, strict=False))
 
 
@@ -187,7 +208,9 @@ class TestBeyondTheContract:
         storage.set_study_user_attr(study_id, "k", 1)
         clone = copy.deepcopy(storage)
         assert isinstance(clone, ResilientStorage)
-        if not isinstance(storage.wrapped, optuna.storages.InMemoryStorage):  # in-memory copies its data
+        if not isinstance(
+            storage.wrapped, optuna.storages.InMemoryStorage
+        ):  # in-memory copies its data
             clone.set_study_user_attr(study_id, "k2", 2)
             assert storage.get_study_user_attrs(study_id) == {"k": 1, "k2": 2}
         assert clone.get_study_user_attrs(study_id)["k"] == 1
@@ -203,9 +226,12 @@ class TestBeyondTheContract:
         study.enqueue_trial({"x": 0.5})
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
         for trial in study.get_trials():
-            assert not any(key.startswith("optuna_guard:") for key in trial.system_attrs), trial.system_attrs
+            assert not any(key.startswith("optuna_guard:") for key in trial.system_attrs), (
+                trial.system_attrs
+            )
             assert not any(
-                key.startswith("optuna_guard:") for key in storage.get_trial_system_attrs(trial._trial_id)
+                key.startswith("optuna_guard:")
+                for key in storage.get_trial_system_attrs(trial._trial_id)
             )
         pandas = pytest.importorskip("pandas")
         frame: pandas.DataFrame = study.trials_dataframe(attrs=("number", "system_attrs"))
@@ -225,12 +251,16 @@ class TestBeyondTheContract:
             calls["n"] += 1
             trial_id = original(*args, **kwargs)
             if calls["n"] == 1:
-                raise sa_exc.OperationalError("COMMIT", {}, ConnectionResetError("server closed the connection"))
+                raise sa_exc.OperationalError(
+                    "COMMIT", {}, ConnectionResetError("server closed the connection")
+                )
             return trial_id
 
         inner.create_new_trial = commit_then_drop  # type: ignore[method-assign]
         trial = study.ask()
         study.tell(trial, 1.0)
         assert calls["n"] == 1
-        assert [(t.number, t.state) for t in study.get_trials()] == [(0, optuna.trial.TrialState.COMPLETE)]
+        assert [(t.number, t.state) for t in study.get_trials()] == [
+            (0, optuna.trial.TrialState.COMPLETE)
+        ]
         assert study.get_trials()[0].system_attrs == {}

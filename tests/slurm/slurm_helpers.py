@@ -14,16 +14,22 @@ import optuna
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(REPO, "scripts", "slurm")
-OBJECTIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "steps_objective.py") + ":objective"
+OBJECTIVE = (
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "steps_objective.py") + ":objective"
+)
 OPTUNA_GUARD_BIN = os.path.join(os.path.dirname(sys.executable), "optuna-guard")
 # Small workers for a 2-core machine; short heartbeats so a suspended job's trials go stale fast.
-EXTRA_ARGS = ("--display off --max-worker-rss-gb 2 --min-available-gb 0.3 --warn-available-gb 0.5 "
-              "--check-interval 0.5 --status-interval 30")
+EXTRA_ARGS = (
+    "--display off --max-worker-rss-gb 2 --min-available-gb 0.3 --warn-available-gb 0.5 "
+    "--check-interval 0.5 --status-interval 30"
+)
 
 
 def job_info(job_id: str) -> dict[str, str]:
     """``scontrol show job -o`` as a dict (empty when SLURM no longer knows the job)."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+    )
     if proc.returncode != 0:
         return {}
     info: dict[str, str] = {}
@@ -37,8 +43,12 @@ def job_info(job_id: str) -> dict[str, str]:
 
 def array_task_states(array_id: str) -> dict[str, str]:
     """Task id -> state of every task of an array job (as squeue shows them)."""
-    proc = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i %T"], capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        ["squeue", "-h", "-r", "-j", array_id, "-o", "%i %T"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return dict(line.split() for line in proc.stdout.splitlines() if line.strip())
 
 
@@ -51,8 +61,19 @@ class SlurmJobs:
 
     def submit(self, script: str, *sbatch_args: str, env: dict[str, str], cwd: str) -> str:
         full_env = {**os.environ, "OPTUNA_GUARD_BIN": OPTUNA_GUARD_BIN, **env}
-        proc = subprocess.run(["sbatch", "--parsable", f"--chdir={cwd}", *sbatch_args, os.path.join(SCRIPTS, script)],
-                              capture_output=True, text=True, env=full_env, timeout=60)
+        proc = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--chdir={cwd}",
+                *sbatch_args,
+                os.path.join(SCRIPTS, script),
+            ],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=60,
+        )
         assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
         job_id = proc.stdout.strip().split(";")[0]
         with self._lock:
@@ -62,16 +83,24 @@ class SlurmJobs:
     def cancel_all(self) -> None:
         for job_id in self.ids:
             subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
-        deadline = time.monotonic() + 60  # wait until their processes are gone (they use the database)
+        deadline = (
+            time.monotonic() + 60
+        )  # wait until their processes are gone (they use the database)
         while time.monotonic() < deadline:
-            live = [j for j in self.ids if job_info(j).get("JobState") in ("RUNNING", "PENDING", "COMPLETING",
-                                                                            "SUSPENDED", "REQUEUED")]
+            live = [
+                j
+                for j in self.ids
+                if job_info(j).get("JobState")
+                in ("RUNNING", "PENDING", "COMPLETING", "SUSPENDED", "REQUEUED")
+            ]
             if not live:
                 return
             time.sleep(1)
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 1.0) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 1.0
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -84,9 +113,22 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, interva
 
 def wait_job_done(job_id: str, *, timeout: float) -> dict[str, str]:
     """Poll until the job reached a final state (a requeued job passes PENDING on its way)."""
-    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-    return wait_for(lambda: (info := job_info(job_id)).get("JobState") in final and info, timeout=timeout,
-                    what=f"job {job_id} to end", interval=2.0)
+    final = (
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+    )
+    return wait_for(
+        lambda: (info := job_info(job_id)).get("JobState") in final and info,
+        timeout=timeout,
+        what=f"job {job_id} to end",
+        interval=2.0,
+    )
 
 
 def trials(storage: optuna.storages.BaseStorage, study: str) -> list[optuna.trial.FrozenTrial]:

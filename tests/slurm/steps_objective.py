@@ -14,7 +14,9 @@ def objective(trial):
     steps = int(os.environ.get("SLURM_TEST_STEPS", "40"))
     step_s = float(os.environ.get("SLURM_TEST_STEP_S", "1.0"))
     save = os.environ.get("SLURM_TEST_CHECKPOINT", "1") != "0"
-    checkpointer = TrialCheckpointer(trial, root=os.environ["SLURM_TEST_CKPT_DIR"], keep_last=2, format="pickle")
+    checkpointer = TrialCheckpointer(
+        trial, root=os.environ["SLURM_TEST_CKPT_DIR"], keep_last=2, format="pickle"
+    )
     loaded = checkpointer.load()
     state, start = ({"total": 0.0}, 0) if loaded is None else loaded
     for step in range(start + 1, steps + 1):

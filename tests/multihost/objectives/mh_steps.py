@@ -17,7 +17,9 @@ def objective(trial):
     steps = int(os.environ.get("MH_STEPS", "8"))
     step_s = float(os.environ.get("MH_STEP_S", "0.3"))
     x = trial.suggest_float("x", -1.0, 1.0)
-    checkpointer = TrialCheckpointer(trial, root=os.environ["MH_CKPT_ROOT"], keep_last=2, format="pickle")
+    checkpointer = TrialCheckpointer(
+        trial, root=os.environ["MH_CKPT_ROOT"], keep_last=2, format="pickle"
+    )
     loaded = checkpointer.load()
     state, start = ({"total": 0.0}, 0) if loaded is None else loaded
     for step in range(start + 1, steps + 1):
