@@ -43,6 +43,7 @@ from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
 from optuna_guard.memory._cgroup import ENV_SKIP_CGROUP
 from optuna_guard.storage import end_trial_from_outside
 from optuna_guard.supervisor import _cgroups, _exits, _hung, _lifeline, _memory_policy, _policies, _protocol, _shutdown, _tree
+from optuna_guard.supervisor import _threads
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, worker_status_line
 
@@ -971,6 +972,7 @@ class Arbiter:
             max_preemptions=self.config.max_preemptions,
         )
         env = self.config.python_env()
+        env.update(_threads.thread_env(self.config.workers, env))  # cores // workers, unless the user set them
         env.update(self.config.guard_env())
         own_cgroup = self.cgroups.directory_for(spawn_index) if self.cgroups is not None else None
         if own_cgroup is not None:
