@@ -22,12 +22,12 @@ import gc
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 
@@ -112,7 +112,7 @@ def _bench_size(
         # a new file each time, like the checkpointer (and like checkpoint-{step}.pt scripts);
         # the previous one is removed like the checkpointer's rotation removes its old one
         path = workdir / f"plain-{uuid.uuid4().hex[:8]}.bin"
-        _plain_save(dump, state, path, fsync=fsync)
+        _plain_save(dump, state, path, fsync=fsync)  # noqa: F821 (runs before the del below)
         written.append(path)
         while len(written) > 1:
             written.pop(0).unlink()
@@ -121,7 +121,7 @@ def _bench_size(
         {
             "save_plain": lambda: plain(False),
             "save_plain_fsync": lambda: plain(True),
-            "save_ours": lambda: ckpt.save(state, next(step)),
+            "save_ours": lambda: ckpt.save(state, next(step)),  # noqa: F821 (as above)
         },
         repeats,
     )
@@ -164,10 +164,14 @@ def _retry_scenario(
 
         def run(trial: optuna.Trial, stop_at: int | None) -> float:
             ckpt = (
-                TrialCheckpointer(trial, root=workdir / "retry-ckpt") if use_checkpoints else None
+                TrialCheckpointer(trial, root=workdir / "retry-ckpt")
+                if use_checkpoints  # noqa: B023 (run() is called within this iteration)
+                else None
             )
             loaded = ckpt.load() if ckpt else None
-            state, start = loaded if loaded else ({"weights": weights.clone(), "loss": 1.0}, 0)
+            state, start = (
+                loaded if loaded else ({"weights": weights.clone(), "loss": 1.0}, 0)  # noqa: B023 (as above)
+            )
             started = time.perf_counter()
             for step in range(start + 1, steps + 1):
                 time.sleep(step_s)  # the training step
@@ -253,8 +257,8 @@ def main() -> int:
                         f"{r['cpu_load_ours']:>7.0f} {r['cpu_load_plain'] / r['cpu_load_ours']:>6.2f}"
                     )
         print(
-            f"\nCPU time of this process (all threads), best run, ms; ratio = plain / ours. On a shared machine\n"
-            f"the wall-time ratios above follow the scheduler; these show what each variant costs itself:"
+            "\nCPU time of this process (all threads), best run, ms; ratio = plain / ours. On a shared machine\n"
+            "the wall-time ratios above follow the scheduler; these show what each variant costs itself:"
         )
         print(
             f"{'format':7} {'size':>6} | {'save: plain+fsync':>11} {'ours':>7} {'ratio':>6} | {'load: plain':>10} "

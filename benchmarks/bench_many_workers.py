@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import itertools
 import json
 import os
 import re
@@ -372,7 +373,7 @@ def _measure(
     waits = []
     for ts_list in by_worker.values():
         ts_list.sort(key=lambda t: t.datetime_start or datetime.datetime.max)
-        for prev, nxt in zip(ts_list, ts_list[1:]):
+        for prev, nxt in itertools.pairwise(ts_list):
             end, start = ts(prev.datetime_complete), ts(nxt.datetime_start)
             if end is not None and start is not None and t0 <= start <= t1:
                 waits.append(max(0.0, start - end))

@@ -52,9 +52,9 @@ import optuna
 
 from optuna_guard import tags
 from optuna_guard._units import GB
+from optuna_guard.memory import SystemMemory
 from optuna_guard.oom_aware.constraints import set_memory_constraint
 from optuna_guard.oom_aware.preflight import preflight_check
-from optuna_guard.memory import SystemMemory
 
 AVAILABLE_GB = 12.0  # what the machine has free for the trial
 MIN_AVAILABLE_GB = 2.0  # the guard's limit: stop before less than this is left

@@ -190,7 +190,7 @@ def bench_sample(capacity: int, batch_size: int, rounds: int) -> dict[str, float
 
     def raw_copy() -> None:  # the same bytes, contiguous, from a random place: the upper bound
         start = int(torch.randint(span, ()))
-        out.copy_(raw.flat[start : start + nbytes])
+        out.copy_(raw.flat[start : start + nbytes])  # noqa: F821 (runs before the del below)
 
     ours = ReplayBuffer(capacity, FIELDS)
     naive = NaiveListBuffer(capacity)
@@ -202,8 +202,8 @@ def bench_sample(capacity: int, batch_size: int, rounds: int) -> dict[str, float
             rb.extend(tensordict_cls(fill[i % 4], batch_size=[4096]))
     contenders = {
         "raw copy_": raw_copy,
-        "ReplayBuffer": lambda: ours.sample(batch_size),
-        "naive list+cat": lambda: naive.sample(batch_size),
+        "ReplayBuffer": lambda: ours.sample(batch_size),  # noqa: F821 (as above)
+        "naive list+cat": lambda: naive.sample(batch_size),  # noqa: F821 (as above)
     }
     if rb is not None:
         contenders["torchrl LazyTensorStorage"] = rb.sample

@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "valid_trials": "optuna_guard.analysis",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -675,9 +675,13 @@ class TrialCheckpointer:
             if name.startswith(_TMP_PREFIX):
                 if now - _mtime(entry) > _STALE_TMP_S:
                     _unlink_quietly(entry)
-            elif name.endswith(_PAYLOAD_SUFFIX) and name not in referenced and entry != keep:
-                if _mtime(entry) < save_started:
-                    _unlink_quietly(entry)
+            elif (
+                name.endswith(_PAYLOAD_SUFFIX)
+                and name not in referenced
+                and entry != keep
+                and _mtime(entry) < save_started
+            ):
+                _unlink_quietly(entry)
 
     # -- loading --------------------------------------------------------------------------
 

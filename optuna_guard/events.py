@@ -19,7 +19,8 @@ import json
 import os
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from optuna_guard.exceptions import ConfigError
 
@@ -69,7 +70,8 @@ class EventLog:
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._lock = threading.Lock()
-        self._file = open(self.path, "a", encoding="utf-8")
+        # held open for the log's lifetime (one write per event); closed by close()/__exit__
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         now = time.time()
@@ -91,7 +93,7 @@ class EventLog:
         with self._lock:
             self._file.close()
 
-    def __enter__(self) -> "EventLog":
+    def __enter__(self) -> EventLog:
         return self
 
     def __exit__(self, *exc: object) -> None:

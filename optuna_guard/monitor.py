@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import itertools
 import json
 import math
 import os
 import statistics
 import threading
 import time
-from typing import Any, Callable, Iterable, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
 
 from optuna_guard._units import GB
 from optuna_guard.exceptions import ConfigError
@@ -118,7 +120,7 @@ def run_monitor(
         try:
             directory = os.path.dirname(os.path.abspath(os.fspath(log_path)))
             os.makedirs(directory, exist_ok=True)
-            handle = open(log_path, "a", encoding="utf-8")
+            handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finally below)
         except OSError as exc:
             raise ConfigError(
                 f"cannot write the monitor log {os.fspath(log_path)!r}: {exc.strerror}; pass --log FILE in a writable place or --no-log."
@@ -228,7 +230,7 @@ def analyze_samples(
 
     # Time under the warning level: each sample stands for the gap to the next one; a gap
     # longer than 3x the typical one is a pause of the monitor and counts one typical gap.
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     typical = statistics.median(gaps) if gaps else 0.0
     below_s = 0.0
     for index, value in enumerate(available):
@@ -277,7 +279,7 @@ def analyze_log(path: str | os.PathLike[str], *, warn_available_gb: float = 4.0)
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return (

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import optuna
 from optuna.distributions import (
@@ -33,8 +34,8 @@ __all__ = [
     "RETRYABLE_ENDS",
     "RetryPolicy",
     "ShrinkHook",
-    "enqueue_retry",
     "end_reasons",
+    "enqueue_retry",
     "load_shrink_hook",
     "original_trial_number",
     "retry_history",

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from optuna_guard._units import GB
 from optuna_guard.memory import GpuMemory, SystemMemory

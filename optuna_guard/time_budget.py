@@ -11,7 +11,7 @@ import math
 import re
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from optuna_guard.exceptions import ConfigError
 
@@ -68,7 +68,7 @@ def format_duration(seconds: float) -> str:
     """The inverse for log lines: 41400 -> "11h30m0s", 45.2 -> "45.2s"."""
     if seconds < 60:
         return f"{seconds:.1f}s"
-    whole = int(round(seconds))
+    whole = round(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

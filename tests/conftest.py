@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import optuna
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so `from fakes import ...` works from any rootdir
 
-from fakes import FakeProbe, current_rss_gb as _current_rss_gb  # noqa: E402
+from fakes import FakeProbe
+from fakes import current_rss_gb as _current_rss_gb
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MYSQL_URL = "mysql+pymysql://root@127.0.0.1:3306/test"

@@ -6,8 +6,8 @@ tests directory on ``sys.path``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Sequence
 
 from optuna_guard.testing import FakeProbe, current_rss_gb  # noqa: F401  (public API now)
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 ROOT = "/sys/fs/cgroup/memory"
 

@@ -11,7 +11,8 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState

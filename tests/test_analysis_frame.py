@@ -24,7 +24,7 @@ from optuna_guard.analysis import (
 from optuna_guard.analysis._frame import TAG_COLUMNS
 
 sys.path.insert(0, os.path.dirname(__file__))
-from analysis_study import EXPECTED, build_known_study  # noqa: E402
+from analysis_study import EXPECTED, build_known_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

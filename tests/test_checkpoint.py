@@ -389,10 +389,9 @@ def test_finalize_best_keeps_only_a_best_value(study: optuna.Study, root: Path) 
 def test_context_manager_keeps_checkpoints_when_the_trial_fails(
     study: optuna.Study, root: Path
 ) -> None:
-    with pytest.raises(optuna.TrialPruned):
-        with TrialCheckpointer(study.ask(), root=root) as ckpt:
-            ckpt.save("s", 1)
-            raise optuna.TrialPruned()
+    with pytest.raises(optuna.TrialPruned), TrialCheckpointer(study.ask(), root=root) as ckpt:
+        ckpt.save("s", 1)
+        raise optuna.TrialPruned()
     assert ckpt.directory.exists()
     with TrialCheckpointer(study.ask(), root=root) as done:
         done.save("s", 1)

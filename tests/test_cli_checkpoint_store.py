@@ -6,9 +6,9 @@ import os
 
 import optuna
 from optuna.trial import TrialState
+from supervisor_helpers import assert_nothing_running, cli, trials_of
 
 from optuna_guard._checkpoint_store import CHECKPOINTS_ATTR
-from supervisor_helpers import assert_nothing_running, cli, trials_of
 
 OBJECTIVE = os.path.join(os.path.dirname(__file__), "objectives", "launcher_store.py:objective")
 

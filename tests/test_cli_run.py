@@ -8,8 +8,6 @@ import time
 
 import pytest
 from optuna.trial import TrialState
-
-from optuna_guard import events, tags
 from supervisor_helpers import (
     assert_nothing_running,
     cli,
@@ -19,6 +17,8 @@ from supervisor_helpers import (
     trials_of,
     wait_for,
 )
+
+from optuna_guard import events, tags
 
 
 def _run_args(study: str, url: str, logs: str, *extra: str) -> list[str]:
@@ -198,7 +198,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, unique_study_name):
         for name, (args, needle) in cases.items()
     }
     for name, (proc, needle) in procs.items():
-        stdout, stderr = proc.communicate(timeout=60)
+        _stdout, stderr = proc.communicate(timeout=60)
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, (name, stderr)
         assert len(lines) == 1, (name, stderr)

@@ -6,10 +6,10 @@ import json
 
 import optuna
 from optuna.trial import TrialState
+from supervisor_helpers import cli
 
 from optuna_guard import tags
 from optuna_guard.storage import end_trial_from_outside
-from supervisor_helpers import cli
 
 
 def _build_study(url: str, name: str) -> None:

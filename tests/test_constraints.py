@@ -12,12 +12,12 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_guard import tags
-from optuna_guard.oom_aware import constraints as c
 from optuna_guard.exceptions import ConfigError
+from optuna_guard.oom_aware import constraints as c
 from optuna_guard.storage import end_trial_from_outside
 
 sys.path.insert(0, os.path.dirname(__file__))
-from analysis_study import FakeProbe  # noqa: E402
+from analysis_study import FakeProbe
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -3,13 +3,10 @@ before every input is checked (issue 10 item 6, D14/D17)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 
 import optuna
 import pytest
-
 from supervisor_helpers import cli, objective_spec, start_cli, wait_for
 
 QUICK = objective_spec("launcher_quick")

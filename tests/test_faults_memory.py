@@ -5,16 +5,17 @@ start paced, with no kernel OOM kill and no trial tagged emergency_killed."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 
 import pytest
-from optuna.trial import TrialState
-
 from memcg import available, hold_memory, memory_cgroup
+from optuna.trial import TrialState
+from supervisor_helpers import objective_spec, read_events, trials_of
+
 from optuna_guard import events, tags
 from optuna_guard._units import GB
-from supervisor_helpers import objective_spec, read_events, trials_of
 
 pytestmark = pytest.mark.skipif(
     not available(), reason="needs a writable cgroup v1 memory controller"
@@ -78,8 +79,8 @@ def test_memory_held_outside_the_study_exits_4_without_killing(tmp_path):
                 "--memory-stall-timeout",
                 "5",
             ),
-            stdout=open(os.devnull, "w"),
-            stderr=__import__("subprocess").PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "LAUNCHER_TEST_SLEEP": "0.2"},
         )
@@ -120,8 +121,8 @@ def test_sixteen_workers_in_a_small_cgroup_start_paced(tmp_path):
                 "--warn-available-gb",
                 "0.3",
             ),
-            stdout=open(os.devnull, "w"),
-            stderr=__import__("subprocess").PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "LAUNCHER_TEST_SLEEP": "0.3"},
         )
@@ -148,8 +149,9 @@ def test_the_guard_stops_hogs_before_the_supervisor_needs_to(tmp_path, monkeypat
     """Issue 16 item 2. Before: guard and supervisor shared one limit, 7 of 8 hog trials were
     hard-killed with two different kill records. After: the guard's limit is 90 % of
     --max-worker-rss-gb and the supervisor waits for its chance: soft stops, one record each."""
-    from optuna_guard.supervisor import launch
     from supervisor_helpers import FAST, idle_worker_rss_gb
+
+    from optuna_guard.supervisor import launch
 
     idle = idle_worker_rss_gb(str(tmp_path))
     limit = round(idle + 0.4, 2)

@@ -10,7 +10,6 @@ import time
 
 import pytest
 from optuna.trial import TrialState
-
 from pg_cluster import private_cluster
 from supervisor_helpers import (
     assert_nothing_running,

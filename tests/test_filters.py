@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from fakes import FakeProbe
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from fakes import FakeProbe
 from optuna_guard import check_memory, guard, killed_trials, tags, valid_trials
 from optuna_guard.analysis import is_killed
 

@@ -8,9 +8,9 @@ import threading
 
 import sqlalchemy
 from optuna.trial import TrialState
+from supervisor_helpers import FAST, objective_spec, trials_of, wait_for
 
 from optuna_guard.supervisor import launch
-from supervisor_helpers import FAST, objective_spec, trials_of, wait_for
 
 
 def test_running_trials_have_heartbeat_rows(
@@ -70,7 +70,7 @@ def test_running_trials_have_heartbeat_rows(
             what="a RUNNING trial with a heartbeat row",
         )
         assert done.wait(120), "the launch did not finish"
-        assert result and getattr(result[0], "exit_code") == 0
+        assert result and result[0].exit_code == 0
     finally:
         done.wait(120)
         engine.dispose()

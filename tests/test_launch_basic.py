@@ -9,10 +9,6 @@ import sys
 import optuna
 import pytest
 from optuna.trial import TrialState
-
-from optuna_guard import events, tags
-from optuna_guard.exceptions import ConfigError
-from optuna_guard.supervisor import launch
 from supervisor_helpers import (
     FAST,
     OBJECTIVES,
@@ -21,6 +17,10 @@ from supervisor_helpers import (
     read_events,
     trials_of,
 )
+
+from optuna_guard import events, tags
+from optuna_guard.exceptions import ConfigError
+from optuna_guard.supervisor import launch
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])

@@ -7,10 +7,6 @@ import time
 
 import pytest
 from optuna.trial import TrialState
-
-from optuna_guard import events, tags
-from optuna_guard.exceptions import CrashLoopError
-from optuna_guard.supervisor import launch
 from supervisor_helpers import (
     FAST,
     assert_nothing_running,
@@ -19,6 +15,10 @@ from supervisor_helpers import (
     read_events,
     trials_of,
 )
+
+from optuna_guard import events, tags
+from optuna_guard.exceptions import CrashLoopError
+from optuna_guard.supervisor import launch
 
 
 def test_self_sigkilled_trials_fail_tagged_worker_crashed(

@@ -9,11 +9,6 @@ import time
 
 import pytest
 from optuna.trial import TrialState
-
-from optuna_guard import events, tags
-from optuna_guard.supervisor import launch
-from optuna_guard._units import GB
-from optuna_guard.supervisor._tree import tree_rss_bytes
 from supervisor_helpers import (
     FAST,
     assert_nothing_running,
@@ -23,6 +18,11 @@ from supervisor_helpers import (
     trials_of,
     wait_for,
 )
+
+from optuna_guard import events, tags
+from optuna_guard._units import GB
+from optuna_guard.supervisor import launch
+from optuna_guard.supervisor._tree import tree_rss_bytes
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,6 @@ import threading
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
-
-from optuna_guard import events
-from optuna_guard.supervisor import launch
 from supervisor_helpers import (
     FAST,
     assert_nothing_running,
@@ -21,6 +18,9 @@ from supervisor_helpers import (
     trials_of,
     wait_for,
 )
+
+from optuna_guard import events
+from optuna_guard.supervisor import launch
 
 
 def _pg_version() -> str:

@@ -12,9 +12,6 @@ import optuna
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-
-from optuna_guard import events, tags
-from optuna_guard.supervisor import launch
 from supervisor_helpers import (
     FAST,
     assert_nothing_running,
@@ -25,6 +22,9 @@ from supervisor_helpers import (
     trials_of,
     wait_for,
 )
+
+from optuna_guard import events, tags
+from optuna_guard.supervisor import launch
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -106,7 +106,7 @@ def test_sigterm_preempts_then_the_same_command_resumes_from_checkpoints(
 
         wait_for(both_checkpointed, timeout=60, what="both trials past step 2")
         first.send_signal(signal.SIGTERM)
-        out, err = first.communicate(timeout=30)
+        _out, err = first.communicate(timeout=30)
     finally:
         if first.poll() is None:
             first.kill()
@@ -121,7 +121,7 @@ def test_sigterm_preempts_then_the_same_command_resumes_from_checkpoints(
     assert_nothing_running(trials)
 
     second = start_cli(*command, cwd=str(tmp_path), env=env)
-    out, err = second.communicate(timeout=120)
+    _out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
     trials = trials_of(url, unique_study_name)
     assert len(trials) == 4

@@ -9,8 +9,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
 from fakes import FakeNvml
+
 from optuna_guard._units import GB, MB
 from optuna_guard.memory import SystemProbe, gpu_memory, process_tree_rss, system_memory
 from optuna_guard.memory._cgroup import parse_proc_cgroup

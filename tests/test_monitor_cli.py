@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-
 from fakes import FakeProbe
+
 from optuna_guard import monitor
 from optuna_guard._units import GB
 from optuna_guard.cli import main
@@ -24,7 +24,7 @@ CLI = [sys.executable, "-m", "optuna_guard.cli", "monitor"]
 def test_once_prints_one_line_and_logs_one_sample(tmp_path) -> None:
     log = tmp_path / "logs" / "mem.jsonl"
     out = subprocess.run(
-        CLI + ["--once", "--log", str(log)], capture_output=True, text=True, timeout=60
+        [*CLI, "--once", "--log", str(log)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
@@ -56,7 +56,7 @@ def test_default_log_file_in_cwd(tmp_path, monkeypatch, capsys) -> None:
 def test_continuous_mode_stops_cleanly_on_sigterm(tmp_path) -> None:
     log = tmp_path / "mem.jsonl"
     proc = subprocess.Popen(
-        CLI + ["--interval", "0.1", "--log", str(log)],
+        [*CLI, "--interval", "0.1", "--log", str(log)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -12,7 +12,6 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
@@ -87,9 +86,8 @@ def test_exit_on_preemption_exits_99() -> None:
     with preemption.exit_on_preemption(exit=codes.append):
         pass  # the loop ended between trials after the stop
     assert codes == [99, 99]
-    with pytest.raises(SystemExit) as info:
-        with preemption.exit_on_preemption():
-            raise preemption.TrialPreempted("x")
+    with pytest.raises(SystemExit) as info, preemption.exit_on_preemption():
+        raise preemption.TrialPreempted("x")
     assert info.value.code == 99
 
 

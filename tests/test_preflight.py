@@ -12,11 +12,11 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from optuna_guard import tags
-from optuna_guard.oom_aware.preflight import preflight_check
 from optuna_guard.exceptions import ConfigError
+from optuna_guard.oom_aware.preflight import preflight_check
 
 sys.path.insert(0, os.path.dirname(__file__))
-from analysis_study import FakeProbe  # noqa: E402
+from analysis_study import FakeProbe
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -178,14 +178,14 @@ def test_a_killed_trial_with_nearly_the_same_params_sets_a_floor() -> None:
     ).prune
     study = study_with_history(20, killed=[{"batch": 64, "width": 512, "opt": "sgd"}])
     trial = ask_with(study, batch=64, width=512, opt="sgd")
-    with pytest.raises(optuna.TrialPruned, match="killed at 3.0 GB"):
+    with pytest.raises(optuna.TrialPruned, match=r"killed at 3\.0 GB"):
         preflight_check(trial, probe=probe, margin_gb=1.0)
 
 
 def test_max_trial_rss_limit_is_predicted_too() -> None:
     study = study_with_history(30)
     trial = ask_with(study, batch=512, width=2048, opt="sgd")
-    with pytest.raises(optuna.TrialPruned, match="over the max_trial_rss_gb limit of 5.00 GB"):
+    with pytest.raises(optuna.TrialPruned, match=r"over the max_trial_rss_gb limit of 5\.00 GB"):
         preflight_check(
             trial,
             probe=FakeProbe(available_gb=100.0),

@@ -18,7 +18,7 @@ from optuna_guard.analysis import REPORT_KEYS, REPORT_SCHEMA, REPORT_VERSION
 from optuna_guard.cli import main
 
 sys.path.insert(0, os.path.dirname(__file__))
-from analysis_study import EXPECTED, EXPECTED_WORKERS, build_known_study, write_event_log  # noqa: E402
+from analysis_study import EXPECTED, EXPECTED_WORKERS, build_known_study, write_event_log
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -181,7 +181,7 @@ def test_text_report_shows_the_same_facts(known, capsys, tmp_path) -> None:
 def test_html_report_is_one_self_contained_file(known, capsys, tmp_path) -> None:
     url, name, events = known
     out_file = tmp_path / "report.html"
-    code, out, err = run_report(
+    code, _out, err = run_report(
         capsys,
         "--study-name",
         name,
@@ -274,6 +274,7 @@ def test_the_best_valid_trial_respects_the_memory_constraint(tmp_path, capsys) -
         trial.set_constraint("memory", constraint)
         study.tell(trial, value)
     code, out, err = run_report(capsys, "--study-name", "c", "--storage", url, "--format", "json")
+    assert code == 0, err
     report = json.loads(out)
     assert report["best"]["trials"][0]["number"] == 1  # trial 0 is better but over the budget
     assert report["memory_constraint"] == {
@@ -311,7 +312,7 @@ def _one_line_error(err: str, *needles: str) -> None:
 
 def test_unknown_study_is_exit_2_and_no_study_is_created(known, capsys) -> None:
     url, name, _ = known
-    code, out, err = run_report(capsys, "--study-name", "does-not-exist", "--storage", url)
+    code, _out, err = run_report(capsys, "--study-name", "does-not-exist", "--storage", url)
     assert code == 2
     _one_line_error(err, "study 'does-not-exist' not found")
     assert optuna.get_all_study_names(storage=url) == [name]
@@ -319,7 +320,7 @@ def test_unknown_study_is_exit_2_and_no_study_is_created(known, capsys) -> None:
 
 def test_missing_sqlite_file_is_exit_2_and_is_not_created(tmp_path, capsys) -> None:
     path = tmp_path / "nope.db"
-    code, out, err = run_report(capsys, "--study-name", "x", "--storage", f"sqlite:///{path}")
+    code, _out, err = run_report(capsys, "--study-name", "x", "--storage", f"sqlite:///{path}")
     assert code == 2
     _one_line_error(err, "does not exist")
     assert not path.exists()
@@ -334,7 +335,7 @@ def test_missing_sqlite_file_is_exit_2_and_is_not_created(tmp_path, capsys) -> N
     ],
 )
 def test_bad_storage_is_exit_2(storage, needle, capsys) -> None:
-    code, out, err = run_report(capsys, "--study-name", "x", "--storage", storage)
+    code, _out, err = run_report(capsys, "--study-name", "x", "--storage", storage)
     assert code == 2
     _one_line_error(err, needle)
 
@@ -342,7 +343,7 @@ def test_bad_storage_is_exit_2(storage, needle, capsys) -> None:
 def test_a_sqlite_file_that_is_not_an_optuna_storage_is_exit_2(tmp_path, capsys) -> None:
     path = tmp_path / "garbage.db"
     path.write_text("this is not sqlite")
-    code, out, err = run_report(capsys, "--study-name", "x", "--storage", f"sqlite:///{path}")
+    code, _out, err = run_report(capsys, "--study-name", "x", "--storage", f"sqlite:///{path}")
     assert code == 2
     _one_line_error(err, "cannot read storage", "file is not a database")
 
@@ -355,10 +356,10 @@ def test_unreadable_event_log_is_exit_2(known, kind, tmp_path, capsys) -> None:
         target.mkdir()
     elif kind == "garbage":
         lines = pathlib.Path(events).read_text().splitlines()
-        target.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+        target.write_text("\n".join([*lines[:3], "{not json", *lines[3:]]) + "\n")
     elif kind == "empty":
         target.write_text("")
-    code, out, err = run_report(
+    code, _out, err = run_report(
         capsys, "--study-name", name, "--storage", url, "--event-log", str(target)
     )
     assert code == 2
@@ -367,7 +368,7 @@ def test_unreadable_event_log_is_exit_2(known, kind, tmp_path, capsys) -> None:
 
 def test_output_into_a_missing_directory_is_exit_2(known, tmp_path, capsys) -> None:
     url, name, _ = known
-    code, out, err = run_report(
+    code, _out, err = run_report(
         capsys, "--study-name", name, "--storage", url, "-o", str(tmp_path / "no" / "r.html")
     )
     assert code == 2

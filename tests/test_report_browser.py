@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from analysis_study import build_known_study, write_event_log  # noqa: E402
+from analysis_study import build_known_study, write_event_log
 
 pytestmark = pytest.mark.browser
 

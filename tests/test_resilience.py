@@ -10,7 +10,8 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 import pytest
@@ -505,7 +506,7 @@ def test_a_study_on_it_goes_to_a_process_pool(sqlite_url: str) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    study, storage = _study(sqlite_url)
+    study, _storage = _study(sqlite_url)
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         pids = list(pool.map(_optimize_in_child, [study, study]))
     assert os.getpid() not in pids

@@ -5,9 +5,7 @@ Optuna's own RetryHeartbeatStaleTrialCallback helpers understand."""
 from __future__ import annotations
 
 import sys
-import textwrap
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 

@@ -7,7 +7,8 @@ servers (too many clients, starting up, lock timeouts)."""
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 import pytest
@@ -22,7 +23,7 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 def _raised(fn: Callable[[], Any]) -> BaseException:
     try:
         fn()
-    except BaseException as exc:  # noqa: BLE001 - the point is to look at it
+    except BaseException as exc:
         return exc
     raise AssertionError("expected an error")
 

@@ -17,18 +17,18 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from supervisor_helpers import assert_nothing_running, cli, objective_spec
 
 from optuna_guard import tags
 from optuna_guard._storage_urls import normalize_url, url_kind
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.resilience import ResilientStorage, RetrySettings
 from optuna_guard.storage import open_storage
-from supervisor_helpers import assert_nothing_running, cli, objective_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 optuna.logging.set_verbosity(optuna.logging.WARNING)

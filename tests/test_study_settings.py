@@ -11,6 +11,7 @@ import sys
 
 import optuna
 import pytest
+from supervisor_helpers import assert_nothing_running, cli, trials_of
 
 from optuna_guard import DivergencePruner, MemoryGuardPruner
 from optuna_guard.exceptions import ConfigError
@@ -21,7 +22,6 @@ from optuna_guard.supervisor._study import (
     make_pruner,
     make_sampler,
 )
-from supervisor_helpers import assert_nothing_running, cli, trials_of
 
 SETTINGS = os.path.join(os.path.dirname(__file__), "objectives", "settings")
 OBJECTIVE = os.path.join(SETTINGS, "objective.py")

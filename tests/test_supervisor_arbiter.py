@@ -11,6 +11,7 @@ import uuid
 import optuna
 import pytest
 from optuna.trial import TrialState
+from supervisor_helpers import FakeProc, PerPidProbe, read_events
 
 from optuna_guard import events, tags
 from optuna_guard.exceptions import CrashLoopError
@@ -18,8 +19,6 @@ from optuna_guard.storage import open_storage
 from optuna_guard.supervisor import _protocol
 from optuna_guard.supervisor._arbiter import Arbiter, WorkerHandle
 from optuna_guard.supervisor._config import LaunchConfig
-from supervisor_helpers import FakeProc, PerPidProbe, read_events
-
 
 _SHARED: dict = {}
 

@@ -8,6 +8,7 @@ import signal
 import socket
 
 import pytest
+from supervisor_helpers import OBJECTIVES, objective_spec
 
 from optuna_guard._units import GB
 from optuna_guard.exceptions import ConfigError, ObjectiveSpecError
@@ -15,7 +16,6 @@ from optuna_guard.supervisor import _objective_spec, _policies, _protocol
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._status import Progress, worker_status_line
 from optuna_guard.supervisor._study import mask_url
-from supervisor_helpers import OBJECTIVES, objective_spec
 
 
 @pytest.mark.parametrize(

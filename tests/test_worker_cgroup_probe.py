@@ -8,13 +8,13 @@ import os
 
 import pytest
 from optuna.trial import TrialState
+from supervisor_helpers import FAST, idle_worker_rss_gb, objective_spec, trials_of
+from test_memory_probes import GB, MB, make_proc, make_v2_root, v1_level, v2_level
 
 from optuna_guard import tags
 from optuna_guard.memory import SystemProbe
 from optuna_guard.memory._cgroup import ENV_SKIP_CGROUP
 from optuna_guard.supervisor import launch
-from supervisor_helpers import FAST, idle_worker_rss_gb, objective_spec, trials_of
-from test_memory_probes import GB, MB, make_proc, make_v2_root, v1_level, v2_level
 
 WORKER_V1 = "4:memory:/job_9/optuna_guard_x/w3\n"
 

@@ -9,10 +9,10 @@ import threading
 import time
 
 import pytest
+from supervisor_helpers import FAST, objective_spec, trials_of
 
 from optuna_guard import tags
 from optuna_guard.supervisor import _lifeline, _tree, launch
-from supervisor_helpers import FAST, objective_spec, trials_of
 
 N_TRIALS = 3
 
@@ -48,7 +48,7 @@ class OrphanWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "OrphanWatch":
+    def __enter__(self) -> OrphanWatch:
         self._thread.start()
         return self
 
@@ -141,10 +141,10 @@ def test_a_worker_that_cannot_exit_is_killed_after_the_bounded_wait(
     """A non-daemon thread keeps the interpreter from exiting: the supervisor kills the worker
     WORKER_EXIT_WAIT_S after it was told to exit, without a crash or a strike."""
     from optuna.trial import TrialState
+    from supervisor_helpers import read_events
 
     from optuna_guard import events
     from optuna_guard.supervisor._arbiter import WORKER_EXIT_WAIT_S
-    from supervisor_helpers import read_events
 
     started = time.monotonic()
     summary = launch(

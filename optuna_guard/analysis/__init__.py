@@ -22,10 +22,10 @@ from optuna_guard.oom_aware.preflight import PreflightResult, preflight_check
 
 __all__ = [
     "END_STATES",
-    "PreflightResult",
     "REPORT_KEYS",
     "REPORT_SCHEMA",
     "REPORT_VERSION",
+    "PreflightResult",
     "build_report",
     "end_state",
     "is_killed",

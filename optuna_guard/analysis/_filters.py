@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Container, Iterable
+from collections.abc import Container, Iterable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState

@@ -99,7 +99,7 @@ def value_columns(study: optuna.Study) -> list[str]:
 
 def trials_frame(
     study: optuna.Study, *, user_attrs: bool = True, objective_version: int | str | None = None
-) -> "pandas.DataFrame":
+) -> pandas.DataFrame:
     """A pandas DataFrame with one row per trial (all states), ordered by trial number.
 
     Columns: ``number``, ``state`` (Optuna's), ``end_state`` (killed/crashed/preempted/diverged

@@ -11,7 +11,8 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from optuna_guard import tags
 from optuna_guard.analysis import _classify
@@ -290,8 +291,8 @@ def _when(ts: float | None) -> _dt.datetime | None:
 
 
 def _memory_vs_params_figure(report: Mapping[str, Any]) -> Any:
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     plots = report["plots"]
     points = plots["memory_points"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 def render_json(report: Mapping[str, Any], *, indent: int | None = 2) -> str:

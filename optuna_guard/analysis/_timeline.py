@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from optuna.trial import FrozenTrial
 

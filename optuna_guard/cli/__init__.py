@@ -14,7 +14,8 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from optuna_guard.exceptions import (
     ConfigError,

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from optuna_guard.exceptions import ConfigError
 

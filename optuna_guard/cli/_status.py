@@ -182,10 +182,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_tables(status: dict[str, Any]) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     # Not a terminal (a pipe, a log file): wide enough that reasons are not cut or wrapped.
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)

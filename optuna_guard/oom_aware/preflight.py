@@ -43,6 +43,9 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_guard import tags
 from optuna_guard._logging import get_logger
 from optuna_guard._units import GB, to_gb
+from optuna_guard.exceptions import ConfigError
+from optuna_guard.limits import MemoryLimits
+from optuna_guard.memory import MemoryProbe, default_probe
 from optuna_guard.oom_aware._peak_model import (
     PREFLIGHT_LIMIT,
     Abstention,
@@ -51,9 +54,6 @@ from optuna_guard.oom_aware._peak_model import (
     observed_peak,
 )
 from optuna_guard.oom_aware.constraints import budget_from_env, set_memory_constraint
-from optuna_guard.exceptions import ConfigError
-from optuna_guard.limits import MemoryLimits
-from optuna_guard.memory import MemoryProbe, default_probe
 
 _log = get_logger(__name__)
 

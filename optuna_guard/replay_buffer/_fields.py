@@ -30,9 +30,12 @@ _EXAMPLE = "e.g. {'obs': ((4,), torch.float32), 'action': ((), torch.int64), 're
 def _shape(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        if all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-            return tuple(int(d) for d in value)
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+    ):
+        return tuple(int(d) for d in value)
     raise ConfigError(
         f"field {name!r}: shape must be a tuple of non-negative ints but got {value!r}; {_EXAMPLE}."
     )

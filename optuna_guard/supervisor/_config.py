@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from optuna_guard.exceptions import ConfigError
 
@@ -182,12 +183,15 @@ class LaunchConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, minimum=1)
-        if self.heartbeat_interval is not None and self.heartbeat_grace is not None:
-            if self.heartbeat_grace < 2 * self.heartbeat_interval:
-                raise ConfigError(
-                    f"heartbeat_grace ({self.heartbeat_grace}) must be at least twice heartbeat_interval "
-                    f"({self.heartbeat_interval}) or live trials get failed as stale."
-                )
+        if (
+            self.heartbeat_interval is not None
+            and self.heartbeat_grace is not None
+            and self.heartbeat_grace < 2 * self.heartbeat_interval
+        ):
+            raise ConfigError(
+                f"heartbeat_grace ({self.heartbeat_grace}) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}) or live trials get failed as stale."
+            )
         _check_int("crash_loop_limit", self.crash_loop_limit, minimum=1)
         _check_int("retry", self.retry, minimum=0, hint="0 switches retries off")
         if self.retry_on is not None:
@@ -281,7 +285,7 @@ class LaunchConfig:
             env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
         return env
 
-    def replace(self, **changes: Any) -> "LaunchConfig":
+    def replace(self, **changes: Any) -> LaunchConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -407,7 +411,7 @@ class WorkerSettings:
         return env
 
     @classmethod
-    def from_env(cls, environ: Any) -> "WorkerSettings":
+    def from_env(cls, environ: Any) -> WorkerSettings:
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             raw = environ.get(_env_key(field.name))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import collections
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import optuna
 

@@ -24,7 +24,8 @@ import os
 import subprocess
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from optuna_guard.exceptions import ObjectiveSpecError
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import signal
-from typing import Sequence
+from collections.abc import Sequence
 
 from optuna_guard._units import GB
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 STORAGE_ALLOWANCE_CAP_S = (
     60.0  # at most this long for the exit's storage work, whatever --storage-deadline says
@@ -35,7 +36,7 @@ def exit_budget(grace_period: float, storage_deadline: float | None) -> float:
     return grace_period + REAP_SLACK_S + storage_allowance(storage_deadline) + EXIT_SLACK_S
 
 
-def run_in_daemon(fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
+def run_in_daemon(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
     """``fn(*args)`` on a daemon thread; its Future carries the result or the exception."""
     future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
@@ -52,7 +53,7 @@ def run_in_daemon(fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Fut
 
 
 def wait_until(
-    futures: Iterable["concurrent.futures.Future[Any]"],
+    futures: Iterable[concurrent.futures.Future[Any]],
     deadline: float,
     interrupted: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import optuna
 
@@ -26,7 +27,7 @@ def mask_url(url: str) -> str:
 
 def engine_kwargs_for(url: str, connect_timeout: float) -> dict[str, Any]:
     """Connect timeouts so an unreachable server is an error within seconds, not minutes."""
-    timeout = max(1, int(round(connect_timeout)))
+    timeout = max(1, round(connect_timeout))
     if url.startswith("postgresql"):
         return {"connect_args": {"connect_timeout": timeout}}
     if url.startswith(
@@ -85,7 +86,7 @@ def _probe_once(url: str, timeout: float) -> None:
 
     import sqlalchemy
 
-    seconds = max(1, int(round(timeout)))
+    seconds = max(1, round(timeout))
     connect_args: dict[str, Any] = {"connect_timeout": seconds}
     if url.startswith("mysql"):
         connect_args.update(read_timeout=seconds, write_timeout=seconds)

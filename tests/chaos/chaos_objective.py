@@ -10,8 +10,6 @@ import os
 import signal
 import time
 
-import optuna
-
 from optuna_guard import TrialCheckpointer
 
 KINDS = ("normal", "leak", "hog", "crash", "native")

@@ -19,17 +19,17 @@ import time
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from memcg import available as memcg_available
 from memcg import memory_cgroup
+from optuna.trial import TrialState
+from pg_cluster import private_cluster
+
 from optuna_guard import tags
 from optuna_guard._units import GB
-from pg_cluster import private_cluster
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from chaos_objective import KINDS, expected_value  # noqa: E402
+from chaos_objective import expected_value  # noqa: E402
 
 pytestmark = [
     pytest.mark.chaos,
@@ -96,7 +96,7 @@ class Injector:
         self._thread = threading.Thread(target=self._run, name="chaos-injector", daemon=True)
         self.errors: list[str] = []
 
-    def start(self) -> "Injector":
+    def start(self) -> Injector:
         self._thread.start()
         return self
 

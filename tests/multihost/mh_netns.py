@@ -248,7 +248,8 @@ class SimulatedHosts:
             self.hostname(n),
             *argv,
         ]
-        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        # closed in the finally below once the child holds its own copy
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             proc = subprocess.Popen(
                 wrapper,

@@ -243,7 +243,7 @@ def grpc_proxy(tmp_path) -> Iterator[str]:
     """``optuna-guard storage-proxy`` in front of a SQLite file, stopped with SIGTERM afterwards."""
     pytest.importorskip("grpc")
     port = _free_port()
-    log = open(tmp_path / "proxy.log", "ab")
+    log = open(tmp_path / "proxy.log", "ab")  # noqa: SIM115 (the proxy writes to it until the fixture ends)
     proc = subprocess.Popen(
         [
             PYTHON,

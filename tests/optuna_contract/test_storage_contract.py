@@ -13,7 +13,8 @@ import copy
 import os
 import pickle
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import optuna
 import pytest
