@@ -216,8 +216,8 @@ def fingerprint_spec(
         path = os.path.abspath(target)
         spec = f"{os.path.basename(path)}:{attr}"  # where the checkout lives is no change
     else:
-        path = _module_file(target, search_path)
-        if path is None:
+        found = _module_file(target, search_path)
+        if found is None:
             _log.warning(
                 "Objective fingerprint: the source of module %r was not found; only the spec is hashed.",
                 target,
@@ -225,6 +225,7 @@ def fingerprint_spec(
             return Fingerprint(
                 UNAVAILABLE, UNAVAILABLE, _sha256(spec.encode()), hash_extra(extra), "", spec
             )
+        path = found
     return fingerprint_file(path, attr, spec_text=spec, extra=extra)
 
 

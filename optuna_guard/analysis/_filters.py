@@ -34,7 +34,8 @@ def valid_trials(
     """
     if complete_only:
         states = (TrialState.COMPLETE,)
-    allowed = tuple(states) if states is not None else None
+    # a one-shot iterable is read once here; any other container is asked as it is
+    allowed = tuple(states) if isinstance(states, Iterable) else states
     trials = [t for t in study.get_trials(deepcopy=False, states=allowed) if not is_killed(t)]
     if objective_version is None:
         return trials

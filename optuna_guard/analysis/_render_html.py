@@ -283,7 +283,10 @@ def _workers_table(report: Mapping[str, Any]) -> str:
 def _figure_html(fig: Any, div_id: str, empty_note: str) -> str:
     if fig is None:
         return f'<p class="note" id="{div_id}-empty">{_e(empty_note)}</p>'
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=_PLOT_CONFIG)
+    markup: str = fig.to_html(
+        full_html=False, include_plotlyjs=False, div_id=div_id, config=_PLOT_CONFIG
+    )
+    return markup
 
 
 def _when(ts: float | None) -> _dt.datetime | None:
@@ -554,7 +557,8 @@ def _memory_over_time_figure(report: Mapping[str, Any]) -> Any:
 def _nearest(samples: Sequence[Mapping[str, Any]], ts: float) -> float | None:
     if not samples:
         return None
-    return min(samples, key=lambda s: abs(s["ts"] - ts))["available_gb"]
+    nearest: float | None = min(samples, key=lambda s: abs(s["ts"] - ts))["available_gb"]
+    return nearest
 
 
 def _is_number(value: Any) -> bool:

@@ -12,7 +12,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -99,7 +99,8 @@ def build_report(
         "objective": objective,
         "cache": _versions.cache_section(trials),
     }
-    return _jsonable(report)
+    plain: dict[str, Any] = _jsonable(report)
+    return plain
 
 
 def _study_info(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
@@ -223,7 +224,7 @@ def _stopped_with_better_intermediate(
     if len(directions) != 1 or not best:
         return []
     minimize = directions[0] == StudyDirection.MINIMIZE
-    target = best[0].value
+    target = cast(float, best[0].value)  # a valid COMPLETE single-objective trial has one
     found = []
     for trial in trials:
         if _classify.end_state(trial) not in _STOPPED_EARLY or not trial.intermediate_values:
@@ -322,7 +323,7 @@ def _plots(
     has_trial_events = events is not None and any(e["event"] == "trial_started" for e in events)
     segments = (
         _timeline.event_segments(events, by_number)
-        if has_trial_events
+        if events is not None and has_trial_events
         else _timeline.storage_segments(trials)
     )
     return {

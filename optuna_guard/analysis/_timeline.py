@@ -110,11 +110,11 @@ def worker_memory(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             rss.setdefault(wid, []).append(value)
     for record in events:  # the launcher's periodic readings of every worker
         for reading in _worker_readings(record):
-            row = workers.get(reading["worker_id"])
-            if row is None:
+            known = workers.get(reading["worker_id"])
+            if known is None:
                 continue
-            if reading.get("pid") is not None and reading["pid"] not in row["pids"]:
-                row["pids"].append(reading["pid"])
+            if reading.get("pid") is not None and reading["pid"] not in known["pids"]:
+                known["pids"].append(reading["pid"])
             value = _number(reading.get("rss_gb"))
             if value is not None:
                 rss.setdefault(reading["worker_id"], []).append(value)
@@ -133,7 +133,7 @@ def event_segments(
     open_by_worker: dict[Any, dict[str, Any]] = {}
     last_ts = events[-1]["ts"] if events else None
 
-    def close(seg: dict[str, Any], ts: float, how: str | None) -> None:
+    def close(seg: dict[str, Any], ts: float | None, how: str | None) -> None:
         seg["end_ts"] = ts
         seg["end_state"] = _segment_state(seg["trial_number"], trials, how)
         segments.append(seg)
@@ -259,8 +259,8 @@ def _same_kill(previous: Mapping[str, Any] | None, record: Mapping[str, Any]) ->
         return False
     a, b = previous.get("trial_number"), record.get("trial_number")
     if a is not None and b is not None:
-        return a == b  # worker_killed at the decision, trial_killed when the worker is reaped
-    return abs(record["ts"] - previous["ts"]) <= _SAME_KILL_WINDOW_S
+        return bool(a == b)  # worker_killed at the decision, trial_killed when it is reaped
+    return bool(abs(record["ts"] - previous["ts"]) <= _SAME_KILL_WINDOW_S)
 
 
 def _segment_state(number: int | None, trials: Mapping[int, FrozenTrial], how: str | None) -> str:

@@ -141,6 +141,7 @@ def load_study_readonly(study_name: str, storage_url: str | None) -> Any:
         raise ConfigError(
             f"storage {url!r}: journal file {url.split('://', 1)[1]!r} does not exist; check --storage."
         )
+    storage: optuna.storages.BaseStorage
     try:
         if is_rdb_url(url):
             storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)

@@ -14,7 +14,7 @@ import collections
 import datetime as dt
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 from optuna_guard.exceptions import ConfigError, StorageUnavailableError
 
@@ -93,7 +93,8 @@ def collect_status(study: Any, objective_version: Any = None) -> dict[str, Any]:
         ]
         if complete:
             pick = min if study.direction.name == "MINIMIZE" else max
-            top = pick(complete, key=lambda t: t.value)
+            # a COMPLETE single-objective trial has a value
+            top = pick(complete, key=lambda t: cast(float, t.value))
             best = {"number": top.number, "value": top.value, "params": top.params}
     return {
         "study_name": study.study_name,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,9 @@ _RIDGE = 1e-4
 _BASE_FRACTIONS = np.linspace(0.0, 0.95, 20)
 _EPS_DISTANCE = 0.05
 _MIN_RELEVANCE = 0.1  # below this a param's correlation with memory counts as none
+
+# (a finished trial, its memory need in GB: the peak, times KILLED_GROWTH if it was killed)
+Observations = Sequence[tuple[FrozenTrial, float]]
 
 
 def is_killed(trial: FrozenTrial) -> bool:
@@ -117,14 +120,14 @@ def estimate_peak(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} but got {method!r}.")
     names = [n for n in params if n in distributions]
-    observations = []  # (trial, its memory need in GB)
+    observations: list[tuple[FrozenTrial, float]] = []
     for trial in history:
         peak = observed_peak(trial)
         if peak is None or not _has_params(trial, names, distributions):
             continue
         observations.append((trial, peak * KILLED_GROWTH if is_killed(trial) else peak))
     weights = relevance(names, distributions, observations)
-    predict = None
+    predict: Callable[[Mapping[str, Any]], float] | None = None
     result: PeakEstimate | Abstention
     fit = (
         _fit_regression(names, distributions, observations, min_history)
@@ -217,7 +220,9 @@ def _distance(
 
 
 def relevance(
-    names: Sequence[str], distributions: Mapping[str, BaseDistribution], observations
+    names: Sequence[str],
+    distributions: Mapping[str, BaseDistribution],
+    observations: Observations,
 ) -> dict[str, float]:
     """How much each param moves memory: |correlation| of its scaled value with log(need) for a
     numeric param, the correlation ratio for a categorical one (0..1).
@@ -282,7 +287,12 @@ class _Fit:
         )
 
 
-def _fit_regression(names, distributions, observations, min_history) -> _Fit | Abstention:
+def _fit_regression(
+    names: Sequence[str],
+    distributions: Mapping[str, BaseDistribution],
+    observations: Observations,
+    min_history: int,
+) -> _Fit | Abstention:
     usable = [(t, peak) for t, peak in observations if not is_killed(t)]
     n_features = 1 + len(
         _features({n: _any_value(distributions[n]) for n in names}, names, distributions)
@@ -295,7 +305,7 @@ def _fit_regression(names, distributions, observations, min_history) -> _Fit | A
         )
     x = np.array([[1.0, *_features(t.params, names, distributions)] for t, _ in usable])
     peaks = np.array([peak for _, peak in usable])
-    best = None
+    best: tuple[float, float, np.ndarray] | None = None
     for base in _BASE_FRACTIONS * peaks.min():
         # weights (excess / peak)^2 make the log-space fit minimise the relative error of the
         # peak: a trial barely above the base says little about the power law
@@ -305,6 +315,7 @@ def _fit_regression(names, distributions, observations, min_history) -> _Fit | A
         error = float(np.sqrt(np.mean((fitted / peaks - 1.0) ** 2)))
         if best is None or error < best[0]:
             best = (error, float(base), coef)
+    assert best is not None  # _BASE_FRACTIONS is not empty
     error, base, coef = best
     return _Fit(tuple(names), distributions, base, coef, error, len(usable))
 
@@ -323,7 +334,14 @@ def _ridge(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _knn(
-    params, names, distributions, observations, min_history, k, max_distance, weights
+    params: Mapping[str, Any],
+    names: Sequence[str],
+    distributions: Mapping[str, BaseDistribution],
+    observations: Observations,
+    min_history: int,
+    k: int,
+    max_distance: float,
+    weights: Mapping[str, float],
 ) -> PeakEstimate | Abstention:
     if len(observations) < min_history:
         return Abstention(
@@ -357,7 +375,13 @@ def _knn(
 
 
 def _apply_killed_floor(
-    estimate: PeakEstimate, params, names, distributions, observations, predict, weights
+    estimate: PeakEstimate,
+    params: Mapping[str, Any],
+    names: Sequence[str],
+    distributions: Mapping[str, BaseDistribution],
+    observations: Observations,
+    predict: Callable[[Mapping[str, Any]], float] | None,
+    weights: Mapping[str, float],
 ) -> PeakEstimate:
     """Raise the estimate to the need of a killed trial with nearly the same params.
 

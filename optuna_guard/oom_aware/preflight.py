@@ -101,11 +101,12 @@ def preflight_check(
         return PreflightResult(
             getattr(trial, "number", -1), None, "not an optuna.Trial (nothing to look up)"
         )
-    limits = MemoryLimits.from_env() if margin_gb is None or max_trial_rss_gb is None else None
-    if margin_gb is None:
-        margin_gb = limits.min_available_gb or 0.0
-    if max_trial_rss_gb is None:
-        max_trial_rss_gb = limits.max_trial_rss_gb
+    if margin_gb is None or max_trial_rss_gb is None:
+        limits = MemoryLimits.from_env()
+        if margin_gb is None:
+            margin_gb = limits.min_available_gb or 0.0
+        if max_trial_rss_gb is None:
+            max_trial_rss_gb = limits.max_trial_rss_gb
     if margin_gb < 0:
         raise ConfigError(f"margin_gb cannot be negative but got {margin_gb}.")
 
@@ -116,11 +117,11 @@ def preflight_check(
         if t.number != trial.number and observed_peak(t) is not None
     ]
     if len(history) < min_history:
-        reason = (
+        too_few = (
             f"only {len(history)} finished trial(s) with a peak_rss_gb tag; need {min_history}"
         )
-        _log.debug("Pre-flight check for trial %d abstained: %s.", trial.number, reason)
-        return PreflightResult(trial.number, None, reason)
+        _log.debug("Pre-flight check for trial %d abstained: %s.", trial.number, too_few)
+        return PreflightResult(trial.number, None, too_few)
 
     if pin_params:
         _draw_shared_params(trial, study)
@@ -137,7 +138,7 @@ def preflight_check(
     needed_gb = max(estimate.peak_gb - held_gb, 0.0)
     _set_tag(trial, tags.PREDICTED_PEAK_GB, round(estimate.peak_gb, 2))
 
-    reason = None
+    reason: str | None = None
     if needed_gb > available_gb - margin_gb:
         reason = (
             f"predicted OOM: ~{_gb(needed_gb)} GB needed, {_gb(available_gb)} GB available "

@@ -9,6 +9,7 @@ from optuna_guard.replay_buffer._torch import import_torch
 
 if TYPE_CHECKING:
     import torch
+    from torch import device as TorchDevice
 
 
 def resolve_device(device: Any, *, what: str) -> torch.device:
@@ -19,7 +20,7 @@ def resolve_device(device: Any, *, what: str) -> torch.device:
     """
     torch = import_torch()
     try:
-        resolved = torch.device(device)
+        resolved: TorchDevice = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(
             f"{what}: device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'."

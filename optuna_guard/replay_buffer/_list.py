@@ -35,7 +35,7 @@ STATE_FORMAT = "optuna_guard.ReplayBufferList"
 STATE_VERSION = 1
 
 
-class ReplayBufferList(list):
+class ReplayBufferList(list[torch.Tensor]):
     """On-policy buffer: a list of field tensors (ElegantRL order: states, rewards, masks, ...).
 
     Args:
@@ -74,7 +74,7 @@ class ReplayBufferList(list):
     # lists compare by contents; a buffer is a resource, compared by identity like any object
     __eq__ = object.__eq__
     __ne__ = object.__ne__
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # type: ignore[assignment]  # list sets __hash__ = None
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{tuple(t.shape)}:{dtype_name(t.dtype)}" for t in self)
@@ -130,13 +130,13 @@ class ReplayBufferList(list):
                 "traj_list must be a list of trajectories (tuples of tensors), not a tuple of "
                 "tensors; wrap a single trajectory in a list: update_buffer([traj])."
             )
-        width = None
+        width = 0
         for i, traj in enumerate(trajectories):
             if not isinstance(traj, Sequence) or isinstance(traj, (str, bytes)):
                 raise ConfigError(
                     f"trajectory {i} is a {type(traj).__name__}; each must be a tuple of tensors."
                 )
-            width = len(traj) if width is None else width
+            width = len(traj) if i == 0 else width
             if len(traj) != width:
                 raise ConfigError(
                     f"trajectory {i} has {len(traj)} fields but trajectory 0 has {width}; "

@@ -215,7 +215,9 @@ class ReplayBuffer:
         self._position = 0
         self._size = 0
 
-    def _collect(self, mapping: Mapping[str, Any] | None, values: dict[str, Any]) -> Mapping:
+    def _collect(
+        self, mapping: Mapping[str, Any] | None, values: dict[str, Any]
+    ) -> Mapping[str, Any]:
         if not values and isinstance(mapping, Mapping) and mapping.keys() == self._fields.keys():
             return mapping  # the common case, checked in one comparison
         if mapping is not None and not isinstance(mapping, Mapping):

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from optuna_guard.exceptions import ObjectiveSpecError
 
@@ -94,7 +94,7 @@ def import_root(func: Callable[..., Any]) -> str | None:
     (``None`` for ``__main__`` scripts, addressed by file path instead)."""
     module_name = getattr(func, "__module__", None) or ""
     module = sys.modules.get(module_name)
-    path = getattr(module, "__file__", None)
+    path: str | None = getattr(module, "__file__", None)
     if not path or module_name == "__main__" or module_name.startswith(_FILE_MODULE_PREFIX):
         return None
     root = os.path.dirname(os.path.abspath(path))
@@ -127,7 +127,9 @@ def load_objective(spec: str) -> Callable[..., Any]:
     return load_callable(spec, what="the objective function")
 
 
-def load_callable(spec: str, *, label: str | None = None, what: str = "a function") -> Any:
+def load_callable(
+    spec: str, *, label: str | None = None, what: str = "a function"
+) -> Callable[..., Any]:
     """Import the spec's module (or file) and return the callable it names. ``label`` names
     the option in error messages (e.g. "--sampler 'f.py:make'"), ``what`` what it should be."""
     name = _label(spec, label)
@@ -145,7 +147,7 @@ def load_callable(spec: str, *, label: str | None = None, what: str = "a functio
         raise ObjectiveSpecError(
             f"{name} names a {type(obj).__name__}, not a function; point it at {what}."
         )
-    return obj
+    return cast("Callable[..., Any]", obj)  # checked callable() just above
 
 
 def _load_module(name: str, spec: str) -> Any:

@@ -97,8 +97,8 @@ def jittered_age_limit(
     started together do not all restart together and ``max_age`` stays a true maximum."""
     if max_age is None:
         return None
-    rng = rng or random
-    return max_age * (1.0 - rng.uniform(0.0, jitter))
+    uniform = rng.uniform if rng is not None else random.uniform
+    return max_age * (1.0 - uniform(0.0, jitter))
 
 
 def recycle_reason(

@@ -7,7 +7,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import optuna
 
@@ -72,11 +72,12 @@ def _probe_url_storage_once(url: str, timeout: float) -> None:
         check_writable_dir(os.path.dirname(url.split("://", 1)[1]), "--storage")
     storage = open_storage(url, engine_kwargs={"connect_args": {"connect_timeout": timeout}})
     if url_kind(url) == "grpc":
+        proxy = cast(optuna.storages.GrpcStorageProxy, storage)  # what grpc:// URLs open
         try:
-            storage.wait_server_ready(timeout=max(1.0, timeout))
-            storage.get_all_studies()
+            proxy.wait_server_ready(timeout=max(1.0, timeout))
+            proxy.get_all_studies()
         finally:
-            storage.close()
+            proxy.close()
 
 
 def _probe_once(url: str, timeout: float) -> None:
@@ -209,7 +210,8 @@ def create_or_check_study(
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
-            directions=list(directions),
+            # LaunchConfig checked each is "minimize" or "maximize"
+            directions=cast("list[Literal['minimize', 'maximize']]", list(directions)),
             load_if_exists=True,
         )
     except optuna.exceptions.StorageInternalError as exc:  # transient ones were retried below us
@@ -288,9 +290,10 @@ def make_sampler(name: str | None, seed: int | None) -> optuna.samplers.BaseSamp
     if name is None:
         return optuna.samplers.TPESampler(seed=seed) if seed is not None else None
     if is_factory_spec(name):
-        return _from_factory(
+        sampler: optuna.samplers.BaseSampler = _from_factory(
             "--sampler", name, optuna.samplers.BaseSampler, "an Optuna sampler", seed=seed
-        )
+        )  # an instance of that class: _from_factory checked it
+        return sampler
     key = name.lower()
     samplers = optuna.samplers
     try:
@@ -326,7 +329,10 @@ def make_pruner(name: str | None) -> optuna.pruners.BasePruner | None:
     if name is None:
         return None
     if is_factory_spec(name):
-        return _from_factory("--pruner", name, optuna.pruners.BasePruner, "an Optuna pruner")
+        pruner: optuna.pruners.BasePruner = _from_factory(
+            "--pruner", name, optuna.pruners.BasePruner, "an Optuna pruner"
+        )  # an instance of that class: _from_factory checked it
+        return pruner
     key = name.lower()
     pruners = optuna.pruners
     if key == "median":
