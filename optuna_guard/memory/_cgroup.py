@@ -159,7 +159,11 @@ def _v2_mount(cgroup_root: str) -> str | None:
 
 
 def discover_levels(
-    proc_root: str, cgroup_root: str, host_total_bytes: int, host_swap_bytes: int = 0, skip_directory: str | None = None
+    proc_root: str,
+    cgroup_root: str,
+    host_total_bytes: int,
+    host_swap_bytes: int = 0,
+    skip_directory: str | None = None,
 ) -> list[CgroupLevel]:
     """Every cgroup level above this process whose memory limit is below the host's RAM.
 
@@ -191,7 +195,11 @@ def discover_levels(
                 limit = _read_limit(os.path.join(directory, "memory.max"))
                 if limit is not None and limit < host_total_bytes:
                     swap_limit = _read_limit(os.path.join(directory, "memory.swap.max"))
-                    if swap_limit is not None and host_swap_bytes and swap_limit >= host_swap_bytes:
+                    if (
+                        swap_limit is not None
+                        and host_swap_bytes
+                        and swap_limit >= host_swap_bytes
+                    ):
                         swap_limit = None
                     levels.append(CgroupLevel(2, directory, limit, swap_limit))
     return levels
@@ -205,7 +213,9 @@ def _read_limit(path: str) -> int | None:
 
 
 # ---------------------------------------------------------------------- one worker's own cgroup
-def own_memory_cgroup(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, str] | None:
+def own_memory_cgroup(
+    proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup"
+) -> tuple[int, str] | None:
     """(version, directory) of this process's memory cgroup: the v1 memory controller when it
     is mounted, else the v2 unified path; None without a cgroup filesystem."""
     try:

@@ -26,7 +26,7 @@ CGROUP_REFRESH_S = 30.0
 # The kernel recomputes PSI averages every 2 s; reading them more often only costs time.
 PSI_CACHE_S = 1.0
 
-_probes: "weakref.WeakSet[SystemProbe]" = weakref.WeakSet()
+_probes: weakref.WeakSet[SystemProbe] = weakref.WeakSet()
 
 
 class SystemProbe:
@@ -102,8 +102,13 @@ class SystemProbe:
         with self._levels_lock:
             if now - self._levels_at >= CGROUP_REFRESH_S:
                 old = self._levels
-                self._levels = discover_levels(self.proc_root, self.cgroup_root, host_total, host_swap,
-                                               skip_directory=os.environ.get(ENV_SKIP_CGROUP))
+                self._levels = discover_levels(
+                    self.proc_root,
+                    self.cgroup_root,
+                    host_total,
+                    host_swap,
+                    skip_directory=os.environ.get(ENV_SKIP_CGROUP),
+                )
                 self._levels_at = now
                 for level in old:
                     level.close()
@@ -137,7 +142,10 @@ class SystemProbe:
     def cgroup_sources(self) -> list[tuple[str, str, int]]:
         """(source, directory, limit bytes) of every effective cgroup limit; for diagnostics."""
         host = parse_meminfo(self._meminfo.read())
-        return [(lv.source, lv.directory, lv.limit_bytes) for lv in self._cgroup_levels(host.total_bytes, host.swap_total_bytes)]
+        return [
+            (lv.source, lv.directory, lv.limit_bytes)
+            for lv in self._cgroup_levels(host.total_bytes, host.swap_total_bytes)
+        ]
 
     def _after_fork(self) -> None:
         self._levels_lock = threading.Lock()

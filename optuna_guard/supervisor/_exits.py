@@ -63,7 +63,7 @@ class ExitRecord:
     on_kill: str = "prune"
     oom_killed: bool = False  # the kernel OOM-killed a process in the worker's cgroup
     memory_limit_gb: float | None = None
-    own_cgroup: bool = False  # it ran in a memory cgroup of its own (an OOM kill there is recorded)
+    own_cgroup: bool = False  # it ran in a memory cgroup of its own (OOM kills there are recorded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,8 @@ def decide(record: ExitRecord) -> ExitDecision:
             reason,
             _memory_state(record) if record.in_trial else None,
             trial_tags if record.in_trial else {},
-            boot_strike=_booting(record),  # a module that allocates past the limit at import, every time
+            # a module that allocates past the limit at import does so every time: a strike
+            boot_strike=_booting(record),
             sweep_unreported=sweep,
         )
     if record.kill_kind == MEMORY_KILL:
@@ -159,7 +160,8 @@ def decide(record: ExitRecord) -> ExitDecision:
         if _booting(record):
             if not record.fatal_error and _signalled_from_outside(record):
                 return ExitDecision(
-                    KILLED_AT_BOOT, f"{reason} (from outside; not a crash-loop strike)",
+                    KILLED_AT_BOOT,
+                    f"{reason} (from outside; not a crash-loop strike)",
                     sweep_unreported=sweep,
                 )
             return ExitDecision(
@@ -180,8 +182,9 @@ def decide(record: ExitRecord) -> ExitDecision:
 
 # Signals someone else sends (a user, a scheduler, a test); SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL
 # are the process's own faults and stay crash-loop strikes.
-_OUTSIDE_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                              signal.SIGUSR1, signal.SIGUSR2})
+_OUTSIDE_SIGNALS = frozenset(
+    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+)
 
 
 def _booting(record: ExitRecord) -> bool:

@@ -31,7 +31,9 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
     return max(1, (usable_cores() if cores is None else cores) // max(1, workers))
 
 
-def thread_env(workers: int, environ: Mapping[str, str], cores: int | None = None) -> dict[str, str]:
+def thread_env(
+    workers: int, environ: Mapping[str, str], cores: int | None = None
+) -> dict[str, str]:
     """The thread-count variables to add to a worker's environment (those not set already)."""
     count = str(threads_per_worker(workers, cores))
     return {name: count for name in THREAD_VARIABLES if not environ.get(name)}
