@@ -125,6 +125,7 @@ def _artifacts_module() -> Any:
     return optuna.artifacts
 
 
+# the base class comes from a lazy import (typed Any): mypy cannot subclass it statically
 class AtomicFileSystemArtifactStore(_artifacts_module().FileSystemArtifactStore):  # type: ignore[misc]
     """Optuna's ``FileSystemArtifactStore`` whose ``write`` is atomic and durable (temp file in
     the same directory, fsync, rename, directory fsync): on a shared file system another host

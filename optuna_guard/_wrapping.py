@@ -60,6 +60,7 @@ class _HyperbandBrackets:
 
     def _create_bracket_study(self, study: Any, bracket_id: int) -> Any:
         # with ``self`` as the bracket study's pruner, so our prune() still runs on it
+        # self is a wrapper, not a HyperbandPruner: Optuna's method only needs it as the pruner
         return HyperbandPruner._create_bracket_study(self, study, bracket_id)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:  # only for names not found normally

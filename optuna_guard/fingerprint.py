@@ -117,15 +117,15 @@ def _read_source(path: str) -> str:
     return raw.decode("utf-8", errors="surrogateescape").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _definition(tree: ast.Module, qualname: str) -> ast.AST | None:
+def _definition(tree: ast.Module, qualname: str) -> ast.stmt | None:
     """The def/class (or ``name = ...`` assignment) a dotted qualname points at, as Python
     would bind it: the last definition of a name wins."""
     body: Sequence[ast.stmt] = tree.body
-    node: ast.AST | None = None
+    node: ast.stmt | None = None
     for part in qualname.split("."):
         if part == "<locals>":
             return None
-        found: ast.AST | None = None
+        found: ast.stmt | None = None
         for child in body:
             if (
                 isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
@@ -152,9 +152,9 @@ def function_source(source: str, qualname: str) -> str | None:
     node = _definition(tree, qualname)
     if node is None:
         return None
-    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])  # type: ignore[attr-defined]
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
     lines = source.split("\n")
-    return "\n".join(lines[first - 1 : node.end_lineno])  # type: ignore[attr-defined]
+    return "\n".join(lines[first - 1 : node.end_lineno])
 
 
 def hash_extra(inputs: Iterable[str]) -> tuple[tuple[str, str], ...]:

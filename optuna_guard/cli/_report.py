@@ -176,8 +176,8 @@ def load_study_readonly(study_name: str, storage_url: str | None) -> Any:
 
 def _first_line(exc: BaseException) -> str:
     """The most specific message in the exception chain (Optuna wraps the driver's error)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

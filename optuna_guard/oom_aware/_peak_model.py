@@ -323,7 +323,7 @@ def _fit_regression(
 def _any_value(dist: BaseDistribution) -> Any:
     if isinstance(dist, CategoricalDistribution):
         return dist.choices[0]
-    return dist.low  # type: ignore[attr-defined]
+    return dist.low  # type: ignore[attr-defined]  # Float/IntDistribution, Optuna's numeric kinds
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:

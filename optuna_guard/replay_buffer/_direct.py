@@ -94,9 +94,10 @@ def fast_extend(
 ) -> FastExtend | None:
     """A :class:`FastExtend` when every field's storage takes direct copies, else None."""
     plans = direct_copy_plan(storages)
-    if any(plan is None for plan in plans):
+    ready = [plan for plan in plans if plan is not None]
+    if len(ready) != len(plans):
         return None
-    return FastExtend(names, shapes, plans)  # type: ignore[arg-type]
+    return FastExtend(names, shapes, ready)
 
 
 def direct_copy_plan(storages: list[torch.Tensor]) -> list[DirectCopy | None]:

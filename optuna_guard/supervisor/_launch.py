@@ -110,7 +110,7 @@ def launch(
             status_interval=status_interval,
             log_dir=log_dir,
             event_log=event_log,
-            on_kill=on_kill,  # type: ignore[arg-type]
+            on_kill=on_kill,  # type: ignore[arg-type]  # a str from users; LaunchConfig checks it
             retry=retry,
             retry_on=tuple(retry_on) if retry_on is not None else None,
             retry_shrink=retry_shrink,
