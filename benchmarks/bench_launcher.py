@@ -11,7 +11,8 @@
 3. Supervisor CPU with 8 idle-ish workers (trials sleeping 1 s), default 0.25 s watchdog, as
    a percentage of one core. Target: <= 2 %.
 
-    .venv/bin/python benchmarks/bench_launcher.py [--trials 400] [--repeats 1] [--skip-postgres]
+    .venv/bin/python benchmarks/bench_launcher.py [--trials 400] [--pairs 3] [--workers 1,2,4]
+        [--trial-ms 20] [--kind cpu|sleep] [--guard on|off|both] [--skip-postgres] [--only throughput]
 
 The machine is shared: run it when nothing else is busy; each pair is measured interleaved.
 """
@@ -41,9 +42,17 @@ OBJECTIVE = textwrap.dedent(
     """
     import os, time
 
+    _TRIAL_S = float(os.environ.get("BENCH_TRIAL_S", "0.02"))
+    _BUSY = os.environ.get("BENCH_KIND", "cpu") == "cpu"
+
     def objective(trial):
         x = trial.suggest_float("x", -1.0, 1.0)
-        time.sleep(float(os.environ.get("BENCH_TRIAL_S", "0.02")))
+        if _BUSY:  # CPU-bound, as real training is: a busy loop for the trial's CPU time
+            end = time.thread_time() + _TRIAL_S
+            while time.thread_time() < end:
+                pass
+        else:
+            time.sleep(_TRIAL_S)
         return x * x
 
     def hog(trial):
@@ -128,7 +137,11 @@ def run_plain(workdir: str, url: str, workers: int, trials: int) -> tuple[float,
     return elapsed, _steady_seconds(url, name), cpu
 
 
-def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool) -> tuple[float, float, float]:
+def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool,
+                 code: str | None = None) -> tuple[float, float, float, float]:
+    """(e2e s, steady s, CPU s of all processes, CPU s of the supervisor process alone).
+    ``code``: a directory holding another ``optuna_guard`` (e.g. ``git archive`` of an older
+    commit) to run instead of this checkout, for before/after pairs."""
     name = _create_study(url)
     cpu0 = _children_cpu()
     args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:objective", "--study-name", name,
@@ -137,39 +150,78 @@ def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool)
     if not guard:
         args.append("--no-guard")
     started = time.perf_counter()
-    result = subprocess.run(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = _env() if code is None else _env(PYTHONPATH=os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(args, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    own = _OwnCpu(proc.pid)
+    _, stderr = proc.communicate()
     elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"launcher failed: {result.stderr[-500:]}")
+    own.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"launcher failed: {stderr[-500:]}")
     cpu = _children_cpu() - cpu0
     assert _count(url, name) == trials
-    return elapsed, _steady_seconds(url, name), cpu
+    return elapsed, _steady_seconds(url, name), cpu, own.seconds
 
 
-def bench_throughput(workdir: str, urls: dict[str, str], trials: int, repeats: int, trial_ms: float) -> None:
-    print(f"\n1) Throughput: {trials} trials of {trial_ms:g} ms, best of {repeats}. 'e2e' = wall time from starting the "
-          "processes to the last exit; 'steady' = first trial start to last trial end (from the storage); "
-          "'CPU' = CPU ms per trial of all processes (supervisor + workers), which shared-machine load does not skew")
-    header = (f"{'storage':<9}{'workers':>8} | {'plain e2e':>9} {'launcher':>9} {'ratio':>6} {'+@guard':>8} {'ratio':>6} | "
-              f"{'plain st.':>9} {'launcher':>9} {'ratio':>6} {'+@guard':>8} {'ratio':>6} | "
-              f"{'CPU plain':>9} {'launcher':>9} {'+@guard':>8}")
+class _OwnCpu:
+    """The supervisor's own CPU (user + system, not its workers'), sampled every 50 ms until it
+    exits: the last sample misses at most its final 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.seconds = 0.0
+        self._done = threading.Event()
+        self._process = psutil.Process(pid)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            try:
+                times = self._process.cpu_times()
+                self.seconds = times.user + times.system
+            except psutil.Error:
+                return
+            self._done.wait(0.05)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def bench_throughput(workdir: str, urls: dict[str, str], trials: int, pairs: int, trial_ms: float,
+                     worker_counts: tuple[int, ...], kind: str, guard_modes: tuple[bool, ...],
+                     baseline: str | None = None) -> None:
+    print(f"\n1) {trials} {kind}-bound trials of {trial_ms:g} ms; {pairs} interleaved runs of plain / launcher "
+          "(medians). 'thr' = launcher throughput / plain, end to end (e2e, incl. start-up) and steady (first trial "
+          "start to last end, from the storage); 'CPU/trial' = CPU ms per trial of all processes; 'extra' = launcher "
+          "minus plain CPU per trial; 'sup %' = the supervisor process's own CPU as % of one core", flush=True)
+    header = (f"{'storage':<9}{'workers':>7} {'guard':>6} | {'thr e2e':>7} {'steady':>7} | {'CPU/trial plain':>15} "
+              f"{'launcher':>9} {'extra ms':>9} | {'sup ms/trial':>12} {'sup %':>6}")
     print(header)
     print("-" * len(header))
     for label, url in urls.items():
-        for workers in (1, 2, 4):
-            runs: dict[str, list[tuple[float, float, float]]] = {"plain": [], "bare": [], "guard": []}
-            for _ in range(repeats):  # interleaved, so drifting load hits all three alike
-                runs["plain"].append(run_plain(workdir, url, workers, trials))
-                runs["bare"].append(run_launcher(workdir, url, workers, trials, guard=False))
-                runs["guard"].append(run_launcher(workdir, url, workers, trials, guard=True))
-            e2e = {k: trials / min(r[0] for r in v) for k, v in runs.items()}
-            steady = {k: trials / min(r[1] for r in v) for k, v in runs.items()}
-            cpu = {k: 1000 * min(r[2] for r in v) / trials for k, v in runs.items()}
-            print(f"{label:<9}{workers:>8} | {e2e['plain']:>9.1f} {e2e['bare']:>9.1f} {e2e['bare'] / e2e['plain']:>6.2f} "
-                  f"{e2e['guard']:>8.1f} {e2e['guard'] / e2e['plain']:>6.2f} | {steady['plain']:>9.1f} {steady['bare']:>9.1f} "
-                  f"{steady['bare'] / steady['plain']:>6.2f} {steady['guard']:>8.1f} {steady['guard'] / steady['plain']:>6.2f} | "
-                  f"{cpu['plain']:>9.1f} {cpu['bare']:>9.1f} {cpu['guard']:>8.1f}",
-                  flush=True)
+        for workers in worker_counts:
+            plain: list[tuple[float, float, float]] = []
+            variants = [(g, None) for g in guard_modes] + ([(g, baseline) for g in guard_modes] if baseline else [])
+            launched: dict[tuple[bool, str | None], list[tuple[float, float, float, float]]] = {v: [] for v in variants}
+            for _ in range(pairs):  # interleaved, so drifting load hits all sides alike
+                plain.append(run_plain(workdir, url, workers, trials))
+                for guard, code in variants:
+                    launched[(guard, code)].append(run_launcher(workdir, url, workers, trials, guard, code))
+            med = statistics.median
+            for (guard, code), runs in launched.items():
+                e2e = med(p[0] for p in plain) / med(r[0] for r in runs)
+                steady = med(p[1] for p in plain) / med(r[1] for r in runs)
+                cpu_plain = 1000 * med(p[2] for p in plain) / trials
+                cpu_launcher = 1000 * med(r[2] for r in runs) / trials
+                extra = 1000 * med((r[2] - p[2]) / trials for r, p in zip(runs, plain))
+                sup = 1000 * med(r[3] for r in runs) / trials
+                sup_pct = 100 * med(r[3] / r[0] for r in runs)
+                print(f"{label:<9}{workers:>7} {'on' if guard else 'off':>6}{' (baseline)' if code else ''} | {e2e:>7.3f} {steady:>7.3f} | "
+                      f"{cpu_plain:>15.1f} {cpu_launcher:>9.1f} {extra:>9.1f} | {sup:>12.2f} {sup_pct:>6.2f}",
+                      flush=True)
 
 
 def bench_kill_to_replacement(workdir: str, kills: int = 3) -> None:
@@ -209,7 +261,7 @@ def bench_supervisor_cpu(workdir: str, workers: int = 8, window: float = 30.0) -
     args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:objective", "--study-name", name,
             "--storage", url, "--workers", str(workers), "--display", "off",
             "--log-dir", os.path.join(workdir, "logs", name)]
-    proc = subprocess.Popen(args, env=_env(BENCH_TRIAL_S="1.0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, env=_env(BENCH_TRIAL_S="1.0", BENCH_KIND="sleep"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         supervisor = psutil.Process(proc.pid)
         deadline = time.monotonic() + 90
@@ -240,8 +292,15 @@ def _count_running(url: str, name: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved plain/launcher runs per cell (median)")
+    parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated (default 1,2,4)")
+    parser.add_argument("--kind", choices=("cpu", "sleep"), default="cpu",
+                        help="trials busy-loop their length in CPU time (default) or sleep it")
+    parser.add_argument("--guard", choices=("on", "off", "both"), default="on",
+                        help="launcher with its default @guard (on), --no-guard (off) or both")
     parser.add_argument("--trial-ms", type=float, default=20.0, help="length of a short trial (default 20 ms)")
+    parser.add_argument("--baseline", metavar="DIR", help="also run the launcher from DIR/optuna_guard (e.g. "
+                        "`git archive <commit> optuna_guard | tar -x -C DIR`), interleaved: before/after in one run")
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--only", choices=("throughput", "kill", "cpu"), default=None)
@@ -258,8 +317,12 @@ def main() -> None:
             if not args.skip_postgres:
                 urls["postgres"] = POSTGRES_URL
             os.environ["BENCH_TRIAL_S"] = str(args.trial_ms / 1000.0)
-            bench_throughput(workdir, urls, args.trials, args.repeats, args.trial_ms)
+            os.environ["BENCH_KIND"] = args.kind
+            guard_modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.guard]
+            bench_throughput(workdir, urls, args.trials, args.pairs, args.trial_ms,
+                             tuple(int(n) for n in args.workers.split(",")), args.kind, guard_modes, args.baseline)
             os.environ.pop("BENCH_TRIAL_S")
+            os.environ.pop("BENCH_KIND")
         if args.only in (None, "kill"):
             bench_kill_to_replacement(workdir)
         if args.only in (None, "cpu"):

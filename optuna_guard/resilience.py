@@ -48,7 +48,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Container, Sequence, TypeVar
+from typing import Any, Callable, Container, Mapping, Sequence, TypeVar
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
@@ -708,6 +708,13 @@ class ResilientStorage(BaseStorage):
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._call("set_trial_user_attr", self._storage.set_trial_user_attr, trial_id, key, value)
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Several user attrs in one retried operation (one transaction on RDB storages): the
+        guard's end-of-trial tags would otherwise cost a transaction each."""
+        from optuna_guard import _attrs
+
+        self._call("set_trial_user_attrs", _attrs.set_user_attrs, self._storage, trial_id, attrs)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._call("set_trial_system_attr", self._storage.set_trial_system_attr, trial_id, key, value)

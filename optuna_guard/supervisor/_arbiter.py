@@ -352,7 +352,8 @@ class Arbiter:
             return False, f"being stopped: {worker.kill.reason}"
         if self.stopping:
             return False, f"stopping: {self.stop_reason}"
-        worker.rss_bytes = self._tree_rss(worker.pid)
+        if self.config.recycle_worker_rss_gb is not None:  # else the tick's reading will do
+            worker.rss_bytes = self._tree_rss(worker.pid)
         reason = _policies.recycle_reason(
             age_s=now - worker.started_at,
             age_limit_s=worker.age_limit,
