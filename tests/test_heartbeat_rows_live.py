@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 from supervisor_helpers import FAST, objective_spec, trials_of, wait_for
@@ -37,6 +38,8 @@ def test_running_trials_have_heartbeat_rows(
             done.set()
 
     thread = threading.Thread(target=run, daemon=True)
+    # the study (and its tables) first: the polling below must not race the launch's schema setup
+    optuna.create_study(study_name=unique_study_name, storage=sqlite_url)
     thread.start()
     engine = sqlalchemy.create_engine(sqlite_url)
     checked: set[int] = set()
