@@ -80,7 +80,7 @@ class ExitDecision:
 
 def decide(record: ExitRecord) -> ExitDecision:
     """The one place that says how a worker ended and what becomes of its trial."""
-    description = describe_exit(record.code)
+    description = describe_exit(record.code, oom_ruled_out=record.own_cgroup and not record.oom_killed)
     sweep = record.ticket_without_trial
     if record.oom_killed and record.kill_kind is None:
         reason = "out of memory: the kernel killed a process in the worker's own memory cgroup"

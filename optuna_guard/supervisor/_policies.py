@@ -31,17 +31,26 @@ _SIGNAL_HINTS = {
 }
 
 
-def describe_exit(returncode: int) -> str:
-    """``-9`` -> "worker exited with SIGKILL — perhaps the kernel OOM killer"."""
+_NOT_OOM = "not the kernel OOM killer (its memory cgroup recorded none): sent by another process"
+
+
+def describe_exit(returncode: int, *, oom_ruled_out: bool = False) -> str:
+    """``-9`` -> "worker exited with SIGKILL — perhaps the kernel OOM killer".
+
+    ``oom_ruled_out``: the worker had a memory cgroup of its own whose OOM-kill counter did not
+    move, so a SIGKILL came from a user, a scheduler or a script, and we say so.
+    """
     if returncode < 0:
         try:
             sig = signal.Signals(-returncode)
         except ValueError:
             return f"worker exited with signal {-returncode}"
         hint = _SIGNAL_HINTS.get(sig)
+        if sig == signal.SIGKILL and oom_ruled_out:
+            hint = _NOT_OOM
         return f"worker exited with {sig.name}" + (f" — {hint}" if hint else "")
     if returncode > 128 and returncode - 128 in signal.Signals._value2member_map_:
-        return describe_exit(-(returncode - 128))
+        return describe_exit(-(returncode - 128), oom_ruled_out=oom_ruled_out)
     return f"worker exited with code {returncode}"
 
 
