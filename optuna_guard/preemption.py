@@ -22,11 +22,19 @@ _log = get_logger(__name__)
 _stop = threading.Event()
 _checkpoint = threading.Event()
 _stop_reason: list[str] = ["stop requested"]
+_stop_is_preemption: list[bool] = [True]
 
 
-def request_stop(reason: str = "stop requested") -> None:
-    """Ask the running trial to stop at its next boundary (safe to call from a signal handler)."""
+def request_stop(reason: str = "stop requested", *, preempted: bool = True) -> None:
+    """Ask the running trial to stop at its next boundary (safe to call from a signal handler).
+
+    ``preempted=False``: the supervisor is killing the trial (memory, timeout) and sends its own
+    tags; the boundary then writes only the reason, never ``preempted``.
+    """
+    if preempted and _stop.is_set() and not _stop_is_preemption[0]:
+        return  # the supervisor's kill came first; its SIGTERM is part of that kill
     _stop_reason[0] = reason
+    _stop_is_preemption[0] = preempted
     _stop.set()
 
 
@@ -36,6 +44,14 @@ def stop_requested() -> bool:
 
 def stop_reason() -> str:
     return _stop_reason[0]
+
+
+def stop_tags() -> dict[str, Any]:
+    """The tags a boundary writes for the requested stop: ``preempted`` + reason for a
+    preemption (signal, time budget, lost supervisor), only the reason for a kill."""
+    if _stop_is_preemption[0]:
+        return tags.preempted(stop_reason())
+    return {tags.KILL_REASON: stop_reason()}
 
 
 def request_checkpoint() -> None:
@@ -60,6 +76,7 @@ def reset() -> None:
     _stop.clear()
     _checkpoint.clear()
     _stop_reason[0] = "stop requested"
+    _stop_is_preemption[0] = True
 
 
 class TrialPreempted(GuardError):
@@ -74,13 +91,13 @@ def raise_if_stop_requested(trial: Any) -> None:
     """At a trial boundary: if a stop was requested, tag the trial and raise TrialPreempted."""
     if not _stop.is_set():
         return
-    reason = f"preempted: {stop_reason()}"
+    attrs = stop_tags()
     try:
-        trial.set_user_attr(tags.PREEMPTED, True)
-        trial.set_user_attr(tags.KILL_REASON, reason)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
     except Exception:  # the trial may already be finished; stopping matters more than the tag
         pass
-    raise TrialPreempted(f"Trial #{getattr(trial, 'number', '?')} {reason}")
+    raise TrialPreempted(f"Trial #{getattr(trial, 'number', '?')} {attrs[tags.KILL_REASON]}")
 
 
 def raise_if_stop_requested_in_pruner(study: Any, frozen_trial: Any) -> None:
@@ -88,13 +105,13 @@ def raise_if_stop_requested_in_pruner(study: Any, frozen_trial: Any) -> None:
     the storage directly, since a FrozenTrial cannot write them."""
     if not _stop.is_set():
         return
-    reason = f"preempted: {stop_reason()}"
+    attrs = stop_tags()
     try:
-        study._storage.set_trial_user_attr(frozen_trial._trial_id, tags.PREEMPTED, True)
-        study._storage.set_trial_user_attr(frozen_trial._trial_id, tags.KILL_REASON, reason)
+        for key, value in attrs.items():
+            study._storage.set_trial_user_attr(frozen_trial._trial_id, key, value)
     except Exception:  # the trial may already be finished; stopping matters more than the tag
         pass
-    raise TrialPreempted(f"Trial #{frozen_trial.number} {reason}")
+    raise TrialPreempted(f"Trial #{frozen_trial.number} {attrs[tags.KILL_REASON]}")
 
 
 def stop_study_if_requested(study: Any, _trial: Any = None) -> None:

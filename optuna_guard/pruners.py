@@ -98,7 +98,7 @@ class MemoryGuardPruner(BasePruner):
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         storage = study._storage
         if preemption.stop_requested():
-            attrs = tags.preempted(preemption.stop_reason())
+            attrs = preemption.stop_tags()
             write_user_attrs(trial, attrs, storage)
             raise preemption.TrialPreempted(f"Trial #{trial.number} {attrs[tags.KILL_REASON]}")
         limits = self._limits

@@ -377,3 +377,14 @@ def test_k8s_job_runs_n_pods_on_one_study_and_replaces_stopped_ones() -> None:
     assert any(
         r["action"] == "FailJob" and 2 in r.get("onExitCodes", {}).get("values", []) for r in rules
     )
+
+
+def test_a_kill_request_is_not_turned_into_a_preemption_by_the_signal_that_follows() -> None:
+    """The supervisor's kill notice, then its SIGTERM: the trial is a kill, never `preempted`."""
+    preemption.request_stop("system memory low", preempted=False)
+    preemption.request_stop("SIGTERM")
+    assert preemption.stop_reason() == "system memory low"
+    assert preemption.stop_tags() == {tags.KILL_REASON: "system memory low"}
+    preemption.reset()
+    preemption.request_stop("SIGTERM")
+    assert preemption.stop_tags() == {tags.PREEMPTED: True, tags.KILL_REASON: "preempted: SIGTERM"}

@@ -581,6 +581,7 @@ class Arbiter:
             on_kill=self.config.on_kill, oom_killed=self._oom_killed(worker),
             memory_limit_gb=self.config.max_worker_rss_gb,
             own_cgroup=self.cgroups is not None and self.cgroups.of(worker.pid) is not None,
+            worker_id=worker.worker_id,
         )
 
     def _oom_killed(self, worker: WorkerHandle) -> bool:

@@ -64,6 +64,7 @@ class ExitRecord:
     oom_killed: bool = False  # the kernel OOM-killed a process in the worker's cgroup
     memory_limit_gb: float | None = None
     own_cgroup: bool = False  # it ran in a memory cgroup of its own (OOM kills there are recorded)
+    worker_id: int | None = None  # names the worker in reasons, as the arbiter's own kills do
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,8 @@ def decide(record: ExitRecord) -> ExitDecision:
     description = describe_exit(record.code, oom_ruled_out=record.own_cgroup and not record.oom_killed)
     sweep = record.ticket_without_trial
     if record.oom_killed and record.kill_kind is None:
-        reason = "out of memory: the kernel killed a process in the worker's own memory cgroup"
+        whose = "the worker's own" if record.worker_id is None else f"worker {record.worker_id}'s"
+        reason = f"out of memory: the kernel killed a process in {whose} memory cgroup"
         if record.memory_limit_gb is not None:
             reason += f" (hard limit --max-worker-rss-gb {record.memory_limit_gb:.2f} GB)"
         trial_tags = {

@@ -65,7 +65,7 @@ class _Inbox:
                 return
             if message.get("op") == self._protocol.KILL:
                 self.kill_notice = message
-                preemption.request_stop(str(message.get("reason", "killed by the launcher")))
+                preemption.request_stop(str(message.get("reason", "killed by the launcher")), preempted=False)
             else:
                 self._replies.put(message)
 
@@ -198,8 +198,6 @@ class WorkerLoop:
             # The supervisor is killing us (memory, or --trial-timeout with state FAIL); the trial
             # stopped at a boundary in time, so end it the way a hard kill would (tags, then state).
             reason = str(notice.get("reason", "killed by the launcher"))
-            if isinstance(exc, preemption.TrialPreempted):
-                trial.set_user_attr(tags.PREEMPTED, False)  # the stop was a kill, not a preemption
             for key, value in (notice.get("tags") or {}).items():
                 trial.set_user_attr(key, value)
             self._tag_final_attempt(trial)
