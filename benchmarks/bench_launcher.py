@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -30,8 +31,6 @@ import tempfile
 import textwrap
 import time
 import uuid
-
-import resource
 
 import psutil
 
@@ -103,8 +102,12 @@ def _steady_seconds(url: str, name: str) -> float:
 
     from optuna_guard.storage import open_storage
 
-    trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=False)
-    return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(
+        deepcopy=False
+    )
+    return (
+        max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
+    ).total_seconds()
 
 
 def _count(url: str, name: str) -> int:
@@ -125,11 +128,21 @@ def run_plain(workdir: str, url: str, workers: int, trials: int) -> tuple[float,
     cpu0 = _children_cpu()
     per_worker = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
     started = time.perf_counter()
-    procs = [subprocess.Popen([PYTHON, "-c", PLAIN_WORKER, workdir, name, url, str(n)], env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in per_worker]
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-c", PLAIN_WORKER, workdir, name, url, str(n)],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n in per_worker
+    ]
     failed = [proc for proc in procs if proc.wait() != 0]
     if failed:  # e.g. another test restarted the shared PostgreSQL server: measure again
-        print(f"   (a plain worker failed on {url.split(':')[0]}; measuring this run again)", flush=True)
+        print(
+            f"   (a plain worker failed on {url.split(':')[0]}; measuring this run again)",
+            flush=True,
+        )
         return run_plain(workdir, url, workers, trials)
     elapsed = time.perf_counter() - started
     cpu = _children_cpu() - cpu0
@@ -137,21 +150,44 @@ def run_plain(workdir: str, url: str, workers: int, trials: int) -> tuple[float,
     return elapsed, _steady_seconds(url, name), cpu
 
 
-def run_launcher(workdir: str, url: str, workers: int, trials: int, guard: bool,
-                 code: str | None = None) -> tuple[float, float, float, float]:
+def run_launcher(
+    workdir: str, url: str, workers: int, trials: int, guard: bool, code: str | None = None
+) -> tuple[float, float, float, float]:
     """(e2e s, steady s, CPU s of all processes, CPU s of the supervisor process alone).
     ``code``: a directory holding another ``optuna_guard`` (e.g. ``git archive`` of an older
     commit) to run instead of this checkout, for before/after pairs."""
     name = _create_study(url)
     cpu0 = _children_cpu()
-    args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:objective", "--study-name", name,
-            "--storage", url, "--workers", str(workers), "--n-trials", str(trials), "--display", "off",
-            "--log-dir", os.path.join(workdir, "logs", name)]
+    args = [
+        PYTHON,
+        "-m",
+        "optuna_guard.cli",
+        "run",
+        f"{workdir}/bench_objective.py:objective",
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--workers",
+        str(workers),
+        "--n-trials",
+        str(trials),
+        "--display",
+        "off",
+        "--log-dir",
+        os.path.join(workdir, "logs", name),
+    ]
     if not guard:
         args.append("--no-guard")
     started = time.perf_counter()
-    env = _env() if code is None else _env(PYTHONPATH=os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(args, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = (
+        _env()
+        if code is None
+        else _env(PYTHONPATH=os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")])))
+    )
+    proc = subprocess.Popen(
+        args, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     own = _OwnCpu(proc.pid)
     _, stderr = proc.communicate()
     elapsed = time.perf_counter() - started
@@ -190,26 +226,45 @@ class _OwnCpu:
         self._thread.join()
 
 
-def bench_throughput(workdir: str, urls: dict[str, str], trials: int, pairs: int, trial_ms: float,
-                     worker_counts: tuple[int, ...], kind: str, guard_modes: tuple[bool, ...],
-                     baseline: str | None = None) -> None:
-    print(f"\n1) {trials} {kind}-bound trials of {trial_ms:g} ms; {pairs} interleaved runs of plain / launcher "
-          "(medians). 'thr' = launcher throughput / plain, end to end (e2e, incl. start-up) and steady (first trial "
-          "start to last end, from the storage); 'CPU/trial' = CPU ms per trial of all processes; 'extra' = launcher "
-          "minus plain CPU per trial; 'sup %' = the supervisor process's own CPU as % of one core", flush=True)
-    header = (f"{'storage':<9}{'workers':>7} {'guard':>6} | {'thr e2e':>7} {'steady':>7} | {'CPU/trial plain':>15} "
-              f"{'launcher':>9} {'extra ms':>9} | {'sup ms/trial':>12} {'sup %':>6}")
+def bench_throughput(
+    workdir: str,
+    urls: dict[str, str],
+    trials: int,
+    pairs: int,
+    trial_ms: float,
+    worker_counts: tuple[int, ...],
+    kind: str,
+    guard_modes: tuple[bool, ...],
+    baseline: str | None = None,
+) -> None:
+    print(
+        f"\n1) {trials} {kind}-bound trials of {trial_ms:g} ms; {pairs} interleaved runs of plain / launcher "
+        "(medians). 'thr' = launcher throughput / plain, end to end (e2e, incl. start-up) and steady (first trial "
+        "start to last end, from the storage); 'CPU/trial' = CPU ms per trial of all processes; 'extra' = launcher "
+        "minus plain CPU per trial; 'sup %' = the supervisor process's own CPU as % of one core",
+        flush=True,
+    )
+    header = (
+        f"{'storage':<9}{'workers':>7} {'guard':>6} | {'thr e2e':>7} {'steady':>7} | {'CPU/trial plain':>15} "
+        f"{'launcher':>9} {'extra ms':>9} | {'sup ms/trial':>12} {'sup %':>6}"
+    )
     print(header)
     print("-" * len(header))
     for label, url in urls.items():
         for workers in worker_counts:
             plain: list[tuple[float, float, float]] = []
-            variants = [(g, None) for g in guard_modes] + ([(g, baseline) for g in guard_modes] if baseline else [])
-            launched: dict[tuple[bool, str | None], list[tuple[float, float, float, float]]] = {v: [] for v in variants}
+            variants = [(g, None) for g in guard_modes] + (
+                [(g, baseline) for g in guard_modes] if baseline else []
+            )
+            launched: dict[tuple[bool, str | None], list[tuple[float, float, float, float]]] = {
+                v: [] for v in variants
+            }
             for _ in range(pairs):  # interleaved, so drifting load hits all sides alike
                 plain.append(run_plain(workdir, url, workers, trials))
                 for guard, code in variants:
-                    launched[(guard, code)].append(run_launcher(workdir, url, workers, trials, guard, code))
+                    launched[(guard, code)].append(
+                        run_launcher(workdir, url, workers, trials, guard, code)
+                    )
             med = statistics.median
             for (guard, code), runs in launched.items():
                 e2e = med(p[0] for p in plain) / med(r[0] for r in runs)
@@ -219,49 +274,110 @@ def bench_throughput(workdir: str, urls: dict[str, str], trials: int, pairs: int
                 extra = 1000 * med((r[2] - p[2]) / trials for r, p in zip(runs, plain))
                 sup = 1000 * med(r[3] for r in runs) / trials
                 sup_pct = 100 * med(r[3] / r[0] for r in runs)
-                print(f"{label:<9}{workers:>7} {'on' if guard else 'off':>6}{' (baseline)' if code else ''} | {e2e:>7.3f} {steady:>7.3f} | "
-                      f"{cpu_plain:>15.1f} {cpu_launcher:>9.1f} {extra:>9.1f} | {sup:>12.2f} {sup_pct:>6.2f}",
-                      flush=True)
+                print(
+                    f"{label:<9}{workers:>7} {'on' if guard else 'off':>6}{' (baseline)' if code else ''} | {e2e:>7.3f} {steady:>7.3f} | "
+                    f"{cpu_plain:>15.1f} {cpu_launcher:>9.1f} {extra:>9.1f} | {sup:>12.2f} {sup_pct:>6.2f}",
+                    flush=True,
+                )
 
 
 def bench_kill_to_replacement(workdir: str, kills: int = 3) -> None:
-    print(f"\n2) Hard kill -> replacement worker running a trial (SQLite, 1 worker, {kills} kills, --kill-wait 1)")
+    print(
+        f"\n2) Hard kill -> replacement worker running a trial (SQLite, 1 worker, {kills} kills, --kill-wait 1)"
+    )
     idle = _idle_rss_gb(workdir)
     url = f"sqlite:///{workdir}/kill.db"
     name = _create_study(url)
     log_dir = os.path.join(workdir, "logs", name)
     hog_trials = ",".join(str(2 * i) for i in range(kills))
-    args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:hog", "--study-name", name,
-            "--storage", url, "--workers", "1", "--n-trials", str(2 * kills), "--display", "off", "--no-guard",
-            "--max-worker-rss-gb", f"{idle + 0.3:.3f}", "--log-dir", log_dir]
-    subprocess.run(args, env=_env(BENCH_HOG_TRIALS=hog_trials), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    events = [json.loads(line) for line in open(os.path.join(log_dir, "events.jsonl"))]
+    args = [
+        PYTHON,
+        "-m",
+        "optuna_guard.cli",
+        "run",
+        f"{workdir}/bench_objective.py:hog",
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--workers",
+        "1",
+        "--n-trials",
+        str(2 * kills),
+        "--display",
+        "off",
+        "--no-guard",
+        "--max-worker-rss-gb",
+        f"{idle + 0.3:.3f}",
+        "--log-dir",
+        log_dir,
+    ]
+    subprocess.run(
+        args,
+        env=_env(BENCH_HOG_TRIALS=hog_trials),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
+    with open(os.path.join(log_dir, "events.jsonl")) as log:
+        events = [json.loads(line) for line in log]
     gaps = []
     for index, event in enumerate(events):
         if event["event"] != "worker_killed":
             continue
-        later = [e for e in events[index + 1:] if e["event"] == "trial_started" and e["pid"] != event["pid"]]
+        later = [
+            e
+            for e in events[index + 1 :]
+            if e["event"] == "trial_started" and e["pid"] != event["pid"]
+        ]
         if later:
             gaps.append(later[0]["ts"] - event["ts"])
-    print(f"kills: {len(gaps)}   kill -> replacement running a trial: median {statistics.median(gaps):.2f}s, "
-          f"max {max(gaps):.2f}s  (each: {', '.join(f'{g:.2f}' for g in gaps)})")
+    print(
+        f"kills: {len(gaps)}   kill -> replacement running a trial: median {statistics.median(gaps):.2f}s, "
+        f"max {max(gaps):.2f}s  (each: {', '.join(f'{g:.2f}' for g in gaps)})"
+    )
 
 
 def _idle_rss_gb(workdir: str) -> float:
-    script = ("import os, optuna, optuna_guard.supervisor._worker\n"
-              "from optuna_guard.supervisor._tree import tree_rss_bytes\n"
-              "print(tree_rss_bytes(os.getpid()) / 2**30)")
-    return float(subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, check=True).stdout)
+    script = (
+        "import os, optuna, optuna_guard.supervisor._worker\n"
+        "from optuna_guard.supervisor._tree import tree_rss_bytes\n"
+        "print(tree_rss_bytes(os.getpid()) / 2**30)"
+    )
+    return float(
+        subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, check=True).stdout
+    )
 
 
 def bench_supervisor_cpu(workdir: str, workers: int = 8, window: float = 30.0) -> None:
-    print(f"\n3) Supervisor CPU with {workers} idle-ish workers (trials sleep 1 s; default 0.25 s watchdog)")
+    print(
+        f"\n3) Supervisor CPU with {workers} idle-ish workers (trials sleep 1 s; default 0.25 s watchdog)"
+    )
     url = f"sqlite:///{workdir}/cpu.db"
     name = _create_study(url)
-    args = [PYTHON, "-m", "optuna_guard.cli", "run", f"{workdir}/bench_objective.py:objective", "--study-name", name,
-            "--storage", url, "--workers", str(workers), "--display", "off",
-            "--log-dir", os.path.join(workdir, "logs", name)]
-    proc = subprocess.Popen(args, env=_env(BENCH_TRIAL_S="1.0", BENCH_KIND="sleep"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        PYTHON,
+        "-m",
+        "optuna_guard.cli",
+        "run",
+        f"{workdir}/bench_objective.py:objective",
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--workers",
+        str(workers),
+        "--display",
+        "off",
+        "--log-dir",
+        os.path.join(workdir, "logs", name),
+    ]
+    proc = subprocess.Popen(
+        args,
+        env=_env(BENCH_TRIAL_S="1.0", BENCH_KIND="sleep"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         supervisor = psutil.Process(proc.pid)
         deadline = time.monotonic() + 90
@@ -275,8 +391,10 @@ def bench_supervisor_cpu(workdir: str, workers: int = 8, window: float = 30.0) -
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finished = _count(url, name)
-    print(f"supervisor CPU: {100 * (cpu1 - cpu0) / (wall1 - wall0):.2f} % of one core over {wall1 - wall0:.0f}s "
-          f"({finished} trials by {workers} workers; exit code {proc.returncode})")
+    print(
+        f"supervisor CPU: {100 * (cpu1 - cpu0) / (wall1 - wall0):.2f} % of one core over {wall1 - wall0:.0f}s "
+        f"({finished} trials by {workers} workers; exit code {proc.returncode})"
+    )
 
 
 def _count_running(url: str, name: str) -> int:
@@ -292,15 +410,33 @@ def _count_running(url: str, name: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=400)
-    parser.add_argument("--pairs", type=int, default=3, help="interleaved plain/launcher runs per cell (median)")
-    parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated (default 1,2,4)")
-    parser.add_argument("--kind", choices=("cpu", "sleep"), default="cpu",
-                        help="trials busy-loop their length in CPU time (default) or sleep it")
-    parser.add_argument("--guard", choices=("on", "off", "both"), default="on",
-                        help="launcher with its default @guard (on), --no-guard (off) or both")
-    parser.add_argument("--trial-ms", type=float, default=20.0, help="length of a short trial (default 20 ms)")
-    parser.add_argument("--baseline", metavar="DIR", help="also run the launcher from DIR/optuna_guard (e.g. "
-                        "`git archive <commit> optuna_guard | tar -x -C DIR`), interleaved: before/after in one run")
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="interleaved plain/launcher runs per cell (median)"
+    )
+    parser.add_argument(
+        "--workers", default="1,2,4", help="worker counts, comma-separated (default 1,2,4)"
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("cpu", "sleep"),
+        default="cpu",
+        help="trials busy-loop their length in CPU time (default) or sleep it",
+    )
+    parser.add_argument(
+        "--guard",
+        choices=("on", "off", "both"),
+        default="on",
+        help="launcher with its default @guard (on), --no-guard (off) or both",
+    )
+    parser.add_argument(
+        "--trial-ms", type=float, default=20.0, help="length of a short trial (default 20 ms)"
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the launcher from DIR/optuna_guard (e.g. "
+        "`git archive <commit> optuna_guard | tar -x -C DIR`), interleaved: before/after in one run",
+    )
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--only", choices=("throughput", "kill", "cpu"), default=None)
@@ -319,8 +455,17 @@ def main() -> None:
             os.environ["BENCH_TRIAL_S"] = str(args.trial_ms / 1000.0)
             os.environ["BENCH_KIND"] = args.kind
             guard_modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.guard]
-            bench_throughput(workdir, urls, args.trials, args.pairs, args.trial_ms,
-                             tuple(int(n) for n in args.workers.split(",")), args.kind, guard_modes, args.baseline)
+            bench_throughput(
+                workdir,
+                urls,
+                args.trials,
+                args.pairs,
+                args.trial_ms,
+                tuple(int(n) for n in args.workers.split(",")),
+                args.kind,
+                guard_modes,
+                args.baseline,
+            )
             os.environ.pop("BENCH_TRIAL_S")
             os.environ.pop("BENCH_KIND")
         if args.only in (None, "kill"):

@@ -27,7 +27,8 @@ def set_user_attrs(storage: BaseStorage, trial_id: int, attrs: Mapping[str, Any]
     if len(attrs) > 1:
         batched = getattr(type(storage), "set_trial_user_attrs", None)  # ResilientStorage
         if batched is not None:
-            return batched(storage, trial_id, attrs)
+            batched(storage, trial_id, attrs)
+            return
         backend = storage._backend if type(storage) is _CachedStorage else storage
         if type(backend) is InMemoryStorage:
             return _in_memory(backend, trial_id, attrs)

@@ -48,7 +48,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Container, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Container, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
@@ -97,9 +98,15 @@ class RetrySettings:
     deadline_s: float = 300.0
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 15.0
-    clock: Callable[[], float] = dataclasses.field(default=time.monotonic, repr=False, compare=False)
-    sleep: Callable[[float], None] = dataclasses.field(default=time.sleep, repr=False, compare=False)
-    random: Callable[[], float] = dataclasses.field(default=random.random, repr=False, compare=False)
+    clock: Callable[[], float] = dataclasses.field(
+        default=time.monotonic, repr=False, compare=False
+    )
+    sleep: Callable[[float], None] = dataclasses.field(
+        default=time.sleep, repr=False, compare=False
+    )
+    random: Callable[[], float] = dataclasses.field(
+        default=random.random, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         _non_negative("deadline_s", self.deadline_s)
@@ -125,13 +132,21 @@ class RetrySettings:
     def backoff(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th consecutive failure (1-based)."""
         base = min(self.max_backoff_s, self.initial_backoff_s * 2 ** min(failures - 1, 60))
-        return base * (0.5 + 0.5 * self.random())
+        return float(base * (0.5 + 0.5 * self.random()))
 
 
 # -- which errors are transient, which are permanent ------------------------------------------
 
 _TRANSIENT_DBAPI_NAMES = {"OperationalError", "InterfaceError"}
-_TRANSIENT_DBAPI_MODULES = ("psycopg", "psycopg2", "pymysql", "MySQLdb", "mysql", "asyncpg", "pg8000")
+_TRANSIENT_DBAPI_MODULES = (
+    "psycopg",
+    "psycopg2",
+    "pymysql",
+    "MySQLdb",
+    "mysql",
+    "asyncpg",
+    "pg8000",
+)
 # SQLite reports most permanent problems as OperationalError too; only these pass with time.
 _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "busy", "disk i/o error")
 # Messages of errors that waiting does not fix: a wrong schema, a wrong name, wrong credentials,
@@ -139,27 +154,64 @@ _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "busy", "
 # refused/reset/terminated, too many clients, starting up, shutting down, lock wait timeout,
 # deadlock) passes with time.
 _PERMANENT_HINTS = (
-    "no such table", "no such column", "syntax error", "does not exist", "permission denied",
-    "password authentication failed", "no password supplied", "authentication failed",
-    "unknown database", "access denied", "could not translate host name", "name or service not known",
-    "nodename nor servname", "unknown mysql server host", "unknown host", "invalid dsn",
-    "invalid connection option", "wrongpass", "noauth", "invalid password", "db index is out of range",
+    "no such table",
+    "no such column",
+    "syntax error",
+    "does not exist",
+    "permission denied",
+    "password authentication failed",
+    "no password supplied",
+    "authentication failed",
+    "unknown database",
+    "access denied",
+    "could not translate host name",
+    "name or service not known",
+    "nodename nor servname",
+    "unknown mysql server host",
+    "unknown host",
+    "invalid dsn",
+    "invalid connection option",
+    "wrongpass",
+    "noauth",
+    "invalid password",
+    "db index is out of range",
 )
 # A resolver that is down right now (EAI_AGAIN) is not the same as a name that does not exist.
 _TRANSIENT_OVERRIDES = ("temporary failure in name resolution", "try again")
 _TRANSIENT_ERRNOS = frozenset(
-    getattr(errno, name) for name in (
-        "ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "EPIPE", "ETIMEDOUT", "ENETUNREACH",
-        "EHOSTUNREACH", "ENETDOWN", "EHOSTDOWN", "ENETRESET", "ENOTCONN",
-    ) if hasattr(errno, name)
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "EPIPE",
+        "ETIMEDOUT",
+        "ENETUNREACH",
+        "EHOSTUNREACH",
+        "ENETDOWN",
+        "EHOSTDOWN",
+        "ENETRESET",
+        "ENOTCONN",
+    )
+    if hasattr(errno, name)
 )
 _GRPC_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
 _GRPC_PERMANENT = ("UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED")
 # What a storage proxy answers when its own database failed: UNKNOWN with the server's
 # exception text; these words say the database, not the request, is the problem.
 _GRPC_UNKNOWN_TRANSIENT = (
-    "connection", "server closed", "starting up", "shutting down", "too many", "timeout", "timed out",
-    "terminating", "database is locked", "could not connect", "lock wait", "deadlock",
+    "connection",
+    "server closed",
+    "starting up",
+    "shutting down",
+    "too many",
+    "timeout",
+    "timed out",
+    "terminating",
+    "database is locked",
+    "could not connect",
+    "lock wait",
+    "deadlock",
     "storage unreachable",  # a proxy whose own ResilientStorage gave up (StorageUnavailableError)
 )
 
@@ -213,13 +265,20 @@ def _redis_transient(exc: BaseException) -> bool | None:
     if "redis" not in sys.modules:
         return None
     r = sys.modules["redis"].exceptions
-    if isinstance(exc, (r.AuthenticationError, getattr(r, "AuthorizationError", r.AuthenticationError),
-                        getattr(r, "NoPermissionError", r.AuthenticationError))):
+    if isinstance(
+        exc,
+        (
+            r.AuthenticationError,
+            getattr(r, "AuthorizationError", r.AuthenticationError),
+            getattr(r, "NoPermissionError", r.AuthenticationError),
+        ),
+    ):
         return False
     if isinstance(exc, (r.ConnectionError, r.TimeoutError, r.BusyLoadingError)):
         return not _says_permanent(_text(exc))
     transient_responses = tuple(
-        getattr(r, name) for name in ("ReadOnlyError", "TryAgainError", "ClusterDownError", "MasterDownError")
+        getattr(r, name)
+        for name in ("ReadOnlyError", "TryAgainError", "ClusterDownError", "MasterDownError")
         if hasattr(r, name)
     )
     if isinstance(exc, transient_responses):
@@ -233,13 +292,23 @@ def _is_transient_one(exc: BaseException) -> bool | None:
     """True/False when this exception decides it, None to look further down the chain."""
     import sqlalchemy.exc as sa_exc
 
-    if isinstance(exc, (optuna.exceptions.UpdateFinishedTrialError, optuna.exceptions.DuplicatedStudyError)):
+    if isinstance(
+        exc, (optuna.exceptions.UpdateFinishedTrialError, optuna.exceptions.DuplicatedStudyError)
+    ):
         return False
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
         return True
-    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.DataError, sa_exc.NotSupportedError)):
+    if isinstance(
+        exc,
+        (
+            sa_exc.IntegrityError,
+            sa_exc.ProgrammingError,
+            sa_exc.DataError,
+            sa_exc.NotSupportedError,
+        ),
+    ):
         return False
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
         return _transient_by_message(exc, getattr(exc, "orig", None))
@@ -255,7 +324,9 @@ def _is_transient_one(exc: BaseException) -> bool | None:
             return not (_says_permanent(details) or _grpc_unresolvable(details))
         if code == "UNKNOWN":
             details = _grpc_details(exc)
-            return any(hint in details for hint in _GRPC_UNKNOWN_TRANSIENT) and not _says_permanent(details)
+            return any(
+                hint in details for hint in _GRPC_UNKNOWN_TRANSIENT
+            ) and not _says_permanent(details)
         return False
     if module == "redis":
         decided = _redis_transient(exc)
@@ -297,7 +368,9 @@ def _is_permanent_one(exc: BaseException) -> bool:
         return True
     if isinstance(exc, (ImportError, sa_exc.ArgumentError, sa_exc.NoSuchModuleError)):
         return True  # missing driver, unparseable URL, unknown dialect
-    if isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)):
+    if isinstance(
+        exc, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+    ):
         return True  # a journal file in a directory that is missing or not ours
     if isinstance(exc, socket.gaierror):
         return exc.errno != getattr(socket, "EAI_AGAIN", -3)
@@ -308,15 +381,16 @@ def _is_permanent_one(exc: BaseException) -> bool:
         )
     if type(exc).__module__.split(".")[0] == "redis":
         r = sys.modules["redis"].exceptions
-        if isinstance(exc, (r.AuthenticationError, getattr(r, "AuthorizationError", r.AuthenticationError))):
+        if isinstance(
+            exc, (r.AuthenticationError, getattr(r, "AuthorizationError", r.AuthenticationError))
+        ):
             return True
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.ProgrammingError)) or (
-        type(exc).__module__.split(".")[0] in (*_TRANSIENT_DBAPI_MODULES, "redis")
-    ):
+    if isinstance(
+        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.ProgrammingError)
+    ) or (type(exc).__module__.split(".")[0] in (*_TRANSIENT_DBAPI_MODULES, "redis")):
         return _says_permanent(_text(exc))
-    if isinstance(exc, ValueError) and "url" in _text(exc):
-        return True  # e.g. redis: "Redis URL must specify one of the following schemes"
-    return False
+    # e.g. redis: "Redis URL must specify one of the following schemes"
+    return isinstance(exc, ValueError) and "url" in _text(exc)
 
 
 def is_permanent_storage_error(exc: BaseException) -> bool:
@@ -368,7 +442,9 @@ class _OutageTracker:
             self.outages += 1
         _log.warning(
             "Storage outage began: %s failed with %s; retrying with backoff for up to %.0f s.",
-            what, _summary(exc), settings.deadline_s,
+            what,
+            _summary(exc),
+            settings.deadline_s,
         )
         self._notify("began", 0.0, what)
 
@@ -423,7 +499,7 @@ def _retry(
                     if resolve is not None:
                         outcome = resolve(exc)
                         if outcome is not _RAISE:
-                            return outcome
+                            return cast(T, outcome)
                 raise
             attempts.failures += 1
             tracker.failed(what, exc, settings)
@@ -435,7 +511,13 @@ def _retry(
                     f"{ENV_DEADLINE}): {what} failed {attempts.failures} times; last error {_summary(exc)}"
                 ) from exc
             delay = min(settings.backoff(attempts.failures), remaining)
-            _log.debug("%s failed (%s); retry %d in %.2f s.", what, _summary(exc), attempts.failures, delay)
+            _log.debug(
+                "%s failed (%s); retry %d in %.2f s.",
+                what,
+                _summary(exc),
+                attempts.failures,
+                delay,
+            )
             settings.sleep(delay)
             continue
         if attempts.failures:
@@ -456,7 +538,7 @@ def call_with_retry(
     return _retry(
         lambda: fn(*args, **kwargs),
         settings or RetrySettings.from_env(),
-        what or getattr(fn, "__qualname__", "storage call"),
+        what or str(getattr(fn, "__qualname__", "storage call")),
         _DEFAULT_TRACKER,
     )
 
@@ -469,7 +551,9 @@ def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None)
         return True
     if stored is None or len(stored) != len(wanted):
         return False
-    return all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(stored, map(float, wanted)))
+    return all(
+        a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(stored, map(float, wanted))
+    )
 
 
 class ResilientStorage(BaseStorage):
@@ -486,7 +570,9 @@ class ResilientStorage(BaseStorage):
     # The wrapper's own attributes; any other attribute write goes to the wrapped storage.
     _OWN_ATTRS = frozenset({"_storage", "_rdb", "settings", "idempotent_create", "_tracker"})
 
-    def __new__(cls, storage: Any = None, settings: RetrySettings | None = None, **_kwargs: Any) -> ResilientStorage:
+    def __new__(
+        cls, storage: Any = None, settings: RetrySettings | None = None, **_kwargs: Any
+    ) -> ResilientStorage:
         # ``storage`` is optional so that pickle and copy can make an empty instance.
         if cls is ResilientStorage and _supports_heartbeat(storage):
             cls = _ResilientHeartbeatStorage
@@ -550,7 +636,9 @@ class ResilientStorage(BaseStorage):
             rdb = self.__dict__.get("_rdb")
             if rdb is not None and hasattr(rdb, name):
                 return getattr(rdb, name)
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}") from None
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}"
+            ) from None
 
     @property
     def wrapped(self) -> BaseStorage:
@@ -561,35 +649,57 @@ class ResilientStorage(BaseStorage):
         """How many outages this storage has seen (for status lines and tests)."""
         return self._tracker.outages
 
-    def _call(self, what: str, fn: Callable[..., T], *args: Any, resolve: Any = None,
-              attempts: _Attempts | None = None, **kwargs: Any) -> T:
-        return _retry(lambda: fn(*args, **kwargs), self.settings, what, self._tracker, resolve, attempts)
+    def _call(
+        self,
+        what: str,
+        fn: Callable[..., T],
+        *args: Any,
+        resolve: Any = None,
+        attempts: _Attempts | None = None,
+        **kwargs: Any,
+    ) -> T:
+        return _retry(
+            lambda: fn(*args, **kwargs), self.settings, what, self._tracker, resolve, attempts
+        )
 
     # -- studies --
 
-    def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
         def resolve(exc: BaseException) -> Any:
             if isinstance(exc, optuna.exceptions.DuplicatedStudyError) and study_name is not None:
                 return self.get_study_id_from_name(study_name)  # our first attempt made it
             return _RAISE
 
-        return self._call(f"create_new_study({study_name!r})", self._storage.create_new_study,
-                          directions, study_name, resolve=resolve)
+        return self._call(
+            f"create_new_study({study_name!r})",
+            self._storage.create_new_study,
+            directions,
+            study_name,
+            resolve=resolve,
+        )
 
     def delete_study(self, study_id: int) -> None:
         def resolve(exc: BaseException) -> Any:
             return None if isinstance(exc, KeyError) else _RAISE
 
-        self._call(f"delete_study({study_id})", self._storage.delete_study, study_id, resolve=resolve)
+        self._call(
+            f"delete_study({study_id})", self._storage.delete_study, study_id, resolve=resolve
+        )
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
         self._call("set_study_user_attr", self._storage.set_study_user_attr, study_id, key, value)
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._call("set_study_system_attr", self._storage.set_study_system_attr, study_id, key, value)
+        self._call(
+            "set_study_system_attr", self._storage.set_study_system_attr, study_id, key, value
+        )
 
     def get_study_id_from_name(self, study_name: str) -> int:
-        return self._call("get_study_id_from_name", self._storage.get_study_id_from_name, study_name)
+        return self._call(
+            "get_study_id_from_name", self._storage.get_study_id_from_name, study_name
+        )
 
     def get_study_name_from_id(self, study_id: int) -> str:
         return self._call("get_study_name_from_id", self._storage.get_study_name_from_id, study_id)
@@ -611,7 +721,9 @@ class ResilientStorage(BaseStorage):
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         template = _with_exact_start(template_trial) if self.idempotent_create else template_trial
         if template is None:
-            return self._call("create_new_trial", self._storage.create_new_trial, study_id, template_trial)
+            return self._call(
+                "create_new_trial", self._storage.create_new_trial, study_id, template_trial
+            )
         attempts = _Attempts()
 
         def attempt() -> int:
@@ -630,25 +742,36 @@ class ResilientStorage(BaseStorage):
         A storage that keeps start times to the second (MySQL) matches only trials tagged
         with this process's pid and host (the launcher's workers create trials with those
         tags), so another process's new trial is never taken for ours."""
-        running = self._storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        running = self._storage.get_all_trials(
+            study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
         fresh = [t for t in running if t.params == template.params and not t.intermediate_values]
         matches = [t for t in fresh if t.datetime_start == template.datetime_start]
-        lossy = not matches and any(
-            t.datetime_start is not None and t.datetime_start.microsecond == 0
-            and t.datetime_start == template.datetime_start.replace(microsecond=0)
-            for t in fresh
+        started = template.datetime_start
+        lossy = (
+            started is not None
+            and not matches
+            and any(
+                t.datetime_start is not None
+                and t.datetime_start.microsecond == 0
+                and t.datetime_start == started.replace(microsecond=0)
+                for t in fresh
+            )
         )
-        if lossy:
+        if lossy and started is not None:
             from optuna_guard import tags
 
             matches = [
-                t for t in fresh
-                if t.datetime_start == template.datetime_start.replace(microsecond=0)
+                t
+                for t in fresh
+                if t.datetime_start == started.replace(microsecond=0)
                 and t.user_attrs.get(tags.WORKER_PID) == os.getpid()
                 and t.user_attrs.get(tags.HOSTNAME) == socket.gethostname()
             ]
         if len(matches) == 1:
-            _log.info("Trial %d was created before the connection dropped; using it.", matches[0].number)
+            _log.info(
+                "Trial %d was created before the connection dropped; using it.", matches[0].number
+            )
             return matches[0]._trial_id
         if matches or lossy:
             _log.warning(
@@ -658,28 +781,53 @@ class ResilientStorage(BaseStorage):
             )
         return None
 
-    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
-                        distribution: optuna.distributions.BaseDistribution) -> None:
-        self._call("set_trial_param", self._storage.set_trial_param,
-                   trial_id, param_name, param_value_internal, distribution)
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: optuna.distributions.BaseDistribution,
+    ) -> None:
+        self._call(
+            "set_trial_param",
+            self._storage.set_trial_param,
+            trial_id,
+            param_name,
+            param_value_internal,
+            distribution,
+        )
 
-    def set_trial_state_values(self, trial_id: int, state: TrialState,
-                               values: Sequence[float] | None = None) -> bool:
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
         what = f"set_trial_state_values(trial id {trial_id}, {state.name})"
 
         def resolve(exc: BaseException) -> Any:
-            if not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or not state.is_finished():
+            if (
+                not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError)
+                or not state.is_finished()
+            ):
                 return _RAISE
             stored = self.get_trial(trial_id)
             if stored.state == state and _same_values(stored.values, values):
-                _log.info("Trial %d was already %s with these values: the write before the outage committed.",
-                          stored.number, state.name)
+                _log.info(
+                    "Trial %d was already %s with these values: the write before the outage committed.",
+                    stored.number,
+                    state.name,
+                )
                 return True
             return _RAISE
 
         attempts = _Attempts()
-        done = self._call(what, self._storage.set_trial_state_values, trial_id, state, values,
-                          resolve=resolve, attempts=attempts)
+        done = self._call(
+            what,
+            self._storage.set_trial_state_values,
+            trial_id,
+            state,
+            values,
+            resolve=resolve,
+            attempts=attempts,
+        )
         if not done and state == TrialState.RUNNING and attempts.failures:
             self._orphan_guard(trial_id)
         return done
@@ -694,17 +842,26 @@ class ResilientStorage(BaseStorage):
                 pass
             _log.warning(
                 "Trial id %d was taken by this or another worker while the storage was away; if it was "
-                "this one, the stale-trial check will fail it after the grace period.", trial_id,
+                "this one, the stale-trial check will fail it after the grace period.",
+                trial_id,
             )
         else:
             _log.warning(
                 "Trial id %d was taken by this or another worker while the storage was away; without "
-                "a heartbeat it may stay RUNNING if it was this one.", trial_id,
+                "a heartbeat it may stay RUNNING if it was this one.",
+                trial_id,
             )
 
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._call("set_trial_intermediate_value", self._storage.set_trial_intermediate_value,
-                   trial_id, step, intermediate_value)
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        self._call(
+            "set_trial_intermediate_value",
+            self._storage.set_trial_intermediate_value,
+            trial_id,
+            step,
+            intermediate_value,
+        )
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._call("set_trial_user_attr", self._storage.set_trial_user_attr, trial_id, key, value)
@@ -717,16 +874,24 @@ class ResilientStorage(BaseStorage):
         self._call("set_trial_user_attrs", _attrs.set_user_attrs, self._storage, trial_id, attrs)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._call("set_trial_system_attr", self._storage.set_trial_system_attr, trial_id, key, value)
+        self._call(
+            "set_trial_system_attr", self._storage.set_trial_system_attr, trial_id, key, value
+        )
 
     # -- trials: reads --
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
-        return self._call("get_trial_id_from_study_id_trial_number",
-                          self._storage.get_trial_id_from_study_id_trial_number, study_id, trial_number)
+        return self._call(
+            "get_trial_id_from_study_id_trial_number",
+            self._storage.get_trial_id_from_study_id_trial_number,
+            study_id,
+            trial_number,
+        )
 
     def get_trial_number_from_id(self, trial_id: int) -> int:
-        return self._call("get_trial_number_from_id", self._storage.get_trial_number_from_id, trial_id)
+        return self._call(
+            "get_trial_number_from_id", self._storage.get_trial_number_from_id, trial_id
+        )
 
     def get_trial_param(self, trial_id: int, param_name: str) -> float:
         return self._call("get_trial_param", self._storage.get_trial_param, trial_id, param_name)
@@ -734,11 +899,20 @@ class ResilientStorage(BaseStorage):
     def get_trial(self, trial_id: int) -> FrozenTrial:
         return self._call("get_trial", self._storage.get_trial, trial_id)
 
-    def get_all_trials(self, study_id: int, deepcopy: bool = True,
-                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._call("get_all_trials", self._storage.get_all_trials, study_id, deepcopy=deepcopy, states=states)
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        return self._call(
+            "get_all_trials",
+            self._storage.get_all_trials,
+            study_id,
+            deepcopy=deepcopy,
+            states=states,
+        )
 
-    def get_n_trials(self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None) -> int:
+    def get_n_trials(
+        self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None
+    ) -> int:
         return self._call("get_n_trials", self._storage.get_n_trials, study_id, state)
 
     def get_best_trial(self, study_id: int) -> FrozenTrial:
@@ -766,8 +940,17 @@ def _with_exact_start(template: FrozenTrial | None) -> FrozenTrial | None:
     if template is None:
         now = _unique_now()
         return FrozenTrial(
-            number=-1, state=TrialState.RUNNING, value=None, datetime_start=now, datetime_complete=None,
-            params={}, distributions={}, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1,
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=now,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=-1,
         )
     if template.state != TrialState.RUNNING:
         return None
@@ -808,7 +991,11 @@ class _ResilientHeartbeatStorage(ResilientStorage, BaseHeartbeat):
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            self._call(f"record_heartbeat(trial id {trial_id})", self._heartbeat().record_heartbeat, trial_id)
+            self._call(
+                f"record_heartbeat(trial id {trial_id})",
+                self._heartbeat().record_heartbeat,
+                trial_id,
+            )
         except StorageUnavailableError as exc:
             _log.error("Heartbeat of trial id %d not recorded: %s", trial_id, exc)
 
@@ -828,7 +1015,9 @@ class _ResilientHeartbeatStorage(ResilientStorage, BaseHeartbeat):
     def get_heartbeat_interval(self) -> int | None:
         return self._heartbeat().get_heartbeat_interval()
 
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+    def get_heartbeat_stale_trial_callback(
+        self,
+    ) -> Callable[[optuna.Study, FrozenTrial], None] | None:
         return self._heartbeat().get_heartbeat_stale_trial_callback()
 
     def _heartbeat(self) -> BaseHeartbeat:

@@ -222,7 +222,9 @@ def test_system_memory_kill_of_a_guarded_worker_stops_its_trial_cooperatively(
     assert trial.user_attrs[tags.KILL_REASON].startswith(
         "system memory low: 0.48 GB available < 0.50 GB; worker 1"
     )
-    assert tags.PREEMPTED not in trial.user_attrs, str(sorted(trial.user_attrs.items()))  # a kill, never tagged as a preemption (issue 16)
+    assert tags.PREEMPTED not in trial.user_attrs, str(
+        sorted(trial.user_attrs.items())
+    )  # a kill, never tagged as a preemption (issue 16)
     assert summary.kills == 1 and summary.crashes == 0
     log = read_events(str(events_path))
     assert [e["trial_number"] for e in log if e["event"] == events.TRIAL_KILLED] == [0]

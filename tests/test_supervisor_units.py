@@ -37,7 +37,9 @@ def test_describe_exit(code, expected):
 def test_a_sigkill_is_not_blamed_on_the_oom_killer_when_the_cgroup_saw_none():
     said = _policies.describe_exit(-9, oom_ruled_out=True)
     assert "perhaps the kernel OOM killer" not in said and "sent by another process" in said
-    assert _policies.describe_exit(-11, oom_ruled_out=True).endswith("segmentation fault in native code")
+    assert _policies.describe_exit(-11, oom_ruled_out=True).endswith(
+        "segmentation fault in native code"
+    )
 
 
 def test_a_crash_in_a_trial_with_its_own_cgroup_names_an_outside_sigkill():
@@ -46,7 +48,9 @@ def test_a_crash_in_a_trial_with_its_own_cgroup_names_an_outside_sigkill():
 
     record = _exits.ExitRecord(code=-9, pid=7, in_trial=True, trials_started=1, own_cgroup=True)
     decision = _exits.decide(record)
-    assert decision.trial_tags[tags.KILL_REASON].startswith("worker exited with SIGKILL — not the kernel OOM killer")
+    assert decision.trial_tags[tags.KILL_REASON].startswith(
+        "worker exited with SIGKILL — not the kernel OOM killer"
+    )
 
 
 def _c(worker_id, rss_gb, in_trial=True, started=None):

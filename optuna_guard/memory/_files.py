@@ -17,7 +17,7 @@ _READ_SIZE = 64 * 1024
 class CachedFile:
     """A kernel file kept open and re-read from offset 0. Raises OSError like ``open`` would."""
 
-    __slots__ = ("path", "_fd", "_lock")
+    __slots__ = ("_fd", "_lock", "path")
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -23,7 +23,9 @@ def _decode(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _visible_filter(environ: dict[str, str] | os._Environ[str]) -> tuple[set[int] | None, set[str] | None, bool]:
+def _visible_filter(
+    environ: dict[str, str] | os._Environ[str],
+) -> tuple[set[int] | None, set[str] | None, bool]:
     """Which NVML devices this process may use, from CUDA_VISIBLE_DEVICES.
 
     Returns (indices, uuids, none_visible). NVML ignores the variable, so we apply it: integer
@@ -60,7 +62,9 @@ class GpuReader:
     and hundreds of MB of GPU memory).
     """
 
-    def __init__(self, nvml: Any = None, *, torch_fallback: bool = True, environ: Any = None) -> None:
+    def __init__(
+        self, nvml: Any = None, *, torch_fallback: bool = True, environ: Any = None
+    ) -> None:
         self._nvml_module = nvml
         self._torch_fallback = torch_fallback
         self._environ = os.environ if environ is None else environ
@@ -86,10 +90,20 @@ class GpuReader:
                 readings = []
                 for index, name, handle in devices:
                     info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-                    readings.append(GpuMemory(index=index, name=name, total_bytes=int(info.total), used_bytes=int(info.used)))
+                    readings.append(
+                        GpuMemory(
+                            index=index,
+                            name=name,
+                            total_bytes=int(info.total),
+                            used_bytes=int(info.used),
+                        )
+                    )
                 return readings
             except Exception as exc:  # a GPU fell off the bus, the driver was reloaded...
-                _log.warning("Reading GPU memory through NVML failed (%s); GPU limits are not checked from now on.", exc)
+                _log.warning(
+                    "Reading GPU memory through NVML failed (%s); GPU limits are not checked from now on.",
+                    exc,
+                )
                 self._devices = None
                 self._failed = True
         return self._read_torch() if self._torch_fallback else []
@@ -108,11 +122,17 @@ class GpuReader:
                         handle = nvml.nvmlDeviceGetHandleByIndex(index)
                         if indices is not None and index not in indices:
                             continue
-                        if uuids is not None and _decode(nvml.nvmlDeviceGetUUID(handle)) not in uuids:
+                        if (
+                            uuids is not None
+                            and _decode(nvml.nvmlDeviceGetUUID(handle)) not in uuids
+                        ):
                             continue
                         devices.append((index, _decode(nvml.nvmlDeviceGetName(handle)), handle))
             except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded...
-                _log.debug("NVML is not usable (%s); GPU memory comes from torch if it is loaded, else none.", exc)
+                _log.debug(
+                    "NVML is not usable (%s); GPU memory comes from torch if it is loaded, else none.",
+                    exc,
+                )
                 self._failed = True
                 return None
             self._nvml = nvml
@@ -130,6 +150,13 @@ class GpuReader:
                 return []
             index = cuda.current_device()
             free, total = cuda.mem_get_info(index)
-            return [GpuMemory(index=index, name=str(cuda.get_device_name(index)), total_bytes=int(total), used_bytes=int(total - free))]
+            return [
+                GpuMemory(
+                    index=index,
+                    name=str(cuda.get_device_name(index)),
+                    total_bytes=int(total),
+                    used_bytes=int(total - free),
+                )
+            ]
         except Exception:
             return []

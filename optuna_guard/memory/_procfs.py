@@ -51,7 +51,9 @@ def parse_meminfo(data: bytes) -> HostMemory:
         raise ValueError("/proc/meminfo has no MemTotal line")
     available = _kb(data, b"\nMemAvailable:")
     if available is None:
-        available = sum(_kb(data, key) or 0 for key in (b"\nMemFree:", b"\nBuffers:", b"\nCached:"))
+        available = sum(
+            _kb(data, key) or 0 for key in (b"\nMemFree:", b"\nBuffers:", b"\nCached:")
+        )
     return HostMemory(
         total_bytes=total * 1024,
         available_bytes=min(available, total) * 1024,
@@ -102,7 +104,8 @@ class ProcessTree:
                 nonlocal parents
                 if self._children_supported is not False:
                     found = self._children(of, used)
-                    if self._children_supported is not False:
+                    # _children() may have found the kernel lacks /proc/*/children (mypy cannot see it)
+                    if self._children_supported is not False:  # type: ignore[comparison-overlap]
                         return found
                 if parents is None:
                     parents = self._scan_parents()
@@ -206,7 +209,9 @@ class ProcessTree:
             self._last_used[path] = self._calls
         if self._calls % _PRUNE_EVERY:
             return
-        for path in [p for p, stamp in self._last_used.items() if stamp <= self._calls - _PRUNE_EVERY]:
+        for path in [
+            p for p, stamp in self._last_used.items() if stamp <= self._calls - _PRUNE_EVERY
+        ]:
             del self._last_used[path]
             self._files.pop(path).close()
 

@@ -81,7 +81,9 @@ class ExitDecision:
 
 def decide(record: ExitRecord) -> ExitDecision:
     """The one place that says how a worker ended and what becomes of its trial."""
-    description = describe_exit(record.code, oom_ruled_out=record.own_cgroup and not record.oom_killed)
+    description = describe_exit(
+        record.code, oom_ruled_out=record.own_cgroup and not record.oom_killed
+    )
     sweep = record.ticket_without_trial
     if record.oom_killed and record.kill_kind is None:
         whose = "the worker's own" if record.worker_id is None else f"worker {record.worker_id}'s"

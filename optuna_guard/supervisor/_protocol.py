@@ -62,7 +62,7 @@ class Channel:
         self._send_lock = threading.Lock()  # the worker sends from its main and heartbeat threads
 
     @classmethod
-    def from_fd(cls, fd: int) -> "Channel":
+    def from_fd(cls, fd: int) -> Channel:
         return cls(socket.socket(fileno=fd))
 
     def fileno(self) -> int:

@@ -67,7 +67,7 @@ class Progress:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(int(round(seconds)), 0)
+    seconds = max(round(seconds), 0)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -95,7 +95,15 @@ class RichDisplay:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
+        )
 
         self._console = Console(stderr=True)
         self._progress = RichProgress(
@@ -116,7 +124,10 @@ class RichDisplay:
         self._progress.start()
         # Log lines must go through rich's proxy so they print above the live bar.
         for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "name", None) == "<stderr>":
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and getattr(handler.stream, "name", None) == "<stderr>"
+            ):
                 self._handlers.append((handler, handler.stream))
                 handler.setStream(sys.stderr)
 
@@ -127,7 +138,9 @@ class RichDisplay:
         )
         if progress.eta_s is not None:
             detail += f" · ETA {format_duration(progress.eta_s)}"
-        self._progress.update(self._task, completed=progress.finished, total=progress.target, detail=detail)
+        self._progress.update(
+            self._task, completed=progress.finished, total=progress.target, detail=detail
+        )
 
     def stop(self) -> None:
         for handler, stream in self._handlers:

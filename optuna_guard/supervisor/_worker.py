@@ -27,12 +27,15 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 EXIT_OK = 0
 EXIT_TRIAL_ERROR = 1  # an exception escaped study.optimize (storage error, "Cannot tell ...")
 EXIT_FATAL = 70  # cannot start at all: objective or storage unusable (EX_SOFTWARE)
-EXIT_STORAGE_UNAVAILABLE = 75  # storage unreachable past --storage-deadline at start (EX_TEMPFAIL): no crash-loop strike
+EXIT_STORAGE_UNAVAILABLE = (
+    75  # storage unreachable past --storage-deadline at start (EX_TEMPFAIL): no crash-loop strike
+)
 
 
 class _Inbox:
@@ -44,7 +47,7 @@ class _Inbox:
 
         self._protocol = _protocol
         self._channel = channel
-        self._replies: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
+        self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.kill_notice: dict[str, Any] | None = None
         self.on_eof: Callable[[str], None] | None = None  # the lifeline: the supervisor is gone
         self._thread = threading.Thread(target=self._run, name="optuna-guard-inbox", daemon=True)
@@ -65,7 +68,9 @@ class _Inbox:
                 return
             if message.get("op") == self._protocol.KILL:
                 self.kill_notice = message
-                preemption.request_stop(str(message.get("reason", "killed by the launcher")), preempted=False)
+                preemption.request_stop(
+                    str(message.get("reason", "killed by the launcher")), preempted=False
+                )
             else:
                 self._replies.put(message)
 
@@ -76,7 +81,9 @@ class _Inbox:
 class WorkerLoop:
     """Ticket -> one trial -> report, until denied or the supervisor is gone."""
 
-    def __init__(self, settings: Any, channel: Any, inbox: _Inbox, study: Any, objective: Callable[..., Any]) -> None:
+    def __init__(
+        self, settings: Any, channel: Any, inbox: _Inbox, study: Any, objective: Callable[..., Any]
+    ) -> None:
         from optuna_guard.supervisor import _protocol
 
         self.settings = settings
@@ -89,7 +96,9 @@ class WorkerLoop:
         self.pid = os.getpid()
         self._started_at = 0.0
         self.retry_hook: Callable[[Any, Any], None] | None = None
-        self._outcome: tuple[int, int, str] | None = None  # (number, trial id, state) of the last trial
+        self._outcome: tuple[int, int, str] | None = (
+            None  # (number, trial id, state) of the last trial
+        )
         self.retries: _WorkerRetries | None = None
         self.current: tuple[Any, int] | None = None  # (storage, trial id) while a trial runs
         self._last_value: Any = None
@@ -151,9 +160,18 @@ class WorkerLoop:
             state = "FAIL"
         logging.getLogger("optuna_guard.supervisor.worker").warning(
             "Trial %d was ended %s from outside while it ran; its result %r is lost (%s).",
-            number, state, self._last_value, exc)
-        self.channel.send(self.protocol.LOST, number=number, trial_id=trial_id, state=state,
-                          value=repr(self._last_value)[:200])
+            number,
+            state,
+            self._last_value,
+            exc,
+        )
+        self.channel.send(
+            self.protocol.LOST,
+            number=number,
+            trial_id=trial_id,
+            state=state,
+            value=repr(self._last_value)[:200],
+        )
         self._report_finished(number, trial_id, state)
 
     def _after_trial(self, study: Any, frozen: Any) -> None:
@@ -174,8 +192,12 @@ class WorkerLoop:
         # tagged here, on a thread while the objective starts
         # (joined before the trial can end).
         tagged = trial.user_attrs.get(tags.WORKER_PID) == self.pid
-        tagger = threading.Thread(target=self._write_worker_tags, args=(trial._trial_id, tagged),
-                                  name="optuna-guard-tags", daemon=True)
+        tagger = threading.Thread(
+            target=self._write_worker_tags,
+            args=(trial._trial_id, tagged),
+            name="optuna-guard-tags",
+            daemon=True,
+        )
         tagger.start()
         self._outcome = (trial.number, trial._trial_id, "FAIL")
         self.current = (self.study._storage, trial._trial_id)
@@ -212,7 +234,6 @@ class WorkerLoop:
         return value
 
     def _write_worker_tags(self, trial_id: int, tagged: bool) -> None:
-        from optuna_guard import tags
 
         storage = self.study._storage
         try:
@@ -220,7 +241,9 @@ class WorkerLoop:
                 for key, value in _worker_tags(self.settings).items():
                     storage.set_trial_user_attr(trial_id, key, value)
         except Exception as exc:  # e.g. the storage gone past its deadline; the trial goes on
-            logging.getLogger("optuna_guard.supervisor.worker").error("Could not tag trial id %d: %s", trial_id, exc)
+            logging.getLogger("optuna_guard.supervisor.worker").error(
+                "Could not tag trial id %d: %s", trial_id, exc
+            )
 
     def _tag_final_attempt(self, trial: Any) -> None:
         if self.retries is None:
@@ -228,12 +251,19 @@ class WorkerLoop:
         try:
             self.retries.tag_final_attempt(trial)
         except Exception as exc:  # tagging must never change how the trial ends
-            logging.getLogger("optuna_guard.supervisor.worker").error("Could not tag trial %d: %s", trial.number, exc)
+            logging.getLogger("optuna_guard.supervisor.worker").error(
+                "Could not tag trial %d: %s", trial.number, exc
+            )
 
     def _report_finished(self, number: int, trial_id: int, state: str) -> None:
         duration = time.monotonic() - self._started_at if self._started_at else None
         logging.getLogger("optuna_guard.supervisor.worker").info(
-            "Trial %d finished %s in %.3fs (value %r).", number, state, duration or 0.0, self._last_value)
+            "Trial %d finished %s in %.3fs (value %r).",
+            number,
+            state,
+            duration or 0.0,
+            self._last_value,
+        )
         self.channel.send(
             self.protocol.FINISHED,
             number=number,
@@ -251,7 +281,9 @@ def _is_finite_value(value: Any, n_objectives: int = 1) -> bool:
     if len(values) != n_objectives:
         return False
     try:
-        return all(v is not None and not isinstance(v, bool) and math.isfinite(float(v)) for v in values)
+        return all(
+            v is not None and not isinstance(v, bool) and math.isfinite(float(v)) for v in values
+        )
     except (TypeError, ValueError):
         return False
 
@@ -265,7 +297,8 @@ def _guarded(objective: Callable[..., Any], enabled: bool) -> Callable[..., Any]
         from optuna_guard.trial_guard import guard
     except ImportError as exc:
         logging.getLogger("optuna_guard.supervisor.worker").warning(
-            "optuna_guard.trial_guard is not importable (%s); running the objective without the in-trial guard.", exc
+            "optuna_guard.trial_guard is not importable (%s); running the objective without the in-trial guard.",
+            exc,
         )
         return objective
     return guard(objective)
@@ -292,7 +325,13 @@ def main() -> int:
     channel = _protocol.Channel.from_fd(int(os.environ[_protocol.ENV_FD]))
     _configure_logging()
     log = logging.getLogger("optuna_guard.supervisor.worker")
-    log.info("Worker %d (pid %d) starting: study %r, objective %s.", settings.worker_id, os.getpid(), settings.study_name, settings.objective)
+    log.info(
+        "Worker %d (pid %d) starting: study %r, objective %s.",
+        settings.worker_id,
+        os.getpid(),
+        settings.study_name,
+        settings.objective,
+    )
     inbox = _Inbox(channel)
     holder: list[Any] = []  # the loop, once it exists (the lifeline asks it for the running trial)
     lifeline = _start_lifeline(settings, inbox, lambda: holder[0].current if holder else None)
@@ -321,7 +360,9 @@ def main() -> int:
         from optuna_guard.supervisor._lifeline import EXIT_SUPERVISOR_LOST, kill_own_tree
 
         kill_own_tree()
-        log.warning("Worker %d (pid %d) exits: %s.", settings.worker_id, os.getpid(), lifeline.reason)
+        log.warning(
+            "Worker %d (pid %d) exits: %s.", settings.worker_id, os.getpid(), lifeline.reason
+        )
         return EXIT_SUPERVISOR_LOST
     log.info("Worker %d (pid %d) exits.", settings.worker_id, os.getpid())
     return code
@@ -335,8 +376,12 @@ def _start_lifeline(settings: Any, inbox: _Inbox, current_trial: Callable[[], An
     from optuna_guard import preemption
     from optuna_guard.supervisor._lifeline import Lifeline
 
-    lifeline = Lifeline(settings.supervisor_pid, settings.grace_period, current_trial=current_trial,
-                        on_lost=preemption.request_stop)
+    lifeline = Lifeline(
+        settings.supervisor_pid,
+        settings.grace_period,
+        current_trial=current_trial,
+        on_lost=preemption.request_stop,
+    )
     inbox.on_eof = lifeline.supervisor_gone
     return lifeline.start()
 
@@ -356,9 +401,13 @@ def _prepare(settings: Any, channel: Any = None) -> tuple[Any, Callable[..., Any
     objective = _guarded(objective, settings.guard)
     # The trial storage has no heartbeat of its own: the supervisor keeps Optuna's heartbeat
     # rows for the running trial on a second storage, without Optuna's per-trial cost.
-    storage: Any = open_checked_storage(  # RDBStorage() queries the database: retried up to the deadline
-        settings.storage, connect_timeout=settings.connect_timeout, skip_setup=True,  # tables exist
-        deadline_s=settings.storage_deadline,
+    storage: Any = (
+        open_checked_storage(  # RDBStorage() queries the database: retried up to the deadline
+            settings.storage,
+            connect_timeout=settings.connect_timeout,
+            skip_setup=True,  # tables exist
+            deadline_s=settings.storage_deadline,
+        )
     )
     _OPEN_STORAGES.append(storage)
     from optuna_guard import resume  # issue 13: objective version, result cache, sampler history
@@ -385,7 +434,11 @@ def _storage_unavailable_error() -> type[BaseException]:
 def _worker_tags(settings: Any) -> dict[str, Any]:
     from optuna_guard import tags
 
-    worker_tags = {tags.WORKER_ID: settings.worker_id, tags.WORKER_PID: os.getpid(), tags.HOSTNAME: socket.gethostname()}
+    worker_tags = {
+        tags.WORKER_ID: settings.worker_id,
+        tags.WORKER_PID: os.getpid(),
+        tags.HOSTNAME: socket.gethostname(),
+    }
     if settings.launch_id:
         worker_tags[tags.LAUNCH_ID] = settings.launch_id
     return worker_tags
@@ -413,14 +466,26 @@ def _tagging(storage: Any, worker_tags: dict[str, Any]) -> Any:
     from optuna_guard import _attrs
 
     class _TaggingCachedStorage(_CachedStorage):
-        def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        def create_new_trial(
+            self, study_id: int, template_trial: FrozenTrial | None = None
+        ) -> int:
             if template_trial is None:
                 template_trial = FrozenTrial(
-                    number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
-                    datetime_complete=None, params={}, distributions={}, user_attrs=dict(worker_tags),
-                    system_attrs={}, intermediate_values={}, trial_id=-1,
+                    number=-1,
+                    state=TrialState.RUNNING,
+                    value=None,
+                    datetime_start=datetime.datetime.now(),
+                    datetime_complete=None,
+                    params={},
+                    distributions={},
+                    user_attrs=dict(worker_tags),
+                    system_attrs={},
+                    intermediate_values={},
+                    trial_id=-1,
                 )
-            elif template_trial.state == TrialState.RUNNING:  # not enqueued WAITING trials or retries
+            elif (
+                template_trial.state == TrialState.RUNNING
+            ):  # not enqueued WAITING trials or retries
                 template_trial = copy.copy(template_trial)
                 template_trial.user_attrs = {**worker_tags, **template_trial.user_attrs}
             return super().create_new_trial(study_id, template_trial)
@@ -452,10 +517,14 @@ def _insert_user_attrs_in_bulk(storage: Any) -> None:
         bare = copy.copy(template_trial)
         bare.user_attrs = {}
         trial = prepare(study_id, bare, session)
-        session.add_all([
-            models.TrialUserAttributeModel(trial_id=trial.trial_id, key=key, value_json=json.dumps(value))
-            for key, value in user_attrs.items()
-        ])
+        session.add_all(
+            [
+                models.TrialUserAttributeModel(
+                    trial_id=trial.trial_id, key=key, value_json=json.dumps(value)
+                )
+                for key, value in user_attrs.items()
+            ]
+        )
         return trial
 
     storage._get_prepared_new_trial = prepared_new_trial
@@ -474,7 +543,9 @@ def _maybe_resilient(storage: Any, settings: Any, channel: Any = None) -> Any:
         if channel is not None:
             channel.send(_protocol.OUTAGE, outage=event, seconds=round(seconds, 1), what=what)
 
-    return ResilientStorage(storage, RetrySettings(deadline_s=settings.storage_deadline), on_outage=on_outage)
+    return ResilientStorage(
+        storage, RetrySettings(deadline_s=settings.storage_deadline), on_outage=on_outage
+    )
 
 
 class _WorkerRetries:
@@ -507,13 +578,20 @@ class _WorkerRetries:
         from optuna_guard.retries import enqueue_retry
         from optuna_guard.supervisor import _protocol
 
-        if frozen.state not in (TrialState.PRUNED, TrialState.FAIL) or not self.policy.is_retryable(frozen.user_attrs):
+        if frozen.state not in (
+            TrialState.PRUNED,
+            TrialState.FAIL,
+        ) or not self.policy.is_retryable(frozen.user_attrs):
             return
         try:
             number = enqueue_retry(study, frozen, self.policy)
         except Exception as exc:  # a broken shrink hook must not take the worker down
             logging.getLogger("optuna_guard.supervisor.worker").error(
-                "Could not queue a retry of trial %d: %s: %s", frozen.number, type(exc).__name__, exc)
+                "Could not queue a retry of trial %d: %s: %s",
+                frozen.number,
+                type(exc).__name__,
+                exc,
+            )
             return
         if number is not None:
             self.channel.send(_protocol.RETRIED, number=frozen.number, retry_number=number)
@@ -524,7 +602,10 @@ def _install_retries(loop: WorkerLoop, settings: Any, study: Any) -> None:
         return
     from optuna_guard.retries import RetryPolicy
 
-    kwargs: dict[str, Any] = {"max_retries": settings.retry, "max_preemptions": settings.max_preemptions}
+    kwargs: dict[str, Any] = {
+        "max_retries": settings.retry,
+        "max_preemptions": settings.max_preemptions,
+    }
     if settings.retry_on:
         kwargs["retry_on"] = frozenset(settings.retry_on)
     if settings.retry_shrink:
@@ -562,7 +643,9 @@ def _shut_down_loky() -> None:
         try:
             executor.shutdown(wait=True, kill_workers=True)  # idle between trials: nothing is lost
         except Exception as exc:
-            logging.getLogger("optuna_guard.supervisor.worker").warning("Could not shut down the loky executor: %s", exc)
+            logging.getLogger("optuna_guard.supervisor.worker").warning(
+                "Could not shut down the loky executor: %s", exc
+            )
 
 
 _OPEN_STORAGES: list[Any] = []
