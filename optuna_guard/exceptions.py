@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+# Exit codes of every ``optuna-guard`` command (README "Exit codes"); each error carries its own.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_CRASH_LOOP = 3
+EXIT_MEMORY_STALL = 4
+EXIT_STOPPED = 99  # SIGINT/SIGTERM/SIGHUP or the time budget: a SLURM script requeues on it
+
 
 class GuardError(Exception):
-    """Base class of every error raised by optuna-guard."""
+    """Base class of every error raised by optuna-guard.
+
+    ``exit_code`` is what the CLI exits with when this error ends a command (as click's
+    ``ClickException.exit_code``).
+    """
+
+    exit_code: int = EXIT_ERROR
 
 
 class ConfigError(GuardError, ValueError):
     """A setting is invalid; the message names the setting, the value and the fix."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class ObjectiveSpecError(ConfigError):
@@ -18,6 +34,8 @@ class ObjectiveSpecError(ConfigError):
 class StorageUnavailableError(GuardError):
     """The study storage could not be reached (within the configured deadline)."""
 
+    exit_code = EXIT_ERROR  # transient past the deadline: the input may be right
+
 
 class InsufficientMemoryError(GuardError, MemoryError):
     """An allocation was refused up front because it would not fit in available memory."""
@@ -26,10 +44,14 @@ class InsufficientMemoryError(GuardError, MemoryError):
 class CrashLoopError(GuardError):
     """Workers keep dying before they start their first trial; the launch is stopped."""
 
+    exit_code = EXIT_CRASH_LOOP
+
 
 class MemoryStallError(GuardError):
     """No worker could start for ``--memory-stall-timeout``: the memory is held outside the
     study (another job, an escaped process); the launch stops with exit code 4."""
+
+    exit_code = EXIT_MEMORY_STALL
 
 
 class CheckpointError(GuardError):

@@ -17,20 +17,15 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from optuna_guard.exceptions import (
-    ConfigError,
-    CrashLoopError,
+from optuna_guard.exceptions import (  # noqa: F401  (the exit codes are re-exported here)
+    EXIT_BAD_INPUT,
+    EXIT_CRASH_LOOP,
+    EXIT_ERROR,
+    EXIT_MEMORY_STALL,
+    EXIT_OK,
+    EXIT_STOPPED,
     GuardError,
-    MemoryStallError,
-    StorageUnavailableError,
 )
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BAD_INPUT = 2
-EXIT_CRASH_LOOP = 3
-EXIT_MEMORY_STALL = 4
-EXIT_STOPPED = 99
 
 _COMMAND_MODULES = ("_monitor", "_run", "_status", "_report", "_storage_proxy")
 
@@ -81,21 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except GuardError as exc:  # each error carries its exit code (2 bad input, 3, 4, else 1)
         print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except StorageUnavailableError as exc:  # transient, past the deadline: not the user's input
-        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except CrashLoopError as exc:
-        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_CRASH_LOOP
-    except MemoryStallError as exc:
-        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_MEMORY_STALL
-    except GuardError as exc:
-        print(f"optuna-guard {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_STOPPED
 

@@ -39,7 +39,13 @@ from optuna.trial import TrialState
 from optuna_guard import events, tags
 from optuna_guard._logging import get_logger
 from optuna_guard._units import GB, to_gb
-from optuna_guard.exceptions import CrashLoopError, MemoryStallError, StorageUnavailableError
+from optuna_guard.exceptions import (
+    EXIT_OK,
+    EXIT_STOPPED,
+    CrashLoopError,
+    MemoryStallError,
+    StorageUnavailableError,
+)
 from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
 from optuna_guard.memory._cgroup import ENV_SKIP_CGROUP
 from optuna_guard.storage import end_trial_from_outside
@@ -60,8 +66,6 @@ from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, 
 
 _log = get_logger(__name__)
 
-EXIT_OK = 0
-EXIT_STOPPED = 99
 LOG_TAIL_LINES = 15
 
 EXIT_WORKER_STORAGE_UNAVAILABLE = (
