@@ -341,7 +341,7 @@ def bench_kill_to_replacement(workdir: str, kills: int = 3) -> None:
 def _idle_rss_gb(workdir: str) -> float:
     script = (
         "import os, optuna, optuna_guard.supervisor._worker\n"
-        "from optuna_guard.supervisor._tree import tree_rss_bytes\n"
+        "from optuna_guard.memory._tree import tree_rss_bytes\n"
         "print(tree_rss_bytes(os.getpid()) / 2**30)"
     )
     return float(

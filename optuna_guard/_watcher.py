@@ -49,11 +49,7 @@ from optuna_guard._trips import Trip, below_warning, find_trip, headroom_and_rat
 from optuna_guard._units import GB, to_gb
 from optuna_guard.limits import MemoryLimits
 from optuna_guard.memory import GpuMemory, MemoryProbe, SystemMemory
-
-try:
-    import resource
-except ImportError:  # pragma: no cover - not on Windows
-    resource = None  # type: ignore[assignment]
+from optuna_guard.memory._tree import minor_faults, own_minor_faults
 
 _log = get_logger(__name__)
 
@@ -422,24 +418,6 @@ def _runs_pool_work_item(frame: Any) -> bool:
     return False
 
 
-def _own_minor_faults() -> int:
-    """Minor page faults of the calling thread so far (same counter as its /proc stat)."""
-    try:
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt  # type: ignore[union-attr]
-    except (AttributeError, OSError, ValueError):  # RUSAGE_THREAD is Linux-only
-        return 0
-
-
-def _minor_faults(native_id: int) -> int:
-    """Minor page faults of one thread: new pages it touched (a proxy for memory it grew)."""
-    try:
-        with open(f"/proc/self/task/{native_id}/stat", "rb") as handle:
-            stat = handle.read()
-        return int(stat[stat.rindex(b")") + 2 :].split()[7])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 class MemoryWatcher:
     """The process-wide watcher thread (started on the first guarded trial).
 
@@ -489,10 +467,10 @@ class MemoryWatcher:
         moment they started sharing the process (with one trial nobody needs it, nor pays)."""
         with self._lock:
             if self._watches:
-                watch.fault_base = _own_minor_faults()
+                watch.fault_base = own_minor_faults()
                 for other in self._watches:
                     if other.fault_base is None:
-                        other.fault_base = _minor_faults(other.native_id)
+                        other.fault_base = minor_faults(other.native_id)
             self._watches.append(watch)
             watch.registered = True
             if self._thread is None or not self._thread.is_alive():
@@ -654,7 +632,7 @@ class MemoryWatcher:
 
         def grown(item: tuple[TrialWatch, Trip]) -> tuple[int, float]:
             watch = item[0]  # ties: the older trial (it had longer to grow)
-            return (_minor_faults(watch.native_id) - (watch.fault_base or 0), -watch.started)
+            return (minor_faults(watch.native_id) - (watch.fault_base or 0), -watch.started)
 
         return max(candidates, key=grown)
 

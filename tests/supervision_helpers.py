@@ -17,8 +17,8 @@ import optuna
 from optuna.trial import TrialState
 from supervisor_helpers import objective_spec, wait_for
 
+from optuna_guard.memory import _tree
 from optuna_guard.memory._cgroup import own_memory_cgroup
-from optuna_guard.supervisor import _tree
 from optuna_guard.supervisor._lifeline import ENV_LAUNCH_ID
 
 COMMON = (

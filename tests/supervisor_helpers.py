@@ -45,7 +45,7 @@ _IDLE_SCRIPT = r"""
 import os, sys, optuna
 import optuna_guard.supervisor._worker, optuna_guard.trial_guard
 from optuna_guard.supervisor._study import open_checked_storage
-from optuna_guard.supervisor._tree import tree_rss_bytes
+from optuna_guard.memory._tree import tree_rss_bytes
 storage = open_checked_storage("sqlite:///" + sys.argv[1], heartbeat_interval=30, heartbeat_grace=300)
 study = optuna.create_study(storage=storage)
 study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)

@@ -21,8 +21,8 @@ from supervisor_helpers import (
 
 from optuna_guard import events, tags
 from optuna_guard._units import GB
+from optuna_guard.memory._tree import tree_rss_bytes
 from optuna_guard.supervisor import launch
-from optuna_guard.supervisor._tree import tree_rss_bytes
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,11 @@ def test_without_cgroups_the_environment_marker_finds_the_daemon(
     assert any(
         "process-tree memory and a per-launch environment marker" in m for m in caplog.messages
     )
-    assert any("outlived its worker" in m for m in caplog.messages)
+    # killed when its worker is reaped (worker marker) or, at the latest, at the launch's end
+    assert any(
+        "outlived its worker" in m or re.search(r"left \d+ process\(es\) behind; killed", m)
+        for m in caplog.messages
+    ), caplog.messages
     assert launch_pids(launch_id) == []
     assert summary.complete == 1
 

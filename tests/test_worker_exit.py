@@ -12,7 +12,8 @@ import pytest
 from supervisor_helpers import FAST, objective_spec, trials_of
 
 from optuna_guard import tags
-from optuna_guard.supervisor import _lifeline, _tree, launch
+from optuna_guard.memory import _tree
+from optuna_guard.supervisor import _lifeline, launch
 
 N_TRIALS = 3
 

@@ -46,7 +46,7 @@ from optuna_guard.exceptions import (
     MemoryStallError,
     StorageUnavailableError,
 )
-from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
+from optuna_guard.memory import MemoryProbe, SystemMemory, _tree, default_probe
 from optuna_guard.memory._cgroup import ENV_SKIP_CGROUP
 from optuna_guard.storage import end_trial_from_outside
 from optuna_guard.supervisor import (
@@ -59,7 +59,6 @@ from optuna_guard.supervisor import (
     _protocol,
     _shutdown,
     _threads,
-    _tree,
 )
 from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._status import NullDisplay, Progress, RichDisplay, worker_status_line

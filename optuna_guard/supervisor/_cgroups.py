@@ -32,13 +32,13 @@ import signal
 import time
 
 from optuna_guard._logging import get_logger
+from optuna_guard.memory import _tree
 from optuna_guard.memory._cgroup import (
     cgroup_oom_kills,
     cgroup_peak,
     cgroup_working_set,
     own_memory_cgroup,
 )
-from optuna_guard.supervisor import _tree
 
 _log = get_logger(__name__)
 

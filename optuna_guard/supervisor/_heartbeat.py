@@ -30,7 +30,8 @@ from typing import Any
 
 from optuna_guard import events, tags
 from optuna_guard._logging import get_logger
-from optuna_guard.supervisor import _lease, _tree
+from optuna_guard.memory import _tree
+from optuna_guard.supervisor import _lease
 from optuna_guard.supervisor._lifeline import ENV_LAUNCH_ID
 
 _log = get_logger(__name__)

@@ -179,7 +179,7 @@ def _arm_kernel_alarm(seconds: float) -> None:
 def kill_own_tree() -> None:
     """SIGKILL every process of this worker but itself: descendants (even daemonised ones,
     through the environment marker) and the rest of its process group."""
-    from optuna_guard.supervisor import _tree
+    from optuna_guard.memory import _tree
 
     own = os.getpid()
     victims = set(_tree.descendants(own))

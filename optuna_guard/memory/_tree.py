@@ -1,4 +1,5 @@
-"""Fast process-tree RSS for the watchdog: walks /proc/<pid>/task/<tid>/children.
+"""Process trees and per-thread counters from /proc for the watchdog and the watcher: fast tree RSS
+(walks /proc/<pid>/task/<tid>/children), process identity (start time), state, CPU, env markers.
 
 Why not ``psutil.Process.children(recursive=True)``: it scans every process on the machine
 (~3 ms each time here); the watchdog measures every worker 4 times a second, which would cost
@@ -146,3 +147,27 @@ def cpu_ticks(pid: int) -> int | None:
         return int(fields[11]) + int(fields[12])
     except (OSError, ValueError, IndexError):
         return None
+
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Windows
+    resource = None  # type: ignore[assignment]
+
+
+def own_minor_faults() -> int:
+    """Minor page faults of the calling thread so far (same counter as its /proc stat)."""
+    try:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):  # RUSAGE_THREAD is Linux-only
+        return 0
+
+
+def minor_faults(native_id: int) -> int:
+    """Minor page faults of one thread: new pages it touched (a proxy for memory it grew)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as handle:
+            stat = handle.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[7])
+    except (OSError, ValueError, IndexError):
+        return 0
