@@ -40,11 +40,13 @@ def test_self_sigkilled_trials_fail_tagged_worker_crashed(
         if trial.number in (1, 3):
             assert trial.state == TrialState.FAIL
             assert trial.user_attrs[tags.WORKER_CRASHED] is True
-            assert (
-                trial.user_attrs[tags.KILL_REASON]
-                == "worker exited with SIGKILL — perhaps the kernel OOM killer"
+            # with a memory cgroup of its own the launcher knows it was no OOM kill; without, it may be
+            assert trial.user_attrs[tags.KILL_REASON] in (
+                "worker exited with SIGKILL — perhaps the kernel OOM killer",
+                "worker exited with SIGKILL — not the kernel OOM killer "
+                "(its memory cgroup recorded no OOM kill)",
             )
-            assert trial.user_attrs[tags.WORKER_PID] == trial.user_attrs[tags.WORKER_PID]
+            assert isinstance(trial.user_attrs[tags.WORKER_PID], int)
         else:
             assert trial.state == TrialState.COMPLETE, trial.number
             assert tags.WORKER_CRASHED not in trial.user_attrs

@@ -765,6 +765,10 @@ class Arbiter:
             memory_limit_gb=self.config.max_worker_rss_gb,
             own_cgroup=self.cgroups is not None and self.cgroups.of(worker.pid) is not None,
             worker_id=worker.worker_id,
+            available_gb=self.system.available_bytes / GB if self.system is not None else None,
+            peak_rss_gb=max(worker.trial_peak_rss, worker.rss_bytes) / GB
+            if worker.trial_id is not None
+            else None,
         )
 
     def _oom_killed(self, worker: WorkerHandle) -> bool:
@@ -818,6 +822,19 @@ class Arbiter:
                 )
             if outcome == _exits.OOM_KILLED:
                 self.kills += 1
+                # the same kill record as the launcher's own memory kills (event log, report)
+                self.emit(
+                    events.WORKER_KILLED,
+                    worker_id=worker.worker_id,
+                    pid=worker.pid,
+                    trial_number=number,
+                    reason=reason,
+                    rss_gb=to_gb(worker.rss_bytes),
+                    available_gb=None
+                    if self.system is None
+                    else to_gb(self.system.available_bytes),
+                    limit="max_worker_rss_gb",
+                )
                 _log.warning(
                     "Worker %d (pid %d): %s; trial %s ended %s.",
                     worker.worker_id,

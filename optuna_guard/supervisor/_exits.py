@@ -65,6 +65,8 @@ class ExitRecord:
     memory_limit_gb: float | None = None
     own_cgroup: bool = False  # it ran in a memory cgroup of its own (OOM kills there are recorded)
     worker_id: int | None = None  # names the worker in reasons, as the arbiter's own kills do
+    available_gb: float | None = None  # available memory at the exit (the kill record's figure)
+    peak_rss_gb: float | None = None  # the trial's peak as the supervisor measured it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,10 @@ def decide(record: ExitRecord) -> ExitDecision:
             tags.KILL_LIMIT: "max_worker_rss_gb",
             tags.WORKER_PID: record.pid,
         }
+        if record.available_gb is not None:
+            trial_tags[tags.AVAILABLE_GB_AT_KILL] = round(record.available_gb, 2)
+        if record.peak_rss_gb is not None:
+            trial_tags[tags.PEAK_RSS_GB] = round(record.peak_rss_gb, 2)
         return ExitDecision(
             OOM_KILLED,
             reason,

@@ -31,7 +31,7 @@ _SIGNAL_HINTS = {
 }
 
 
-_NOT_OOM = "not the kernel OOM killer (its memory cgroup recorded none): sent by another process"
+_NOT_OOM = "not the kernel OOM killer (its memory cgroup recorded no OOM kill)"
 
 
 def describe_exit(returncode: int, *, oom_ruled_out: bool = False) -> str:
