@@ -240,12 +240,15 @@ def test_chaos(tmp_path):
             injector.stop()  # the rest of the second launch runs clean, so late retries get run
         second_code = _wait(second, 300)
         drained = 0
-        waiting = sum(t.state == TrialState.WAITING for t in _trials(cluster.url, name))
         drain_code = 0
-        if (
-            waiting
-        ):  # retries queued after the second launch's last ticket: the next launch runs them
-            drained = waiting
+        # Retries queued after a launch's last ticket wait for the next launch; a drained retry
+        # can itself be retried (a hog is killed again), so drain until none waits. --retry 2
+        # bounds every chain at 3 attempts, so 3 rounds always suffice.
+        for _round in range(3):
+            waiting = sum(t.state == TrialState.WAITING for t in _trials(cluster.url, name))
+            if not waiting or drain_code != 0:
+                break
+            drained += waiting
             drain_code = _wait(_launch(group, cluster, tmp, name, waiting), 300)
         left = group.pids()
         oom_kills, peak = group.oom_kills, group.peak_bytes
