@@ -35,7 +35,7 @@ from slurm_helpers import (
     wait_job_done,
 )
 
-from optuna_guard.retries import RetryPolicy, original_trial_number
+from optuna_guard.retries import FREE_RETRIES, RetryPolicy, original_trial_number
 
 pytestmark = [pytest.mark.slurm, pytest.mark.postgres]
 
@@ -510,7 +510,12 @@ def test_trial_preempted_at_every_job_end_with_progress_finishes(results):
         wall_s=round(r["wall_s"]),
     )
     assert r["info"]["JobState"] == "COMPLETED", r["out"][-3000:]
-    assert len(done) == 1 and len(preemptions) >= 2  # more preemptions than --retry 1 allows
+    # How many job runs the 75 s trial needs depends on when SLURM delivers --signal (it checks
+    # about once a minute) and on the machine's speed: 2 to 4 here. Every preemption with
+    # progress must have been free (the --max-preemptions budget, not --retry 1, paid for it);
+    # tests/test_supervision_preemptions.py proves 5 preemptions under --retry 1 deterministically.
+    assert len(done) == 1 and len(preemptions) >= 1
+    assert 1 <= done[0].system_attrs.get(FREE_RETRIES, 0) <= len(preemptions)
     assert {original_trial_number(t) for t in r["trials"]} == {0}  # one chain, never given up
     assert not any(t.state == TrialState.RUNNING for t in r["trials"])
 
