@@ -71,8 +71,10 @@ def test_sigterm_preempts_then_the_same_command_resumes_from_checkpoints(
     tmp_path, unique_study_name
 ):
     url = f"sqlite:///{tmp_path / 'study.db'}"
+    # first attempts take 5 s, so both are still running when SIGTERM comes even if one worker
+    # starts late; the retries run fast
     env = dict(
-        os.environ, LAUNCHER_TEST_CKPT_DIR=str(tmp_path / "ckpt"), LAUNCHER_TEST_STEP_S="0.25"
+        os.environ, LAUNCHER_TEST_CKPT_DIR=str(tmp_path / "ckpt"), LAUNCHER_TEST_STEP_S="0.5"
     )
     command = [
         "run",
@@ -100,8 +102,13 @@ def test_sigterm_preempts_then_the_same_command_resumes_from_checkpoints(
     try:
 
         def both_checkpointed() -> bool:
+            # keep_last=2 prunes old steps, so "past step 2" is any step >= 2 in each chain
             root = tmp_path / "ckpt"
-            chains = {p.parent for p in root.rglob("step-0000000002*")} if root.exists() else set()
+            chains = (
+                {p.parent for p in root.rglob("step-*") if int(p.name.split("-")[1]) >= 2}
+                if root.exists()
+                else set()
+            )
             return len(chains) >= 2
 
         wait_for(both_checkpointed, timeout=60, what="both trials past step 2")
@@ -120,13 +127,16 @@ def test_sigterm_preempts_then_the_same_command_resumes_from_checkpoints(
     ]  # queued retries
     assert_nothing_running(trials)
 
-    second = start_cli(*command, cwd=str(tmp_path), env=env)
+    second = start_cli(*command, cwd=str(tmp_path), env=dict(env, LAUNCHER_TEST_STEP_S="0.1"))
     _out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
     trials = trials_of(url, unique_study_name)
     assert len(trials) == 4
     retries = [t for t in trials if t.number >= 2]
-    assert all(t.state == TrialState.COMPLETE for t in retries)
+    assert [t.state for t in retries] == [TrialState.COMPLETE] * 2, (
+        [(t.number, t.state, t.user_attrs) for t in retries],
+        err,
+    )
     assert sorted(t.user_attrs[tags.RETRY_OF] for t in retries) == [0, 1]
     for retry in retries:
         assert retry.user_attrs[tags.RESUMED_FROM_STEP] >= 2
