@@ -48,8 +48,9 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Container, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
@@ -67,7 +68,7 @@ _log = get_logger(__name__)
 __all__ = [
     "ENV_DEADLINE",
     "ResilientStorage",
-    "RetrySettings",
+    "StorageRetrySettings",
     "call_with_retry",
     "is_permanent_storage_error",
     "is_transient_db_error",
@@ -86,13 +87,29 @@ def _non_negative(name: str, value: Any, *, positive: bool = False) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RetrySettings:
-    """How long and how often transient storage errors are retried.
+class StorageRetrySettings:
+    """How long and how often a transient storage error is retried, with exponential backoff.
 
-    The k-th wait is ``min(max_backoff_s, initial_backoff_s * 2**(k-1))`` scaled by a random
-    factor in [0.5, 1) (so workers that lost the database together do not reconnect in lock
-    step), never past ``deadline_s`` after the first failure of the call.
-    ``clock``/``sleep``/``random`` are there for tests.
+    These are the backoff settings of :class:`ResilientStorage` and :func:`call_with_retry`
+    (one storage call retried), not :class:`optuna_guard.RetryPolicy` (a failed trial queued
+    again). The k-th wait is ``min(max_backoff_s, initial_backoff_s * 2**(k-1))`` scaled by a
+    random factor in [0.5, 1) (so workers that lost the database together do not reconnect in
+    lock step), never past ``deadline_s`` after the first failure of the call.
+
+    ``RetrySettings``, its name before 0.2, is a deprecated alias (a DeprecationWarning on
+    import).
+
+    Args:
+        deadline_s: Seconds after a call's first failure past which it is not retried any more
+            and :class:`~optuna_guard.StorageUnavailableError` is raised; ``>= 0``.
+        initial_backoff_s: The first wait in seconds; ``> 0``.
+        max_backoff_s: The longest wait in seconds; ``>= initial_backoff_s``.
+        clock: Monotonic clock in seconds (for tests).
+        sleep: Sleeps the given seconds (for tests).
+        random: Returns a number in [0, 1) for the jitter (for tests).
+
+    Raises:
+        ConfigError: A value is not a finite number in its range.
     """
 
     deadline_s: float = 300.0
@@ -118,9 +135,22 @@ class RetrySettings:
             )
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> RetrySettings:
-        """Defaults, with ``OPTUNA_GUARD_STORAGE_DEADLINE_S`` (how the launcher configures its
-        workers), then ``overrides``."""
+    def from_env(cls, **overrides: Any) -> StorageRetrySettings:
+        """The defaults, then ``OPTUNA_GUARD_STORAGE_DEADLINE_S`` from the environment, then
+        ``overrides``.
+
+        The variable is for a user's own processes (the launcher passes its workers the
+        deadline in their settings, not through it).
+
+        Args:
+            **overrides: Fields to set, as for the constructor; they win over the variable.
+
+        Returns:
+            The settings.
+
+        Raises:
+            ConfigError: The variable is not a number, or a value is out of range.
+        """
         raw = os.environ.get(ENV_DEADLINE)
         if raw is not None and "deadline_s" not in overrides:
             try:
@@ -130,9 +160,33 @@ class RetrySettings:
         return cls(**overrides)
 
     def backoff(self, failures: int) -> float:
-        """Seconds to wait after the ``failures``-th consecutive failure (1-based)."""
+        """Seconds to wait after the ``failures``-th consecutive failure.
+
+        Args:
+            failures: Consecutive failures so far, 1-based.
+
+        Returns:
+            The wait in seconds, jittered.
+        """
         base = min(self.max_backoff_s, self.initial_backoff_s * 2 ** min(failures - 1, 60))
         return float(base * (0.5 + 0.5 * self.random()))
+
+
+if TYPE_CHECKING:
+    RetrySettings = StorageRetrySettings  # deprecated alias (see __getattr__ below)
+else:
+
+    def __getattr__(name: str) -> Any:
+        """``RetrySettings``: the deprecated name of :class:`StorageRetrySettings`."""
+        if name == "RetrySettings":
+            warnings.warn(
+                "optuna_guard.resilience.RetrySettings is deprecated; use "
+                "StorageRetrySettings (the same class).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return StorageRetrySettings
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- which errors are transient, which are permanent ------------------------------------------
@@ -434,7 +488,7 @@ class _OutageTracker:
     def seconds_since_end(self, clock: Callable[[], float]) -> float | None:
         return None if self._ended is None else clock() - self._ended
 
-    def failed(self, what: str, exc: BaseException, settings: RetrySettings) -> None:
+    def failed(self, what: str, exc: BaseException, settings: StorageRetrySettings) -> None:
         with self._lock:
             if self._started is not None:
                 return
@@ -448,7 +502,7 @@ class _OutageTracker:
         )
         self._notify("began", 0.0, what)
 
-    def recovered(self, what: str, settings: RetrySettings) -> None:
+    def recovered(self, what: str, settings: StorageRetrySettings) -> None:
         with self._lock:
             if self._started is None:
                 return
@@ -477,7 +531,7 @@ class _Attempts:
 
 def _retry(
     call: Callable[[], T],
-    settings: RetrySettings,
+    settings: StorageRetrySettings,
     what: str,
     tracker: _OutageTracker,
     resolve: Callable[[BaseException], Any] | None = None,
@@ -528,7 +582,7 @@ def _retry(
 def call_with_retry(
     fn: Callable[..., T],
     *args: Any,
-    settings: RetrySettings | None = None,
+    settings: StorageRetrySettings | None = None,
     what: str | None = None,
     **kwargs: Any,
 ) -> T:
@@ -537,7 +591,7 @@ def call_with_retry(
     at once. Only for calls that are safe to repeat."""
     return _retry(
         lambda: fn(*args, **kwargs),
-        settings or RetrySettings.from_env(),
+        settings or StorageRetrySettings.from_env(),
         what or str(getattr(fn, "__qualname__", "storage call")),
         _DEFAULT_TRACKER,
     )
@@ -560,18 +614,39 @@ class ResilientStorage(BaseStorage):
     """An Optuna storage that forwards every call to ``storage``, retrying transient database
     errors (see :func:`is_transient_db_error`) with backoff until ``settings.deadline_s``.
 
-    ``storage`` is an RDBStorage (wrapped in Optuna's cache like ``create_study`` would do),
-    another BaseStorage, or a URL (opened with :func:`optuna_guard.storage.open_storage`).
-    When it supports heartbeats, so does the wrapper (``isinstance(..., BaseHeartbeat)``),
-    so ``study.optimize`` keeps Optuna's heartbeat and stale-trial handling.
-    ``on_outage(event, seconds, what)`` is called with ``"began"`` and ``"ended"``.
+    When the wrapped storage supports heartbeats, so does the wrapper
+    (``isinstance(..., BaseHeartbeat)``), so ``study.optimize`` keeps Optuna's heartbeat and
+    stale-trial handling. Writes that may have committed before a lost reply are retried so that
+    they neither happen twice nor fail (see the module docstring).
+
+    Example:
+        .. code-block:: python
+
+            storage = ResilientStorage("postgresql://...", StorageRetrySettings(deadline_s=300))
+            study = optuna.create_study(storage=storage, study_name="s", load_if_exists=True)
+
+    Args:
+        storage: An RDBStorage (wrapped in Optuna's cache like ``create_study`` would do),
+            another BaseStorage, or a URL (opened with
+            :func:`optuna_guard.storage.open_storage`). A ResilientStorage is unwrapped.
+        settings: How long and how often to retry; by default
+            :meth:`StorageRetrySettings.from_env`.
+        idempotent_create: Make a retried ``create_new_trial`` find the trial its lost first
+            attempt created instead of creating a second one.
+        on_outage: Called as ``on_outage(event, seconds, what)`` with ``"began"`` when a call
+            first fails and ``"ended"`` when calls succeed again.
+
+    Raises:
+        ConfigError: ``storage`` is neither an Optuna storage nor a storage URL.
+        StorageUnavailableError: (from any call) the database stayed unreachable past
+            ``settings.deadline_s``.
     """
 
     # The wrapper's own attributes; any other attribute write goes to the wrapped storage.
     _OWN_ATTRS = frozenset({"_storage", "_rdb", "settings", "idempotent_create", "_tracker"})
 
     def __new__(
-        cls, storage: Any = None, settings: RetrySettings | None = None, **_kwargs: Any
+        cls, storage: Any = None, settings: StorageRetrySettings | None = None, **_kwargs: Any
     ) -> ResilientStorage:
         # ``storage`` is optional so that pickle and copy can make an empty instance.
         if cls is ResilientStorage and _supports_heartbeat(storage):
@@ -581,7 +656,7 @@ class ResilientStorage(BaseStorage):
     def __init__(
         self,
         storage: BaseStorage | str,
-        settings: RetrySettings | None = None,
+        settings: StorageRetrySettings | None = None,
         *,
         idempotent_create: bool = True,
         on_outage: OutageListener | None = None,
@@ -601,7 +676,7 @@ class ResilientStorage(BaseStorage):
         elif isinstance(storage, _CachedStorage):
             self._rdb = storage._backend
         self._storage: BaseStorage = storage
-        self.settings = settings or RetrySettings.from_env()
+        self.settings = settings or StorageRetrySettings.from_env()
         self.idempotent_create = idempotent_create
         self._tracker = _OutageTracker(on_outage)
 

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from optuna_guard.exceptions import ConfigError, StorageUnavailableError
 from optuna_guard.resilience import (
     ResilientStorage,
-    RetrySettings,
+    StorageRetrySettings,
     call_with_retry,
     is_transient_db_error,
 )
@@ -41,7 +41,7 @@ POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 class FakeClock:
-    """time.monotonic and time.sleep for RetrySettings: sleeping advances the clock."""
+    """time.monotonic and time.sleep for StorageRetrySettings: sleeping advances the clock."""
 
     def __init__(self) -> None:
         self.now = 100.0
@@ -54,9 +54,9 @@ class FakeClock:
         self.sleeps.append(seconds)
         self.now += seconds
 
-    def settings(self, **kwargs: Any) -> RetrySettings:
+    def settings(self, **kwargs: Any) -> StorageRetrySettings:
         kwargs.setdefault("random", lambda: 0.0)
-        return RetrySettings(clock=self.clock, sleep=self.sleep, **kwargs)
+        return StorageRetrySettings(clock=self.clock, sleep=self.sleep, **kwargs)
 
 
 def _dropped_connection() -> Exception:
@@ -221,15 +221,27 @@ def test_is_transient_db_error(error: BaseException, transient: bool) -> None:
 )
 def test_settings_validation(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
-        RetrySettings(**kwargs)
+        StorageRetrySettings(**kwargs)
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPTUNA_GUARD_STORAGE_DEADLINE_S", "42")
-    assert RetrySettings.from_env().deadline_s == 42
+    assert StorageRetrySettings.from_env().deadline_s == 42
     monkeypatch.setenv("OPTUNA_GUARD_STORAGE_DEADLINE_S", "soon")
     with pytest.raises(ConfigError, match="OPTUNA_GUARD_STORAGE_DEADLINE_S"):
-        RetrySettings.from_env()
+        StorageRetrySettings.from_env()
+
+
+def test_retry_settings_is_a_deprecated_alias_of_storage_retry_settings() -> None:
+    import optuna_guard.resilience as resilience
+
+    with pytest.warns(DeprecationWarning, match="use StorageRetrySettings"):
+        from optuna_guard.resilience import RetrySettings
+    assert RetrySettings is StorageRetrySettings
+    assert RetrySettings(deadline_s=7) == StorageRetrySettings(deadline_s=7)
+    assert "RetrySettings" not in resilience.__all__
+    with pytest.raises(AttributeError, match="no attribute 'RetrySetting'"):
+        resilience.RetrySetting  # noqa: B018  (a typo still fails)
 
 
 # -- ResilientStorage over a real SQLite storage, with injected faults ----------------------------
@@ -266,7 +278,7 @@ def _inject(
 
 
 def _study(url: str, **storage_kwargs: Any) -> tuple[optuna.Study, ResilientStorage]:
-    storage = ResilientStorage(open_storage(url, **storage_kwargs), RetrySettings(**FAST))
+    storage = ResilientStorage(open_storage(url, **storage_kwargs), StorageRetrySettings(**FAST))
     return optuna.create_study(storage=storage, study_name=f"res-{uuid.uuid4().hex[:8]}"), storage
 
 
@@ -407,7 +419,7 @@ def test_outage_listener_gets_begin_and_end(sqlite_url: str) -> None:
     events: list[tuple[str, str]] = []
     storage = ResilientStorage(
         open_storage(sqlite_url),
-        RetrySettings(**FAST),
+        StorageRetrySettings(**FAST),
         on_outage=lambda event, seconds, what: events.append((event, what)),
     )
     study = optuna.create_study(storage=storage, study_name=f"l-{uuid.uuid4().hex[:8]}")
@@ -452,7 +464,7 @@ def _ensure_pg_up() -> None:
 def test_postgres_restart_mid_study_loses_nothing(caplog: pytest.LogCaptureFixture) -> None:
     storage = ResilientStorage(
         open_storage(POSTGRES_URL, heartbeat_interval=1, grace_period=30),
-        RetrySettings(deadline_s=120, initial_backoff_s=0.1, max_backoff_s=1.0),
+        StorageRetrySettings(deadline_s=120, initial_backoff_s=0.1, max_backoff_s=1.0),
     )
     study = optuna.create_study(storage=storage, study_name=f"pg-restart-{uuid.uuid4().hex[:8]}")
     restart: dict[str, subprocess.Popen[bytes]] = {}
@@ -521,7 +533,9 @@ def test_pickled_copy_keeps_retrying_and_drops_the_listener(sqlite_url: str) -> 
 
     heard: list[str] = []
     storage = ResilientStorage(
-        open_storage(sqlite_url), RetrySettings(**FAST), on_outage=lambda e, s, w: heard.append(e)
+        open_storage(sqlite_url),
+        StorageRetrySettings(**FAST),
+        on_outage=lambda e, s, w: heard.append(e),
     )
     for clone in (pickle.loads(pickle.dumps(storage)), copy.deepcopy(storage)):
         assert type(clone) is type(storage) and clone.settings == storage.settings
@@ -562,7 +576,9 @@ def test_attribute_writes_reach_the_wrapped_storage(sqlite_url: str) -> None:
     assert (
         beats(study.trials[0]._trial_id) == 1
     )  # Optuna's heartbeat thread ran through the wrapper
-    storage.settings = RetrySettings(deadline_s=1.0)  # the wrapper's own attributes stay its own
+    storage.settings = StorageRetrySettings(
+        deadline_s=1.0
+    )  # the wrapper's own attributes stay its own
     assert storage.settings.deadline_s == 1.0 and not hasattr(rdb, "settings")
 
 
@@ -580,7 +596,7 @@ def test_retried_create_on_mysql_second_precision(
 
     url = "mysql+pymysql://root@127.0.0.1:3306/test"
     name = f"res-mysql-{uuid.uuid4().hex[:8]}"
-    storage = ResilientStorage(open_storage(url), RetrySettings(**FAST))
+    storage = ResilientStorage(open_storage(url), StorageRetrySettings(**FAST))
     try:
         study = optuna.create_study(storage=storage, study_name=name)
         inner = storage.wrapped

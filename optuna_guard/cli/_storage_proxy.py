@@ -102,7 +102,7 @@ def _positive_int(text: str) -> int:
 
 def _open_backend(url: str, deadline_s: float) -> Any:
     from optuna_guard._storage_urls import is_rdb_url
-    from optuna_guard.resilience import ResilientStorage, RetrySettings
+    from optuna_guard.resilience import ResilientStorage, StorageRetrySettings
     from optuna_guard.supervisor._study import mask_url, open_checked_storage, probe_connection
 
     if not is_rdb_url(url):
@@ -112,7 +112,7 @@ def _open_backend(url: str, deadline_s: float) -> Any:
         )
     probe_connection(url, 5.0, deadline_s)
     storage = open_checked_storage(url, deadline_s=deadline_s)
-    return ResilientStorage(storage, RetrySettings(deadline_s=deadline_s))
+    return ResilientStorage(storage, StorageRetrySettings(deadline_s=deadline_s))
 
 
 def run(args: argparse.Namespace) -> int:
