@@ -2,12 +2,15 @@
 
 SQLite is the embedded default: it gets WAL mode and a busy timeout so N local workers do not
 die on "database is locked". PostgreSQL and MySQL URLs are passed through to Optuna's RDBStorage.
+Read-only commands (``status``, ``report``) load their study through :func:`open_for_reading`,
+which never creates a file, table or study and turns every failure into one line.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +25,7 @@ _log = get_logger(__name__)
 
 DEFAULT_SQLITE_FILE = "optuna_guard.db"
 SQLITE_BUSY_TIMEOUT_S = 60.0
+READ_CONNECT_TIMEOUT_S = 10.0
 
 
 def default_storage_url(directory: str | os.PathLike[str] | None = None) -> str:
@@ -111,6 +115,130 @@ def _check_not_in_memory(url: str) -> None:
             f"storage URL {url!r} is an in-memory SQLite database, which worker processes can never share; "
             "use a file, e.g. sqlite:///study.db"
         )
+
+
+def mask_url(url: str) -> str:
+    """The storage URL with any password replaced by ``***``, for logs and error messages."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def resolve_url(url: str | None) -> str:
+    """The URL as every process must see it: the default SQLite file when none is given, a
+    journal path made absolute."""
+    from optuna_guard._storage_urls import normalize_url
+
+    return normalize_url(url) if url else default_storage_url()
+
+
+def first_line(exc: BaseException) -> str:
+    """The most specific message in an exception chain (Optuna wraps the driver's error)."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_for_reading(
+    url: str | None, study_name: str, *, connect_timeout: float = READ_CONNECT_TIMEOUT_S
+) -> optuna.Study:
+    """Load ``study_name`` for a read-only command: no heartbeat, no table, file or study created.
+
+    ``url`` is any URL :func:`open_storage` takes (default: :func:`default_storage_url`).
+    Raises a one-line :class:`ConfigError` (exit code 2) that names the URL (password masked)
+    and what to check, for: a URL that names no storage, a missing SQLite or journal file, a
+    server that cannot be reached within ``connect_timeout`` seconds, a storage that cannot
+    be read, and a study that is not there (the studies that are, listed).
+    """
+    url = resolve_url(url)
+    storage = _open_reader(url, connect_timeout)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        pass
+    except Exception as exc:
+        raise _reading_error(url, exc) from None
+    try:
+        names = sorted(s.study_name for s in storage.get_all_studies())
+    except Exception as exc:
+        raise _reading_error(url, exc) from None
+    known = (", ".join(names[:10]) + (" ..." if len(names) > 10 else "")) if names else "none"
+    raise ConfigError(
+        f"study {study_name!r} not found in {mask_url(url)}; studies there: {known}. "
+        "Check --study-name and --storage."
+    )
+
+
+def _open_reader(url: str, connect_timeout: float) -> optuna.storages.BaseStorage:
+    from optuna_guard import _storage_urls
+
+    if "://" not in url:
+        raise ConfigError(
+            f"storage URL {url!r} is not a database URL (nor journal, Redis or gRPC); use e.g. "
+            "sqlite:///study.db, postgresql+psycopg://user@host/db, journal:///path/study.log, "
+            "redis://host:6379/0 or grpc://host:13000."
+        )
+    _check_file_exists(url)
+    try:
+        if not _storage_urls.is_rdb_url(url):
+            storage = _storage_urls.open_url_storage(url, connect_timeout=connect_timeout)
+            if isinstance(storage, optuna.storages.GrpcStorageProxy):
+                storage.wait_server_ready(timeout=connect_timeout)
+            return storage
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+        elif url.startswith(("postgresql", "mysql")):
+            kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
+        return RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _reading_error(url, exc) from None
+
+
+def _check_file_exists(url: str) -> None:
+    """Reading must not create the file a mistyped path names (SQLite and journals would)."""
+    from optuna_guard._storage_urls import url_kind
+
+    if url.startswith("sqlite"):
+        path = url.split("://", 1)[1].split("?", 1)[0]
+        path = path[1:] if path.startswith("/") else path
+        if path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in url:
+            raise ConfigError(
+                f"storage URL {url!r} is an in-memory SQLite database, which holds no study to "
+                "read; pass --storage with the URL the study was run on."
+            )
+        kind, path = "storage file", path
+    elif url_kind(url) == "journal":
+        kind, path = "journal file", url.split("://", 1)[1]
+    else:
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{kind} {path!r} does not exist; pass --storage with the URL the study was run on."
+        )
+
+
+def _reading_error(url: str, exc: BaseException) -> ConfigError:
+    """One line for a storage that failed to open or answer: unusable URL, unreachable, unreadable."""
+    import sqlalchemy.exc
+
+    from optuna_guard.resilience import is_transient_db_error
+
+    where = mask_url(url)
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(
+        exc, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError)
+    ) or (isinstance(exc, ValueError) and not isinstance(exc, sqlalchemy.exc.SQLAlchemyError)):
+        return ConfigError(
+            f"storage URL {where} is not usable: {first_line(exc)}; check --storage."
+        )
+    if is_transient_db_error(exc) or isinstance(exc, (TimeoutError, ConnectionError)):
+        return ConfigError(
+            f"cannot reach storage {where}: {first_line(exc)}; is the server up? check --storage."
+        )
+    return ConfigError(f"cannot read storage {where}: {first_line(exc)}; check --storage.")
 
 
 def end_trial_from_outside(

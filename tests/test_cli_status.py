@@ -96,7 +96,8 @@ def test_status_errors_exit_2(sqlite_url, tmp_path, unique_study_name):
     unknown = cli("status", "--study-name", unique_study_name, "--storage", sqlite_url)
     assert unknown.returncode == 2
     assert unknown.stderr.strip().splitlines() == [
-        f"optuna-guard status: error: study {unique_study_name!r} not found in {sqlite_url}; studies there: present."
+        f"optuna-guard status: error: study {unique_study_name!r} not found in {sqlite_url}; studies there: present. "
+        "Check --study-name and --storage."
     ]
     missing = cli("status", "--study-name", "x", cwd=str(tmp_path / ".."))
     assert missing.returncode == 2 and "does not exist" in missing.stderr

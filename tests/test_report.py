@@ -331,7 +331,7 @@ def test_missing_sqlite_file_is_exit_2_and_is_not_created(tmp_path, capsys) -> N
     [
         ("not-a-url", "is not a database URL"),
         ("nosuchdb://host/x", "is not usable"),
-        ("postgresql+psycopg://postgres@127.0.0.1:1/test", "cannot read storage"),
+        ("postgresql+psycopg://postgres@127.0.0.1:1/test", "cannot reach storage"),
     ],
 )
 def test_bad_storage_is_exit_2(storage, needle, capsys) -> None:

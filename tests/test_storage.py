@@ -8,7 +8,13 @@ from optuna.trial import TrialState
 
 from optuna_guard import tags
 from optuna_guard.exceptions import ConfigError
-from optuna_guard.storage import default_storage_url, end_trial_from_outside, open_storage
+from optuna_guard.storage import (
+    default_storage_url,
+    end_trial_from_outside,
+    mask_url,
+    open_for_reading,
+    open_storage,
+)
 
 
 def _study(tmp_path, name="s"):
@@ -71,3 +77,58 @@ def test_only_prune_or_fail(tmp_path) -> None:
     trial = study.ask()
     with pytest.raises(ValueError, match="PRUNED or FAIL"):
         end_trial_from_outside(study._storage, trial._trial_id, TrialState.COMPLETE)
+
+
+# -- the read path of status and report ---------------------------------------------------------
+
+
+def test_reading_loads_the_study(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    written = _study(tmp_path, "present")
+    written.tell(written.ask(), 1.0)
+    study = open_for_reading(url, "present")
+    assert study.study_name == "present" and [t.value for t in study.trials] == [1.0]
+    assert optuna.get_all_study_names(storage=url) == ["present"]
+
+
+@pytest.mark.parametrize(
+    ("url", "study", "needle"),
+    [
+        ("study.db", "s", "is not a database URL"),
+        ("sqlite:///{tmp}/missing.db", "s", "storage file '{tmp}/missing.db' does not exist"),
+        ("journal://{tmp}/missing.log", "s", "journal file '{tmp}/missing.log' does not exist"),
+        ("sqlite:///:memory:", "s", "in-memory SQLite database"),
+        ("nosuchdb://host/x", "s", "is not usable"),
+        ("sqlite:///{tmp}/garbage.db", "s", "cannot read storage"),
+        ("sqlite:///{tmp}/empty.db", "s", "cannot read storage"),
+        ("postgresql+psycopg://u:secret@127.0.0.1:1/x", "s", "cannot reach storage"),
+        ("sqlite:///{tmp}/db.sqlite3", "absent", "study 'absent' not found in sqlite:///"),
+    ],
+)
+def test_reading_errors_are_one_line_and_create_nothing(tmp_path, url, study, needle) -> None:
+    _study(tmp_path, "present")
+    (tmp_path / "garbage.db").write_text("this is not sqlite")
+    (tmp_path / "empty.db").touch()
+    files = _files(tmp_path)
+    url, needle = url.format(tmp=tmp_path), needle.format(tmp=tmp_path)
+    with pytest.raises(ConfigError) as info:
+        open_for_reading(url, study)
+    message = str(info.value)
+    assert needle in message and "\n" not in message and "secret" not in message, message
+    assert info.value.exit_code == 2
+    assert _files(tmp_path) == files  # no file created
+    assert (tmp_path / "empty.db").stat().st_size == 0  # no table created
+    if study == "absent":
+        assert message.endswith("studies there: present. Check --study-name and --storage.")
+
+
+def _files(directory) -> list[str]:
+    """The files in ``directory``, without SQLite's WAL side files (they come and go)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(("-wal", "-shm")))
+
+
+def test_mask_url_hides_passwords() -> None:
+    assert mask_url("postgresql+psycopg://user:s3cret@db:5432/x") == (
+        "postgresql+psycopg://user:***@db:5432/x"
+    )
+    assert mask_url("sqlite:///a.db") == "sqlite:///a.db"

@@ -20,8 +20,8 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_guard import __version__, tags
+from optuna_guard._best import best_valid
 from optuna_guard.analysis import _classify, _timeline, _versions
-from optuna_guard.analysis._filters import is_killed
 from optuna_guard.oom_aware._peak_model import observed_peak
 from optuna_guard.oom_aware.constraints import memory_constraint
 
@@ -75,9 +75,7 @@ def build_report(
     trials = _versions.filter_trials(all_trials, version)
     objective = _versions.objective_section(study, all_trials)
     objective["filter"] = version
-    best_version = version
-    if best_version is None and len(objective["versions"]) > 1:
-        best_version = objective["current_version"]
+    best_version = _versions.best_scope(objective)
     objective["best_from_version"] = best_version
     by_number = {t.number: t for t in trials}
     report: dict[str, Any] = {
@@ -185,33 +183,17 @@ def _constraints(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
 
 
 def _best(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
-    """Best valid trial(s): COMPLETE, not killed, feasible when the study has constraints."""
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and not is_killed(t)]
-    constrained = any(t.constraints for t in trials)
-    candidates = (
-        [t for t in complete if all(v <= 0 for v in t.constraints.values())]
-        if constrained
-        else complete
-    )
+    """Best valid trial(s), by the one rule in :mod:`optuna_guard._best`."""
     directions = list(study.directions)
-    if not candidates:
-        best: list[FrozenTrial] = []
-    elif len(directions) == 1:
-        if directions[0] == StudyDirection.MINIMIZE:
-            best = [min(candidates, key=lambda t: (t.value, t.number))]
-        else:
-            best = [max(candidates, key=lambda t: (t.value, -t.number))]
-    else:
-        from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
-
-        best = _get_pareto_front_trials_by_trials(candidates, directions)
-    stopped_better = _stopped_with_better_intermediate(trials, best, directions)
+    found = best_valid(trials, directions)
     return {
-        "valid_complete": len(complete),
-        "constrained": constrained,
-        "feasible_complete": len(candidates),
-        "trials": [_trial_brief(t) for t in best],
-        "killed_with_better_intermediate": stopped_better,
+        "valid_complete": found.valid,
+        "constrained": found.constrained,
+        "feasible_complete": found.feasible,
+        "trials": [_trial_brief(t) for t in found.trials],
+        "killed_with_better_intermediate": _stopped_with_better_intermediate(
+            trials, found.trials, directions
+        ),
     }
 
 

@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
-from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_guard.analysis._filters import is_killed
+from optuna_guard._best import best_valid
 from optuna_guard.fingerprint import CURRENT_ATTR, VERSIONS_ATTR, trial_version
 from optuna_guard.result_cache import CACHED_FROM, canonical_params
 
@@ -55,21 +54,13 @@ def objective_section(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dic
 
 
 def best_brief(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, Any] | None:
-    """The best valid COMPLETE trial among ``trials`` (single objective), or None."""
+    """The best valid trial among ``trials`` (single objective; the rule of
+    :mod:`optuna_guard._best`) as ``{number, value, params}``, or None."""
     if len(study.directions) != 1:
         return None
-    complete = [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE and not is_killed(t) and t.value is not None
-    ]
-    if not complete:
+    top = best_valid(trials, study.directions).single
+    if top is None:
         return None
-    minimize = study.directions[0] == StudyDirection.MINIMIZE
-    if minimize:
-        top = min(complete, key=lambda t: (t.value, t.number))
-    else:
-        top = max(complete, key=lambda t: (t.value, -t.number))
     return {"number": top.number, "value": top.value, "params": dict(top.params)}
 
 
@@ -98,6 +89,17 @@ def cache_section(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
 def filter_trials(trials: Sequence[FrozenTrial], version: int | None) -> list[FrozenTrial]:
     """The trials of one objective version (all when ``version`` is None)."""
     return list(trials) if version is None else [t for t in trials if trial_version(t) == version]
+
+
+def best_scope(section: dict[str, Any]) -> int | None:
+    """The objective version the best valid trial is taken from: the one shown, else the
+    current one when the study has several (their values measure different things), else all."""
+    if section.get("filter") is not None:
+        return int(section["filter"])
+    if len(section["versions"]) > 1:
+        current = section["current_version"]
+        return None if current is None else int(current)
+    return None
 
 
 def status_section(

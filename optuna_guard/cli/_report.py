@@ -1,6 +1,7 @@
 """`optuna-guard report`: what happened in a study (text, JSON or self-contained HTML).
 
-Reads only: the study is loaded, never created, and the storage is not written to.
+Reads only: the study is loaded through ``storage.open_for_reading`` (never created, the storage
+is not written to).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from optuna_guard.exceptions import ConfigError
 _log = get_logger(__name__)
 
 FORMATS = ("text", "json", "html")
-CONNECT_TIMEOUT_S = 10
 
 
 def add_parser(subparsers: Any) -> None:
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from optuna_guard.analysis import build_report, render_html, render_json
     from optuna_guard.analysis._render_text import print_report, render_text
     from optuna_guard.analysis._timeline import load_events
+    from optuna_guard.storage import open_for_reading
 
     if args.output is not None:
         directory = os.path.dirname(os.path.abspath(args.output))
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                 f"output directory {directory!r} does not exist; create it or choose another -o FILE."
             )
     events = load_events(args.event_log) if args.event_log is not None else None
-    study = load_study_readonly(args.study_name, args.storage)
+    study = open_for_reading(args.storage, args.study_name)
     report = build_report(
         study,
         events=events,
@@ -110,83 +111,3 @@ def run(args: argparse.Namespace) -> int:
             "Report on study %r written to %s (%s).", args.study_name, args.output, args.format
         )
     return 0
-
-
-def load_study_readonly(study_name: str, storage_url: str | None) -> Any:
-    """``optuna.load_study`` with one-line errors; never creates a study, table or database file."""
-    import optuna
-    import sqlalchemy.exc
-    from optuna.storages import RDBStorage
-
-    from optuna_guard.storage import default_storage_url
-
-    url = storage_url or default_storage_url()
-    if "://" not in url:
-        raise ConfigError(
-            f"storage URL {url!r} is not a database URL; use e.g. sqlite:///study.db or postgresql+psycopg://user@host/db."
-        )
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///") :]
-        if path and path != ":memory:" and not os.path.isfile(path):
-            raise ConfigError(
-                f"storage {url!r}: database file {path!r} does not exist; check --storage."
-            )
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith(("postgresql", "mysql")):
-        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
-        engine_kwargs["pool_pre_ping"] = True
-    from optuna_guard._storage_urls import is_rdb_url, open_url_storage, url_kind
-
-    if url_kind(url) == "journal" and not os.path.isfile(url.split("://", 1)[1]):
-        raise ConfigError(
-            f"storage {url!r}: journal file {url.split('://', 1)[1]!r} does not exist; check --storage."
-        )
-    storage: optuna.storages.BaseStorage
-    try:
-        if is_rdb_url(url):
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)
-        else:  # journal file, Redis journal, gRPC proxy
-            storage = open_url_storage(url, connect_timeout=CONNECT_TIMEOUT_S)
-        return optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        raise ConfigError(
-            f"study {study_name!r} not found in storage {_redact(url)}; list studies with "
-            f"'optuna studies --storage URL' and check --study-name."
-        ) from None
-    except (
-        sqlalchemy.exc.ArgumentError,
-        sqlalchemy.exc.NoSuchModuleError,
-        ValueError,
-        ImportError,
-    ) as exc:
-        raise ConfigError(
-            f"storage URL {_redact(url)} is not usable: {_first_line(exc)}; check --storage."
-        ) from None
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise ConfigError(
-            f"cannot read storage {_redact(url)}: {_first_line(exc)}; check --storage."
-        ) from None
-    except Exception as exc:  # optuna/alembic wrap some storage errors in their own types
-        if type(exc).__module__.startswith(("optuna", "alembic", "redis", "grpc")):
-            raise ConfigError(
-                f"cannot read storage {_redact(url)}: {_first_line(exc)}; check --storage."
-            ) from None
-        raise
-
-
-def _first_line(exc: BaseException) -> str:
-    """The most specific message in the exception chain (Optuna wraps the driver's error)."""
-    while (inner := exc.__cause__ or exc.__context__) is not None:
-        exc = inner
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for error messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return repr(make_url(url).render_as_string(hide_password=True))
-    except Exception:
-        return repr(url.split("@")[-1]) if "@" in url else repr(url)

@@ -13,10 +13,7 @@ import argparse
 import collections
 import datetime as dt
 import json
-import os
-from typing import Any, cast
-
-from optuna_guard.exceptions import ConfigError, StorageUnavailableError
+from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
@@ -57,13 +54,11 @@ def collect_status(study: Any, objective_version: Any = None) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     from optuna_guard import tags
+    from optuna_guard._best import best_valid
+    from optuna_guard.analysis import _versions
 
     trials = study.get_trials(deepcopy=False)
-    from optuna_guard.analysis._versions import (
-        status_section,
-    )  # issue 13: fingerprint, versions, cache
-
-    objective, trials = status_section(study, trials, objective_version)
+    objective, trials = _versions.status_section(study, trials, objective_version)
     by_state = collections.Counter(t.state.name for t in trials)
     killed = [t for t in trials if t.user_attrs.get(tags.EMERGENCY_KILLED)]
     crashed = [t for t in trials if t.user_attrs.get(tags.WORKER_CRASHED)]
@@ -84,24 +79,16 @@ def collect_status(study: Any, objective_version: Any = None) -> dict[str, Any]:
                 "running_s": round((now - started).total_seconds(), 1) if started else None,
             }
         )
-    best = None
-    if len(study.directions) == 1:
-        complete = [
-            t
-            for t in trials
-            if t.state == TrialState.COMPLETE and not t.user_attrs.get(tags.EMERGENCY_KILLED)
-        ]
-        if complete:
-            pick = min if study.direction.name == "MINIMIZE" else max
-            # a COMPLETE single-objective trial has a value
-            top = pick(complete, key=lambda t: cast(float, t.value))
-            best = {"number": top.number, "value": top.value, "params": top.params}
+    best_from_version = _versions.best_scope(objective)
+    found = best_valid(_versions.filter_trials(trials, best_from_version), study.directions)
     return {
         "study_name": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
         "n_trials": len(trials),
         "states": dict(sorted(by_state.items())),
-        "best": best,
+        "best": _brief(found.single, values=False) if len(study.directions) == 1 else None,
+        "best_trials": [_brief(t, values=True) for t in found.trials],
+        "best_from_version": best_from_version,
         "emergency_killed": len(killed),
         "killed_by_limit": _reasons(killed, by_limit=True),
         "crashed": len(crashed),
@@ -110,6 +97,13 @@ def collect_status(study: Any, objective_version: Any = None) -> dict[str, Any]:
         "running": running,
         "objective": objective,
     }
+
+
+def _brief(trial: Any, *, values: bool) -> dict[str, Any] | None:
+    if trial is None:
+        return None
+    value: dict[str, Any] = {"values": list(trial.values)} if values else {"value": trial.value}
+    return {"number": trial.number, **value, "params": dict(trial.params)}
 
 
 def _reasons(trials: list[Any], *, by_limit: bool) -> list[dict[str, Any]]:
@@ -137,42 +131,10 @@ def _reasons(trials: list[Any], *, by_limit: bool) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
+    from optuna_guard.storage import mask_url, open_for_reading, resolve_url
 
-    from optuna_guard.supervisor._study import (
-        mask_url,
-        open_checked_storage,
-        probe_connection,
-        resolve_storage_url,
-    )
-
-    url = resolve_storage_url(args.storage)
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///") :]
-        if path and path != ":memory:" and not os.path.exists(path):
-            raise ConfigError(
-                f"storage file {path!r} does not exist; pass --storage with the URL the study was run on."
-            )
-    if url.startswith("journal://") and not os.path.isfile(url[len("journal://") :]):
-        raise ConfigError(
-            f"journal file {url[len('journal://') :]!r} does not exist; pass --storage with the URL "
-            "the study was run on."
-        )
-    try:
-        probe_connection(url, 5.0)
-        storage = open_checked_storage(url)
-    except (
-        StorageUnavailableError
-    ) as exc:  # status does not wait for a server: exit 2, check --storage
-        raise ConfigError(str(exc)) from None
-    try:
-        study = optuna.load_study(study_name=args.study_name, storage=storage)
-    except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
-        known = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "") if names else "none"
-        raise ConfigError(
-            f"study {args.study_name!r} not found in {mask_url(url)}; studies there: {known}."
-        ) from None
+    url = resolve_url(args.storage)
+    study = open_for_reading(url, args.study_name)
     status = collect_status(study, getattr(args, "objective_version", None))
     status["storage"] = mask_url(url)
     if args.json:
@@ -180,6 +142,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_tables(status)
     return 0
+
+
+def _best_lines(status: dict[str, Any]) -> list[str]:
+    """The best valid trial (or Pareto front), by the rule of :mod:`optuna_guard._best`."""
+    scope = status["best_from_version"]
+    where = f" (objective version {scope})" if scope is not None else ""
+    best, front = status["best"], status["best_trials"]
+    if best:
+        return [
+            f"Best valid trial {best['number']}{where}: value {best['value']:.6g}, "
+            f"params {best['params']}"
+        ]
+    if front:
+        numbers = ", ".join(str(t["number"]) for t in front)
+        return [f"Best valid trials (Pareto front){where}: {numbers}"]
+    return [f"Best valid trial{where}: none (no COMPLETE, untagged, feasible trial)"]
 
 
 def _print_tables(status: dict[str, Any]) -> None:
@@ -197,11 +175,8 @@ def _print_tables(status: dict[str, Any]) -> None:
         f"Study {status['study_name']!r} ({','.join(status['directions'])}) in {status['storage']}: "
         f"{status['n_trials']} trials - {states}"
     )
-    if status["best"]:
-        best = status["best"]
-        console.print(
-            f"Best valid trial {best['number']}: value {best['value']:.6g}, params {best['params']}"
-        )
+    for line in _best_lines(status):
+        console.print(line)
     from optuna_guard.analysis._versions import status_lines
 
     for line in status_lines(status.get("objective")):

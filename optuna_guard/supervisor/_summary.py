@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial
+
+from optuna_guard._best import best_valid_trials
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,7 +32,9 @@ class LaunchSummary:
         worker_starts: worker processes started (replacements included).
         stop_reason: why the launch stopped early, or None.
         duration_s: wall time of the launch.
-        best_value: best COMPLETE value of the study at the end (single objective), or None.
+        best_value: the value of the study's best valid trial at the end (single objective;
+            the rule of :mod:`optuna_guard._best`, as ``status`` and ``report``), or None.
+        best_trials: the number of that trial, or the Pareto front's (several objectives).
     """
 
     study_name: str
@@ -46,6 +54,7 @@ class LaunchSummary:
     stop_reason: str | None = None
     duration_s: float = 0.0
     best_value: float | None = None
+    best_trials: tuple[int, ...] = ()
     event_log: str | None = None
 
     @property
@@ -78,6 +87,19 @@ class LaunchSummary:
         )
         if self.best_value is not None:
             text += f"; best value {self.best_value:.6g}"
+            if self.best_trials:
+                text += f" (trial {self.best_trials[0]})"
+        elif self.best_trials:
+            text += f"; Pareto front: trials {', '.join(map(str, self.best_trials))}"
         if self.stop_reason:
             text += f"; stopped: {self.stop_reason}"
         return text + "."
+
+
+def best_of(
+    trials: Iterable[FrozenTrial], directions: Sequence[StudyDirection]
+) -> tuple[float | None, tuple[int, ...]]:
+    """``(best_value, best_trials)`` for a summary: the study's best valid trial(s)."""
+    best = best_valid_trials(trials, directions)
+    value = best[0].value if len(directions) == 1 and best else None
+    return value, tuple(t.number for t in best)
