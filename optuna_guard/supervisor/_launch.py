@@ -6,8 +6,8 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -17,7 +17,13 @@ from optuna_guard.exceptions import ConfigError
 from optuna_guard.memory import MemoryProbe
 from optuna_guard.supervisor import _objective_spec
 from optuna_guard.supervisor._arbiter import Arbiter
-from optuna_guard.supervisor._config import LaunchConfig, normalize_directions
+from optuna_guard.supervisor._config import (
+    LaunchConfig,
+    LaunchOptions,
+    launch_option_names,
+    normalize_directions,
+    retry_policy,
+)
 from optuna_guard.supervisor._status import make_display
 from optuna_guard.supervisor._study import (
     check_study_name,
@@ -31,6 +37,14 @@ from optuna_guard.supervisor._study import (
 from optuna_guard.supervisor._study_target import StudyTarget
 from optuna_guard.supervisor._summary import LaunchSummary
 
+if TYPE_CHECKING:
+    import sys
+
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
+
 _log = get_logger(__name__)
 
 
@@ -38,44 +52,44 @@ def launch(
     objective: str | Callable[..., Any],
     *,
     study_name: str,
-    storage: str | None = None,
-    workers: int = 1,
-    n_trials: int | None = None,
-    direction: str | None = None,
-    directions: Sequence[str] | None = None,
-    sampler: str | None = None,
-    pruner: str | None = None,
-    seed: int | None = None,
-    max_worker_rss_gb: float | None = 8.0,
-    recycle_worker_rss_gb: float | None = None,
-    min_available_gb: float | None = 2.0,
-    warn_available_gb: float | None = 4.0,
-    max_worker_age: float | None = 3600.0,
-    max_trials_per_worker: int | None = None,
-    grace_period: float = 120.0,
-    check_interval: float = 0.25,
-    status_interval: float = 60.0,
-    log_dir: str = "optuna_guard_logs",
-    event_log: str | None = None,
-    on_kill: str = "prune",
-    retry: int = 0,
-    retry_on: Sequence[str] | None = None,
-    retry_shrink: str | None = None,
-    time_budget: float | str | None = None,
     probe: MemoryProbe | None = None,
-    **options: Any,
+    **options: Unpack[LaunchOptions],
 ) -> LaunchSummary:
     """Run ``objective`` in ``workers`` supervised processes until ``n_trials`` trials finished.
 
-    ``objective`` is a spec (``package.module:function`` / ``path/to/file.py:function``) or a
-    module-level function (turned into its spec; workers import it fresh). The remaining options
-    mirror ``optuna-guard run`` (see docs/launcher.md); further :class:`LaunchConfig` fields
-    (``kill_wait``, ``heartbeat_interval``, ``guard``, ``display``, ...) go in ``options``.
+    Args:
+        objective: a spec (``package.module:function`` / ``path/to/file.py:function``) or a
+            module-level function (turned into its spec; workers import it fresh).
+        study_name: the study, created if missing.
+        probe: the memory probe of the supervisor (tests pass a fake).
+        **options: any :class:`LaunchConfig` option by its field name, with the defaults
+            declared there (the ``optuna-guard run`` flags, see docs/launcher.md);
+            ``direction="maximize"`` is an alias of ``directions``, and ``time_budget`` /
+            ``trial_timeout`` also take durations such as ``"2h"``.
 
-    Returns a :class:`LaunchSummary` whose ``exit_code`` is 0 (done) or 99 (stopped by a signal
-    or the time budget). Raises ConfigError / ObjectiveSpecError / StorageUnavailableError before
-    any worker starts, CrashLoopError when workers keep dying before their first trial.
+    Returns:
+        A :class:`LaunchSummary` whose ``exit_code`` is 0 (done) or 99 (stopped by a signal
+        or the time budget).
+
+    Raises:
+        ConfigError, ObjectiveSpecError, StorageUnavailableError: before any worker starts.
+        CrashLoopError: when workers keep dying before their first trial.
     """
+    return run_launch(config_from_options(objective, study_name, dict(options)), probe=probe)
+
+
+def config_from_options(
+    objective: str | Callable[..., Any], study_name: str, options: dict[str, Any]
+) -> LaunchConfig:
+    """``launch()``'s Python values -> a LaunchConfig: a function objective becomes its spec
+    (its import root goes in front of the workers' PYTHONPATH), duration strings become
+    seconds, ``direction`` joins ``directions``; unknown options are a one-line ConfigError."""
+    unknown = sorted(set(options) - launch_option_names())
+    if unknown:
+        raise ConfigError(
+            f"launch(): unknown option(s) {', '.join(unknown)}; see LaunchConfig for the "
+            "accepted options."
+        )
     python_path: tuple[str, ...] = tuple(options.pop("python_path", ()))
     if isinstance(objective, str):
         spec = objective
@@ -84,67 +98,66 @@ def launch(
         root = _objective_spec.import_root(objective)
         if root is not None:
             python_path = (root, *python_path)
-    if isinstance(time_budget, str):
-        time_budget = _parse_duration(time_budget)
-    if isinstance(options.get("trial_timeout"), str):
-        options["trial_timeout"] = _parse_duration(options["trial_timeout"])
-    try:
-        config = LaunchConfig(
-            objective=spec,
-            study_name=study_name,
-            storage=storage,
-            workers=workers,
-            n_trials=n_trials,
-            directions=normalize_directions(direction, directions),
-            sampler=sampler,
-            pruner=pruner,
-            seed=seed,
-            max_worker_rss_gb=max_worker_rss_gb,
-            recycle_worker_rss_gb=recycle_worker_rss_gb,
-            min_available_gb=min_available_gb,
-            warn_available_gb=warn_available_gb,
-            max_worker_age=max_worker_age,
-            max_trials_per_worker=max_trials_per_worker,
-            grace_period=grace_period,
-            check_interval=check_interval,
-            status_interval=status_interval,
-            log_dir=log_dir,
-            event_log=event_log,
-            on_kill=on_kill,  # type: ignore[arg-type]  # a str from users; LaunchConfig checks it
-            retry=retry,
-            retry_on=tuple(retry_on) if retry_on is not None else None,
-            retry_shrink=retry_shrink,
-            time_budget=time_budget,
-            python_path=python_path,
-            **options,
+    for name in ("time_budget", "trial_timeout"):
+        if isinstance(options.get(name), str):
+            options[name] = _parse_duration(options[name])
+    directions = normalize_directions(
+        options.pop("direction", None), options.pop("directions", None)
+    )
+    return LaunchConfig(
+        objective=spec,
+        study_name=study_name,
+        directions=directions,
+        python_path=python_path,
+        **options,
+    )
+
+
+def resolve(config: LaunchConfig) -> LaunchConfig:
+    """The config as every process must see it, in one pass: the objective spec with an
+    absolute file path, ``--sampler``/``--pruner`` factory files looked for next to the
+    objective, the storage URL (the default SQLite file, journal paths made absolute), an
+    absolute ``--log-dir`` and ``--retry-shrink`` spec. Raises ConfigError /
+    ObjectiveSpecError on a malformed spec; loads no user code."""
+    spec = _objective_spec.normalize_spec(config.objective)
+
+    def beside_objective(option: str, value: str | None) -> str | None:
+        if not value or ":" not in value:
+            return value
+        return _objective_spec.resolve_next_to_objective(
+            value, spec, label=f"--{option} {value!r}"
         )
-    except TypeError as exc:
-        raise ConfigError(f"launch(): {exc}; see LaunchConfig for the accepted options.") from None
-    return run_launch(config, probe=probe)
+
+    return config.replace(
+        objective=spec,
+        sampler=beside_objective("sampler", config.sampler),
+        pruner=beside_objective("pruner", config.pruner),
+        storage=resolve_storage_url(config.storage),
+        log_dir=os.path.abspath(config.log_dir),
+        retry_shrink=(
+            _objective_spec.normalize_spec(config.retry_shrink) if config.retry_shrink else None
+        ),
+    )
 
 
 def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> LaunchSummary:
     """The body of :func:`launch` for an already validated config (the CLI calls this)."""
     started = time.monotonic()
-    spec = _objective_spec.normalize_spec(config.objective)
-    # --sampler/--pruner factories: relative files next to the objective; built once in the
-    # check process (exit 2 on any problem), never in the supervisor, before the storage is touched.
-    sampler, pruner = (
-        _objective_spec.resolve_next_to_objective(x, spec, label=f"--{o} {x!r}")
-        if x and ":" in x
-        else x
-        for o, x in (("sampler", config.sampler), ("pruner", config.pruner))
-    )
+    config = resolve(config)
+    url = config.storage or ""
+    # --sampler/--pruner factories are built once in the check process (exit 2 on any
+    # problem), never in the supervisor, before the storage is touched.
     _objective_spec.check_spec_in_subprocess(
-        spec, env=config.python_env(), sampler=sampler, pruner=pruner, seed=config.seed
+        config.objective,
+        env=config.python_env(),
+        sampler=config.sampler,
+        pruner=config.pruner,
+        seed=config.seed,
     )
-    config = config.replace(sampler=sampler, pruner=pruner)
-    url = resolve_storage_url(config.storage)
-    config = config.replace(objective=spec, storage=url, log_dir=os.path.abspath(config.log_dir))
     budget = _time_budget(config)  # the wall clock starts now
-    if config.retry_shrink:
-        config = config.replace(retry_shrink=_objective_spec.normalize_spec(config.retry_shrink))
-    retry_policy = _retry_policy(config)
+    if config.retry <= 0 and (config.retry_shrink or config.retry_on):
+        _log.warning("--retry-on/--retry-shrink have no effect without --retry N (N >= 1).")
+    policy = retry_policy(config)
     # Every input is checked before anything is written to the storage (no empty study left
     # behind by a bad --sampler or --log-dir).
     check_study_name(config.study_name)
@@ -201,7 +214,7 @@ def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> Lau
         probe=probe,
         event_log=event_log,
         display=make_display(config.display),
-        retry_policy=retry_policy,
+        retry_policy=policy,
         time_budget=budget,
         study_target=study_target,
     )
@@ -310,31 +323,11 @@ def _resilient(storage: Any, config: LaunchConfig, relay: OutageRelay | None = N
     ``storage_deadline`` seconds instead of failing; None switches it off."""
     if config.storage_deadline is None:
         return storage
-    from optuna_guard.resilience import ResilientStorage, RetrySettings
+    from optuna_guard.resilience import ResilientStorage, StorageRetrySettings
 
     return ResilientStorage(
-        storage, RetrySettings(deadline_s=config.storage_deadline), on_outage=relay
+        storage, StorageRetrySettings(deadline_s=config.storage_deadline), on_outage=relay
     )
-
-
-def _retry_policy(config: LaunchConfig) -> Any:
-    """The RetryPolicy of ``--retry N`` (None when retries are off); loads the shrink hook here
-    so a bad ``--retry-shrink`` is a one-line error before any worker starts."""
-    if config.retry <= 0:
-        if config.retry_shrink or config.retry_on:
-            _log.warning("--retry-on/--retry-shrink have no effect without --retry N (N >= 1).")
-        return None
-    from optuna_guard.retries import RetryPolicy
-
-    kwargs: dict[str, Any] = {
-        "max_retries": config.retry,
-        "max_preemptions": config.max_preemptions,
-    }
-    if config.retry_on is not None:
-        kwargs["retry_on"] = frozenset(config.retry_on)
-    if config.retry_shrink:
-        kwargs["shrink"] = config.retry_shrink
-    return RetryPolicy(**kwargs)
 
 
 def _study_target(config: LaunchConfig, storage: Any) -> StudyTarget | None:
