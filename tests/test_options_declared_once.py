@@ -119,6 +119,17 @@ def test_cli_has_one_argument_per_flagged_field_with_the_fields_default() -> Non
         assert cli_default == default, name
 
 
+def test_defaults_quoted_in_cli_help_are_the_fields() -> None:
+    """The help prose says "(default 8; 'off')": the number must be the field's default."""
+    quoted = 0
+    for field, option in options_of(LaunchConfig):
+        match = re.search(r"\(default:? (\d+(?:\.\d+)?)\b(?!%)", option.help)
+        if match:
+            quoted += 1
+            assert float(match.group(1)) == default_of(field), field.name
+    assert quoted >= 10
+
+
 def test_cli_without_options_builds_the_default_config() -> None:
     args = _run_parser().parse_args(["m:f", "--study-name", "s"])
     assert LaunchConfig(**config_kwargs(args, LaunchConfig)) == LaunchConfig(

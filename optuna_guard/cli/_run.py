@@ -1,13 +1,10 @@
 """``optuna-guard run``: N supervised workers on one study (a thin layer over ``launch``).
 
-    optuna-guard run OBJECTIVE --study-name NAME [--storage URL] [--workers N] [--n-trials T]
-        [--study-trials N]
-        [--direction minimize|maximize] [--sampler tpe|random|...] [--seed S]
-        [--max-worker-rss-gb GB] [--recycle-worker-rss-gb GB] [--min-available-gb GB]
-        [--warn-available-gb GB] [--max-worker-age SECONDS] [--max-trials-per-worker K]
-        [--grace-period SECONDS] [--check-interval SECONDS] [--status-interval SECONDS]
-        [--log-dir DIR] [--event-log FILE] [--on-kill prune|fail]
-        [--retry N] [--retry-on TAGS] [--retry-shrink module:function] [--time-budget 11h30m]
+    optuna-guard run OBJECTIVE --study-name NAME [--workers N] [--n-trials T] [...]
+
+Every option is a ``LaunchConfig`` field; its flag, help, parser and default are declared there
+(``supervisor/_config.py``), and the parser below is built from them (``optuna-guard run --help``,
+docs/launcher.md).
 
 Exit codes: 0 done, 1 error, 2 bad input, 3 crash loop, 99 stopped by a signal or the time
 budget (a SLURM script requeues on 99).
