@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import optuna_guard
 
@@ -44,3 +51,59 @@ def test_unknown_command_is_one_line_and_exit_2() -> None:
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1
     assert "frobnicate" in out.stderr
+
+
+def _type_checking_imports() -> dict[str, str]:
+    """name -> module of the ``if TYPE_CHECKING:`` imports in optuna_guard/__init__.py."""
+    tree = ast.parse(Path(optuna_guard.__file__).read_text(encoding="utf-8"))
+    block = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    )
+    found: dict[str, str] = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.module, ast.unparse(node)
+        for alias in node.names:
+            assert alias.asname == alias.name, f"{alias.name} is not re-exported as itself"
+            found[alias.name] = node.module
+    return found
+
+
+def test_type_checking_imports_match_the_lazy_exports() -> None:
+    """Type checkers see the same names, from the same objects, that __getattr__ serves."""
+    static = _type_checking_imports()
+    assert set(static) == set(optuna_guard._EXPORTS)
+    for name, module in static.items():
+        assert module.startswith(optuna_guard._EXPORTS[name]), (name, module)
+        assert getattr(importlib.import_module(module), name) is getattr(optuna_guard, name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
+def test_mypy_resolves_every_public_name_and_rejects_a_misspelt_one(tmp_path: Path) -> None:
+    names = sorted(optuna_guard._EXPORTS)
+    snippet = tmp_path / "use_optuna_guard.py"
+    snippet.write_text(
+        "import optuna_guard\n"
+        + "".join(f"reveal_type(optuna_guard.{name})\n" for name in names)
+        + "optuna_guard.gaurd\n",
+        encoding="utf-8",
+    )
+    repo = Path(optuna_guard.__file__).parent.parent
+    command = [sys.executable, "-m", "mypy", "--config-file", str(repo / "pyproject.toml")]
+    # the package's own findings are the job of the mypy run in .ci/run; here only the snippet's
+    command += ["--follow-imports", "silent", "--cache-dir", str(tmp_path / "cache")]
+    out = subprocess.run(
+        [*command, "--no-error-summary", str(snippet)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    revealed = re.findall(r":(\d+): note: Revealed type is \"(.*)\"", out.stdout)
+    assert len(revealed) == len(names), out.stdout + out.stderr
+    for (line, kind), name in zip(revealed, names):
+        assert int(line) == names.index(name) + 2
+        assert kind != "Any", f"mypy sees optuna_guard.{name} as Any"
+    # the misspelt name is an error: no module __getattr__ turns it into Any
+    errors = [line for line in out.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and 'no attribute "gaurd"' in errors[0], out.stdout
