@@ -204,6 +204,36 @@ def test_html_report_is_one_self_contained_file(known, capsys, tmp_path) -> None
     assert "Trial 6 (killed) reported 0.15" in html
 
 
+def test_text_and_html_draw_the_same_tables_and_sentences(known) -> None:
+    """Both renderers draw analysis._tables' blocks: every title, cell and note is in both."""
+    import html as html_lib
+
+    from optuna_guard.analysis import build_report, render_html, render_text
+    from optuna_guard.analysis._tables import Note, report_blocks
+    from optuna_guard.analysis._timeline import load_events
+    from optuna_guard.storage import open_for_reading
+
+    url, name, events = known
+    report = build_report(open_for_reading(url, name), events=load_events(events))
+    text, html = render_text(report, width=400), render_html(report)
+    blocks = report_blocks(report)
+    assert sum(not isinstance(b, Note) for b in blocks) == 5 and html.count("<table>") == 5
+    for block in blocks:
+        if isinstance(block, Note):
+            pieces = [block.text]
+        else:
+            pieces = [block.title, *(c.name for c in block.columns)]
+            for row in block.rows:
+                pieces += [
+                    line.strip()
+                    for cell in row
+                    for line in ([cell] if isinstance(cell, str) else cell)
+                ]
+        for piece in filter(None, pieces):
+            assert piece in text, piece
+            assert html_lib.escape(piece) in html, piece
+
+
 def test_report_on_a_study_without_tags(tmp_path, capsys) -> None:
     url = f"sqlite:///{tmp_path / 'plain.db'}"
     study = optuna.create_study(study_name="plain", storage=url)

@@ -14,8 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from optuna_guard import tags
 from optuna_guard.analysis import _classify
+from optuna_guard.analysis._tables import Block, Cell, Column, Note, report_blocks
 
 END_STATE_COLORS = {
     _classify.COMPLETE: "#2ca02c",
@@ -35,12 +35,6 @@ _MARKER_STYLE = {  # event -> (label, plotly symbol, colour)
     "worker_recycled": ("worker recycled", "triangle-down", "#1f77b4"),
     "worker_crashed": ("worker crashed", "star", "#9467bd"),
     "memory_warning": ("memory warning", "diamond-open", "#ff7f0e"),
-}
-_STOP_TITLES = {
-    tags.EMERGENCY_KILLED: "killed (memory)",
-    tags.WORKER_CRASHED: "worker crashed",
-    tags.PREEMPTED: "preempted",
-    tags.DIVERGED: "diverged",
 }
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -73,16 +67,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         f'<div class="meta">{study["n_trials"]} trials, {", ".join(_e(d) for d in study["directions"])}'
         f"{_span(study)} &middot; generated {_e(report['generated_at'])} by optuna-guard "
         f"{_e(report['optuna_guard_version'])} (report schema v{report['version']})</div>",
-        '<div class="grid">',
-        f"<div><h2>Trials by state</h2>{_states_table(report)}</div>",
-        f"<div><h2>Trials stopped early</h2>{_stopped_table(report)}</div>",
-        "</div>",
-        f"<h2>Best valid trial</h2>{_best_section(report)}",
-        f"<h2>Highest peak memory</h2>{_top_memory_table(report)}",
     ]
-    if report["workers"] is not None:
-        parts.append(f"<h2>Memory per worker (event log)</h2>{_workers_table(report)}")
-    parts.append(_versions_section(report))
+    parts += [_block_html(block) for block in report_blocks(report)]
     parts.append("<h2>Peak memory vs hyperparameters</h2>")
     parts.append(
         _figure_html(
@@ -108,19 +94,11 @@ def render_html(report: Mapping[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-# -- tables ---------------------------------------------------------------------------------
+# -- tables (their rows are built in _tables) -------------------------------------------
 
 
 def _e(value: Any) -> str:
     return html.escape("-" if value is None else str(value))
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _span(study: Mapping[str, Any]) -> str:
@@ -129,152 +107,27 @@ def _span(study: Mapping[str, Any]) -> str:
     return f", from {_e(study['first_start'])} to {_e(study['last_complete'] or 'now')}"
 
 
-def _table(
-    headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()
-) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cells = "".join(
-            f'<td class="num">{_e(_fmt(c))}</td>' if i in numeric else f"<td>{_e(_fmt(c))}</td>"
-            for i, c in enumerate(row)
-        )
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _versions_section(report: Mapping[str, Any]) -> str:
-    """Objective versions (best per version) and result-cache figures; empty when neither applies."""
-    objective = report.get("objective") or {}
-    cache = report.get("cache") or {}
-    html = ""
-    if objective.get("fingerprinted") or len(objective.get("versions", [])) > 1:
-        rows = [
-            (
-                v["version"],
-                (v.get("digest") or "-")[:12],
-                v.get("recorded_at"),
-                v["n_trials"],
-                v["complete"],
-                v["cached"],
-                (v.get("best") or {}).get("number"),
-                (v.get("best") or {}).get("value"),
-            )
-            for v in objective.get("versions", [])
-        ]
-        html += (
-            f"<h2>Objective versions (current: {_e(objective.get('current_version'))})</h2>"
-            + _table(
-                (
-                    "version",
-                    "fingerprint",
-                    "recorded",
-                    "trials",
-                    "complete",
-                    "cached",
-                    "best trial",
-                    "best value",
-                ),
-                rows,
-                numeric=(0, 3, 4, 5, 6, 7),
-            )
-        )
-    if cache.get("served") or cache.get("duplicates_computed"):
-        html += (
-            f"<p>Result cache: {cache['served']} trials served from earlier results, "
-            f"{_e(_fmt(cache['saved_s']))} s of compute saved; {cache['duplicates_computed']} "
-            "configurations computed more than once.</p>"
-        )
-    return html
-
-
-def _params(params: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()) or "-"
-
-
-def _states_table(report: Mapping[str, Any]) -> str:
-    rows = [(f"Optuna {k}", v) for k, v in report["trials_by_state"].items() if v]
-    rows += [(f"end state: {k}", v) for k, v in report["end_states"].items() if v]
-    return _table(("state", "trials"), rows or [("-", 0)], numeric=(1,))
-
-
-def _stopped_table(report: Mapping[str, Any]) -> str:
-    rows = []
-    for kind, info in report["stopped"].items():
-        title = _STOP_TITLES.get(kind, kind)
-        if info["by_limit"]:
-            title += " (" + ", ".join(f"{k}: {n}" for k, n in info["by_limit"].items()) + ")"
-        reasons = "; ".join(f"{r['count']} x {r['reason']}" for r in info["top_reasons"]) or "-"
-        rows.append((title, info["count"], reasons))
-    return _table(("why", "trials", "top reasons (numbers shown as N)"), rows, numeric=(1,))
-
-
-def _best_section(report: Mapping[str, Any]) -> str:
-    best = report["best"]
-    parts = []
-    if best["trials"]:
-        rows = [
-            (
-                t["number"],
-                ", ".join(_fmt(v) for v in (t["values"] or [])),
-                t["peak_rss_gb"],
-                _params(t["params"]),
-            )
-            for t in best["trials"]
-        ]
-        parts.append(_table(("trial", "value(s)", "peak GB", "params"), rows, numeric=(0, 2)))
-    else:
-        parts.append(
-            '<p class="note">No valid COMPLETE trial (every complete trial was killed, or none is within the memory constraint).</p>'
-        )
-    for item in best["killed_with_better_intermediate"]:
-        parts.append(
-            f'<p class="warn">Trial {item["number"]} ({_e(item["end_state"])}) reported '
-            f"{_e(_fmt(item['intermediate_value']))} at step {_e(item['step'])}, better than the best valid value "
-            f"{_e(_fmt(item['best_valid_value']))}{' - ' + _e(item['kill_reason']) if item['kill_reason'] else ''}</p>"
-        )
-    if best["trials"] and not best["killed_with_better_intermediate"]:
-        parts.append(
-            '<p class="note">No killed, crashed or preempted trial reported a better intermediate value.</p>'
-        )
-    return "".join(parts)
-
-
-def _top_memory_table(report: Mapping[str, Any]) -> str:
-    rows = [
-        (t["number"], t["end_state"], t["peak_rss_gb"], _params(t["params"]))
-        for t in report["top_memory"]
-    ]
-    if not rows:
-        return '<p class="note">No trial has a peak_rss_gb tag (was the objective guarded?).</p>'
-    return _table(("trial", "end state", "peak GB", "params"), rows, numeric=(0, 2))
-
-
-def _workers_table(report: Mapping[str, Any]) -> str:
-    rows = [
-        (
-            w["worker_id"],
-            ", ".join(str(p) for p in w["pids"]),
-            w["trials_started"],
-            w["kills"],
-            w["recycles"],
-            w["crashes"],
-            w["peak_rss_gb"],
-            w["mean_rss_gb"],
-        )
-        for w in report["workers"]
-    ]
-    headers = (
-        "worker",
-        "pids",
-        "trials",
-        "kills",
-        "recycles",
-        "crashes",
-        "peak RSS GB",
-        "mean RSS GB",
+def _block_html(block: Block) -> str:
+    """A table under its heading, or a note as a paragraph (text escaped)."""
+    if isinstance(block, Note):
+        css = f' class="{block.kind}"' if block.kind != "plain" else ""
+        return f"<p{css}>{_e(block.text)}</p>"
+    heading = f"<h2>{_e(block.title)}</h2>"
+    if not block.rows and block.empty is not None:
+        return f'{heading}<p class="note">{_e(block.empty)}</p>'
+    head = "".join(f"<th>{_e(c.name)}</th>" for c in block.columns)
+    body = "".join(
+        "<tr>"
+        + "".join(_td(c, cell) for c, cell in zip(block.columns, row, strict=True))
+        + "</tr>"
+        for row in block.rows
     )
-    return _table(headers, rows, numeric=(2, 3, 4, 5, 6, 7))
+    return f"{heading}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _td(column: Column, cell: Cell) -> str:
+    text = _e(cell) if isinstance(cell, str) else "<br>".join(_e(line) for line in cell)
+    return f'<td class="num">{text}</td>' if column.numeric else f"<td>{text}</td>"
 
 
 # -- figures --------------------------------------------------------------------------------

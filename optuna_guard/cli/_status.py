@@ -164,56 +164,64 @@ def _print_tables(status: dict[str, Any]) -> None:
     import sys
 
     from rich.console import Console
-    from rich.table import Table
+
+    from optuna_guard.analysis._render_text import rich_table
 
     # Not a terminal (a pipe, a log file): wide enough that reasons are not cut or wrapped.
+    # Plain lines (markup=False): a study name or a reason may contain "[...]".
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     states = (
         ", ".join(f"{name} {count}" for name, count in status["states"].items()) or "no trials"
     )
     console.print(
         f"Study {status['study_name']!r} ({','.join(status['directions'])}) in {status['storage']}: "
-        f"{status['n_trials']} trials - {states}"
+        f"{status['n_trials']} trials - {states}",
+        markup=False,
     )
     for line in _best_lines(status):
-        console.print(line)
+        console.print(line, markup=False)
     from optuna_guard.analysis._versions import status_lines
 
     for line in status_lines(status.get("objective")):
-        console.print(line)
+        console.print(line, markup=False)
     console.print(
         f"Emergency-killed: {status['emergency_killed']}   Crashed: {status['crashed']}   "
         f"Preempted: {status['preempted']}"
     )
+    for table in _tables(status):
+        console.print(rich_table(table))
+    if not status["running"]:
+        console.print("Running trials: none", markup=False)
+
+
+def _tables(status: dict[str, Any]) -> list[Any]:
+    """Kills and crashes by reason, running trials: as the report's tables (``analysis._tables``)."""
+    from optuna_guard.analysis._tables import Column, Table
+
+    tables = []
+    columns = (Column("reason"), Column("count", True), Column("last trials"), Column("example"))
     for title, rows in (
         ("Killed trials by limit", status["killed_by_limit"]),
         ("Crashed trials by reason", status["crash_reasons"]),
     ):
-        if not rows:
-            continue
-        table = Table(title=title, title_justify="left")
-        table.add_column("reason")
-        table.add_column("count", justify="right")
-        table.add_column("last trials")
-        table.add_column("example")
-        for row in rows:
-            table.add_row(
-                row["reason"], str(row["count"]), " ".join(map(str, row["trials"])), row["example"]
-            )
-        console.print(table)
+        if rows:
+            cells = [
+                (r["reason"], str(r["count"]), " ".join(map(str, r["trials"])), r["example"])
+                for r in rows
+            ]
+            tables.append(Table(title, columns, cells))
     if status["running"]:
-        table = Table(title="Running trials", title_justify="left")
-        for column in ("trial", "worker", "pid", "host", "started", "running for"):
-            table.add_column(column)
-        for row in status["running"]:
-            table.add_row(
-                str(row["number"]),
-                str(row["worker_id"]),
-                str(row["worker_pid"]),
-                str(row["hostname"]),
-                str(row["started"]),
-                f"{row['running_s']:.0f}s" if row["running_s"] is not None else "?",
+        names = ("trial", "worker", "pid", "host", "started", "running for")
+        running = [
+            (
+                str(r["number"]),
+                str(r["worker_id"]),
+                str(r["worker_pid"]),
+                str(r["hostname"]),
+                str(r["started"]),
+                f"{r['running_s']:.0f}s" if r["running_s"] is not None else "?",
             )
-        console.print(table)
-    else:
-        console.print("Running trials: none")
+            for r in status["running"]
+        ]
+        tables.append(Table("Running trials", tuple(Column(n) for n in names), running))
+    return tables
