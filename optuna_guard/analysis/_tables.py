@@ -9,7 +9,7 @@ a table is made once, here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from optuna_guard import tags
@@ -37,7 +37,7 @@ class Table:
 
     title: str
     columns: tuple[Column, ...]
-    rows: list[tuple[Cell, ...]]
+    rows: Sequence[Sequence[Cell]]
     empty: str | None = None
 
 
