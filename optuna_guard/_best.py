@@ -89,7 +89,18 @@ def best_valid(trials: Iterable[FrozenTrial], directions: Sequence[StudyDirectio
 def best_valid_trials(
     trials: Iterable[FrozenTrial], directions: Sequence[StudyDirection]
 ) -> list[FrozenTrial]:
-    """Just the trials of :func:`best_valid`."""
+    """The best valid trial, or the Pareto front, among ``trials`` (the rule of this module).
+
+    What ``optuna-guard status``, ``optuna-guard report`` and the launch summary show.
+
+    Args:
+        trials: trials of one study, e.g. ``study.get_trials(deepcopy=False)``.
+        directions: the study's directions, ``study.directions``.
+
+    Returns:
+        One trial for a single objective, the Pareto front (in trial-number order) for
+        several; empty when no trial is COMPLETE, untagged and feasible.
+    """
     return best_valid(trials, directions).trials
 
 

@@ -5,6 +5,7 @@ pandas and plotly (the ``analysis`` extra) are imported only by the functions th
 
 from __future__ import annotations
 
+from optuna_guard._best import best_valid_trials
 from optuna_guard.analysis._classify import END_STATES, end_state, retry_origin
 from optuna_guard.analysis._filters import is_killed, killed_trials, valid_trials
 from optuna_guard.analysis._frame import trials_frame
@@ -26,6 +27,7 @@ __all__ = [
     "REPORT_SCHEMA",
     "REPORT_VERSION",
     "PreflightResult",
+    "best_valid_trials",
     "build_report",
     "end_state",
     "is_killed",
