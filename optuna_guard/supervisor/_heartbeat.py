@@ -6,9 +6,12 @@ result is lost. The supervisor sees its workers as processes, so it beats for th
 ``interval`` this thread
 
 1. renews the launch's lease (:mod:`._lease`, a study system attr; any storage);
-2. on RDB storages also calls Optuna's ``record_heartbeat(trial_id)`` for each trial of a live
-   worker, so plain ``study.optimize`` workers with a heartbeat on the same study never fail
-   our live trials;
+2. on RDB storages also writes Optuna's heartbeat rows (``trial_heartbeats``, what
+   ``record_heartbeat(trial_id)`` writes) for every trial of a live worker, so plain
+   ``study.optimize`` workers with a heartbeat on the same study never fail our live trials.
+   All rows of a tick go in one transaction (:func:`record_heartbeats`); a trial's first row
+   is written within ``first_beat_delay`` of its start, together with those of the trials that
+   started meanwhile (one transaction per trial was most of the supervisor's CPU);
 3. ends the RUNNING trials of lost launches (lease expired, or on this host with no process
    left) and the trials Optuna's own stale rule finds (no heartbeat row beaten for the grace
    period: a dead host), tags first (``worker_lost`` + ``kill_reason``), then FAIL, and
@@ -25,8 +28,14 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
+
+import sqlalchemy
+from optuna.storages import RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._rdb.models import TrialHeartbeatModel
+from optuna.storages._rdb.storage import _create_scoped_session
 
 from optuna_guard import events, tags
 from optuna_guard._logging import get_logger
@@ -45,12 +54,58 @@ def launch_alive_here(launch_id: str, lease: _lease.Lease | None) -> bool:
     return bool(_tree.pids_with_env(f"{ENV_LAUNCH_ID}={launch_id}".encode()))
 
 
+def record_heartbeats(storage: Any, trial_ids: Collection[int]) -> None:
+    """Optuna's heartbeat rows of several trials in one transaction: what
+    ``RDBStorage.record_heartbeat`` does for one (the row's time is the database's ``now()``;
+    a new row takes the column default), with one lookup, one UPDATE and the new rows' INSERTs
+    for all of them. Other storages (or a lost race on a new row's unique key) take Optuna's
+    own per-trial path."""
+    ids = sorted(set(trial_ids))
+    if not ids:
+        return
+    rdb = storage._backend if isinstance(storage, _CachedStorage) else storage
+    if isinstance(rdb, RDBStorage):
+        try:
+            _record_heartbeats_rdb(rdb, ids)
+            return
+        except sqlalchemy.exc.IntegrityError as exc:  # a row inserted meanwhile by another
+            _log.debug("Heartbeat rows not written at once (%s); one by one.", exc)
+    record = getattr(storage, "record_heartbeat", None)
+    if record is None:  # journal / gRPC: Optuna keeps no heartbeat there
+        return
+    for trial_id in ids:
+        record(trial_id)
+
+
+def _record_heartbeats_rdb(storage: RDBStorage, ids: list[int]) -> None:
+    model = TrialHeartbeatModel
+    with _create_scoped_session(storage.scoped_session) as session:
+        beaten = set(
+            session.scalars(
+                sqlalchemy.select(model.trial_id)
+                .where(model.trial_id.in_(ids))
+                .with_for_update()  # as record_heartbeat re-reads the row it updates
+            )
+        )
+        if beaten:
+            now = session.execute(sqlalchemy.func.now()).scalar()
+            session.execute(
+                sqlalchemy.update(model)
+                .where(model.trial_id.in_(beaten))
+                .values(heartbeat=now)
+                .execution_options(synchronize_session=False)
+            )
+        session.add_all([model(trial_id=trial_id) for trial_id in ids if trial_id not in beaten])
+
+
 class SupervisorHeartbeat:
     """The launch's lease, Optuna heartbeats for live trials, and the lost-trial sweep.
 
     ``storage`` is a storage of the thread's own (an RDBStorage opened with
     ``heartbeat_interval``/``grace_period`` enables Optuna's stale rule); ``live_trials`` is a
     frozenset the arbiter replaces each tick. ``retry_policy`` re-queues lost trials.
+    ``first_beat_delay`` (default a quarter interval, at most 1 s): how long a started trial
+    waits for its first row so that trials starting together share one transaction.
     """
 
     def __init__(
@@ -66,6 +121,7 @@ class SupervisorHeartbeat:
         on_retried: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
         alive_here: Callable[[str, _lease.Lease | None], bool] = launch_alive_here,
+        first_beat_delay: float | None = None,
     ) -> None:
         import optuna
 
@@ -73,6 +129,9 @@ class SupervisorHeartbeat:
         self.launch_id = launch_id
         self.interval = float(interval)
         self.grace = float(grace)
+        self.first_beat_delay = (
+            min(1.0, self.interval / 4) if first_beat_delay is None else float(first_beat_delay)
+        )
         self.retry_policy = retry_policy
         self._emit = emit or (lambda *a, **k: None)
         self._on_retried = on_retried or (lambda: None)
@@ -105,7 +164,7 @@ class SupervisorHeartbeat:
         return self
 
     def trial_started(self, trial_id: int) -> None:
-        """A worker started this trial: record its first heartbeat row at once (Optuna's stale
+        """A worker started this trial: record its first heartbeat row soon (Optuna's stale
         rule ignores trials without one), on the thread, not the watchdog loop."""
         with self._first_lock:
             self._first_beats.add(trial_id)
@@ -126,25 +185,29 @@ class SupervisorHeartbeat:
         next_beat = time.monotonic() + self.interval
         while not self._stop.is_set():
             self._wake.wait(max(0.0, next_beat - time.monotonic()))
+            if time.monotonic() < next_beat:  # a trial started: let the ones with it join
+                self._stop.wait(min(self.first_beat_delay, next_beat - time.monotonic()))
             self._wake.clear()
             if self._stop.is_set():
                 return
-            self._record_first_beats()
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.interval
                 self.beat_once()
+            else:
+                self._record_first_beats()
 
-    def _record_first_beats(self) -> None:
+    def _take_first_beats(self) -> set[int]:
         with self._first_lock:
             pending, self._first_beats = self._first_beats, set()
-        record = getattr(self.storage, "record_heartbeat", None)
-        if record is None:
-            return
-        for trial_id in pending:
-            try:
-                record(trial_id)
-            except Exception as exc:  # a missed first beat only delays the row to the next beat
-                _log.debug("First heartbeat of trial id %d not recorded: %s", trial_id, exc)
+        return pending
+
+    def _record_first_beats(self) -> None:
+        """One tick for the trials started since the last: their first rows, one transaction."""
+        pending = self._take_first_beats()
+        try:
+            record_heartbeats(self.storage, pending)
+        except Exception as exc:  # a missed first beat only delays the row to the next beat
+            _log.debug("First heartbeats of trial ids %s not recorded: %s", sorted(pending), exc)
 
     # ------------------------------------------------------------------ one beat
     def beat_once(self) -> None:
@@ -180,11 +243,8 @@ class SupervisorHeartbeat:
         )
 
     def _record_optuna_heartbeats(self) -> None:
-        record = getattr(self.storage, "record_heartbeat", None)
-        if record is None:
-            return
-        for trial_id in self.live_trials:
-            record(trial_id)
+        """The periodic beat: every live trial and the pending first beats, one transaction."""
+        record_heartbeats(self.storage, self._take_first_beats() | self.live_trials)
 
     def sweep_lost(self, now: float) -> int:
         """End (and retry) the RUNNING trials of lost launches and Optuna-stale trials."""
