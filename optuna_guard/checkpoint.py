@@ -5,13 +5,18 @@ retry chain (Optuna's ``failed_trial`` system attr), so every retry of a killed 
 the directory its predecessors wrote. Each checkpoint is two files::
 
     step-0000000005-1a2b3c4d.ckpt   the payload (torch.save or pickle)
-    step-0000000005-1a2b3c4d.json   the manifest: step, SHA-256, size, format; written LAST
+    step-0000000005-1a2b3c4d.json   the manifest: step, hash, size, format; written LAST
 
-Both are written to a temp file in the same directory, flushed, fsync'ed, renamed into place
-with ``os.replace`` and the directory fsync'ed, so a crash at any point leaves either the
-previous checkpoints or a complete new one. A payload without a manifest, or one whose size or
-SHA-256 does not match it, is not a checkpoint: ``load`` skips it with a warning and uses the
+Both are written to a temp file in the same directory, flushed, fsync'ed and renamed into place
+with ``os.replace``; the directory is fsync'ed once after both renames, so a crash at any point
+leaves either the previous checkpoints or a complete new one (a manifest whose payload rename
+was lost names a missing file and is skipped). A payload without a manifest, or one whose size
+or hash does not match it, is not a checkpoint: ``load`` skips it with a warning and uses the
 previous good one.
+
+The hash (XXH3-128 by default; SHA-256 too with ``verify="sha256"``) is computed in the same
+pass as the write (:class:`_HashingWriter`) and as the read on load (:class:`_HashingReader`):
+the payload's bytes are never read a second time.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import collections
 import concurrent.futures
 import errno
 import hashlib
+import io
 import json
-import mmap
 import os
 import pickle
 import re
@@ -121,8 +126,8 @@ class CheckpointInfo(NamedTuple):
 
 
 def _fast_hash() -> Any:
-    """The ``xxhash`` module when installed (XXH3-128 runs at ~20 GB/s here, SHA-256 at ~2), else
-    None; checkpoints then carry only the SHA-256 and loads verify that."""
+    """The ``xxhash`` module (a core dependency; XXH3-128 runs ~7x faster than SHA-256 here),
+    or None if it cannot be imported; checkpoints then carry only the SHA-256."""
     try:
         import xxhash
     except ImportError:
@@ -230,27 +235,115 @@ class _HashingWriter:
         return True
 
 
-def _sha256_of_file(path: Path) -> str:
-    """SHA-256 of a file, hashed straight from the page cache (mmap: no copy into a buffer)."""
-    return _digest_of_file(path, hashlib.sha256())
+class _HashingReader:
+    """A read-only, seekable file object over a checkpoint payload that hashes the bytes the
+    deserializer reads, in file order, so a verified load reads the payload once.
 
+    ``torch.load`` reads a zip: the directory at the end first, then small records, then each
+    tensor's bytes with one ``readinto`` into the tensor's own storage; ``pickle.load`` reads
+    front to back. Bytes are hashed as soon as everything before them is hashed: a read that
+    starts a little past the hashed prefix (zip headers skipped by the reader) first hashes the
+    gap with ``pread``; one far ahead (the zip directory) is left for :meth:`hexdigest`, which
+    hashes whatever was never read in order. Every byte is thus hashed exactly once and in order,
+    whatever the access pattern, and the big tensors are hashed from the buffer they were read
+    into. Large reads are done in pieces, each hashed in the hash thread (one thread: in order)
+    while the next ones are read; ``readinto`` returns only once its whole buffer is hashed
+    (the caller owns it again: torch may free a storage it read, e.g. after moving it to a GPU)."""
 
-def _digest_of_file(path: Path, digest: Any) -> str:
-    """``digest`` (hashlib-like) of a file, fed straight from the page cache (mmap, no copy)."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return str(digest.hexdigest())
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            if hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mapped)
-            try:
-                for start in range(0, size, _HASH_CHUNK):
-                    digest.update(view[start : start + _HASH_CHUNK])
-            finally:
-                view.release()
-    return str(digest.hexdigest())
+    _GAP_MAX = 1 * MB  # a gap up to this is read just to hash it; a larger one waits for the end
+    _PIECE = 4 * MB
+
+    def __init__(
+        self, raw: io.BufferedReader, digest: Any, pool: concurrent.futures.Executor
+    ) -> None:
+        self._raw = raw
+        self._fd = raw.fileno()
+        self._digest = digest
+        self._pool = pool
+        self._hashed = 0  # bytes [0, _hashed) of the file are in the digest
+
+    # -- file object ----------------------------------------------------------------------
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        offset = self._raw.tell()
+        data = self._raw.read(size)
+        self._saw(offset, memoryview(data))
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        offset = self._raw.tell()
+        data = self._raw.readline(size)
+        self._saw(offset, memoryview(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        offset = self._raw.tell()
+        if view.nbytes < 2 * self._PIECE or not self._catch_up(offset) or self._hashed != offset:
+            n = self._raw.readinto(view) or 0
+            self._saw(offset, view[:n])
+            return n
+        total = 0
+        pending: list[concurrent.futures.Future[Any]] = []
+        try:
+            while total < view.nbytes:
+                piece = view[total : total + self._PIECE]
+                n = self._raw.readinto(piece) or 0
+                if n == 0:
+                    break
+                # hashed in order by the one hash thread while the next pieces are read
+                pending.append(self._pool.submit(self._digest.update, piece[:n]))
+                total += n
+                if n < piece.nbytes:
+                    break
+        finally:
+            for future in pending:  # the caller may reuse its buffer once we return
+                future.result()
+        self._hashed = offset + total
+        return total
+
+    # -- hashing --------------------------------------------------------------------------
+
+    def _catch_up(self, offset: int) -> bool:
+        """Hash a small gap before ``offset``; True when the hashed prefix then reaches it."""
+        if self._hashed < offset <= self._hashed + self._GAP_MAX:
+            self._hash_range(self._hashed, offset)
+        return self._hashed >= offset
+
+    def _saw(self, offset: int, view: memoryview) -> None:
+        """Bytes read at ``offset``: hash the part that extends the hashed prefix."""
+        end = offset + view.nbytes
+        if end <= self._hashed or not self._catch_up(offset):
+            return
+        self._digest.update(view[self._hashed - offset :])
+        self._hashed = end
+
+    def _hash_range(self, start: int, stop: int) -> None:
+        """Hash bytes [start, stop) of the file, read with ``pread`` (the position is kept)."""
+        while start < stop:
+            data = os.pread(self._fd, min(self._PIECE, stop - start), start)
+            if not data:
+                break
+            self._digest.update(data)
+            start += len(data)
+        self._hashed = max(self._hashed, start)
+
+    def hexdigest(self) -> str:
+        """The digest of the whole file: what was never read in order is read and hashed now."""
+        self._hash_range(self._hashed, os.fstat(self._fd).st_size)
+        return str(self._digest.hexdigest())
 
 
 def _write_atomically(
@@ -260,9 +353,12 @@ def _write_atomically(
     pool: concurrent.futures.Executor,
     *,
     sha256: bool = True,
+    sync_directory: bool = True,
 ) -> tuple[str | None, int, str | None]:
-    """Temp file in ``directory`` -> ``write(fileobj)`` -> flush -> fsync -> rename -> fsync dir.
-    Returns (sha256 or None, size, xxh3_128 or None). The temp file is removed if anything fails."""
+    """Temp file in ``directory`` -> ``write(fileobj)`` -> flush -> fsync -> rename -> fsync dir
+    (unless ``sync_directory`` is False: the caller fsyncs it after a later rename, one journal
+    commit for both). Returns (sha256 or None, size, xxh3_128 or None). The temp file is removed
+    if anything fails."""
     tmp = directory / f"{_TMP_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as raw:
@@ -277,7 +373,8 @@ def _write_atomically(
         except FileNotFoundError:
             pass
         raise
-    _fsync_directory(directory)
+    if sync_directory:
+        _fsync_directory(directory)
     xxh3 = writer.xxh3.hexdigest() if writer.xxh3 is not None else None
     return (writer.sha256.hexdigest() if writer.sha256 is not None else None), writer.size, xxh3
 
@@ -303,11 +400,14 @@ class TrialCheckpointer:
         capture_rng: also save Python/NumPy/torch RNG states and restore them on ``load``.
         format: ``"auto"`` (torch.save when torch is imported, else pickle), ``"torch"`` or
             ``"pickle"``.
-        verify: which hashes a local checkpoint gets and which one ``load`` checks:
-            ``"fast"`` (default) writes SHA-256 and XXH3-128 in the same pass and checks the
-            XXH3-128 on load; ``"sha256"`` writes both and checks the SHA-256; ``"xxh3"`` writes
-            only the XXH3-128 (a save then costs ~5 % instead of ~100 % extra CPU; no SHA-256
-            for ``sha256sum``). Stores always get and check a SHA-256.
+        verify: which hashes a local checkpoint gets and which one ``load`` checks (all in
+            the same pass as the write and the read): ``"xxh3"`` (default) writes and checks
+            only the XXH3-128 (non-cryptographic, enough for torn writes and bit rot; a save
+            costs about what a plain save + fsync costs); ``"sha256"`` writes SHA-256 and
+            XXH3-128 and checks the SHA-256 (for ``sha256sum``; SHA-256 runs at a fraction of
+            disk and page-cache speed, so saves and loads take longer); ``"fast"`` writes both
+            and checks the XXH3-128. Old manifests with only a SHA-256 are checked with it.
+            Stores always get and check a SHA-256.
         study: the study, when ``trial`` is a FrozenTrial (tools that inspect checkpoints);
             a running Trial knows its study.
         store: an Optuna artifact store or a URL (``file:///shared/dir``,
@@ -324,7 +424,7 @@ class TrialCheckpointer:
         keep_on_complete: bool | Literal["best"] = False,
         capture_rng: bool = False,
         format: Format = "auto",
-        verify: Literal["fast", "sha256", "xxh3"] = "fast",
+        verify: Literal["xxh3", "fast", "sha256"] = "xxh3",
         study: Any = None,
         store: Any = None,
     ) -> None:
@@ -340,8 +440,8 @@ class TrialCheckpointer:
         self.keep_last = keep_last
         self.keep_on_complete = keep_on_complete
         self.capture_rng = capture_rng
-        if verify not in ("fast", "sha256", "xxh3"):
-            raise ConfigError(f"verify must be 'fast', 'sha256' or 'xxh3' but got {verify!r}.")
+        if verify not in ("xxh3", "fast", "sha256"):
+            raise ConfigError(f"verify must be 'xxh3', 'fast' or 'sha256' but got {verify!r}.")
         self.verify = verify
         self.format: Format = format
         self.number: int = int(getattr(trial, "number", 0))
@@ -590,7 +690,12 @@ class TrialCheckpointer:
         write_payload = _serializer(payload_obj, fmt)
         pool = _hash_pool()
         sha256, size, xxh3 = _write_atomically(
-            self.directory, payload, write_payload, pool, sha256=self.verify != "xxh3"
+            self.directory,
+            payload,
+            write_payload,
+            pool,
+            sha256=self.verify != "xxh3",
+            sync_directory=False,  # after the manifest's rename: one directory fsync for both
         )
         record = {
             "version": MANIFEST_VERSION,
@@ -609,7 +714,9 @@ class TrialCheckpointer:
         }
         encoded = json.dumps(record, indent=1).encode()
         try:
-            _write_atomically(self.directory, manifest, lambda f: f.write(encoded), pool)
+            _write_atomically(
+                self.directory, manifest, lambda f: f.write(encoded), pool, sha256=False
+            )
         except BaseException:
             _unlink_quietly(
                 payload
@@ -880,15 +987,14 @@ def _precheck(info: CheckpointInfo) -> str | None:
 
 
 def _verified_payload(
-    info: CheckpointInfo, map_location: Any, verify: str = "fast"
+    info: CheckpointInfo, map_location: Any, verify: str = "xxh3"
 ) -> tuple[Any, str | None]:
-    """Deserialize a checkpoint while its hash is checked in the hash thread; the result is
-    used only if the hash matches the manifest. (Hashing first and then reading would make a
-    resume take ~1.6x as long; a corrupted file of the right size at worst makes the
-    deserializer fail or build a state that is then thrown away.) With ``verify="fast"`` and
-    an XXH3-128 in the manifest that one is checked (same detection of torn writes and bit rot,
-    ~10x faster than SHA-256, which is slower than reading from the page cache); otherwise the
-    SHA-256."""
+    """Deserialize a checkpoint through a :class:`_HashingReader`, which hashes the bytes as
+    the deserializer reads them (one pass over the file); the result is used only if the hash
+    then matches the manifest. (A corrupted file of the right size at worst makes the
+    deserializer fail or build a state that is thrown away.) The XXH3-128 is checked when the
+    manifest has one, unless ``verify="sha256"`` and it also has a SHA-256; otherwise the
+    SHA-256 (manifests written before XXH3-128 was added)."""
     problem = _precheck(info)
     if problem is not None:
         return None, problem
@@ -897,19 +1003,19 @@ def _verified_payload(
     if use_xxh3 and fast is None:
         return None, "has only an XXH3-128 in its manifest and the xxhash package is not installed"
     if fast is not None:
-        expected, algorithm = info.xxh3_128, "XXH3-128"
-        digest = _hash_pool().submit(_digest_of_file, info.payload, fast.xxh3_128())
+        expected, algorithm, digest = info.xxh3_128, "XXH3-128", fast.xxh3_128()
     else:
-        expected, algorithm = info.sha256, "SHA-256"
-        digest = _hash_pool().submit(_sha256_of_file, info.payload)
+        expected, algorithm, digest = info.sha256, "SHA-256", hashlib.sha256()
     payload: Any = None
     error: Exception | None = None
     try:
-        payload = _read_payload(info, map_location)
-    except Exception as exc:
-        error = exc
-    try:
-        matches = digest.result() == expected
+        with open(info.payload, "rb") as raw:
+            reader = _HashingReader(raw, digest, _hash_pool())
+            try:
+                payload = _deserialize(reader, info.format, map_location)
+            except Exception as exc:
+                error = exc
+            matches = reader.hexdigest() == expected
     except OSError as exc:
         return None, f"cannot be read ({exc})"
     if not matches:
@@ -937,13 +1043,6 @@ def _serializer(payload_obj: dict[str, Any], fmt: str) -> Any:
             pickle.dump(payload_obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
     return write_payload
-
-
-def _read_payload(info: CheckpointInfo, map_location: Any) -> dict[str, Any]:
-    if info.format == "torch":
-        return _deserialize(info.payload, info.format, map_location)
-    with open(info.payload, "rb") as f:
-        return _deserialize(f, info.format, map_location)
 
 
 def _deserialize(source: Any, fmt: str, map_location: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ SIGKILLed at step 5 whose retry resumes at step 5."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 import optuna
 import pytest
+import xxhash
 from optuna.trial import TrialState
 
 from optuna_guard import preemption, tags
@@ -76,7 +76,9 @@ def test_save_writes_payload_and_manifest_last(study: optuna.Study, root: Path) 
     data = payload.read_bytes()
     assert manifest["step"] == 3
     assert manifest["size"] == len(data)
-    assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    # the default hash is XXH3-128 alone (verify="sha256" adds a SHA-256)
+    assert manifest["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
+    assert "sha256" not in manifest
     assert manifest["format"] == ("torch" if "torch" in sys.modules else "pickle")
     assert manifest["payload"] == payload.name
     assert not [p for p in ckpt.directory.iterdir() if p.name.startswith(".tmp-")]
