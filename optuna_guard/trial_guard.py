@@ -34,7 +34,7 @@ from optuna_guard._units import GB, to_gb
 from optuna_guard._watcher import STUCK_AFTER_S, WATCHER, OnStuck, TrialWatch, default_on_stuck
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.limits import MemoryLimits, warn_level_for
-from optuna_guard.memory import MemoryProbe, SystemMemory, default_probe
+from optuna_guard.memory import GpuMemory, MemoryProbe, SystemMemory, default_probe
 
 _log = get_logger(__name__)
 
@@ -491,7 +491,8 @@ class _RecentReadings:
     every interval, and its ``peak_rss_gb`` is the RSS seen within the last interval. After a
     trial stopped for memory the cache is dropped (its memory is freed only then). The cache
     holds the probe itself (an ``is`` check; no id reuse); ``check_memory`` and the watcher
-    always read afresh.
+    always read afresh. GPU readings are shared the same way (an NVML query per GPU costs
+    more than the /proc reads).
     """
 
     FRESH_S = 0.1
@@ -499,9 +500,23 @@ class _RecentReadings:
     def __init__(self) -> None:
         self._system: tuple[Any, float, SystemMemory] | None = None
         self._rss: tuple[Any, int, float, int] | None = None
+        self._gpus: tuple[Any, float, list[GpuMemory]] | None = None
 
     def clear(self) -> None:
-        self._system = self._rss = None
+        self._system = self._rss = self._gpus = None
+
+    def gpus(self, probe: MemoryProbe, interval: float) -> list[GpuMemory]:
+        now = time.monotonic()
+        cached = self._gpus
+        if (
+            cached is not None
+            and cached[0] is probe
+            and now - cached[1] < min(self.FRESH_S, interval)
+        ):
+            return cached[2]
+        reading = list(probe.gpus())
+        self._gpus = (probe, now, reading)
+        return reading
 
     def system(self, probe: MemoryProbe, interval: float) -> SystemMemory:
         now = time.monotonic()
@@ -612,7 +627,7 @@ def _check_at_start(
         if needs_rss(limits) or settings.budget_gb is not None
         else None
     )
-    gpus = probe.gpus()
+    gpus = _READINGS.gpus(probe, limits.interval)
     watch.observe(system, rss, gpus)
     if rss is not None:
         _warn_if_budget_below_rss(settings, rss)
