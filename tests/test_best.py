@@ -254,3 +254,32 @@ def test_status_shows_the_pareto_front(tmp_path, capsys) -> None:
     assert main(["status", "--study-name", "mo", "--storage", url]) == 0
     assert "Best valid trials (Pareto front): 0, 1" in capsys.readouterr().out
     assert best_of(study.get_trials(), study.directions) == (None, (0, 1))
+
+
+def test_with_several_objective_versions_both_take_the_best_of_the_current_one(
+    tmp_path, capsys
+) -> None:
+    """Values of different objective versions measure different things: status and report
+    both take the best from the current version (before, status took it over all versions)."""
+    from optuna_guard.fingerprint import CURRENT_ATTR, OBJECTIVE_VERSION, VERSIONS_ATTR
+
+    url = f"sqlite:///{tmp_path / 'versions.db'}"
+    study = optuna.create_study(study_name="v", storage=url)
+    for version, value in ((1, 0.1), (1, 0.5), (2, 0.4), (2, 0.3)):
+        trial = study.ask()
+        trial.set_user_attr(OBJECTIVE_VERSION, version)
+        study.tell(trial, value)
+    study._storage.set_study_system_attr(study._study_id, CURRENT_ATTR, 2)
+    study._storage.set_study_system_attr(
+        study._study_id, VERSIONS_ATTR, [{"version": 1}, {"version": 2}]
+    )
+    assert main(["status", "--study-name", "v", "--storage", url, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["best"]["number"] == 3 and status["best_from_version"] == 2
+    assert main(["report", "--study-name", "v", "--storage", url, "--format", "json"]) == 0
+    assert [t["number"] for t in json.loads(capsys.readouterr().out)["best"]["trials"]] == [3]
+    assert main(["status", "--study-name", "v", "--storage", url]) == 0
+    assert "Best valid trial 3 (objective version 2): value 0.3" in capsys.readouterr().out
+    args = ["status", "--study-name", "v", "--storage", url, "--json", "--objective-version", "1"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["best"]["number"] == 0
