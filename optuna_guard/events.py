@@ -3,7 +3,7 @@
 Schema of a line (keys beyond these may appear; readers must ignore unknown keys):
     ts          float, Unix time of the event
     time        str, ISO 8601 local time with offset
-    event       one of EVENT_NAMES
+    event       one of the names below (WORKER_STARTED, ..., LAUNCH_FINISHED)
     worker_id   int | null
     pid         int | null      worker process id
     trial_number int | null     the trial concerned
@@ -19,10 +19,12 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from optuna_guard.exceptions import ConfigError
+
+T = TypeVar("T")
 
 WORKER_STARTED = "worker_started"
 WORKER_RECYCLED = "worker_recycled"  # asked to finish its trial and exit (age, trials, RSS)
@@ -41,26 +43,6 @@ STATUS = "status"
 STORAGE_OUTAGE = "storage_outage"
 LAUNCH_STARTED = "launch_started"
 LAUNCH_FINISHED = "launch_finished"
-
-EVENT_NAMES = (
-    WORKER_STARTED,
-    WORKER_RECYCLED,
-    WORKER_KILLED,
-    WORKER_CRASHED,
-    WORKER_EXITED,
-    TRIAL_STARTED,
-    TRIAL_FINISHED,
-    TRIAL_KILLED,
-    TRIAL_RETRIED,
-    TRIAL_LOST,
-    MEMORY_WARNING,
-    MEMORY_SAMPLE,
-    SIGNAL,
-    STATUS,
-    STORAGE_OUTAGE,
-    LAUNCH_STARTED,
-    LAUNCH_FINISHED,
-)
 
 
 class EventLog:
@@ -100,29 +82,75 @@ class EventLog:
         self.close()
 
 
-def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield the events of a log; a torn last line (the writer was killed) is skipped.
+def read_json_lines(
+    path: str | os.PathLike[str],
+    parse: Callable[[str], T],
+    *,
+    what: str,
+    unreadable_hint: str,
+    bad_line: str,
+) -> list[T]:
+    """Parse each non-blank line of a JSON-lines file that a killed writer may have left torn.
 
-    Raises ConfigError when the file cannot be read or a line in the middle is not JSON.
+    Shared by the event log and the monitor log, which are both appended a line at a time.
+
+    Args:
+        path: The file.
+        parse: Turns one stripped line into a record; raises ValueError (``json.loads`` does),
+            KeyError or TypeError when the line is not one.
+        what: The file's kind for messages, e.g. ``"event log"``.
+        unreadable_hint: What to do when the file cannot be read, e.g. ``"pass an existing
+            file."``.
+        bad_line: What a bad line is and what to check, e.g. ``"not JSON; is it an
+            optuna-guard event log?"``.
+
+    Returns:
+        The records, in file order. A bad last line is skipped (the writer was killed
+        mid-write).
+
+    Raises:
+        ConfigError: The file cannot be read, or a line before the last one is bad.
     """
+    name = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(name, encoding="utf-8") as handle:
             lines = handle.readlines()
     except OSError as exc:
         raise ConfigError(
-            f"cannot read event log {os.fspath(path)!r}: {exc.strerror}; pass an existing file."
+            f"cannot read {what} {name!r}: {exc.strerror}; {unreadable_hint}"
         ) from None
+    records = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            records.append(parse(line))
+        except (ValueError, KeyError, TypeError):
             if number == len(lines):
                 continue
-            raise ConfigError(
-                f"event log {os.fspath(path)!r} line {number} is not JSON; is it an optuna-guard event log?"
-            ) from None
-        if isinstance(record, dict) and "event" in record:
-            yield record
+            raise ConfigError(f"{what} {name!r} line {number} is {bad_line}") from None
+    return records
+
+
+def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Yield the events of a log; a torn last line (the writer was killed) is skipped.
+
+    Args:
+        path: An event log written by :class:`EventLog` (``--event-log``).
+
+    Returns:
+        The events in file order; JSON lines that are not events are passed over.
+
+    Raises:
+        ConfigError: (while iterating) The file cannot be read or a line in the middle is not
+            JSON.
+    """
+    records = read_json_lines(
+        path,
+        json.loads,
+        what="event log",
+        unreadable_hint="pass an existing file.",
+        bad_line="not JSON; is it an optuna-guard event log?",
+    )
+    yield from (r for r in records if isinstance(r, dict) and "event" in r)

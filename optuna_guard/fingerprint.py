@@ -283,12 +283,6 @@ class VersionDecision:
     changed: tuple[str, ...] = ()
 
 
-def recorded_versions(study: Any) -> list[dict[str, Any]]:
-    """The study's version entries, oldest first (empty when it has no fingerprint)."""
-    attrs = study._storage.get_study_system_attrs(study._study_id)
-    return list(attrs.get(VERSIONS_ATTR) or [])
-
-
 def current_version(study: Any) -> int | None:
     """The version new trials of ``study`` belong to; None when no fingerprint was recorded."""
     attrs = study._storage.get_study_system_attrs(study._study_id)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 from optuna_guard._units import GB
+from optuna_guard.events import read_json_lines
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.memory import MemoryProbe, default_probe
 
@@ -173,38 +174,27 @@ class LogSummary:
 def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Samples of a monitor log; a torn last line is skipped. ConfigError when unreadable."""
     name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as handle:
-            lines = handle.readlines()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read monitor log {name!r}: {exc.strerror}; pass a file written by 'optuna-guard monitor --log'."
-        ) from None
-    samples = []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-            _ = float(record["ts"]) if "ts" in record else _parse_time(record["timestamp"])
-            _ = (
-                float(record["memory"]["available_gb"]),
-                float(record["memory"]["used_gb"]),
-                float(record["memory"]["percent"]),
-            )
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines):
-                continue  # the monitor was killed mid-write
-            raise ConfigError(
-                f"monitor log {name!r} line {number} is not a monitor sample; is it a file written by 'optuna-guard monitor'?"
-            ) from None
-        samples.append(record)
+    samples = read_json_lines(
+        name,
+        _parse_sample,
+        what="monitor log",
+        unreadable_hint="pass a file written by 'optuna-guard monitor --log'.",
+        bad_line="not a monitor sample; is it a file written by 'optuna-guard monitor'?",
+    )
     if not samples:
         raise ConfigError(
             f"monitor log {name!r} has no samples; run 'optuna-guard monitor --log {name}' first."
         )
     return samples
+
+
+def _parse_sample(line: str) -> dict[str, Any]:
+    """One monitor sample; ValueError/KeyError/TypeError when the line is not one."""
+    record: dict[str, Any] = json.loads(line)
+    _time_of(record)
+    for key in ("available_gb", "used_gb", "percent"):
+        float(record["memory"][key])
+    return record
 
 
 def _parse_time(text: str) -> float:

@@ -47,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="COMMAND", parser_class=OneLineErrorParser
     )
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"optuna_guard.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command whose module is not built yet
-            if exc.name != f"optuna_guard.cli.{name}":
-                raise
-            continue
-        module.add_parser(subparsers)
+        importlib.import_module(f"optuna_guard.cli.{name}").add_parser(subparsers)
     return parser
 
 
