@@ -13,6 +13,7 @@ import optuna
 import pytest
 from supervisor_helpers import assert_nothing_running, cli, trials_of
 
+import optuna_guard
 from optuna_guard import DivergencePruner, MemoryGuardPruner
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.supervisor._objective_spec import resolve_next_to_objective
@@ -30,13 +31,24 @@ FACTORIES = os.path.join(SETTINGS, "factories.py")
 
 @pytest.fixture(autouse=True)
 def _forget_loaded_files():
-    """The loader caches file modules by name; tests must not see each other's imports."""
+    """The loader caches file modules by name; tests must not see each other's imports.
+
+    Only the user modules a test loaded are forgotten: forgetting a library module that was
+    first imported during the test (a SQLAlchemy dialect) would leave two copies of its classes
+    and break later tests in the same process."""
     before = set(sys.modules)
     path = list(sys.path)
     yield
     for name in set(sys.modules) - before:
-        del sys.modules[name]
+        if _is_user_module(sys.modules[name]):
+            del sys.modules[name]
     sys.path[:] = path
+
+
+def _is_user_module(module: object) -> bool:
+    path = getattr(module, "__file__", None) or ""
+    libraries = (sys.prefix, sys.base_prefix, os.path.dirname(optuna_guard.__file__))
+    return bool(path) and not path.startswith(libraries)
 
 
 # -- building samplers and pruners --------------------------------------------------------------

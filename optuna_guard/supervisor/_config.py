@@ -63,9 +63,12 @@ _SECONDS_OR_OFF = number("seconds", positive=True, allow_off=True)
 class LaunchConfig:
     """The options of ``optuna-guard run`` / :func:`optuna_guard.supervisor.launch`.
 
-    Memory values are GB (2**30 bytes); ``None`` switches a limit off. Times are seconds.
-    ``max_worker_age_jitter`` is the fraction by which each worker's age limit is drawn *below*
-    ``max_worker_age`` (so the option stays a true maximum and workers don't restart together).
+    Each field is one option, declared here only: its default, and in its metadata
+    (:class:`~optuna_guard.supervisor._options.Option`) the CLI flag, help, parser, meaning and
+    whether workers need it. Memory values are GB (2**30 bytes); ``None`` switches a limit off.
+    Times are seconds. ``max_worker_age_jitter`` is the fraction by which each worker's age
+    limit is drawn *below* ``max_worker_age`` (so the option stays a true maximum and workers
+    don't restart together).
     """
 
     objective: str = dataclasses.field(
