@@ -32,8 +32,6 @@ from optuna_guard.fingerprint import trial_version
 
 CACHED_FROM = "cached_from"  # user attr: int, the number of the trial whose result was served
 
-_STOP_TAGS = (tags.EMERGENCY_KILLED, tags.WORKER_CRASHED, tags.PREEMPTED, tags.DIVERGED)
-
 
 def canonical_params(params: Mapping[str, Any]) -> str:
     """Params as JSON with sorted keys; json writes floats with ``repr`` (round-trip exact)."""
@@ -51,7 +49,7 @@ def servable(trial: FrozenTrial) -> bool:
     """Whether a trial's result may be served: COMPLETE, no stop tag, finite values."""
     if trial.state != TrialState.COMPLETE or trial.values is None:
         return False
-    if any(trial.user_attrs.get(tag) for tag in _STOP_TAGS):
+    if any(trial.user_attrs.get(tag) for tag in tags.STOP_TAGS):
         return False
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in trial.values)
 

@@ -44,16 +44,7 @@ __all__ = [
 ShrinkHook = Callable[[dict[str, Any]], dict[str, Any]]
 
 # The ends a retry can be asked for; each is the name of the boolean tag that marks it.
-RETRYABLE_ENDS = frozenset(
-    {
-        tags.EMERGENCY_KILLED,
-        tags.WORKER_CRASHED,
-        tags.PREEMPTED,
-        tags.DIVERGED,
-        tags.WORKER_LOST,
-        tags.TIMED_OUT,
-    }
-)
+RETRYABLE_ENDS = frozenset(tags.STOP_TAGS)
 
 # Optuna's own retry-chain system attrs (optuna/storages/_callbacks.py).
 FAILED_TRIAL = "failed_trial"

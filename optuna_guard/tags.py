@@ -48,6 +48,10 @@ RETRY_SHRUNK = "retry_shrunk"  # bool: params were changed by a shrink hook
 RETRIES_EXHAUSTED = "retries_exhausted"  # bool: last allowed retry, will not be retried again
 RESUMED_FROM_STEP = "resumed_from_step"  # int: checkpoint step a retried trial resumed from
 
+# The boolean tags that say a trial was stopped early: its value, if any, is not a valid result
+# (best trials, the result cache) and each is an end a retry can be asked for (RetryPolicy).
+STOP_TAGS = (EMERGENCY_KILLED, WORKER_CRASHED, PREEMPTED, DIVERGED, WORKER_LOST, TIMED_OUT)
+
 ALL_TAGS = (
     EMERGENCY_KILLED,
     KILL_REASON,

@@ -157,6 +157,9 @@ def test_pruned_failed_and_killed_results_are_recomputed(tmp_path, quiet_optuna)
         (TrialState.PRUNED, {tags.EMERGENCY_KILLED: True}),  # killed by the launcher
         (TrialState.FAIL, {tags.WORKER_CRASHED: True}),
         (TrialState.COMPLETE, {tags.PREEMPTED: True}),
+        (TrialState.COMPLETE, {tags.WORKER_LOST: True}),  # ended from outside: result suspect
+        (TrialState.COMPLETE, {tags.TIMED_OUT: True}),
+        (TrialState.COMPLETE, {tags.DIVERGED: True}),
     ],
 )
 def test_killed_crashed_and_failed_results_are_not_served(tmp_path, quiet_optuna, state, attrs):
