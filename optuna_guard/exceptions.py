@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # Exit codes of every ``optuna-guard`` command (README "Exit codes"); each error carries its own.
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -42,9 +44,26 @@ class InsufficientMemoryError(GuardError, MemoryError):
 
 
 class CrashLoopError(GuardError):
-    """Workers keep dying before they start their first trial; the launch is stopped."""
+    """Workers keep dying before they start their first trial; the launch is stopped.
+
+    ``worker_id`` and ``log_path`` name the last worker that died, ``log_tail`` holds the last
+    lines of its log (the message quotes them too), so a caller can show them without parsing.
+    """
 
     exit_code = EXIT_CRASH_LOOP
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker_id: int | None = None,
+        log_path: str | None = None,
+        log_tail: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.log_path = log_path
+        self.log_tail: tuple[str, ...] = tuple(log_tail)
 
 
 class MemoryStallError(GuardError):

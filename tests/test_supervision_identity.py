@@ -20,7 +20,7 @@ from supervisor_helpers import (
 )
 
 from optuna_guard import tags
-from optuna_guard.supervisor import _arbiter, launch
+from optuna_guard.supervisor import _spawner, launch
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 
@@ -95,7 +95,7 @@ def test_pid_reuse_across_two_launchers_loses_no_result(
             what=f"pid {reused_pid} to be free",
         )
 
-        spawn = _arbiter.Arbiter._spawn_process
+        spawn = _spawner.Spawner.spawn_process
         spawned: list[int] = []
 
         def spawn_with_reused_pid(self, env, log_path, child_fd, slot, spawn_index):
@@ -105,7 +105,7 @@ def test_pid_reuse_across_two_launchers_loses_no_result(
             spawned.append(proc.pid)
             return proc
 
-        monkeypatch.setattr(_arbiter.Arbiter, "_spawn_process", spawn_with_reused_pid)
+        monkeypatch.setattr(_spawner.Spawner, "spawn_process", spawn_with_reused_pid)
         monkeypatch.setenv("SLOW_S", "12")  # B's trial outlives launcher A
         summary_b = launch(
             objective_spec("supervision_objs", "slow"),

@@ -17,8 +17,9 @@ from optuna_guard import events, tags
 from optuna_guard.exceptions import CrashLoopError
 from optuna_guard.storage import open_storage
 from optuna_guard.supervisor import _protocol
-from optuna_guard.supervisor._arbiter import Arbiter, WorkerHandle
+from optuna_guard.supervisor._arbiter import Arbiter
 from optuna_guard.supervisor._config import LaunchConfig
+from optuna_guard.supervisor._worker_handle import WorkerHandle
 
 _SHARED: dict = {}
 
@@ -74,7 +75,7 @@ class Harness:
             clock=self.clock,
         )
         self.signals: list[tuple[int, int, bool]] = []
-        self.arbiter._send_signal = lambda worker, sig, tree: self.signals.append(
+        self.arbiter.killer.send_signal = lambda worker, sig, tree: self.signals.append(
             (worker.pid, sig, tree)
         )
         self.spawned: list[int] = []
@@ -96,11 +97,11 @@ class Harness:
         )
         self.peers[pid] = _protocol.Channel(theirs)
         self.arbiter.workers.append(worker)
-        self.arbiter.all_pids.add(pid)
+        self.arbiter.spawner.all_pids.add(pid)
         self.probe.rss_gb[pid] = rss_gb
         if trial:
             running = self.study.ask()
-            self.arbiter.on_trial_started(
+            self.arbiter.ledger.on_trial_started(
                 worker, running._trial_id, running.number, self.clock.now
             )
         return worker
@@ -249,28 +250,37 @@ def test_workers_dying_before_their_first_trial_raise_crash_loop_with_the_log_ta
         and "libcudart.so.12" in message
         and "\n" not in message
     )
+    # the same facts as fields, for a caller that shows them without parsing the message
+    error = info.value
+    assert error.exit_code == 3
+    assert error.worker_id == 1
+    assert error.log_path == str(tmp_path / "logs" / "worker_1.log")
+    assert error.log_tail == (
+        "booting",
+        "ImportError: libcudart.so.12: cannot open shared object file",
+    )
 
 
 def test_tickets_grant_exactly_t_and_recycle_between_trials(tmp_path):
     h = Harness(tmp_path, n_trials=3, max_trials_per_worker=2, recycle_worker_rss_gb=2.0)
     a = h.add_worker(1, 101)
     b = h.add_worker(2, 102)
-    assert h.arbiter.decide_ticket(a, h.clock.now) == (True, "")
+    assert h.arbiter.ledger.decide_ticket(a, h.clock.now) == (True, "")
     a.ticket = True
-    assert h.arbiter.decide_ticket(b, h.clock.now) == (True, "")
+    assert h.arbiter.ledger.decide_ticket(b, h.clock.now) == (True, "")
     b.ticket = True
     h.arbiter.finished_states[99] = "COMPLETE"
-    granted, reason = h.arbiter.decide_ticket(h.add_worker(3, 103), h.clock.now)
+    granted, reason = h.arbiter.ledger.decide_ticket(h.add_worker(3, 103), h.clock.now)
     assert not granted and reason == "done: 3 trials finished or running"
     a.ticket = False
     a.trials_finished = 2
-    assert h.arbiter.decide_ticket(a, h.clock.now) == (
+    assert h.arbiter.ledger.decide_ticket(a, h.clock.now) == (
         False,
         "recycle: 2 trials >= --max-trials-per-worker 2",
     )
     b.ticket, b.trials_finished = False, 1
     h.probe.rss_gb[102] = 2.5
-    assert h.arbiter.decide_ticket(b, h.clock.now) == (
+    assert h.arbiter.ledger.decide_ticket(b, h.clock.now) == (
         False,
         "recycle: tree RSS 2.50 GB after a trial > 2.00 GB",
     )
@@ -279,7 +289,7 @@ def test_tickets_grant_exactly_t_and_recycle_between_trials(tmp_path):
     c = h.add_worker(4, 104)
     c.started_at = h.clock.now - 3700
     h.arbiter.finished_states.clear()
-    assert h.arbiter.decide_ticket(c, h.clock.now) == (False, "recycle: age 3700s >= 3600s")
+    assert h.arbiter.ledger.decide_ticket(c, h.clock.now) == (False, "recycle: age 3700s >= 3600s")
 
 
 def test_reconcile_starts_only_the_workers_the_remaining_trials_need(tmp_path):
@@ -317,7 +327,7 @@ def test_sigterm_stops_gracefully_then_kills_and_tags_preempted(tmp_path, caplog
         (101, signal.SIGTERM, False),
         (102, signal.SIGTERM, False),
     ]  # the worker only, not its tree
-    assert h.arbiter.decide_ticket(idle, h.clock.now) == (
+    assert h.arbiter.ledger.decide_ticket(idle, h.clock.now) == (
         False,
         "stopping: launcher received SIGTERM",
     )
@@ -363,7 +373,7 @@ def test_shutdown_sweeps_running_trials_of_its_workers_only(tmp_path):
     other_launch.set_user_attr(tags.WORKER_PID, 4242)
     other_launch.set_user_attr(tags.HOSTNAME, socket.gethostname())
     other_launch.set_user_attr(tags.LAUNCH_ID, "another-launch")
-    h.arbiter.all_pids.add(4242)
+    h.arbiter.spawner.all_pids.add(4242)
     h.arbiter.shutdown("launcher error: boom")
     assert (
         h.state(0).state == TrialState.FAIL and h.state(0).user_attrs[tags.WORKER_CRASHED] is True

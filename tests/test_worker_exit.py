@@ -145,7 +145,7 @@ def test_a_worker_that_cannot_exit_is_killed_after_the_bounded_wait(
     from supervisor_helpers import read_events
 
     from optuna_guard import events
-    from optuna_guard.supervisor._arbiter import WORKER_EXIT_WAIT_S
+    from optuna_guard.supervisor._kills import WORKER_EXIT_WAIT_S
 
     started = time.monotonic()
     summary = launch(

@@ -1,0 +1,306 @@
+"""The supervisor's memory watchdog: reads every worker tree and the system each tick, kills at
+most one victim at a time (a worker over ``--max-worker-rss-gb`` once its in-trial guard had its
+chance; for low system memory only a worker whose trial can cover the deficit), warns, holds
+worker starts while memory is short and stops the launch when memory stays held outside it.
+
+The rules themselves are pure (:mod:`._policies`, :mod:`._memory_policy`); this module applies
+them to live workers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from optuna_guard import events, tags
+from optuna_guard._logging import get_logger
+from optuna_guard._units import GB, to_gb
+from optuna_guard.exceptions import MemoryStallError
+from optuna_guard.memory import SystemMemory, _tree, default_probe
+from optuna_guard.supervisor import _exits, _memory_policy, _policies
+from optuna_guard.supervisor._worker_handle import WorkerHandle
+
+if TYPE_CHECKING:
+    from optuna_guard.supervisor._arbiter import Arbiter
+
+_log = get_logger(__name__)
+
+GUARD_CHANCE_S = (
+    0.25  # the in-trial guard samples every 0.1 s: this long over its limit and it could not act
+)
+LOG_EVERY_S = 30.0  # repeated memory warnings are logged at most this often
+
+
+class MemoryWatchdog:
+    """Memory readings of the launch and the kills, warnings and start holds they lead to."""
+
+    def __init__(self, arbiter: Arbiter) -> None:
+        self._a = arbiter
+        self.system: SystemMemory | None = None  # the last system reading (None: probe failed)
+        self.start_gate = _memory_policy.StartGate()
+        self._stall = _memory_policy.StallClock()
+        self._over_guard_since: dict[
+            int, float
+        ] = {}  # pid -> first reading over the guard's limit
+        self._hold_logged = False
+        self._elsewhere_logged_at: float | None = None
+        self._last_warning_at: float | None = None
+
+    # ------------------------------------------------------------------ readings
+    def tree_rss(self, pid: int) -> int:
+        a = self._a
+        if a.probe is not None:
+            return int(a.probe.process_tree_rss(pid))
+        cgroup = a.cgroups.of(pid) if a.cgroups is not None else None
+        if cgroup is not None:  # every process in the worker's cgroup, daemonised or not
+            return cgroup.working_set()
+        return _tree.tree_rss_bytes(pid)
+
+    def read_system(self) -> SystemMemory | None:
+        try:
+            return (self._a.probe or default_probe()).system()
+        except Exception as exc:  # pragma: no cover - a probe failure must not stop the launch
+            _log.debug("memory probe failed: %s", exc)
+            return None
+
+    def available_bytes(self) -> int | None:
+        return self.system.available_bytes if self.system is not None else None
+
+    # ------------------------------------------------------------------ kills
+    def check_memory(self, now: float) -> None:
+        """Measure every worker tree and the system; hard-kill at most one victim at a time."""
+        a = self._a
+        self.system = self.read_system()
+        candidates = []
+        for worker in a.workers:
+            worker.rss_bytes = self.tree_rss(worker.pid)
+            if worker.trial_id is not None:
+                worker.trial_peak_rss = max(worker.trial_peak_rss, worker.rss_bytes)
+            if worker.kill is None:
+                candidates.append(
+                    _policies.VictimCandidate(
+                        worker_id=worker.worker_id,
+                        tree_rss_bytes=worker.rss_bytes,
+                        in_trial=worker.trial_id is not None,
+                        trial_started_at=worker.trial_started_at,
+                        pid=worker.pid,
+                    )
+                )
+        available = self.available_bytes()
+        self._maybe_warn(now, available)
+        self._track_over_guard(candidates, now)
+        if any(w.kill is not None and w.kill.kind == _exits.MEMORY_KILL for w in a.workers):
+            return  # one victim at a time: wait until it is gone
+        limit_gb = a.config.max_worker_rss_gb
+        victim = self._guard_had_its_chance(_policies.over_limit(candidates, limit_gb), now)
+        if victim is not None:
+            worker = self._worker_by_pid(victim.pid)
+            reason = (
+                f"worker memory limit: worker {worker.worker_id} tree RSS {worker.rss_bytes / GB:.2f} GB > "
+                f"{limit_gb:.2f} GB"
+            )
+            self.kill_for_memory(worker, reason, "max_worker_rss_gb", available, now)
+            return
+        min_gb = a.config.min_available_gb
+        if min_gb is not None and available is not None and available < min_gb * GB:
+            deficit = int(min_gb * GB) - available
+            choice = _policies.choose_victim(candidates, deficit_bytes=deficit)
+            if choice is None:
+                self._log_memory_elsewhere(now, available, deficit)
+                return
+            worker = self._worker_by_pid(choice.pid)
+            reason = (
+                f"system memory low: {available / GB:.2f} GB available < {min_gb:.2f} GB; worker "
+                f"{worker.worker_id} used the most memory (tree RSS {worker.rss_bytes / GB:.2f} GB)"
+            )
+            self.kill_for_memory(worker, reason, "min_available_gb", available, now)
+
+    def oom_killed(self, worker: WorkerHandle) -> bool:
+        """Whether the kernel OOM-killed inside the worker's own memory cgroup (False without one)."""
+        cgroups = self._a.cgroups
+        cgroup = cgroups.of(worker.pid) if cgroups is not None else None
+        return cgroup is not None and cgroup.oom_killed()
+
+    def check_cgroup_ooms(self, now: float) -> None:
+        """The kernel OOM-killed a process inside a live worker's cgroup (a helper, a data loader):
+        its trial is over as a memory stop; the worker and everything in its cgroup go."""
+        a = self._a
+        if a.cgroups is None:
+            return
+        for worker in a.workers:
+            if worker.kill is None and self.oom_killed(worker):
+                reason = (
+                    f"out of memory: the kernel killed a process in worker {worker.worker_id}'s memory cgroup "
+                    f"(hard limit --max-worker-rss-gb {a.config.max_worker_rss_gb:.2f} GB)"
+                )
+                self.kill_for_memory(
+                    worker, reason, "max_worker_rss_gb", self.available_bytes(), now
+                )
+
+    def _track_over_guard(self, candidates: list[_policies.VictimCandidate], now: float) -> None:
+        """Since when each worker is over the in-trial guard's limit (GUARD_LIMIT_FRACTION)."""
+        guard_limit = self._a.config.guard_trial_limit_gb
+        over_guard = {
+            c.pid
+            for c in candidates
+            if guard_limit is not None and c.tree_rss_bytes > guard_limit * GB
+        }
+        for pid in list(self._over_guard_since):
+            if pid not in over_guard:
+                del self._over_guard_since[pid]
+        for pid in over_guard:
+            self._over_guard_since.setdefault(pid, now)
+
+    def _guard_had_its_chance(
+        self, victim: _policies.VictimCandidate | None, now: float
+    ) -> _policies.VictimCandidate | None:
+        """The over-limit victim, once the in-trial guard (which stops trials at
+        GUARD_LIMIT_FRACTION of the limit) had one sampling interval to stop it softly; a worker
+        outside a trial has no guard to wait for."""
+        if victim is None or not victim.in_trial or not self._a.config.guard:
+            return victim
+        if now - self._over_guard_since.get(victim.pid, now) >= GUARD_CHANCE_S:
+            return victim
+        return None
+
+    def kill_for_memory(
+        self, worker: WorkerHandle, reason: str, limit: str, available: int | None, now: float
+    ) -> None:
+        a = self._a
+        number = worker.trial_number
+        attrs = {
+            tags.EMERGENCY_KILLED: True,
+            tags.KILL_REASON: reason,
+            tags.KILL_LIMIT: limit,
+            tags.WORKER_PID: worker.pid,
+            tags.PEAK_RSS_GB: to_gb(max(worker.trial_peak_rss, worker.rss_bytes)),
+        }
+        if available is not None:
+            attrs[tags.AVAILABLE_GB_AT_KILL] = to_gb(available)
+        a.kills += 1
+        a.killer.start_kill(worker, _exits.MEMORY_KILL, reason, attrs, now, limit=limit)
+        trial_text = (
+            f"trial {number} marked emergency_killed" if number is not None else "it ran no trial"
+        )
+        _log.warning(
+            "Worker %d (pid %d) was killed: %s; %s.",
+            worker.worker_id,
+            worker.pid,
+            reason,
+            trial_text,
+        )
+        a.emit(
+            events.WORKER_KILLED,
+            worker_id=worker.worker_id,
+            pid=worker.pid,
+            trial_number=number,
+            reason=reason,
+            rss_gb=to_gb(worker.rss_bytes),
+            available_gb=None if available is None else to_gb(available),
+            limit=limit,
+        )
+
+    # ------------------------------------------------------------------ warnings
+    def _log_memory_elsewhere(self, now: float, available: int, deficit: int) -> None:
+        """Low memory that no worker's trial can explain: say so (every 30 s), kill nobody."""
+        if self._elsewhere_logged_at is not None and now - self._elsewhere_logged_at < LOG_EVERY_S:
+            return
+        self._elsewhere_logged_at = now
+        outside = _memory_policy.describe_outside(
+            _memory_policy.biggest_outside(self._launch_pids())
+        )
+        _log.warning(
+            "System memory low (%.2f GB available, %.2f GB short of --min-available-gb) but no running "
+            "trial holds a meaningful part of it; no worker is killed. Largest other processes: %s.",
+            available / GB,
+            deficit / GB,
+            outside,
+        )
+
+    def _maybe_warn(self, now: float, available: int | None) -> None:
+        a = self._a
+        warn_gb = a.config.warn_available_gb
+        if warn_gb is None or available is None or available >= warn_gb * GB:
+            self._last_warning_at = None
+            return
+        if self._last_warning_at is not None and now - self._last_warning_at < LOG_EVERY_S:
+            return
+        self._last_warning_at = now
+        biggest = max(a.workers, key=lambda w: w.rss_bytes, default=None)
+        detail = (
+            f", largest worker {biggest.worker_id}: {biggest.rss_bytes / GB:.2f}GB"
+            if biggest
+            else ""
+        )
+        _log.warning(
+            "System memory available %.2fGB is below the warning level %.2fGB%s.",
+            available / GB,
+            warn_gb,
+            detail,
+        )
+        a.emit(
+            events.MEMORY_WARNING,
+            available_gb=to_gb(available),
+            reason=f"available < {warn_gb:.2f} GB",
+            worker_id=biggest.worker_id if biggest else None,
+            rss_gb=to_gb(biggest.rss_bytes) if biggest else None,
+        )
+
+    # ------------------------------------------------------------------ starts
+    def hold(self) -> bool:
+        """Do not start a worker unless available memory covers --min-available-gb plus a
+        worker's expected footprint (and what booting workers still have to allocate)."""
+        a = self._a
+        min_gb = a.config.min_available_gb
+        system = self.system
+        if min_gb is None or system is None:
+            return False
+        booting = [w.rss_bytes for w in a.workers if not w.ready and w.kill is None]
+        low = not self.start_gate.may_start(system.available_bytes, int(min_gb * GB), booting)
+        if low and not self._hold_logged:
+            _log.warning(
+                "Not starting a worker: available memory %.2f GB does not cover --min-available-gb %.2f GB "
+                "plus a worker's footprint %.2f GB%s.",
+                system.available_bytes / GB,
+                min_gb,
+                self.start_gate.footprint / GB,
+                f" and {len(booting)} booting worker(s)" if booting else "",
+            )
+        self._hold_logged = low
+        return low
+
+    def no_stall(self, now: float) -> None:
+        """A worker may start: the stall clock is reset."""
+        self._stall.update(now, False)
+
+    def check_stall(self, now: float) -> None:
+        """No trial runs, no worker boots and none may start: after --memory-stall-timeout the
+        memory is held outside the study; stop with exit code 4 and say by what."""
+        a = self._a
+        progressing = any(w.busy or not w.ready for w in a.workers if w.kill is None)
+        stalled_for = self._stall.update(now, not progressing)
+        timeout = a.config.memory_stall_timeout
+        if timeout is None or stalled_for < timeout:
+            return
+        available = self.system.available_bytes / GB if self.system else float("nan")
+        outside = _memory_policy.describe_outside(
+            _memory_policy.biggest_outside(self._launch_pids())
+        )
+        raise MemoryStallError(
+            f"memory held outside the study: for {stalled_for:.0f}s no worker could start (available {available:.2f} GB, "
+            f"needed --min-available-gb {a.config.min_available_gb:.2f} GB + a worker's "
+            f"{self.start_gate.footprint / GB:.2f} GB); largest other processes: {outside}"
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _launch_pids(self) -> set[int]:
+        pids = set()
+        for worker in self._a.workers:
+            pids.add(worker.pid)
+            pids.update(_tree.descendants(worker.pid))
+        return pids
+
+    def _worker_by_pid(self, pid: int) -> WorkerHandle:
+        for worker in self._a.workers:
+            if worker.pid == pid:
+                return worker
+        raise KeyError(pid)
