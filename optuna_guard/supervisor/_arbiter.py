@@ -95,7 +95,7 @@ class Arbiter:
         self.heartbeat: Any = None  # _heartbeat.SupervisorHeartbeat while running
 
         self.workers: list[WorkerHandle] = []
-        self.selector = selectors.DefaultSelector()
+        self.selector: selectors.BaseSelector = selectors.DefaultSelector()
 
         # the launch's tallies (LaunchSummary); retries are also counted on other threads
         self.kills = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from optuna_guard import events
 from optuna_guard._logging import get_logger
@@ -18,7 +18,8 @@ from optuna_guard.supervisor import _exits, _hung, _lifeline, _protocol
 from optuna_guard.supervisor._worker_handle import KillOrder, WorkerHandle
 
 if TYPE_CHECKING:
-    from optuna_guard.supervisor._arbiter import Arbiter
+    from optuna_guard.supervisor._cgroups import WorkerCgroups
+    from optuna_guard.supervisor._config import LaunchConfig
 
 _log = get_logger(__name__)
 
@@ -27,10 +28,23 @@ WORKER_EXIT_WAIT_S = (
 )
 
 
+class KillerHost(Protocol):
+    """What the killer needs from the arbiter."""
+
+    config: LaunchConfig
+    launch_id: str
+    workers: list[WorkerHandle]
+
+    @property
+    def cgroups(self) -> WorkerCgroups | None: ...
+
+    def emit(self, event: str, **fields: Any) -> None: ...
+
+
 class Killer:
     """Kill orders and signals of the launch's workers."""
 
-    def __init__(self, arbiter: Arbiter) -> None:
+    def __init__(self, arbiter: KillerHost) -> None:
         self._a = arbiter
 
     def start_kill(

@@ -9,18 +9,20 @@ them to live workers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from optuna_guard import events, tags
 from optuna_guard._logging import get_logger
 from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import MemoryStallError
-from optuna_guard.memory import SystemMemory, _tree, default_probe
+from optuna_guard.memory import MemoryProbe, SystemMemory, _tree, default_probe
 from optuna_guard.supervisor import _exits, _memory_policy, _policies
 from optuna_guard.supervisor._worker_handle import WorkerHandle
 
 if TYPE_CHECKING:
-    from optuna_guard.supervisor._arbiter import Arbiter
+    from optuna_guard.supervisor._cgroups import WorkerCgroups
+    from optuna_guard.supervisor._config import LaunchConfig
+    from optuna_guard.supervisor._kills import Killer
 
 _log = get_logger(__name__)
 
@@ -30,10 +32,25 @@ GUARD_CHANCE_S = (
 LOG_EVERY_S = 30.0  # repeated memory warnings are logged at most this often
 
 
+class MemoryHost(Protocol):
+    """What the memory watchdog needs from the arbiter."""
+
+    config: LaunchConfig
+    probe: MemoryProbe | None
+    workers: list[WorkerHandle]
+    killer: Killer
+    kills: int
+
+    @property
+    def cgroups(self) -> WorkerCgroups | None: ...
+
+    def emit(self, event: str, **fields: Any) -> None: ...
+
+
 class MemoryWatchdog:
     """Memory readings of the launch and the kills, warnings and start holds they lead to."""
 
-    def __init__(self, arbiter: Arbiter) -> None:
+    def __init__(self, arbiter: MemoryHost) -> None:
         self._a = arbiter
         self.system: SystemMemory | None = None  # the last system reading (None: probe failed)
         self.start_gate = _memory_policy.StartGate()

@@ -11,26 +11,42 @@ import selectors
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from optuna_guard import events
 from optuna_guard._logging import get_logger
 from optuna_guard._units import GB
 from optuna_guard.memory._cgroup import ENV_SKIP_CGROUP
 from optuna_guard.supervisor import _cgroups, _lifeline, _policies, _protocol, _threads
-from optuna_guard.supervisor._config import WorkerSettings
+from optuna_guard.supervisor._config import LaunchConfig, WorkerSettings
 from optuna_guard.supervisor._worker_handle import WorkerHandle
 
 if TYPE_CHECKING:
-    from optuna_guard.supervisor._arbiter import Arbiter
+    from optuna_guard.memory import MemoryProbe
 
 _log = get_logger(__name__)
+
+
+class SpawnerHost(Protocol):
+    """What the spawner needs from the arbiter."""
+
+    config: LaunchConfig
+    launch_id: str
+    storage_url: str
+    probe: MemoryProbe | None
+    selector: selectors.BaseSelector
+    workers: list[WorkerHandle]
+    worker_starts: int
+
+    def replaceable(self, worker: WorkerHandle) -> bool: ...
+
+    def emit(self, event: str, **fields: Any) -> None: ...
 
 
 class Spawner:
     """Starts one worker at a time into a free slot; owns the launch's worker cgroups."""
 
-    def __init__(self, arbiter: Arbiter) -> None:
+    def __init__(self, arbiter: SpawnerHost) -> None:
         self._a = arbiter
         self.cgroups: _cgroups.WorkerCgroups | None = None  # one memory cgroup per worker
         self.all_pids: set[int] = set()  # every worker pid this launch started
