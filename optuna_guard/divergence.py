@@ -49,6 +49,23 @@ class DivergencePruner(BasePruner):
     The pruner is also a preemption boundary: when the worker was asked to stop (SIGTERM,
     time budget), ``trial.should_prune()`` tags the trial ``preempted`` and raises
     ``TrialPreempted`` (set ``stop_boundary=False`` to leave that to other boundaries).
+
+    Example:
+        .. code-block:: python
+
+            pruner = DivergencePruner(optuna.pruners.MedianPruner(), warmup_steps=5)
+            study = optuna.create_study(pruner=pruner)
+
+    Args:
+        wrapped: The pruner that decides while values are sane (``None``: never prune then).
+        explode_factor: How many times the trial's scale a worse value must exceed to count as
+            an explosion; ``> 1``, or ``None`` to check only NaN/Inf.
+        warmup_steps: Steps before which explosions are not checked (NaN/Inf always is).
+        min_scale: The scale at or below which there is no explosion, only NaN/Inf; ``> 0``.
+        stop_boundary: Also end the trial as ``preempted`` when the worker was asked to stop.
+
+    Raises:
+        ConfigError: ``wrapped`` is not an Optuna pruner, or a number is out of its range.
     """
 
     def __init__(

@@ -42,7 +42,13 @@ UNAVAILABLE = "unavailable"
 
 
 class ObjectiveChangedError(ConfigError):
-    """The objective's fingerprint differs from the one recorded on the study."""
+    """The objective's fingerprint differs from the one recorded on the study.
+
+    Raised when a study is resumed with changed objective code and the change is not allowed:
+    ``@guard(fingerprint=True, on_changed_objective="raise")``, or ``optuna-guard run`` without
+    ``--allow-changed-objective``. The message names what changed (function, file, spec,
+    extra inputs) and how to allow it. A :class:`ConfigError`, so the CLI exits with 2.
+    """
 
 
 @dataclasses.dataclass(frozen=True)

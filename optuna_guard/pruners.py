@@ -39,6 +39,10 @@ class MemoryGuardPruner(BasePruner):
         limits: a whole :class:`MemoryLimits` instead of the individual arguments.
         probe: where readings come from (tests inject a fake).
 
+    Raises:
+        ConfigError: ``wrapped`` is not an Optuna pruner, ``limits`` not a
+            :class:`MemoryLimits`, or a limit is out of its range.
+
     A pruned trial gets the same tags as ``check_memory`` (``emergency_killed``, ``kill_reason``,
     ``kill_limit``, ``available_gb_at_kill``). A stop requested by a signal raises
     ``TrialPreempted`` from ``should_prune`` (the trial ends FAIL tagged ``preempted``).

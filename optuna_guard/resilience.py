@@ -96,7 +96,7 @@ class StorageRetrySettings:
     random factor in [0.5, 1) (so workers that lost the database together do not reconnect in
     lock step), never past ``deadline_s`` after the first failure of the call.
 
-    ``RetrySettings``, its name before 0.2, is a deprecated alias (a DeprecationWarning on
+    ``RetrySettings``, its earlier name, is a deprecated alias (a DeprecationWarning on
     import).
 
     Args:

@@ -301,7 +301,21 @@ class CurrentVersionSampler(BaseSampler):
 
     Trade-off: after a change the sampler starts cold (its startup trials are random again)
     instead of being misled by values of an objective that no longer exists; keep the default
-    (all versions) when the change cannot move the values (a logging fix).
+    (all versions) when the change cannot move the values (a logging fix). The launcher installs
+    it with ``--sampler-history current``.
+
+    Example:
+        .. code-block:: python
+
+            sampler = CurrentVersionSampler(optuna.samplers.TPESampler(seed=0))
+            study = optuna.create_study(sampler=sampler, storage=url, study_name="s")
+            study.optimize(guard(fingerprint=True)(objective), n_trials=100)
+
+    Args:
+        sampler: The sampler that does the work; it sees the study with only the trials of one
+            objective version. Defaults to ``TPESampler()``.
+        version: The objective version to learn from. Defaults to the study's current version
+            (as recorded by the fingerprint, read once per study; 1 when none was recorded).
     """
 
     def __init__(self, sampler: BaseSampler | None = None, *, version: int | None = None) -> None:

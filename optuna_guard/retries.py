@@ -89,13 +89,35 @@ def _as_end_set(value: Iterable[str] | str, name: str) -> frozenset[str]:
 class RetryPolicy:
     """Which ended trials are retried, how often, and with what params.
 
-    ``max_retries`` counts retries per original trial (0 disables retries). ``retry_on`` and
-    ``shrink_on`` are sets of end tags (``emergency_killed``, ``worker_crashed``, ``preempted``,
-    ``diverged``, ``worker_lost``, ``timed_out``). ``shrink`` is a function ``params -> params`` (or a ``module:function`` /
-    ``file.py:function`` spec) applied to the params of a retry whose trial ended in one of
-    ``shrink_on``. A preemption (SIGTERM, a SLURM time limit) after which the chain saved a newer
-    checkpoint than it resumed from is retried without using up ``max_retries``, at most
-    ``max_preemptions`` times per chain: a week-long trial under a 12 h limit can finish.
+    A retry is a new trial enqueued with the failed trial's params (Optuna's ``failed_trial`` /
+    ``retry_history`` system attrs link the chain). A preemption (SIGTERM, a SLURM time limit)
+    after which the chain saved a newer checkpoint than it resumed from is retried without
+    using up ``max_retries``, at most ``max_preemptions`` times per chain: a week-long trial
+    under a 12 h limit can finish. Not to be confused with
+    :class:`~optuna_guard.resilience.StorageRetrySettings` (one storage call retried).
+
+    Example:
+        .. code-block:: python
+
+            policy = RetryPolicy(max_retries=2, shrink="hooks.py:halve_batch")
+            number = enqueue_retry(study, finished_trial, policy)  # new trial number, or None
+
+        The launcher builds one from ``--retry``, ``--retry-on`` and ``--retry-shrink``.
+
+    Args:
+        max_retries: Retries per original trial; 0 disables retries.
+        max_preemptions: Free retries of a preempted chain that made checkpoint progress.
+        retry_on: End tags whose trials are retried, from ``emergency_killed``,
+            ``worker_crashed``, ``preempted``, ``diverged``, ``worker_lost``, ``timed_out``
+            (one tag or an iterable). By default all but ``diverged``.
+        shrink: A function ``params -> params`` (or a ``module:function`` /
+            ``file.py:function`` spec) applied to the params of a retry whose trial ended in one
+            of ``shrink_on``; its values are fitted into the params' distributions.
+        shrink_on: End tags after which ``shrink`` is applied (``emergency_killed`` by default).
+
+    Raises:
+        ConfigError: A count is not an integer >= 0, an end tag is unknown, or ``shrink`` is
+            neither a function nor a loadable spec.
     """
 
     max_retries: int = 0

@@ -76,7 +76,24 @@ def format_duration(seconds: float) -> str:
 
 class TimeBudget:
     """A wall-clock budget started at construction, with the "is there time for one more
-    trial?" rule the launcher applies before starting each trial."""
+    trial?" rule the launcher applies before starting each trial.
+
+    Example:
+        .. code-block:: python
+
+            budget = TimeBudget(8 * 3600, grace_period=120)
+            while budget.allows_new_trial(durations):
+                durations.append(run_one_trial())
+
+    Args:
+        seconds: The budget in seconds; ``> 0``. Use :func:`parse_duration` for ``"8h"``.
+        grace_period: Seconds kept free at the end (to stop workers and write results);
+            ``>= 0``.
+        clock: Monotonic clock in seconds (for tests).
+
+    Raises:
+        ConfigError: ``seconds`` is not a positive number or ``grace_period`` is negative.
+    """
 
     def __init__(
         self,
