@@ -9,10 +9,13 @@
 2. Time from a hard kill (worker over --max-worker-rss-gb) to the replacement worker running a
    trial, from the event log. Target: <= 2 s.
 3. Supervisor CPU with 8 idle-ish workers (trials sleeping 1 s), default 0.25 s watchdog, as
-   a percentage of one core. Target: <= 2 %.
+   a percentage of one core. Target: <= 1 % (issue 15).
+4. ``--only marginal``: CPU per trial with the fixed costs removed (all processes' CPU at 210
+   trials minus at 10, / 200; 1 worker, SQLite), plain / launcher / ``--baseline`` interleaved.
 
     .venv/bin/python benchmarks/bench_launcher.py [--trials 400] [--pairs 3] [--workers 1,2,4]
-        [--trial-ms 20] [--kind cpu|sleep] [--guard on|off|both] [--skip-postgres] [--only throughput]
+        [--trial-ms 20] [--kind cpu|sleep] [--guard on|off|both] [--skip-postgres]
+        [--only throughput|kill|cpu|marginal] [--baseline DIR] [--cpu-window 30]
 
 The machine is shared: run it when nothing else is busy; each pair is measured interleaved.
 """
@@ -349,11 +352,38 @@ def _idle_rss_gb(workdir: str) -> float:
     )
 
 
-def bench_supervisor_cpu(workdir: str, workers: int = 8, window: float = 30.0) -> None:
+def bench_supervisor_cpu(
+    workdir: str,
+    workers: int = 8,
+    window: float = 30.0,
+    pairs: int = 1,
+    baseline: str | None = None,
+) -> None:
     print(
-        f"\n3) Supervisor CPU with {workers} idle-ish workers (trials sleep 1 s; default 0.25 s watchdog)"
+        f"\n3) Supervisor CPU with {workers} idle-ish workers (trials sleep 1 s; default 0.25 s watchdog), "
+        f"{window:.0f} s window, {pairs} run(s){' interleaved with the baseline' if baseline else ''}"
     )
-    url = f"sqlite:///{workdir}/cpu.db"
+    results: dict[str | None, list[float]] = {None: [], baseline: []} if baseline else {None: []}
+    for index in range(pairs):
+        for code in results:
+            pct, finished, exit_code = _supervisor_cpu_once(workdir, workers, window, code, index)
+            results[code].append(pct)
+            print(
+                f"  {'baseline' if code else 'now':>8}: {pct:.2f} % of one core "
+                f"({finished} trials by {workers} workers; exit code {exit_code})",
+                flush=True,
+            )
+    for code, runs in results.items():
+        print(
+            f"supervisor CPU ({'baseline' if code else 'now'}): median {statistics.median(runs):.2f} % "
+            f"of one core (each: {', '.join(f'{r:.2f}' for r in runs)})"
+        )
+
+
+def _supervisor_cpu_once(
+    workdir: str, workers: int, window: float, code: str | None, index: int
+) -> tuple[float, int, int | None]:
+    url = f"sqlite:///{workdir}/cpu-{index}-{'base' if code else 'now'}.db"
     name = _create_study(url)
     args = [
         PYTHON,
@@ -372,11 +402,11 @@ def bench_supervisor_cpu(workdir: str, workers: int = 8, window: float = 30.0) -
         "--log-dir",
         os.path.join(workdir, "logs", name),
     ]
+    extra = {"BENCH_TRIAL_S": "1.0", "BENCH_KIND": "sleep"}
+    if code is not None:
+        extra["PYTHONPATH"] = os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        args,
-        env=_env(BENCH_TRIAL_S="1.0", BENCH_KIND="sleep"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        args, env=_env(**extra), cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         supervisor = psutil.Process(proc.pid)
@@ -390,11 +420,46 @@ def bench_supervisor_cpu(workdir: str, workers: int = 8, window: float = 30.0) -
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    finished = _count(url, name)
+    return 100 * (cpu1 - cpu0) / (wall1 - wall0), _count(url, name), proc.returncode
+
+
+def bench_marginal(
+    workdir: str, pairs: int, trial_ms: float, kind: str, baseline: str | None, small: int = 10
+) -> None:
+    """CPU per trial with the fixed costs removed: all processes' CPU at ``small + 200`` trials
+    minus at ``small`` trials, / 200 (1 worker, SQLite, guard on), plain / launcher / baseline
+    interleaved."""
+    big = small + 200
     print(
-        f"supervisor CPU: {100 * (cpu1 - cpu0) / (wall1 - wall0):.2f} % of one core over {wall1 - wall0:.0f}s "
-        f"({finished} trials by {workers} workers; exit code {proc.returncode})"
+        f"\n4) Marginal CPU per trial (1 worker, SQLite, {kind}-bound {trial_ms:g} ms trials, guard on): "
+        f"(CPU at {big} trials - CPU at {small}) / 200, {pairs} interleaved rounds"
     )
+    sides: dict[str, list[float]] = {"plain": [], "launcher": []}
+    if baseline:
+        sides["baseline"] = []
+    for index in range(pairs):
+        for side in sides:
+            cpu = {}
+            for n in (small, big):
+                url = f"sqlite:///{workdir}/marginal-{index}-{side}-{n}.db"
+                if side == "plain":
+                    cpu[n] = run_plain(workdir, url, 1, n)[2]
+                else:
+                    code = baseline if side == "baseline" else None
+                    cpu[n] = run_launcher(workdir, url, 1, n, True, code)[2]
+            sides[side].append(1000 * (cpu[big] - cpu[small]) / 200)
+        print(
+            "  round "
+            + str(index + 1)
+            + ": "
+            + ", ".join(f"{side} {runs[-1]:.1f} ms" for side, runs in sides.items()),
+            flush=True,
+        )
+    plain = statistics.median(sides["plain"])
+    for side, runs in sides.items():
+        med = statistics.median(runs)
+        extra = "" if side == "plain" else f"  extra over plain {med - plain:+.1f} ms"
+        print(f"{side:>9}: median {med:.1f} ms CPU per trial{extra}")
 
 
 def _count_running(url: str, name: str) -> int:
@@ -439,7 +504,10 @@ def main() -> None:
     )
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
-    parser.add_argument("--only", choices=("throughput", "kill", "cpu"), default=None)
+    parser.add_argument("--only", choices=("throughput", "kill", "cpu", "marginal"), default=None)
+    parser.add_argument(
+        "--cpu-window", type=float, default=30.0, help="seconds the supervisor CPU is measured"
+    )
     args = parser.parse_args()
     import optuna
 
@@ -471,7 +539,13 @@ def main() -> None:
         if args.only in (None, "kill"):
             bench_kill_to_replacement(workdir)
         if args.only in (None, "cpu"):
-            bench_supervisor_cpu(workdir)
+            bench_supervisor_cpu(
+                workdir, window=args.cpu_window, pairs=args.pairs, baseline=args.baseline
+            )
+        if args.only == "marginal":
+            os.environ["BENCH_TRIAL_S"] = str(args.trial_ms / 1000.0)
+            os.environ["BENCH_KIND"] = args.kind
+            bench_marginal(workdir, args.pairs, args.trial_ms, args.kind, args.baseline)
         print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 
