@@ -4,7 +4,6 @@ and building samplers/pruners from their CLI names (shared by supervisor and wor
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, cast
@@ -13,16 +12,14 @@ import optuna
 
 from optuna_guard._logging import get_logger
 from optuna_guard.exceptions import ConfigError, StorageUnavailableError
-from optuna_guard.storage import default_storage_url, open_storage
+from optuna_guard.storage import mask_url as mask_url  # re-exported: launcher, storage-proxy
+from optuna_guard.storage import open_storage, resolve_url
 
 _log = get_logger(__name__)
 
 T = TypeVar("T")
 
-
-def mask_url(url: str) -> str:
-    """The storage URL with any password replaced, for logs and error messages."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+resolve_storage_url = resolve_url  # the launcher's name: the URL every process uses
 
 
 def engine_kwargs_for(url: str, connect_timeout: float) -> dict[str, Any]:
@@ -35,13 +32,6 @@ def engine_kwargs_for(url: str, connect_timeout: float) -> dict[str, Any]:
     ):  # Redis: open_storage turns it into socket timeouts
         return {"connect_args": {"connect_timeout": timeout}}
     return {}
-
-
-def resolve_storage_url(url: str | None) -> str:
-    """The URL every process uses: the default SQLite file, or a journal path made absolute."""
-    from optuna_guard._storage_urls import normalize_url
-
-    return normalize_url(url) if url else default_storage_url()
 
 
 def probe_connection(url: str, timeout: float, deadline_s: float | None = None) -> None:
