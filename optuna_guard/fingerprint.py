@@ -286,7 +286,6 @@ class VersionDecision:
     version: int
     digest: str
     recorded: bool
-    changed: tuple[str, ...] = ()
 
 
 def current_version(study: Any) -> int | None:
@@ -334,7 +333,7 @@ def resolve_version(
         ", ".join(what),
         new_version,
     )
-    return VersionDecision(new_version, fingerprint.digest, recorded=same is None, changed=what)
+    return VersionDecision(new_version, fingerprint.digest, recorded=same is None)
 
 
 def _and(items: Sequence[str]) -> str:
