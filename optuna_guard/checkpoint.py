@@ -178,13 +178,18 @@ def _makedirs_durable(path: Path) -> None:
 
 class _HashingWriter:
     """A write-only file object that hashes what goes through it, so the payload is hashed
-    while it is written instead of being read back. Large writes are hashed in a helper thread
-    in parallel with the write (hashlib and file writes both release the GIL); when the hash
-    is the slower of the two, the bytes written so far are flushed to disk (``fdatasync``)
-    while it finishes, so the final fsync has little left to do and hashing costs no extra
-    time on a disk that is slower than SHA-256."""
+    while it is written instead of being read back.
+
+    XXH3-128 only (the default): a large write is split into 1 MB pieces, each hashed right
+    before it is written, while it is in the CPU cache (a few % of the write's CPU; no thread
+    hand-off, which on a busy machine waits for the scheduler). With a SHA-256 (slower than
+    the disk here) large writes are hashed in a helper thread in parallel with the write
+    (hashlib and file writes both release the GIL); when the hash is the slower of the two, the
+    bytes written so far are flushed to disk (``fdatasync``) while it finishes, so the final
+    fsync has little left to do."""
 
     _SYNC_EARLY_BYTES = 16 * MB
+    _PIECE = 1 * MB
 
     def __init__(
         self,
@@ -212,7 +217,12 @@ class _HashingWriter:
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         nbytes = view.nbytes
-        if nbytes >= 1 * MB:
+        if self.sha256 is None and self.xxh3 is not None:
+            for start in range(0, nbytes, self._PIECE):
+                piece = view[start : start + self._PIECE]
+                self.xxh3.update(piece)
+                self._raw.write(piece)
+        elif nbytes >= 1 * MB:
             pending = self._pool.submit(self._hash, view)
             self._raw.write(view)
             self._unsynced += nbytes
@@ -246,20 +256,17 @@ class _HashingReader:
     gap with ``pread``; one far ahead (the zip directory) is left for :meth:`hexdigest`, which
     hashes whatever was never read in order. Every byte is thus hashed exactly once and in order,
     whatever the access pattern, and the big tensors are hashed from the buffer they were read
-    into. Large reads are done in pieces, each hashed in the hash thread (one thread: in order)
-    while the next ones are read; ``readinto`` returns only once its whole buffer is hashed
-    (the caller owns it again: torch may free a storage it read, e.g. after moving it to a GPU)."""
+    into: a large read is done in 1 MB pieces, each hashed right after it is read, while it is
+    still in the CPU cache (XXH3 then costs a few % of the read; handing pieces to a hash thread
+    was slower on a busy machine, where each hand-off waits for the scheduler)."""
 
     _GAP_MAX = 1 * MB  # a gap up to this is read just to hash it; a larger one waits for the end
-    _PIECE = 4 * MB
+    _PIECE = 1 * MB
 
-    def __init__(
-        self, raw: io.BufferedReader, digest: Any, pool: concurrent.futures.Executor
-    ) -> None:
+    def __init__(self, raw: io.BufferedReader, digest: Any) -> None:
         self._raw = raw
         self._fd = raw.fileno()
         self._digest = digest
-        self._pool = pool
         self._hashed = 0  # bytes [0, _hashed) of the file are in the digest
 
     # -- file object ----------------------------------------------------------------------
@@ -291,27 +298,21 @@ class _HashingReader:
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         offset = self._raw.tell()
-        if view.nbytes < 2 * self._PIECE or not self._catch_up(offset) or self._hashed != offset:
+        if not self._catch_up(offset) or self._hashed != offset:  # out of order, or a re-read
             n = self._raw.readinto(view) or 0
             self._saw(offset, view[:n])
             return n
         total = 0
-        pending: list[concurrent.futures.Future[Any]] = []
-        try:
-            while total < view.nbytes:
-                piece = view[total : total + self._PIECE]
-                n = self._raw.readinto(piece) or 0
-                if n == 0:
-                    break
-                # hashed in order by the one hash thread while the next pieces are read
-                pending.append(self._pool.submit(self._digest.update, piece[:n]))
-                total += n
-                if n < piece.nbytes:
-                    break
-        finally:
-            for future in pending:  # the caller may reuse its buffer once we return
-                future.result()
-        self._hashed = offset + total
+        while total < view.nbytes:
+            piece = view[total : total + self._PIECE]
+            n = self._raw.readinto(piece) or 0
+            if n == 0:
+                break
+            self._digest.update(piece[:n])  # while the piece is still in the CPU cache
+            total += n
+            self._hashed += n
+            if n < piece.nbytes:
+                break
         return total
 
     # -- hashing --------------------------------------------------------------------------
@@ -333,7 +334,7 @@ class _HashingReader:
     def _hash_range(self, start: int, stop: int) -> None:
         """Hash bytes [start, stop) of the file, read with ``pread`` (the position is kept)."""
         while start < stop:
-            data = os.pread(self._fd, min(self._PIECE, stop - start), start)
+            data = os.pread(self._fd, min(8 * self._PIECE, stop - start), start)
             if not data:
                 break
             self._digest.update(data)
@@ -1010,7 +1011,7 @@ def _verified_payload(
     error: Exception | None = None
     try:
         with open(info.payload, "rb") as raw:
-            reader = _HashingReader(raw, digest, _hash_pool())
+            reader = _HashingReader(raw, digest)
             try:
                 payload = _deserialize(reader, info.format, map_location)
             except Exception as exc:

@@ -18,7 +18,7 @@ import pytest
 import xxhash
 
 from optuna_guard import checkpoint
-from optuna_guard.checkpoint import TrialCheckpointer, _hash_pool, _HashingReader
+from optuna_guard.checkpoint import TrialCheckpointer, _HashingReader
 
 MB = 2**20
 BIG = 20 * MB  # more than two of the reader's pieces: the pipelined path
@@ -81,7 +81,7 @@ def test_the_reader_hashes_every_byte_once_whatever_the_deserializer_reads(
         checkpoint._serializer({"state": _state(fmt, BIG, 7), "step": 1}, fmt)(f)
     data = path.read_bytes()
     with open(path, "rb") as raw:
-        reader = _HashingReader(raw, xxhash.xxh3_128(), _hash_pool())
+        reader = _HashingReader(raw, xxhash.xxh3_128())
         payload = checkpoint._deserialize(reader, fmt, None)
         assert reader.hexdigest() == xxhash.xxh3_128(data).hexdigest()
     assert payload["step"] == 1
@@ -94,7 +94,7 @@ def test_the_reader_digest_is_right_for_random_seeks_and_reads(tmp_path: Path) -
     path.write_bytes(data)
     for _ in range(5):
         with open(path, "rb") as raw:
-            reader = _HashingReader(raw, hashlib.sha256(), _hash_pool())
+            reader = _HashingReader(raw, hashlib.sha256())
             for _ in range(30):
                 reader.seek(rng.randrange(len(data)))
                 kind = rng.randrange(3)
@@ -225,6 +225,6 @@ def test_the_reader_is_a_file_object_for_pickle(tmp_path: Path) -> None:
     path = tmp_path / "p"
     path.write_bytes(data)
     with open(path, "rb") as raw:
-        reader = _HashingReader(raw, xxhash.xxh3_128(), _hash_pool())
+        reader = _HashingReader(raw, xxhash.xxh3_128())
         assert pickle.load(reader)["b"] == b"y" * (3 * MB)  # type: ignore[arg-type]
         assert reader.hexdigest() == xxhash.xxh3_128(data).hexdigest()
