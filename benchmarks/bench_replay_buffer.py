@@ -136,8 +136,14 @@ def best_rates(
                 elapsed = CLOCK() - start
                 if elapsed >= seconds:
                     break
-            best[name] = max(best.get(name, 0.0), calls * nbytes / elapsed / GBYTES)
+            rate = calls * nbytes / elapsed / GBYTES
+            best[name] = max(best.get(name, 0.0), rate)
+            ROUND_RATES.setdefault(name, []).append(rate)
     return best
+
+
+# GB/s of each contender in every round of the last best_rates call (for per-round ratios)
+ROUND_RATES: dict[str, list[float]] = {}
 
 
 def cycling(fn: Callable[[object], None], inputs: list) -> Callable[[], None]:
@@ -174,7 +180,13 @@ def bench_extend(capacity: int, batch_rows: int, rounds: int) -> dict[str, float
     for _ in range(3 * calls):  # three more passes over the ring: ours must not grow at all
         contenders["ReplayBuffer"]()
     growth = rss_mb() - before
+    ROUND_RATES.clear()
     result = best_rates(contenders, batch_rows * ROW_BYTES, rounds)
+    ratios = sorted(
+        o / r for o, r in zip(ROUND_RATES["ReplayBuffer"], ROUND_RATES["raw copy_"], strict=True)
+    )
+    result["ratio_median"] = ratios[len(ratios) // 2]
+    result["ratio_min"], result["ratio_max"] = ratios[0], ratios[-1]
     result["rss_growth_mb"] = growth
     del raw, ours, naive, rb, contenders
     gc.collect()
@@ -350,12 +362,14 @@ def main() -> None:
         help="torch threads (default 1: one per worker, as when the launcher runs a worker per "
         "core; also far steadier on a shared machine than threads contending for 2 cores)",
     )
+    parser.add_argument("--extend-only", action="store_true", help="only the extend table")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.threads == 1 else time.perf_counter
     capacity = 50_000 if args.quick else args.capacity
-    rounds = 2 if args.quick else 7
+    rounds = 2 if args.quick else args.rounds
     cycles = 300 if args.quick else 2_000
 
     print(
@@ -373,14 +387,19 @@ def main() -> None:
             + [f"{res[n]:.2f}" if n in res else "-" for n in names]
             + [
                 f"{100 * res['ReplayBuffer'] / res['raw copy_']:.0f} %",
+                f"{100 * res['ratio_median']:.0f} % [{100 * res['ratio_min']:.0f}-"
+                f"{100 * res['ratio_max']:.0f}]",
                 f"{res['rss_growth_mb']:+.1f}",
             ]
         )
     print_table(
-        "extend throughput, GB/s (best of rounds); ours' RSS growth over 3 more passes of the ring",
-        ["batch", *names, "ours/raw", "RSS MiB"],
+        "extend throughput, GB/s (best of rounds); ours/raw of the best rates and, per round "
+        "(interleaved), median (min-max in brackets); ours' RSS growth over 3 more passes of the ring",
+        ["batch", *names, "ours/raw best", "ours/raw per round", "RSS MiB"],
         rows,
     )
+    if args.extend_only:
+        return
 
     names = ["raw copy_", "ReplayBuffer", "naive list+cat", "torchrl LazyTensorStorage"]
     rows = []
