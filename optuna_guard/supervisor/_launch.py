@@ -35,7 +35,7 @@ from optuna_guard.supervisor._study import (
     resolve_storage_url,
 )
 from optuna_guard.supervisor._study_target import StudyTarget
-from optuna_guard.supervisor._summary import LaunchSummary
+from optuna_guard.supervisor._summary import LaunchSummary, best_of
 
 if TYPE_CHECKING:
     import sys
@@ -235,6 +235,7 @@ def summarize(
     states: collections.Counter[str] = collections.Counter()
     emergency = preempted = 0
     best: float | None = None
+    best_trials: tuple[int, ...] = ()
     try:
         trials = _final_trials(arbiter, study)  # bounded by the exit deadline (issue 10)
         for trial in trials:
@@ -243,12 +244,7 @@ def summarize(
             states[trial.state.name] += 1
             emergency += bool(trial.user_attrs.get(tags.EMERGENCY_KILLED))
             preempted += bool(trial.user_attrs.get(tags.PREEMPTED))
-        if len(study.directions) == 1:
-            values = [
-                t.value for t in trials if t.state.name == "COMPLETE" and t.value is not None
-            ]
-            pick = max if study.direction.name == "MAXIMIZE" else min
-            best = pick(values) if values else None
+        best, best_trials = best_of(trials, study.directions)
     except Exception as exc:  # storage gone at the very end: fall back to what the loop saw
         _log.error("Could not read the final trial states from the storage: %s", exc)
         states = collections.Counter(arbiter.finished_states.values())
@@ -271,6 +267,7 @@ def summarize(
         stop_reason=arbiter.stop_reason,
         duration_s=round(duration, 3),
         best_value=best,
+        best_trials=best_trials,
         event_log=config.event_log_path,
     )
 
