@@ -29,6 +29,7 @@ from optuna_guard._units import GB
 from optuna_guard.events import read_json_lines
 from optuna_guard.exceptions import ConfigError
 from optuna_guard.memory import MemoryProbe, default_probe
+from optuna_guard.time_budget import format_duration
 
 DEFAULT_LOG_FILE = "optuna_guard_monitor.jsonl"
 
@@ -268,17 +269,6 @@ def analyze_log(path: str | os.PathLike[str], *, warn_available_gb: float = 4.0)
     )
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return (
-        f"{hours}h{minutes:02d}m{secs:02d}s"
-        if hours
-        else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
-    )
-
-
 def format_summary(summary: LogSummary) -> str:
     trend = (
         "n/a (fewer than 2 samples)"
@@ -288,11 +278,11 @@ def format_summary(summary: LogSummary) -> str:
     share = 100.0 * summary.below_warning_s / summary.duration_s if summary.duration_s else 0.0
     lines = [
         f"Monitor log {summary.path}",
-        f"  samples              {summary.samples} over {_duration(summary.duration_s)} ({summary.start} .. {summary.end})",
+        f"  samples              {summary.samples} over {format_duration(summary.duration_s)} ({summary.start} .. {summary.end})",
         f"  minimum available    {summary.min_available_gb:.2f} GB at {summary.min_available_at}",
         f"  peak RAM use         {summary.peak_percent:.1f}% at {summary.peak_percent_at}",
         f"  peak swap use        {summary.peak_swap_percent:.1f}%",
-        f"  below {summary.warn_available_gb:.2f} GB warning {_duration(summary.below_warning_s)} ({share:.1f}% of the time, {summary.below_warning_samples} samples)",
+        f"  below {summary.warn_available_gb:.2f} GB warning {format_duration(summary.below_warning_s)} ({share:.1f}% of the time, {summary.below_warning_samples} samples)",
         f"  used-memory trend    {trend}",
     ]
     if summary.peak_gpu_percent is not None:
