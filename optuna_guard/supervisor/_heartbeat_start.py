@@ -48,12 +48,12 @@ def start_heartbeat(
 
     if config.storage_deadline is None:
         return start()
-    from optuna_guard.resilience import RetrySettings, call_with_retry
+    from optuna_guard.resilience import StorageRetrySettings, call_with_retry
 
     # load_study and the first beat query the database: a dropped connection at start-up is
     # ridden out like every other storage call (issue 10)
     return call_with_retry(
         start,
-        settings=RetrySettings(deadline_s=config.storage_deadline),
+        settings=StorageRetrySettings(deadline_s=config.storage_deadline),
         what="starting the supervisor heartbeat",
     )
