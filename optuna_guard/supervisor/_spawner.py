@@ -77,26 +77,10 @@ class Spawner:
         settings = WorkerSettings(
             worker_id=slot,
             spawn_index=spawn_index,
-            objective=config.objective,
-            study_name=config.study_name,
-            storage=a.storage_url,
-            sampler=config.sampler,
-            pruner=config.pruner,
-            seed=config.seed,
-            heartbeat_interval=config.heartbeat_interval,
-            heartbeat_grace=config.heartbeat_grace,
-            connect_timeout=config.connect_timeout,
-            guard=config.guard,
-            gc_after_trial=config.gc_after_trial,
-            on_kill=config.on_kill,
-            retry=config.retry,
-            retry_on=config.retry_on,
-            retry_shrink=config.retry_shrink,
-            storage_deadline=config.storage_deadline,
             launch_id=a.launch_id,
             supervisor_pid=os.getpid(),
-            grace_period=config.grace_period,
-            max_preemptions=config.max_preemptions,
+            storage=a.storage_url,
+            **config.worker_options(),
         )
         env = config.python_env()
         env.update(
