@@ -27,7 +27,7 @@ from supervisor_helpers import assert_nothing_running, cli, objective_spec
 from optuna_guard import tags
 from optuna_guard._storage_urls import normalize_url, url_kind
 from optuna_guard.exceptions import ConfigError
-from optuna_guard.resilience import ResilientStorage, RetrySettings
+from optuna_guard.resilience import ResilientStorage, StorageRetrySettings
 from optuna_guard.storage import open_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -157,7 +157,7 @@ def test_bad_urls_are_one_line_config_errors(url: str, message: str) -> None:
 
 
 def test_a_study_runs_on_each_url(any_url: str) -> None:
-    storage = ResilientStorage(open_storage(any_url), RetrySettings(deadline_s=10))
+    storage = ResilientStorage(open_storage(any_url), StorageRetrySettings(deadline_s=10))
     study = optuna.create_study(storage=storage, study_name=f"urls-{uuid.uuid4().hex[:8]}")
     study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=4)
     again = optuna.load_study(study_name=study.study_name, storage=open_storage(any_url))
@@ -302,7 +302,7 @@ def test_a_frozen_proxy_is_an_outage_not_a_hang(tmp_path) -> None:
     try:
         storage = ResilientStorage(
             open_storage(url),
-            RetrySettings(deadline_s=120, initial_backoff_s=0.2, max_backoff_s=1.0),
+            StorageRetrySettings(deadline_s=120, initial_backoff_s=0.2, max_backoff_s=1.0),
         )
         study = optuna.create_study(storage=storage, study_name="frozen")
         os.kill(proc.pid, signal.SIGSTOP)
@@ -337,7 +337,7 @@ def test_proxy_rides_out_a_database_outage() -> None:
     with private_cluster() as cluster:
         proc, url = _start_proxy(cluster.url, "--storage-deadline", "120")
         try:
-            storage = ResilientStorage(open_storage(url), RetrySettings(deadline_s=120))
+            storage = ResilientStorage(open_storage(url), StorageRetrySettings(deadline_s=120))
             study = optuna.create_study(storage=storage, study_name="outage")
             study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
             cluster.block()

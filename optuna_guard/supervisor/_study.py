@@ -109,12 +109,18 @@ def _probe_once(url: str, timeout: float) -> None:
 def _with_start_retries(url: str, call: Callable[[], T], deadline_s: float | None, what: str) -> T:
     """``call()``, with permanent storage errors turned into one-line ConfigErrors and transient
     ones retried (logged once per outage, with its duration) until ``deadline_s``."""
-    from optuna_guard.resilience import RetrySettings, call_with_retry, is_transient_db_error
+    from optuna_guard.resilience import (
+        StorageRetrySettings,
+        call_with_retry,
+        is_transient_db_error,
+    )
 
     try:
         if deadline_s is None:
             return call()
-        return call_with_retry(call, settings=RetrySettings(deadline_s=deadline_s), what=what)
+        return call_with_retry(
+            call, settings=StorageRetrySettings(deadline_s=deadline_s), what=what
+        )
     except ConfigError:
         raise
     except StorageUnavailableError as exc:  # still transient at the deadline

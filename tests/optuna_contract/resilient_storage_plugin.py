@@ -16,14 +16,14 @@ from typing import Any
 
 import optuna.testing.storages as _storages
 
-from optuna_guard.resilience import ResilientStorage, RetrySettings
+from optuna_guard.resilience import ResilientStorage, StorageRetrySettings
 
 _original_enter = _storages.StorageSupplier.__enter__
 
 
 def _enter_resilient(self: Any) -> Any:
     return ResilientStorage(
-        _original_enter(self), RetrySettings(deadline_s=5.0, initial_backoff_s=0.05)
+        _original_enter(self), StorageRetrySettings(deadline_s=5.0, initial_backoff_s=0.05)
     )
 
 

@@ -23,7 +23,7 @@ from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.testing.pytest_storages import StorageTestCase
 
-from optuna_guard.resilience import ResilientStorage, RetrySettings
+from optuna_guard.resilience import ResilientStorage, StorageRetrySettings
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 pytestmark = [
@@ -42,7 +42,7 @@ BACKENDS = [
     "grpc_proxy",
     "postgres",
 ]
-FAST_FAIL = RetrySettings(deadline_s=5.0, initial_backoff_s=0.05, max_backoff_s=0.5)
+FAST_FAIL = StorageRetrySettings(deadline_s=5.0, initial_backoff_s=0.05, max_backoff_s=0.5)
 
 
 @pytest.fixture(scope="module")
