@@ -25,15 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optuna_guard import tags
 
-# Tags that mark a trial as stopped early (the same set retries can be asked for).
-STOP_TAGS = (
-    tags.EMERGENCY_KILLED,
-    tags.WORKER_CRASHED,
-    tags.PREEMPTED,
-    tags.DIVERGED,
-    tags.WORKER_LOST,
-    tags.TIMED_OUT,
-)
+STOP_TAGS = tags.STOP_TAGS  # stopped early: the same set retries can be asked for
 
 
 def is_valid(trial: FrozenTrial) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_guard import tags
+from optuna_guard.retries import FAILED_TRIAL, RETRY_HISTORY
 
 KILLED = "killed"
 CRASHED = "crashed"
@@ -32,8 +33,8 @@ STOP_TAGS = (
 )
 
 # Optuna's own retry bookkeeping (RetryHeartbeatStaleTrialCallback), which our retries reuse.
-FAILED_TRIAL_ATTR = "failed_trial"
-RETRY_HISTORY_ATTR = "retry_history"
+FAILED_TRIAL_ATTR = FAILED_TRIAL
+RETRY_HISTORY_ATTR = RETRY_HISTORY
 
 
 def end_state(trial: FrozenTrial) -> str:
