@@ -1079,6 +1079,19 @@ class CheckpointCleanupCallback:
     ``retries_exhausted``. Chains that may still be retried (killed, crashed, preempted
     trials) and running ones are left alone. With ``keep_best=True`` the checkpoints of the
     best trial (the Pareto front for multi-objective studies) are kept.
+
+    Args:
+        root: The local checkpoint directory (the one the trials saved under); its per-study
+            ``trial-<n>`` chain directories are removed. Unused when a store is in effect.
+        keep_best: Keep the checkpoints of the best trial (or of the Pareto front).
+        store: An artifact store, or a checkpoint-store URL (``file://``, ``s3://``, ``gs://``)
+            to open one, whose checkpoints listed in the trials' system attrs are removed
+            instead of ``root``'s directories. By default the store
+            ``OPTUNA_GUARD_CHECKPOINT_STORE`` names, if set.
+
+    Raises:
+        ConfigError: ``store`` (or ``OPTUNA_GUARD_CHECKPOINT_STORE``) is a URL that cannot be
+            opened.
     """
 
     def __init__(

@@ -48,6 +48,12 @@ class CrashLoopError(GuardError):
 
     ``worker_id`` and ``log_path`` name the last worker that died, ``log_tail`` holds the last
     lines of its log (the message quotes them too), so a caller can show them without parsing.
+
+    Args:
+        message: The error message (it quotes the log tail).
+        worker_id: The id of the last worker that died, if known.
+        log_path: The path of that worker's log file, if it has one.
+        log_tail: The last lines of that log, oldest first (stored as a tuple).
     """
 
     exit_code = EXIT_CRASH_LOOP

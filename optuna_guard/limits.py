@@ -12,8 +12,6 @@ from optuna_guard.exceptions import ConfigError
 
 OnTrip = Literal["prune", "fail"]
 
-ENV_PREFIX = "OPTUNA_GUARD_"
-
 # field name -> environment variable that overrides its default
 ENV_VARS: dict[str, str] = {
     "min_available_gb": "OPTUNA_GUARD_MIN_AVAILABLE_GB",
@@ -55,7 +53,10 @@ def warn_level_for(min_available_gb: float | None) -> float:
 class MemoryLimits:
     """Memory limits for one trial. ``None`` switches a limit off.
 
-    Attributes:
+    All arguments are keyword-only and stay readable as attributes; :meth:`from_env` builds one
+    from the ``OPTUNA_GUARD_*`` environment variables.
+
+    Args:
         min_available_gb: stop the trial when available RAM (cgroup aware) falls below this.
         warn_available_gb: log a warning (once per trial and context) below this. Not given:
             4 GB, or ``min_available_gb`` + 2 GB when that is 4 GB or more.
@@ -65,6 +66,11 @@ class MemoryLimits:
         max_trial_rss_gb: stop when the trial's process tree RSS exceeds this.
         interval: sampling period of the in-trial watcher thread, seconds.
         on_trip: "prune" ends a stopped trial PRUNED (samplers learn from it), "fail" ends it FAIL.
+
+    Raises:
+        ConfigError: A limit is not a finite number, is negative (a percent outside (0, 100],
+            ``max_trial_rss_gb`` or ``interval`` not > 0), ``warn_available_gb`` is below
+            ``min_available_gb``, or ``on_trip`` is neither "prune" nor "fail".
     """
 
     min_available_gb: float | None = 2.0

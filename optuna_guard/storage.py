@@ -58,10 +58,30 @@ def open_storage(
     Database URLs give an RDBStorage; ``journal:///path/file.log``, ``redis://host:port/db``
     and ``grpc://host:port`` give Optuna's JournalStorage (file or Redis backend) and
     GrpcStorageProxy (see :mod:`optuna_guard._storage_urls`; the heartbeat and engine options
-    apply to databases only). ``url`` defaults to :func:`default_storage_url`. Raises
-    :class:`ConfigError` for a URL that names no storage. ``skip_setup=True`` skips table
-    creation and the schema version check (about a second per process): for worker processes
-    of a launcher that already opened the same storage normally.
+    apply to databases only). SQLite gets WAL mode and a 60 s busy timeout; other databases
+    get ``pool_pre_ping``.
+
+    Args:
+        url: The storage URL; :func:`default_storage_url` (a SQLite file in the current
+            directory) when not given.
+        heartbeat_interval: Seconds between trial heartbeats (databases only), None for none.
+        grace_period: Seconds without a heartbeat after which a running trial is stale
+            (databases only).
+        heartbeat_stale_trial_callback: Called by Optuna for each stale trial it fails
+            (databases only).
+        engine_kwargs: Extra SQLAlchemy ``create_engine`` arguments; for the other URLs only
+            ``connect_args["connect_timeout"]`` is read (5 s by default).
+        skip_setup: Skip table creation and the schema version check (about a second per
+            process): for worker processes of a launcher that already opened the same storage
+            normally.
+
+    Returns:
+        An ``RDBStorage``, a ``JournalStorage`` or a ``GrpcStorageProxy``.
+
+    Raises:
+        ConfigError: The URL names no storage, is an in-memory SQLite database (which
+            worker processes cannot share), or needs a package that is not installed
+            (``redis``, ``grpcio``).
     """
     from optuna_guard import _storage_urls
 

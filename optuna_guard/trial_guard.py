@@ -128,7 +128,28 @@ def check_memory(
     level defaults to 4 GB, or stop + 2 GB when the stop level is 4 GB or more. ``limits``
     checks a whole :class:`MemoryLimits` instead (the levels are then ignored). A stop
     requested by a signal (see ``optuna_guard.preemption``) raises ``TrialPreempted`` here.
-    Returns the reading.
+
+    Args:
+        trial: The running ``optuna.Trial`` (tagged when stopped; anything with
+            ``set_user_attr`` and ``number`` works).
+        context: Where in the objective the check runs (``"fold 3"``); it goes into the warning,
+            the error and ``kill_reason``.
+        safe_threshold_gb: The stop level in GB of available memory (seed alias of
+            ``min_available_gb``); 0 switches the stop off.
+        warning_threshold_gb: The warning level in GB (seed alias of ``warn_available_gb``).
+        min_available_gb: The stop level in GB; takes precedence over the aliases.
+        warn_available_gb: The warning level in GB; takes precedence over the aliases.
+        limits: A whole :class:`MemoryLimits` to check (RAM, swap, GPU, process tree RSS).
+        probe: The memory probe to read from; the default one (cgroup aware) if not given.
+
+    Returns:
+        The system memory reading the check was made on.
+
+    Raises:
+        MemoryLimitPruned: A limit is crossed; the trial was tagged ``emergency_killed``.
+        TrialPreempted: A stop was requested by a signal; the trial was tagged ``preempted``.
+        ConfigError: A level is not a finite number >= 0, or the warning level is below the
+            stop level.
     """
     preemption.raise_if_stop_requested(trial)
     available_name = "min_available_gb"
@@ -345,6 +366,36 @@ def guard(
     ``on_changed_objective="raise"``); ``cache=True`` completes a trial whose params already
     COMPLETEd in this version with that result, without calling the objective (see
     docs/resume_and_cache.md).
+
+    Args:
+        func: The objective, when used bare (``@guard``); None with ``@guard(...)``.
+        min_available_gb: Stop the trial when available RAM (cgroup aware) falls below this.
+        warn_available_gb: Log a warning (once per trial and context) below this.
+        max_ram_percent: Stop when used RAM exceeds this percent of the (cgroup) total.
+        max_swap_percent: Stop when swap use exceeds this percent.
+        max_gpu_percent: Stop when any GPU's memory use exceeds this percent.
+        max_trial_rss_gb: Stop when the trial's process tree RSS exceeds this.
+        interval: Sampling period of the in-trial watcher thread, seconds.
+        on_trip: ``"prune"`` ends a stopped trial PRUNED, ``"fail"`` ends it FAIL.
+        memory_budget_gb: The per-trial memory budget of the ``memory`` constraint, GB.
+        preflight: Run the preflight check before the objective.
+        on_stuck: What to do with a trial over its limit that does not stop for
+            ``stuck_after`` seconds: ``"exit"`` ends it FAIL and leaves the process (exit status
+            71), ``"warn"`` logs and lets it run. Default: ``"warn"`` under the launcher, else
+            ``"exit"``.
+        stuck_after: Seconds over the limit without effect before ``on_stuck`` acts.
+        probe: The memory probe to read from; the default one (cgroup aware) if not given.
+        fingerprint: Record the objective's fingerprint; None means on when ``cache=True``.
+        cache: Reuse the result of a COMPLETE trial with the same params and objective version.
+        on_changed_objective: ``"warn"`` or ``"raise"`` when the objective changed since the
+            fingerprint the study holds.
+
+    Returns:
+        The guarded objective (bare use), or a decorator that returns it (``@guard(...)``).
+
+    Raises:
+        ConfigError: ``func`` is not callable, or an option or an ``OPTUNA_GUARD_*`` variable
+            has an invalid value (see :class:`MemoryLimits`).
     """
     overrides = {
         name: value

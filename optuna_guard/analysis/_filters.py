@@ -16,7 +16,14 @@ def is_killed(trial: FrozenTrial) -> bool:
 
 
 def killed_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Trials a memory guard or the supervisor stopped, in trial-number order."""
+    """Trials a memory guard or the supervisor stopped, in trial-number order.
+
+    Args:
+        study: The study to read the trials from.
+
+    Returns:
+        The trials tagged ``emergency_killed``, whatever their state.
+    """
     return [t for t in study.get_trials(deepcopy=False) if is_killed(t)]
 
 
@@ -31,6 +38,19 @@ def valid_trials(
 
     ``complete_only=True`` keeps only COMPLETE trials; ``states`` keeps only the given states;
     ``objective_version`` ("current" or a number) keeps one objective version's trials.
+
+    Args:
+        study: The study to read the trials from.
+        states: Keep only trials in these states (any container or iterable); None keeps all.
+        complete_only: Keep only COMPLETE trials (overrides ``states``).
+        objective_version: ``"current"``, ``"all"`` or a version number >= 1; None keeps the
+            trials of every version.
+
+    Returns:
+        The trials not tagged ``emergency_killed``, in trial-number order.
+
+    Raises:
+        ConfigError: ``objective_version`` is not ``"current"``, ``"all"`` or a number >= 1.
     """
     if complete_only:
         states = (TrialState.COMPLETE,)

@@ -109,6 +109,20 @@ def trials_frame(
     system attribute), ``constraint_memory``, ``objective_version`` and ``cached_from`` (the
     result cache), and other user attributes as ``user_attrs_<key>``. ``objective_version``
     ("current" or a number) keeps one objective version's trials.
+
+    Args:
+        study: The study to read the trials from.
+        user_attrs: Add the user attributes that are not guard tags as ``user_attrs_<key>``
+            columns (the tag columns are always there).
+        objective_version: ``"current"``, ``"all"`` or a version number >= 1; None keeps the
+            trials of every version.
+
+    Returns:
+        The DataFrame (empty, with all columns, for a study without trials).
+
+    Raises:
+        ImportError: pandas is not installed (the ``analysis`` extra).
+        ConfigError: ``objective_version`` is not ``"current"``, ``"all"`` or a number >= 1.
     """
     pd = import_pandas()
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)

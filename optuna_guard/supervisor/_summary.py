@@ -16,7 +16,12 @@ from optuna_guard._best import best_valid_trials
 class LaunchSummary:
     """Counts are over the trials this launch's workers ran (other hosts' trials not included).
 
-    Attributes:
+    The launcher builds it; each argument below is also a read-only attribute, and ``complete``,
+    ``pruned`` and ``failed`` read their counts from ``states``.
+
+    Args:
+        study_name: the study the launch ran.
+        storage: the storage URL, password masked.
         exit_code: 0 done, 99 stopped by a signal or the time budget (the CLI exits with it).
         n_trials: the target T (None: run until stopped).
         finished: trials that reached a terminal state (== T on a normal finish).
@@ -35,6 +40,8 @@ class LaunchSummary:
         best_value: the value of the study's best valid trial at the end (single objective;
             the rule of :mod:`optuna_guard._best`, as ``status`` and ``report``), or None.
         best_trials: the number of that trial, or the Pareto front's (several objectives).
+        event_log: the path of the launch's event log (JSON lines), or None when no worker
+            was started.
     """
 
     study_name: str
