@@ -203,7 +203,7 @@ class TrialWatch:
         self._watcher.register(self)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, *_exc_info: object) -> None:
         self.finish()
 
     def others(self) -> int:

@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
@@ -905,7 +904,7 @@ class TrialCheckpointer:
     def __enter__(self) -> TrialCheckpointer:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
         """Leaving the block normally means the objective is about to return: finalize.
         Leaving by an exception (pruned, killed, preempted) keeps them for the retry."""
         if exc_type is None:
@@ -1183,12 +1182,3 @@ def _best_trials(study: Any) -> list[FrozenTrial]:
         return list(study.best_trials)
     except ValueError:
         return []
-
-
-def iter_chain_directories(root: str | os.PathLike[str], study_name: str) -> Iterator[Path]:
-    """The chain directories that exist for a study (for tools and reports)."""
-    study_dir = Path(root) / _study_dirname(study_name)
-    if study_dir.is_dir():
-        yield from sorted(
-            p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("trial-")
-        )

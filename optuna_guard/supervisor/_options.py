@@ -188,11 +188,6 @@ def config_kwargs(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
     }
 
 
-def cli_flags(cls: Any) -> dict[str, str]:
-    """Field name -> flag, for messages that name the option the user typed."""
-    return {field.name: option.flag for field, option in options_of(cls) if option.flag}
-
-
 # ------------------------------------------------------------------------------- docs table
 BEGIN_MARKER = (
     "<!-- options table: generated from LaunchConfig's field metadata by "

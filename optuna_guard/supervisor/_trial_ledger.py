@@ -229,6 +229,3 @@ class TrialLedger:
                 reason=f"trial {number} re-queued as trial {retry_number}",
             )
         return retry_number
-
-    def median_duration(self) -> float | None:
-        return statistics.median(self.durations) if self.durations else None
