@@ -68,9 +68,10 @@ class MemoryLimits:
         on_trip: "prune" ends a stopped trial PRUNED (samplers learn from it), "fail" ends it FAIL.
 
     Raises:
-        ConfigError: A limit is not a finite number, is negative (a percent outside (0, 100],
-            ``max_trial_rss_gb`` or ``interval`` not > 0), ``warn_available_gb`` is below
-            ``min_available_gb``, or ``on_trip`` is neither "prune" nor "fail".
+        ConfigError: A limit is not a finite number or is out of range (a GB level below 0,
+            a percent outside (0, 100], ``max_trial_rss_gb`` or ``interval`` not > 0),
+            ``warn_available_gb`` is below ``min_available_gb``, or ``on_trip`` is neither
+            "prune" nor "fail".
     """
 
     min_available_gb: float | None = 2.0

@@ -137,8 +137,9 @@ def check_memory(
         safe_threshold_gb: The stop level in GB of available memory (seed alias of
             ``min_available_gb``); 0 switches the stop off.
         warning_threshold_gb: The warning level in GB (seed alias of ``warn_available_gb``).
-        min_available_gb: The stop level in GB; takes precedence over the aliases.
-        warn_available_gb: The warning level in GB; takes precedence over the aliases.
+        min_available_gb: The stop level in GB. Giving it or ``warn_available_gb`` ignores both
+            aliases (the stop level then defaults to 2.0).
+        warn_available_gb: The warning level in GB.
         limits: A whole :class:`MemoryLimits` to check (RAM, swap, GPU, process tree RSS).
         probe: The memory probe to read from; the default one (cgroup aware) if not given.
 
@@ -147,7 +148,8 @@ def check_memory(
 
     Raises:
         MemoryLimitPruned: A limit is crossed; the trial was tagged ``emergency_killed``.
-        TrialPreempted: A stop was requested by a signal; the trial was tagged ``preempted``.
+        TrialPreempted: A stop was requested by a signal; the trial was tagged with its
+            ``kill_reason`` (and ``preempted`` for a preemption).
         ConfigError: A level is not a finite number >= 0, or the warning level is below the
             stop level.
     """
