@@ -615,7 +615,6 @@ def _run_guarded(
     preemption.raise_if_stop_requested(trial)
     number = getattr(trial, "number", -1)
     killed = False
-    started = time.perf_counter()
     watch = WATCHER.watch(
         trial, limits, probe, on_stuck=settings.on_stuck, stuck_after=settings.stuck_after
     )
@@ -664,7 +663,6 @@ def _run_guarded(
             probe,
             settings,
             killed=killed or watch.stopped_for_memory,
-            started=started,
         )
 
 
@@ -795,7 +793,6 @@ def _finish_trial(
     settings: _GuardSettings,
     *,
     killed: bool,
-    started: float,
 ) -> None:
     """Write the trial's memory tags (and constraint) while it is RUNNING, then collect garbage."""
     try:  # the tree RSS now, for trials shorter than one sampling period (the start reading
@@ -809,7 +806,7 @@ def _finish_trial(
     )
     if settings.budget_gb is not None:
         _write_constraint(trial, to_gb(watch.peak_rss_bytes), settings.budget_gb, killed)
-    _collect_garbage(force=killed, trial_seconds=time.perf_counter() - started)
+    _collect_garbage(force=killed)
     if killed:
         _READINGS.clear()  # the stopped trial's memory is freed only now: read afresh next time
 
@@ -860,7 +857,7 @@ class _GcBudget:
 _gc_budget = _GcBudget()
 
 
-def _collect_garbage(*, force: bool, trial_seconds: float) -> None:
+def _collect_garbage(*, force: bool) -> None:
     """After a trial: a full ``gc.collect()`` when the trial was stopped by a limit or when it
     fits the time share (always, for trials longer than ~500x a collection); in between the
     interpreter's own young-generation collections do (an explicit one measured as pure cost).

@@ -97,7 +97,6 @@ class Harness:
         )
         self.peers[pid] = _protocol.Channel(theirs)
         self.arbiter.workers.append(worker)
-        self.arbiter.spawner.all_pids.add(pid)
         self.probe.rss_gb[pid] = rss_gb
         if trial:
             running = self.study.ask()
@@ -373,7 +372,6 @@ def test_shutdown_sweeps_running_trials_of_its_workers_only(tmp_path):
     other_launch.set_user_attr(tags.WORKER_PID, 4242)
     other_launch.set_user_attr(tags.HOSTNAME, socket.gethostname())
     other_launch.set_user_attr(tags.LAUNCH_ID, "another-launch")
-    h.arbiter.spawner.all_pids.add(4242)
     h.arbiter.shutdown("launcher error: boom")
     assert (
         h.state(0).state == TrialState.FAIL and h.state(0).user_attrs[tags.WORKER_CRASHED] is True

@@ -671,7 +671,7 @@ def test_garbage_is_collected_after_each_trial(monkeypatch) -> None:
     assert calls == [()]  # due: one full collection; then none (full ones would be too frequent)
     assert budget.last_cost > 0  # measured
     calls.clear()
-    trial_guard._collect_garbage(force=True, trial_seconds=0.001)
+    trial_guard._collect_garbage(force=True)
     assert calls == [()]  # a stopped trial always gets a full collection
 
 
@@ -681,10 +681,10 @@ def test_cuda_cache_emptied_when_torch_has_cuda(monkeypatch) -> None:
         is_initialized=lambda: True, empty_cache=lambda: emptied.append(1)
     )
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
-    trial_guard._collect_garbage(force=False, trial_seconds=1.0)
+    trial_guard._collect_garbage(force=False)
     assert emptied == [1]
     cuda.is_initialized = lambda: False
-    trial_guard._collect_garbage(force=False, trial_seconds=1.0)
+    trial_guard._collect_garbage(force=False)
     assert emptied == [1]
 
 

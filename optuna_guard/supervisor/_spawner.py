@@ -49,7 +49,6 @@ class Spawner:
     def __init__(self, arbiter: SpawnerHost) -> None:
         self._a = arbiter
         self.cgroups: _cgroups.WorkerCgroups | None = None  # one memory cgroup per worker
-        self.all_pids: set[int] = set()  # every worker pid this launch started
         self._next_spawn_index = 0
 
     def make_cgroups(self) -> _cgroups.WorkerCgroups | None:
@@ -117,7 +116,6 @@ class Spawner:
             ),
         )
         a.workers.append(worker)
-        self.all_pids.add(worker.pid)
         if self.cgroups is not None:
             self.cgroups.attach(worker.pid, spawn_index)
         a.selector.register(parent_sock, selectors.EVENT_READ, worker)
