@@ -96,12 +96,16 @@ def test_function_objective_and_existing_direction(
     "ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage:UserWarning"
 )
 def test_heartbeat_rows_and_stale_trials_of_a_dead_launcher_are_failed(
-    sqlite_url, tmp_path, unique_study_name, quiet_optuna
+    sqlite_url, tmp_path, unique_study_name, quiet_optuna, monkeypatch
 ):
-    """The supervisor keeps Optuna's heartbeat rows for its workers' trials (a row at each
-    trial's start, however short the trial: plain ``optimize`` workers judge by these rows), and
-    fails RUNNING trials whose heartbeat stopped long ago (a launcher on another host that died)."""
+    """The supervisor keeps Optuna's heartbeat rows for its workers' trials (a row within
+    ``first_beat_delay``, at most 1 s, of each trial's start, written with the rows of trials
+    that started at the same time: plain ``optimize`` workers judge by these rows; a trial that
+    ended sooner needs none), and fails RUNNING trials whose heartbeat stopped long ago (a
+    launcher on another host that died)."""
     import sqlalchemy
+
+    monkeypatch.setenv("LAUNCHER_TEST_SLEEP", "1.5")  # longer than the first beat's delay
 
     from optuna_guard.storage import open_storage
 
