@@ -57,7 +57,7 @@ from optuna_guard.exceptions import StorageUnavailableError
 from optuna_guard.resilience import ResilientStorage, StorageRetrySettings
 from optuna_guard.retries import FREE_RETRIES, RETRY_HISTORY, RetryPolicy, enqueue_retry
 from optuna_guard.supervisor import _protocol
-from optuna_guard.supervisor._config import WorkerSettings
+from optuna_guard.supervisor._config import WorkerSettings, retry_policy
 from optuna_guard.supervisor._lifeline import EXIT_SUPERVISOR_LOST, Lifeline, kill_own_tree
 from optuna_guard.supervisor._objective_spec import load_objective
 from optuna_guard.supervisor._protocol import Channel, ProtocolError
@@ -653,17 +653,8 @@ class _WorkerRetries:
 def _make_retries(
     settings: WorkerSettings, study: optuna.Study, channel: Channel
 ) -> _WorkerRetries | None:
-    if settings.retry <= 0:
-        return None
-    kwargs: dict[str, Any] = {
-        "max_retries": settings.retry,
-        "max_preemptions": settings.max_preemptions,
-    }
-    if settings.retry_on:
-        kwargs["retry_on"] = frozenset(settings.retry_on)
-    if settings.retry_shrink:
-        kwargs["shrink"] = settings.retry_shrink
-    return _WorkerRetries(RetryPolicy(**kwargs), study, channel)
+    policy = retry_policy(settings)
+    return None if policy is None else _WorkerRetries(policy, study, channel)
 
 
 def _release(storage: BaseStorage) -> None:
