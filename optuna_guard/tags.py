@@ -120,6 +120,19 @@ def crashed(reason: str, *, pid: int | None = None) -> dict[str, Any]:
     return attrs
 
 
+def timed_out(reason: str, *, pid: int | None = None) -> dict[str, Any]:
+    """Tags of a trial stopped by ``--trial-timeout``."""
+    attrs: dict[str, Any] = {TIMED_OUT: True, KILL_REASON: reason}
+    if pid is not None:
+        attrs[WORKER_PID] = pid
+    return attrs
+
+
+def lost(reason: str) -> dict[str, Any]:
+    """Tags of a trial whose launch (supervisor and workers) is gone: no lease, no heartbeat."""
+    return {WORKER_LOST: True, KILL_REASON: reason}
+
+
 def diverged(reason: str) -> dict[str, Any]:
     """Tags of a trial pruned because its values diverged ("NaN at step 12")."""
     return {DIVERGED: True, KILL_REASON: reason}

@@ -274,7 +274,7 @@ class Arbiter:
                     worker,
                     PREEMPT_KILL,
                     reason,
-                    {tags.PREEMPTED: True, tags.KILL_REASON: reason, tags.WORKER_PID: worker.pid},
+                    tags.preempted(reason, pid=worker.pid),
                     now,
                     wait=0,
                 )
@@ -395,7 +395,7 @@ class Arbiter:
                     worker.kill = KillOrder(
                         kind=PREEMPT_KILL,
                         reason=why,
-                        tags={tags.PREEMPTED: True, tags.KILL_REASON: why},
+                        tags=tags.preempted(why),
                         started_at=self.clock(),
                         sigkill_at=self.clock(),
                     )

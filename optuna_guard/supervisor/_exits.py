@@ -92,16 +92,13 @@ def decide(record: ExitRecord) -> ExitDecision:
         reason = f"out of memory: the kernel killed a process in {whose} memory cgroup"
         if record.memory_limit_gb is not None:
             reason += f" (hard limit --max-worker-rss-gb {record.memory_limit_gb:.2f} GB)"
-        trial_tags = {
-            tags.EMERGENCY_KILLED: True,
-            tags.KILL_REASON: reason,
-            tags.KILL_LIMIT: "max_worker_rss_gb",
-            tags.WORKER_PID: record.pid,
-        }
-        if record.available_gb is not None:
-            trial_tags[tags.AVAILABLE_GB_AT_KILL] = round(record.available_gb, 2)
-        if record.peak_rss_gb is not None:
-            trial_tags[tags.PEAK_RSS_GB] = round(record.peak_rss_gb, 2)
+        trial_tags = tags.killed(
+            reason,
+            limit="max_worker_rss_gb",
+            available_gb=None if record.available_gb is None else round(record.available_gb, 2),
+            peak_rss_gb=None if record.peak_rss_gb is None else round(record.peak_rss_gb, 2),
+            pid=record.pid,
+        )
         return ExitDecision(
             OOM_KILLED,
             reason,
@@ -121,7 +118,7 @@ def decide(record: ExitRecord) -> ExitDecision:
         )
     if record.kill_kind == TIMEOUT_KILL:
         reason = record.kill_reason or description
-        trial_tags = dict(record.kill_tags) or {tags.TIMED_OUT: True, tags.KILL_REASON: reason}
+        trial_tags = dict(record.kill_tags) or tags.timed_out(reason)
         trial_tags.setdefault(tags.WORKER_PID, record.pid)
         return ExitDecision(
             TIMED_OUT,
@@ -145,11 +142,7 @@ def decide(record: ExitRecord) -> ExitDecision:
             CRASHED_IN_TRIAL,
             description,
             "FAIL",
-            {
-                tags.WORKER_CRASHED: True,
-                tags.KILL_REASON: description,
-                tags.WORKER_PID: record.pid,
-            },
+            tags.crashed(description, pid=record.pid),
             crash=True,
             sweep_unreported=sweep,
         )

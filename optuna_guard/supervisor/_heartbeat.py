@@ -295,7 +295,7 @@ class SupervisorHeartbeat:
         from optuna_guard.retries import enqueue_retry
         from optuna_guard.storage import end_trial_from_outside
 
-        attrs: dict[str, Any] = {tags.WORKER_LOST: True, tags.KILL_REASON: reason}
+        attrs = tags.lost(reason)
         policy = self.retry_policy
         if policy is not None:
             attrs.update(policy.final_tags({**trial.user_attrs, **attrs}, policy.attempt(trial)))

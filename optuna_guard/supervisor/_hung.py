@@ -33,7 +33,7 @@ def timeout_tags(
         f"trial timeout: trial {trial_number} ran {runtime_s:.0f}s > --trial-timeout "
         f"{timeout_s:.0f}s{how}"
     )
-    return reason, {tags.TIMED_OUT: True, tags.KILL_REASON: reason, tags.WORKER_PID: pid}
+    return reason, tags.timed_out(reason, pid=pid)
 
 
 def health_note(state: str | None, cpu_idle_s: float | None, in_trial: bool) -> str | None:

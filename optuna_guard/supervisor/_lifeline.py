@@ -161,7 +161,7 @@ class Lifeline:
                 storage,
                 trial_id,
                 TrialState.FAIL,
-                user_attrs={tags.PREEMPTED: True, tags.KILL_REASON: reason},
+                user_attrs=tags.preempted(reason),
             )
         except Exception as exc:  # the storage may be what failed; leaving matters more
             _log.error("Could not end trial id %d: %s: %s", trial_id, type(exc).__name__, exc)

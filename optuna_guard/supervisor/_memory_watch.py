@@ -184,15 +184,13 @@ class MemoryWatchdog:
     ) -> None:
         a = self._a
         number = worker.trial_number
-        attrs = {
-            tags.EMERGENCY_KILLED: True,
-            tags.KILL_REASON: reason,
-            tags.KILL_LIMIT: limit,
-            tags.WORKER_PID: worker.pid,
-            tags.PEAK_RSS_GB: to_gb(max(worker.trial_peak_rss, worker.rss_bytes)),
-        }
-        if available is not None:
-            attrs[tags.AVAILABLE_GB_AT_KILL] = to_gb(available)
+        attrs = tags.killed(
+            reason,
+            limit=limit,
+            available_gb=None if available is None else to_gb(available),
+            peak_rss_gb=to_gb(max(worker.trial_peak_rss, worker.rss_bytes)),
+            pid=worker.pid,
+        )
         a.kills += 1
         a.killer.start_kill(worker, _exits.MEMORY_KILL, reason, attrs, now, limit=limit)
         trial_text = (
