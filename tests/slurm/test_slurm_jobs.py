@@ -101,6 +101,15 @@ class Scenario:
             if t.state == TrialState.COMPLETE and t.user_attrs.get("resumed_from_step")
         )
 
+    def preempted_with_checkpoint(self) -> int:
+        """Preempted attempts that had saved a checkpoint (their retries must resume from it)."""
+        return sum(
+            t.state == TrialState.FAIL
+            and bool(t.user_attrs.get("preempted"))
+            and int(t.system_attrs.get("optuna_guard:checkpoint_step", 0)) >= 1
+            for t in self.trials()
+        )
+
     def running_step(self) -> int:
         """Highest checkpointed step of a RUNNING trial (0 when none runs)."""
         steps = [
@@ -132,6 +141,7 @@ def requeue_at_time_limit(s: Scenario) -> dict[str, Any]:
         "finished": s.count(*FINISHED),
         "running": s.count(TrialState.RUNNING),
         "resumed": s.resumed_steps(),
+        "preempted_with_checkpoint": s.preempted_with_checkpoint(),
     }
 
 
@@ -392,13 +402,18 @@ def test_time_limit_stop_requeues_and_resumes_to_exactly_the_study_target(result
         requeues=restarts(r["info"]),
         stops=out.count("(exit 99)"),
         resumed_steps=r["resumed"],
+        preempted_with_checkpoint=r["preempted_with_checkpoint"],
         finished=f"{r['finished']}/4",
         wall_s=round(r["wall_s"]),
     )
     assert r["info"]["JobState"] == "COMPLETED", out[-3000:]
     assert restarts(r["info"]) >= 1 and "requeueing job" in out
     assert "Stopping: launcher received SIGTERM" in out
-    assert r["resumed"], "no preempted trial resumed from a checkpoint:\n" + out[-3000:]
+    # SLURM delivers the signal up to a minute early: it may land before the stopped trials saved
+    # their first step; when one had saved, its retry must resume from the checkpoint
+    assert r["resumed"] or r["preempted_with_checkpoint"] == 0, (
+        "no preempted trial resumed from a checkpoint:\n" + out[-3000:]
+    )
     assert r["finished"] == 4  # exact: one launcher counts its own running trials
     assert r["running"] == 0
     assert "Second SIGTERM" not in out
