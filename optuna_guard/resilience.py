@@ -948,6 +948,13 @@ class ResilientStorage(BaseStorage):
 
         self._call("set_trial_user_attrs", _attrs.set_user_attrs, self._storage, trial_id, attrs)
 
+    def hold_user_attrs_for_tell(self, trial_id: int, attrs: Mapping[str, Any]) -> bool:
+        """Forwarded (nothing is written yet): the wrapped storage writes them in the retried
+        ``set_trial_state_values`` that ends the trial (see ``optuna_guard._attrs``)."""
+        from optuna_guard import _attrs
+
+        return _attrs.hold_for_tell(self._storage, trial_id, attrs)
+
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._call(
             "set_trial_system_attr", self._storage.set_trial_system_attr, trial_id, key, value

@@ -27,7 +27,7 @@ from typing import Any, TypeVar, overload
 import optuna
 
 from optuna_guard import preemption, tags
-from optuna_guard._attrs import set_user_attrs
+from optuna_guard._attrs import hold_for_tell, set_user_attrs
 from optuna_guard._logging import get_logger
 from optuna_guard._trips import Trip, below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB, to_gb
@@ -215,13 +215,17 @@ def kill_tags(trip: Trip, context: str, trial: Any) -> dict[str, Any]:
     )
 
 
-def write_user_attrs(trial: Any, attrs: Mapping[str, Any], storage: Any = None) -> None:
+def write_user_attrs(
+    trial: Any, attrs: Mapping[str, Any], storage: Any = None, *, last: bool = False
+) -> None:
     """Write tags on a running trial; a failure is logged, never raised (stopping the trial
     matters more than its tags). ``storage`` is for a FrozenTrial (pruners). Optuna's own
-    storages get all keys in one operation (see ``optuna_guard._attrs``)."""
+    storages get all keys in one operation (see ``optuna_guard._attrs``). ``last``: the
+    trial's tell follows (the guard's end); a launcher worker writes them in its transaction."""
     if storage is None and len(attrs) > 1 and isinstance(trial, optuna.Trial):
         try:
-            set_user_attrs(trial.storage, trial._trial_id, attrs)
+            if not (last and hold_for_tell(trial.storage, trial._trial_id, attrs)):
+                set_user_attrs(trial.storage, trial._trial_id, attrs)
             trial._cached_frozen_trial.user_attrs.update(attrs)  # as Trial.set_user_attr does
             return
         except Exception:
@@ -803,6 +807,7 @@ def _finish_trial(
     write_user_attrs(
         trial,
         tags.memory_seen(watch.peak_rss_bytes, watch.min_available_bytes, watch.peak_gpu_bytes),
+        last=True,
     )
     if settings.budget_gb is not None:
         _write_constraint(trial, to_gb(watch.peak_rss_bytes), settings.budget_gb, killed)

@@ -39,10 +39,11 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
@@ -520,13 +521,15 @@ def _worker_tags(settings: WorkerSettings) -> dict[str, Any]:
 
 
 class _TaggingCachedStorage(_CachedStorage):
-    """Optuna's cache over the RDB storage, creating every new RUNNING trial with the worker
-    tags in the same insert (three separate attribute writes cost more than a short trial's
-    bookkeeping)."""
+    """Optuna's cache over the RDB storage, writing the launcher's tags without transactions
+    of their own: every new RUNNING trial is created with the worker tags in the same insert,
+    and the guard's end-of-trial tags ride in the transaction that ends the trial (its tell).
+    A short trial's bookkeeping is a handful of transactions; each one more is ~1 ms of CPU."""
 
     def __init__(self, backend: RDBStorage, worker_tags: Mapping[str, Any]) -> None:
         super().__init__(backend)
         self._worker_tags = dict(worker_tags)
+        self._held: dict[int, dict[str, Any]] = {}  # trial id -> user attrs for its tell
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         if template_trial is None:
@@ -549,9 +552,47 @@ class _TaggingCachedStorage(_CachedStorage):
         return super().create_new_trial(study_id, template_trial)
 
     def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
-        """The guard's end-of-trial tags in one transaction (see ``optuna_guard._attrs``);
-        Optuna's cache forwards user attrs to the database unchanged, so this does too."""
+        """Several tags in one transaction (see ``optuna_guard._attrs``); Optuna's cache
+        forwards user attrs to the database unchanged, so this does too."""
         _attrs.set_user_attrs(self._backend, trial_id, attrs)
+
+    def hold_user_attrs_for_tell(self, trial_id: int, attrs: Mapping[str, Any]) -> bool:
+        """Keep the guard's end-of-trial tags until the trial's tell writes its state: Optuna
+        tells right after the objective returns, and a worker killed in between has its trial
+        ended (and tagged) by the supervisor anyway."""
+        self._held.setdefault(trial_id, {}).update(attrs)
+        return True
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        trial = super().get_trial(trial_id)
+        held = self._held.get(trial_id)
+        if held:  # reads between the guard's end and the tell see the tags too
+            trial = copy.copy(trial)
+            trial.user_attrs = {**trial.user_attrs, **held}
+        return trial
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        held = self._held.get(trial_id)
+        if not held or not state.is_finished():
+            return super().set_trial_state_values(trial_id, state, values)
+        # Optuna's write below opens the thread's scoped session, the one the tags go into
+        # here: both commit together (or roll back together, and a retry writes both again).
+        try:
+            session = self._backend.scoped_session()
+            try:
+                _attrs.write_in_session(self._backend, session, trial_id, held)
+            except BaseException:
+                session.rollback()
+                session.close()
+                raise
+            ended = super().set_trial_state_values(trial_id, state, values)
+        except UpdateFinishedTrialError:
+            self._held.pop(trial_id, None)  # ended from outside: its tags are the ender's
+            raise
+        self._held.pop(trial_id, None)
+        return ended
 
 
 def _tagging(storage: BaseStorage, worker_tags: Mapping[str, Any]) -> BaseStorage:
@@ -577,13 +618,12 @@ def _insert_user_attrs_in_bulk(storage: RDBStorage) -> None:
         bare = copy.copy(template_trial)
         bare.user_attrs = {}
         trial = prepare(study_id, bare, session)
-        session.add_all(
+        session.execute(  # one executemany INSERT, without the ORM's unit of work
+            sqlalchemy.insert(models.TrialUserAttributeModel.__table__),
             [
-                models.TrialUserAttributeModel(
-                    trial_id=trial.trial_id, key=key, value_json=json.dumps(value)
-                )
+                {"trial_id": trial.trial_id, "key": key, "value_json": json.dumps(value)}
                 for key, value in user_attrs.items()
-            ]
+            ],
         )
         return trial
 
