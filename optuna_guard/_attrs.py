@@ -88,21 +88,24 @@ def write_in_session(
     trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
     storage.check_trial_is_updatable(trial_id, cast(TrialState, trial.state))
     table = models.TrialUserAttributeModel.__table__
-    existing = set(
-        session.execute(
-            select(table.c.key).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs)))
-        ).scalars()
-    )
-    new = [
-        {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-        for key, value in attrs.items()
-        if key not in existing
-    ]
-    if new:
-        session.execute(insert(table), new)
-    for key in existing:
-        session.execute(
-            update(table)
-            .where(table.c.trial_id == trial_id, table.c.key == key)
-            .values(value_json=json.dumps(attrs[key]))
+    with session.no_autoflush:  # nothing of the ORM's is pending here; its flush check costs
+        existing = set(
+            session.execute(
+                select(table.c.key).where(
+                    table.c.trial_id == trial_id, table.c.key.in_(list(attrs))
+                )
+            ).scalars()
         )
+        new = [
+            {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+            for key, value in attrs.items()
+            if key not in existing
+        ]
+        if new:
+            session.execute(insert(table), new)
+        for key in existing:
+            session.execute(
+                update(table)
+                .where(table.c.trial_id == trial_id, table.c.key == key)
+                .values(value_json=json.dumps(attrs[key]))
+            )

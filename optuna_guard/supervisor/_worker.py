@@ -213,14 +213,15 @@ class WorkerLoop:
         self._in_objective = True
         # New trials are created with the worker tags (see _tagging); a popped WAITING trial is
         # tagged here, on a thread while the objective starts (joined before the trial ends).
-        tagged = trial.user_attrs.get(tags.WORKER_PID) == self.pid
-        tagger = threading.Thread(
-            target=self._write_worker_tags,
-            args=(trial._trial_id, tagged),
-            name="optuna-guard-tags",
-            daemon=True,
-        )
-        tagger.start()
+        tagger = None
+        if trial.user_attrs.get(tags.WORKER_PID) != self.pid:
+            tagger = threading.Thread(
+                target=self._write_worker_tags,
+                args=(trial._trial_id,),
+                name="optuna-guard-tags",
+                daemon=True,
+            )
+            tagger.start()
         self._outcome = (trial.number, trial._trial_id, "FAIL")
         self._unreported = True
         self._last_value = None
@@ -231,7 +232,8 @@ class WorkerLoop:
                 value = self.objective(trial)
                 self._last_value = value
             finally:
-                tagger.join()
+                if tagger is not None:
+                    tagger.join()
                 self._in_objective = False
                 self._ended_at = time.monotonic()
         except optuna.TrialPruned:
@@ -302,9 +304,7 @@ class WorkerLoop:
         )
         self._report_finished(number, trial_id, state)
 
-    def _write_worker_tags(self, trial_id: int, tagged: bool) -> None:
-        if tagged:
-            return
+    def _write_worker_tags(self, trial_id: int) -> None:
         storage = self.study._storage
         try:  # a WAITING trial we popped (enqueued or a retry): tag it now
             for key, value in _worker_tags(self.settings).items():
@@ -618,13 +618,14 @@ def _insert_user_attrs_in_bulk(storage: RDBStorage) -> None:
         bare = copy.copy(template_trial)
         bare.user_attrs = {}
         trial = prepare(study_id, bare, session)
-        session.execute(  # one executemany INSERT, without the ORM's unit of work
-            sqlalchemy.insert(models.TrialUserAttributeModel.__table__),
-            [
-                {"trial_id": trial.trial_id, "key": key, "value_json": json.dumps(value)}
-                for key, value in user_attrs.items()
-            ],
-        )
+        with session.no_autoflush:  # ``prepare`` flushed the trial row the tags refer to
+            session.execute(  # one executemany INSERT, without the ORM's unit of work
+                sqlalchemy.insert(models.TrialUserAttributeModel.__table__),
+                [
+                    {"trial_id": trial.trial_id, "key": key, "value_json": json.dumps(value)}
+                    for key, value in user_attrs.items()
+                ],
+            )
         return trial
 
     storage._get_prepared_new_trial = prepared_new_trial  # type: ignore[method-assign]
