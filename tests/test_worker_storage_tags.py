@@ -78,8 +78,9 @@ def test_a_guarded_trial_has_worker_and_memory_tags_with_one_commit_fewer(
     for key in tags.memory_seen(1, 1, None):
         assert key in trial.user_attrs, key
     assert trial.user_attrs[tags.PEAK_RSS_GB] > 0
-    # the guard's tags rode in the tell's commit; the plain storage gave them one of their own
-    assert tagged_commits == plain_commits[0] - 1
+    # the guard's tags rode in the tell's commit (the plain storage gave them one of their own)
+    # and Trial's read-back of the new trial came from the cache (a read transaction on SQLite)
+    assert tagged_commits == plain_commits[0] - 2
 
 
 def test_held_tags_are_visible_before_the_tell_and_written_with_it(tmp_path: Path) -> None:
@@ -181,3 +182,25 @@ def test_a_failed_tell_commits_neither_the_tags_nor_the_state(
     assert chain.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [3.0])
     stored = _fresh_view(tmp_path, "s").trials[0]
     assert stored.state == TrialState.COMPLETE and stored.user_attrs["a"] == 1
+
+
+def test_the_read_back_of_a_new_trial_matches_the_database_and_later_reads_see_others_writes(
+    tmp_path: Path,
+) -> None:
+    backend = _backend(tmp_path)
+    chain = _tagging(backend, WORKER_TAGS)
+    study = optuna.create_study(study_name="s", storage=chain)
+    trial_id = chain.create_new_trial(study._study_id)
+    first = chain.get_trial(trial_id)  # served from the cache
+    stored = _fresh_view(tmp_path, "s").trials[0]
+    assert (first.number, first.state, first.user_attrs, first.params) == (
+        stored.number,
+        stored.state,
+        stored.user_attrs,
+        stored.params,
+    )
+    first.user_attrs["mutated"] = True  # a copy: the cache is not changed through it
+    outside = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    outside.set_trial_state_values(trial_id, TrialState.FAIL)
+    again = chain.get_trial(trial_id)  # from the database: sees the trial ended from outside
+    assert again.state == TrialState.FAIL and "mutated" not in again.user_attrs

@@ -530,6 +530,7 @@ class _TaggingCachedStorage(_CachedStorage):
         super().__init__(backend)
         self._worker_tags = dict(worker_tags)
         self._held: dict[int, dict[str, Any]] = {}  # trial id -> user attrs for its tell
+        self._just_created: int | None = None  # a trial id not read back yet
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         if template_trial is None:
@@ -549,7 +550,9 @@ class _TaggingCachedStorage(_CachedStorage):
         elif template_trial.state == TrialState.RUNNING:  # not enqueued WAITING trials/retries
             template_trial = copy.copy(template_trial)
             template_trial.user_attrs = {**self._worker_tags, **template_trial.user_attrs}
-        return super().create_new_trial(study_id, template_trial)
+        trial_id = super().create_new_trial(study_id, template_trial)
+        self._just_created = trial_id
+        return trial_id
 
     def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Several tags in one transaction (see ``optuna_guard._attrs``); Optuna's cache
@@ -564,12 +567,24 @@ class _TaggingCachedStorage(_CachedStorage):
         return True
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        trial = super().get_trial(trial_id)
+        trial = self._read_back(trial_id) or super().get_trial(trial_id)
         held = self._held.get(trial_id)
         if held:  # reads between the guard's end and the tell see the tags too
             trial = copy.copy(trial)
             trial.user_attrs = {**trial.user_attrs, **held}
         return trial
+
+    def _read_back(self, trial_id: int) -> FrozenTrial | None:
+        """The first read of a trial this storage has just created (Optuna's ``Trial`` reads it
+        back at once) comes from the cache, which holds what the insert wrote: Optuna's cache
+        serves no RUNNING trial, so it costs a query of five tables otherwise. Later reads
+        (tell's among them, which must see a trial ended from outside) go to the database."""
+        if trial_id != self._just_created:
+            return None
+        self._just_created = None
+        with self._lock:
+            study_id, number = self._trial_id_to_study_id_and_number[trial_id]
+            return copy.deepcopy(self._studies[study_id].trials[number])
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
