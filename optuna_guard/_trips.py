@@ -142,3 +142,46 @@ def headroom_and_rate(
     if limits.max_trial_rss_gb is not None and rss_bytes is not None and old_rss is not None:
         consider(limits.max_trial_rss_gb * GB - rss_bytes, rss_bytes - old_rss)
     return eta
+
+
+# earlyoom's assumed fastest fill rate of RAM (6,000 KiB per ms): how fast a runaway allocation
+# can plausibly eat the headroom between two readings.
+FILL_RATE_BYTES_PER_S = 6000 * 1024 * 1000
+RELAXED_INTERVAL_CAP_S = 1.0  # earlyoom's longest sleep
+
+
+def headroom_bytes(
+    limits: MemoryLimits,
+    system: SystemMemory,
+    rss_bytes: int | None = None,
+    gpus: Sequence[GpuMemory] = (),
+) -> float | None:
+    """Bytes between the reading and the nearest limit (None: no limit applies)."""
+    rooms: list[float] = []
+    if limits.min_available_gb is not None:
+        rooms.append(system.available_bytes - limits.min_available_gb * GB)
+    if limits.max_ram_percent is not None:
+        rooms.append(limits.max_ram_percent / 100.0 * system.total_bytes - system.used_bytes)
+    if limits.max_swap_percent is not None and system.swap_total_bytes:
+        rooms.append(
+            limits.max_swap_percent / 100.0 * system.swap_total_bytes - system.swap_used_bytes
+        )
+    if limits.max_trial_rss_gb is not None and rss_bytes is not None:
+        rooms.append(limits.max_trial_rss_gb * GB - rss_bytes)
+    if limits.max_gpu_percent is not None:
+        rooms.extend(
+            limits.max_gpu_percent / 100.0 * gpu.total_bytes - gpu.used_bytes for gpu in gpus
+        )
+    return min(rooms) if rooms else None
+
+
+def relaxed_interval(limits: MemoryLimits, headroom: float | None) -> float:
+    """The watcher's next reading, earlyoom-style: every ``interval`` near a limit, less often
+    (up to 10 intervals, at most 1 s) while the headroom could not be eaten sooner at
+    :data:`FILL_RATE_BYTES_PER_S`. A week of 0.1 s readings of a quiet trial is ~0.3 % of a
+    core taken from it; a trial that nears a limit is read at the full pace again."""
+    interval = limits.interval
+    longest = max(interval, min(10 * interval, RELAXED_INTERVAL_CAP_S))
+    if headroom is None:
+        return longest
+    return min(max(headroom / FILL_RATE_BYTES_PER_S, interval), longest)

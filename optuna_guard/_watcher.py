@@ -45,7 +45,14 @@ from typing import Any, Literal
 
 from optuna_guard import preemption, tags
 from optuna_guard._logging import get_logger
-from optuna_guard._trips import Trip, below_warning, find_trip, headroom_and_rate
+from optuna_guard._trips import (
+    Trip,
+    below_warning,
+    find_trip,
+    headroom_and_rate,
+    headroom_bytes,
+    relaxed_interval,
+)
 from optuna_guard._units import GB, to_gb
 from optuna_guard.limits import MemoryLimits
 from optuna_guard.memory import GpuMemory, MemoryProbe, SystemMemory
@@ -179,6 +186,7 @@ class TrialWatch:
     # The rest of the state starts at these class-level defaults and is set on the instance
     # only when it changes (most trials never change it: less work per trial).
     interrupt: tuple[str, Trip | None] | None = None  # decided: (kind, trip)
+    own_peak_reset = False  # the process's high-water mark was reset when the trial started
     injections = 0
     injected_at: float | None = None
     deliveries = 0  # counted in the trial's thread when an interrupt goes off
@@ -438,6 +446,7 @@ class MemoryWatcher:
         self._blocked = False
         # recent readings per probe, to estimate how fast memory grows (see tick)
         self._history: dict[int, collections.deque[tuple[float, SystemMemory, int | None]]] = {}
+        self._last_wait = 0.0  # the last tick's wait: the growth-rate window spans it
         self._probe_errors: set[int] = set()
         self.exit: Callable[[int], Any] = os._exit  # tests replace it
 
@@ -481,6 +490,8 @@ class MemoryWatcher:
             if self._blocked:
                 self._blocked = False
                 self._wake.set()
+            elif self._last_wait > watch.limits.interval:  # a relaxed sleep: read it in time
+                self._wake.set()
 
     def unregister(self, watch: TrialWatch) -> None:
         with self._lock:
@@ -504,6 +515,7 @@ class MemoryWatcher:
         self._thread = None
         self._blocked = False
         self._history = {}
+        self._last_wait = 0.0
 
     def _run(self) -> None:
         idle_since: float | None = None
@@ -547,6 +559,8 @@ class MemoryWatcher:
         """One reading per probe, applied to every running trial; returns seconds to wait."""
         now = time.monotonic()
         wait = min(w.limits.interval for w in watches)
+        relaxed: float | None = None  # the longest wait every quiet trial allows
+        all_quiet = True  # no trial stopping, stopped, tripping or unread
         stop = preemption.stop_requested()
         by_probe: dict[int, list[TrialWatch]] = {}
         for watch in watches:
@@ -566,12 +580,13 @@ class MemoryWatcher:
                         probe,
                         exc,
                     )
+                all_quiet = False
                 continue
             self._probe_errors.discard(key)
             # Growth is bursty (an allocation, then compute), so the rate is taken over the last
             # ~2 intervals, not between the last two (possibly 5 ms apart) readings.
             history = self._history.setdefault(key, collections.deque())
-            window = 2 * min(w.limits.interval for w in group)
+            window = 2 * max(min(w.limits.interval for w in group), self._last_wait)
             while history and now - history[0][0] > window:
                 history.popleft()
             previous = history[0] if history else None
@@ -581,7 +596,7 @@ class MemoryWatcher:
             for watch in group:
                 watch.observe(system, rss, gpus)
                 if watch.interrupt is not None and watch.active:
-                    busy = True
+                    busy, all_quiet = True, False
                     trip = (
                         find_trip(watch.limits, system, rss, gpus)
                         if watch.interrupt[0] == INTERRUPT_TRIP
@@ -591,12 +606,14 @@ class MemoryWatcher:
                     wait = min(wait, self._keep_trying(watch, still, trip, system, now))
                     continue
                 if stop:
+                    all_quiet = False
                     watch.available_at_trip = system.available_bytes
                     if not watch.try_inject(INTERRUPT_PREEMPT, None):
                         wait = MIN_INTERVAL_S
                     continue
                 trip = find_trip(watch.limits, system, rss, gpus)
                 if trip is not None:
+                    all_quiet = False
                     candidates.append((watch, trip))
                     continue
                 if below_warning(watch.limits, system) and not watch.warned:
@@ -608,9 +625,14 @@ class MemoryWatcher:
                         system.available_bytes / GB,
                         watch.limits.warn_available_gb,
                     )
+                quiet = relaxed_interval(
+                    watch.limits, headroom_bytes(watch.limits, system, rss, gpus)
+                )
+                relaxed = quiet if relaxed is None else min(relaxed, quiet)
                 eta = headroom_and_rate(watch.limits, system, rss, previous, now)
                 if eta is not None:
                     wait = min(wait, max(MIN_INTERVAL_S, eta / 2))
+                    relaxed = min(relaxed, wait)  # approaching a limit: no relaxing
             if candidates and not busy and not stop:
                 victim, trip = self._choose_victim(candidates)
                 victim.available_at_trip = system.available_bytes
@@ -623,6 +645,10 @@ class MemoryWatcher:
                 )
                 if not victim.try_inject(INTERRUPT_TRIP, trip) or len(candidates) > 1:
                     wait = MIN_INTERVAL_S
+        # Every trial far from its limits and none being stopped: read less often.
+        if relaxed is not None and all_quiet:
+            wait = max(wait, relaxed)
+        self._last_wait = wait
         return wait
 
     @staticmethod

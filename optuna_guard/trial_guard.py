@@ -29,6 +29,7 @@ import optuna
 from optuna_guard import preemption, tags
 from optuna_guard._attrs import hold_for_tell, set_user_attrs
 from optuna_guard._logging import get_logger
+from optuna_guard._peak import own_peak_bytes, reset_own_peak
 from optuna_guard._trips import Trip, below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB, to_gb
 from optuna_guard._watcher import STUCK_AFTER_S, WATCHER, OnStuck, TrialWatch, default_on_stuck
@@ -676,6 +677,9 @@ def _check_at_start(
     """The start check: limits (shared readings), the warning level, the budget, pre-flight."""
     limits = settings.limits
     number = watch.number
+    if settings.probe is None and not watch.others():
+        # real readings, alone in the process: its own peak is the trial's (see _peak)
+        watch.own_peak_reset = reset_own_peak()
     system = _READINGS.system(probe, limits.interval)
     rss = (
         _READINGS.tree_rss(probe, limits.interval)
@@ -804,6 +808,8 @@ def _finish_trial(
         watch.observe(None, _READINGS.tree_rss(probe, settings.limits.interval), ())
     except Exception as exc:
         _log.debug("Final memory reading of Trial #%d failed: %s", watch.number, exc)
+    if watch.own_peak_reset and not watch.others():  # a spike between two readings
+        watch.observe(None, own_peak_bytes(), ())
     write_user_attrs(
         trial,
         tags.memory_seen(watch.peak_rss_bytes, watch.min_available_bytes, watch.peak_gpu_bytes),
