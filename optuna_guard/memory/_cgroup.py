@@ -245,6 +245,36 @@ def cgroup_working_set(version: int, directory: str) -> int:
         level.close()
 
 
+class CgroupReader:
+    """One cgroup's working set and OOM-kill count, re-read many times: its files stay open and
+    are re-read with ``pread`` (:class:`CachedFile`), where :func:`cgroup_working_set` and
+    :func:`cgroup_oom_kills` open and close them on every call. Same values; 0 once the cgroup
+    is gone. :meth:`close` when done with it."""
+
+    def __init__(self, version: int, directory: str) -> None:
+        self.version = version
+        self.directory = directory
+        self._level = CgroupLevel(version, directory, 0)
+        name = "memory.oom_control" if version == 1 else "memory.events"
+        self._events = CachedFile(os.path.join(directory, name))
+
+    def working_set(self) -> int:
+        try:
+            return self._level.read_used()
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def oom_kills(self) -> int:
+        try:
+            return field_int(self._events.read(), b"oom_kill") or 0
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        self._level.close()
+        self._events.close()
+
+
 def cgroup_oom_kills(version: int, directory: str) -> int:
     """How many processes the kernel OOM-killed in this cgroup (v1 ``memory.oom_control``
     ``oom_kill``, v2 ``memory.events`` ``oom_kill``); 0 if unknown."""

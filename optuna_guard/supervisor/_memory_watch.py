@@ -5,10 +5,20 @@ worker starts while memory is short and stops the launch when memory stays held 
 
 The rules themselves are pure (:mod:`._policies`, :mod:`._memory_policy`); this module applies
 them to live workers.
+
+Readings are adaptive (as earlyoom's): the host (one /proc/meminfo read) every tick, a worker's
+tree only as often as it could reach a limit. Its next reading is due after the time it would
+take to close its headroom (the smallest gap to ``--max-worker-rss-gb``, to the guard's limit,
+and available memory's gap to ``--min-available-gb``) at GROWTH_RATE_BYTES_S, at most
+MAX_READ_INTERVAL_S: a worker far below every limit is read about once a second, one within
+``GROWTH_RATE_BYTES_S * check_interval`` of a limit (and every worker while available memory is
+that close to its minimum, or while a worker is being killed for memory) every tick. Files stay open between readings (cgroup counters, the
+/proc files of process trees).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Protocol
 
 from optuna_guard import events, tags
@@ -16,6 +26,8 @@ from optuna_guard._logging import get_logger
 from optuna_guard._units import GB, to_gb
 from optuna_guard.exceptions import MemoryStallError
 from optuna_guard.memory import MemoryProbe, SystemMemory, _tree, default_probe
+from optuna_guard.memory._cgroup import CgroupReader
+from optuna_guard.memory._procfs import ProcessTree
 from optuna_guard.supervisor import _exits, _memory_policy, _policies
 from optuna_guard.supervisor._worker_handle import WorkerHandle
 
@@ -30,6 +42,10 @@ GUARD_CHANCE_S = (
     0.25  # the in-trial guard samples every 0.1 s: this long over its limit and it could not act
 )
 LOG_EVERY_S = 30.0  # repeated memory warnings are logged at most this often
+# The fastest growth a worker tree's memory is assumed capable of between two readings (page
+# faults of a freshly allocated array run at ~2-5 GB/s per thread on current machines).
+GROWTH_RATE_BYTES_S = 4 * GB
+MAX_READ_INTERVAL_S = 1.0  # a worker's tree is read at least this often, however far below
 
 
 class MemoryHost(Protocol):
@@ -61,16 +77,55 @@ class MemoryWatchdog:
         self._hold_logged = False
         self._elsewhere_logged_at: float | None = None
         self._last_warning_at: float | None = None
+        self._next_read: dict[int, float] = {}  # pid -> when its tree is to be read again
+        self._readers: dict[int, CgroupReader] = {}  # pid -> its cgroup's open counter files
+        self._trees: ProcessTree | None = None  # open /proc files of process trees
 
     # ------------------------------------------------------------------ readings
+    def _reader(self, pid: int) -> CgroupReader | None:
+        """The open counter files of the worker's own cgroup (None in process-tree mode)."""
+        cgroups = self._a.cgroups
+        cgroup = cgroups.of(pid) if cgroups is not None else None
+        if cgroup is None:
+            return None
+        reader = self._readers.get(pid)
+        if reader is None or reader.directory != cgroup.directory:
+            if reader is not None:
+                reader.close()
+            reader = self._readers[pid] = CgroupReader(cgroup.version, cgroup.directory)
+        return reader
+
+    def _forget_gone(self) -> None:
+        """Close the files of workers no longer in the launch."""
+        live = {w.pid for w in self._a.workers}
+        for pid in [p for p in self._readers if p not in live]:
+            self._readers.pop(pid).close()
+        for pid in [p for p in self._next_read if p not in live]:
+            del self._next_read[pid]
+
+    def read_interval(self, rss_bytes: int, available: int | None) -> float:
+        """Seconds until a worker tree at ``rss_bytes`` could reach a limit at
+        GROWTH_RATE_BYTES_S (0: read it every tick), at most MAX_READ_INTERVAL_S."""
+        config = self._a.config
+        headroom = math.inf
+        for limit_gb in (config.max_worker_rss_gb, config.guard_trial_limit_gb):
+            if limit_gb is not None:
+                headroom = min(headroom, limit_gb * GB - rss_bytes)
+        min_gb = config.min_available_gb
+        if min_gb is not None:
+            headroom = min(headroom, -math.inf if available is None else available - min_gb * GB)
+        return max(0.0, min(headroom / GROWTH_RATE_BYTES_S, MAX_READ_INTERVAL_S))
+
     def tree_rss(self, pid: int) -> int:
         a = self._a
         if a.probe is not None:
             return int(a.probe.process_tree_rss(pid))
-        cgroup = a.cgroups.of(pid) if a.cgroups is not None else None
-        if cgroup is not None:  # every process in the worker's cgroup, daemonised or not
-            return cgroup.working_set()
-        return _tree.tree_rss_bytes(pid)
+        reader = self._reader(pid)
+        if reader is not None:  # every process in the worker's cgroup, daemonised or not
+            return reader.working_set()
+        if self._trees is None:
+            self._trees = ProcessTree("/proc")
+        return self._trees.rss(pid)
 
     def read_system(self) -> SystemMemory | None:
         try:
@@ -84,12 +139,26 @@ class MemoryWatchdog:
 
     # ------------------------------------------------------------------ kills
     def check_memory(self, now: float) -> None:
-        """Measure every worker tree and the system; hard-kill at most one victim at a time."""
+        """Measure the system and every worker tree that is due (see the module docstring);
+        hard-kill at most one victim at a time."""
         a = self._a
         self.system = self.read_system()
+        available = self.available_bytes()
+        self._forget_gone()
+        # every tree now: while a victim is being killed, or memory could run short within a
+        # tick (a victim is chosen on this tick's readings)
+        everyone = (
+            self._memory_kill_under_way()
+            or self.read_interval(0, available) < a.config.check_interval
+        )
         candidates = []
         for worker in a.workers:
-            worker.rss_bytes = self.tree_rss(worker.pid)
+            pid = worker.pid
+            if everyone or now >= self._next_read.get(pid, -math.inf):
+                worker.rss_bytes = self.tree_rss(pid)
+                # due again a tick early rather than late (``now`` of the ticks varies a little)
+                wait = self.read_interval(worker.rss_bytes, available) - a.config.check_interval
+                self._next_read[pid] = now + wait if wait > 0 else -math.inf
             if worker.trial_id is not None:
                 worker.trial_peak_rss = max(worker.trial_peak_rss, worker.rss_bytes)
             if worker.kill is None:
@@ -102,10 +171,9 @@ class MemoryWatchdog:
                         pid=worker.pid,
                     )
                 )
-        available = self.available_bytes()
         self._maybe_warn(now, available)
         self._track_over_guard(candidates, now)
-        if any(w.kill is not None and w.kill.kind == _exits.MEMORY_KILL for w in a.workers):
+        if self._memory_kill_under_way():
             return  # one victim at a time: wait until it is gone
         limit_gb = a.config.max_worker_rss_gb
         victim = self._guard_had_its_chance(_policies.over_limit(candidates, limit_gb), now)
@@ -131,11 +199,23 @@ class MemoryWatchdog:
             )
             self.kill_for_memory(worker, reason, "min_available_gb", available, now)
 
+    def _memory_kill_under_way(self) -> bool:
+        """A worker is being killed for memory: the next victim is chosen right after it is gone,
+        so every tree is read every tick meanwhile."""
+        return any(
+            w.kill is not None and w.kill.kind == _exits.MEMORY_KILL for w in self._a.workers
+        )
+
     def oom_killed(self, worker: WorkerHandle) -> bool:
         """Whether the kernel OOM-killed inside the worker's own memory cgroup (False without one)."""
         cgroups = self._a.cgroups
         cgroup = cgroups.of(worker.pid) if cgroups is not None else None
-        return cgroup is not None and cgroup.oom_killed()
+        reader = self._reader(worker.pid) if cgroup is not None else None
+        return (
+            cgroup is not None
+            and reader is not None
+            and reader.oom_kills() > cgroup.oom_kills_at_start
+        )
 
     def check_cgroup_ooms(self, now: float) -> None:
         """The kernel OOM-killed a process inside a live worker's cgroup (a helper, a data loader):
