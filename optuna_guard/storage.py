@@ -8,10 +8,13 @@ which never creates a file, table or study and turns every failure into one line
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import optuna
@@ -73,7 +76,8 @@ def open_storage(
             ``connect_args["connect_timeout"]`` is read (5 s by default).
         skip_setup: Skip table creation and the schema version check (about a second per
             process): for worker processes of a launcher that already opened the same storage
-            normally.
+            normally. Optuna's schema manager (alembic) is then built only if something asks
+            for a schema version (:func:`schema_manager_on_demand`).
 
     Returns:
         An ``RDBStorage``, a ``JournalStorage`` or a ``GrpcStorageProxy``.
@@ -107,21 +111,61 @@ def open_storage(
         kwargs["connect_args"] = connect_args
     else:
         kwargs.setdefault("pool_pre_ping", True)
-    storage = RDBStorage(
-        url,
-        engine_kwargs=kwargs,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
-        skip_compatibility_check=skip_setup,
-        skip_table_creation=skip_setup,
-    )
+    with schema_manager_on_demand() if skip_setup else contextlib.nullcontext():
+        storage = RDBStorage(
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
+            skip_compatibility_check=skip_setup,
+            skip_table_creation=skip_setup,
+        )
     if is_sqlite:
         import sqlalchemy
 
         sqlalchemy.event.listen(storage.engine, "connect", _enable_sqlite_wal)
         storage.engine.dispose()  # reconnect so every pooled connection gets the pragmas
     return storage
+
+
+class _OnDemandVersionManager:
+    """Optuna's ``_VersionManager``, built on first use. ``RDBStorage()`` builds it even with
+    ``skip_compatibility_check`` (it imports alembic, which imports mako and pygments, and reads
+    the schema's revision: ~0.2 s of CPU in a fresh process). A storage opened with
+    ``skip_setup`` neither upgrades the schema nor asks its version; whatever does
+    (``get_current_version``, ``upgrade``, ...) builds the real one then."""
+
+    def __init__(self, eager: Callable[..., Any], *args: Any) -> None:
+        self._build: Callable[[], Any] = functools.partial(eager, *args)
+        self._manager: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._manager is None:
+            self._manager = self._build()
+        return getattr(self._manager, name)
+
+
+_SCHEMA_PATCH_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def schema_manager_on_demand() -> Iterator[None]:
+    """While it is open, ``RDBStorage()`` builds Optuna's schema manager only when first used
+    (see :class:`_OnDemandVersionManager`). For storages whose tables exist and are checked by
+    another open (``skip_compatibility_check`` and ``skip_table_creation``): a storage that
+    creates its tables or checks its schema uses the manager at once anyway. The switch is
+    Optuna's module attribute: a lock keeps two such opens apart, and a storage another thread
+    opens meanwhile with its schema check builds the manager at once as usual."""
+    from optuna.storages._rdb import storage as rdb_storage
+
+    with _SCHEMA_PATCH_LOCK:
+        eager = rdb_storage._VersionManager
+        rdb_storage._VersionManager = functools.partial(_OnDemandVersionManager, eager)  # type: ignore[misc,assignment]
+        try:
+            yield
+        finally:
+            rdb_storage._VersionManager = eager  # type: ignore[misc]
 
 
 def _check_not_in_memory(url: str) -> None:
