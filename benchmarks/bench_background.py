@@ -11,7 +11,8 @@ every worker is inside its trial, then reads over a window (``/proc/<pid>/task/*
 A plain ``study.optimize`` process has no such threads and no supervisor, so these figures are
 the whole background cost. /proc counts in 10 ms ticks: use a window of 20 s or more.
 
-    .venv/bin/python benchmarks/bench_background.py [--workers 1,2,4] [--window 20] [--rounds 2]
+    .venv/bin/python benchmarks/bench_background.py [--workers 1,2,4] [--window 20] [--rounds 2] \
+        [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -68,8 +69,11 @@ def _count_running(url: str, name: str) -> int:
     )
 
 
-def measure(workdir: str, workers: int, window: float) -> tuple[list[float], float]:
-    """(background % of a core of each worker, supervisor % of a core) over ``window``."""
+def measure(
+    workdir: str, workers: int, window: float, code: str | None = None
+) -> tuple[list[float], float]:
+    """(background % of a core of each worker, supervisor % of a core) over ``window``;
+    ``code``: a directory holding another ``optuna_guard`` to run instead (before/after)."""
     import optuna
 
     from optuna_guard.storage import open_storage
@@ -98,6 +102,7 @@ def measure(workdir: str, workers: int, window: float) -> tuple[list[float], flo
             os.path.join(workdir, "logs", uuid.uuid4().hex[:8]),
         ],
         cwd=workdir,
+        env=dict(os.environ, PYTHONPATH=code) if code else None,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -144,6 +149,12 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="also run the launcher from DIR/optuna_guard (git archive of an older commit), "
+        "interleaved",
+    )
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
     print(
@@ -153,20 +164,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-background-") as workdir:
         with open(os.path.join(workdir, "bench_objective.py"), "w") as handle:
             handle.write(OBJECTIVE)
-        print("| workers | worker threads % (each) | supervisor % | per worker % |")
-        print("|---|---|---|---|")
+        print("| workers | code | worker threads % (each) | supervisor % | per worker % |")
+        print("|---|---|---|---|---|")
+        sides = {"now": None, "baseline": args.baseline} if args.baseline else {"now": None}
         for workers in (int(w) for w in args.workers.split(",")):
-            threads, sups, per_worker = [], [], []
+            runs: dict[str, tuple[list[float], list[float], list[float]]] = {
+                side: ([], [], []) for side in sides
+            }
             for _ in range(args.rounds):
-                background, sup = measure(workdir, workers, args.window)
-                threads.extend(background)
-                sups.append(sup)
-                per_worker.append(statistics.mean(background) + sup / workers)
-            print(
-                f"| {workers} | {statistics.median(threads):.2f} (max {max(threads):.2f}) | "
-                f"{statistics.median(sups):.2f} | {statistics.median(per_worker):.2f} |",
-                flush=True,
-            )
+                for side, code in sides.items():
+                    background, sup = measure(workdir, workers, args.window, code)
+                    threads, sups, per_worker = runs[side]
+                    threads.extend(background)
+                    sups.append(sup)
+                    per_worker.append(statistics.mean(background) + sup / workers)
+            for side, (threads, sups, per_worker) in runs.items():
+                print(
+                    f"| {workers} | {side} | {statistics.median(threads):.2f} "
+                    f"(max {max(threads):.2f}) | {statistics.median(sups):.2f} | "
+                    f"{statistics.median(per_worker):.2f} |",
+                    flush=True,
+                )
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
