@@ -22,6 +22,7 @@ from optuna_guard.memory._cgroup import CgroupReader
 from optuna_guard.storage import open_storage
 from optuna_guard.supervisor import _memory_watch, _protocol
 from optuna_guard.supervisor._arbiter import Arbiter
+from optuna_guard.supervisor._cgroups import WorkerCgroup
 from optuna_guard.supervisor._config import LaunchConfig
 from optuna_guard.supervisor._worker_handle import WorkerHandle
 
@@ -104,6 +105,7 @@ class Launch:
         end = self.now + seconds
         while self.now <= end + 1e-9:
             self.arbiter.check_memory(self.now)
+            self.arbiter.check_cgroup_ooms(self.now)
             self.now += TICK
 
     def kill_times(self, pid: int) -> list[float]:
@@ -185,6 +187,58 @@ def test_low_system_memory_kill_uses_fresh_readings_of_every_worker(tmp_path, ca
     assert [pid for _, pid, _ in launch.signals] == [102]
     assert any(
         "worker 2 used the most memory (tree RSS 3.00 GB)" in message
+        for message in caplog.messages
+    )
+
+
+class FakeCgroups:
+    """Worker cgroups (v1 layout) in plain directories: the test writes the kernel's counters."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.by_pid: dict[int, WorkerCgroup] = {}
+
+    def add(self, pid: int) -> None:
+        directory = self.root / f"w{pid}"
+        directory.mkdir()
+        (directory / "memory.usage_in_bytes").write_text("1000\n")
+        (directory / "memory.stat").write_text("total_inactive_file 0\n")
+        self.oom_kills(pid, 0)
+        self.by_pid[pid] = WorkerCgroup(1, str(directory), 0)
+
+    def oom_kills(self, pid: int, count: int) -> None:
+        with open(self.root / f"w{pid}" / "memory.oom_control", "w") as handle:
+            handle.write(f"oom_kill_disable 0\nunder_oom 0\noom_kill {count}\n")
+
+    def of(self, pid: int) -> WorkerCgroup | None:
+        return self.by_pid.get(pid)
+
+
+def test_kernel_oom_kills_in_worker_cgroups_are_acted_on_at_the_workers_next_reading(
+    tmp_path, caplog
+):
+    """A helper OOM-killed in a worker's own cgroup: noticed at once for a worker near its limit,
+    within the longest reading interval for one far below (a kill there means a spike faster
+    than any reading)."""
+    launch = Launch(tmp_path)
+    cgroups = FakeCgroups(tmp_path)
+    launch.arbiter.spawner.cgroups = cgroups  # type: ignore[assignment]
+    for worker_id, pid, rss_gb in ((1, 101, 0.3), (2, 102, 6.5)):
+        cgroups.add(pid)
+        launch.add_worker(worker_id, pid, rss_gb=rss_gb)
+    start = launch.now
+    launch.run_ticks(0.0)
+    assert launch.signals == []
+    cgroups.oom_kills(101, 1)
+    cgroups.oom_kills(102, 1)
+    with caplog.at_level(logging.WARNING, logger="optuna_guard"):
+        launch.run_ticks(1.5)
+    assert launch.kill_times(102) == [start + TICK]
+    (far_killed_at,) = launch.kill_times(101)
+    assert far_killed_at <= start + _memory_watch.MAX_READ_INTERVAL_S
+    assert any(
+        "Worker 1 (pid 101) was killed: out of memory: the kernel killed a process in worker 1's "
+        "memory cgroup" in message
         for message in caplog.messages
     )
 

@@ -12,8 +12,10 @@ take to close its headroom (the smallest gap to ``--max-worker-rss-gb``, to the 
 and available memory's gap to ``--min-available-gb``) at GROWTH_RATE_BYTES_S, at most
 MAX_READ_INTERVAL_S: a worker far below every limit is read about once a second, one within
 ``GROWTH_RATE_BYTES_S * check_interval`` of a limit (and every worker while available memory is
-that close to its minimum, or while a worker is being killed for memory) every tick. Files stay open between readings (cgroup counters, the
-/proc files of process trees).
+that close to its minimum, or while a worker is being killed for memory) every tick. The
+kernel's OOM-kill counter of a worker's own cgroup is read with its tree (a kill there needs the
+cgroup at its limit). Files stay open between readings (cgroup counters, the /proc files of
+process trees).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class MemoryWatchdog:
         self._elsewhere_logged_at: float | None = None
         self._last_warning_at: float | None = None
         self._next_read: dict[int, float] = {}  # pid -> when its tree is to be read again
+        self._read_this_tick: set[int] = set()  # pids whose tree check_memory just read
         self._readers: dict[int, CgroupReader] = {}  # pid -> its cgroup's open counter files
         self._trees: ProcessTree | None = None  # open /proc files of process trees
 
@@ -152,9 +155,11 @@ class MemoryWatchdog:
             or self.read_interval(0, available) < a.config.check_interval
         )
         candidates = []
+        self._read_this_tick.clear()
         for worker in a.workers:
             pid = worker.pid
             if everyone or now >= self._next_read.get(pid, -math.inf):
+                self._read_this_tick.add(pid)
                 worker.rss_bytes = self.tree_rss(pid)
                 # due again a tick early rather than late (``now`` of the ticks varies a little)
                 wait = self.read_interval(worker.rss_bytes, available) - a.config.check_interval
@@ -219,12 +224,14 @@ class MemoryWatchdog:
 
     def check_cgroup_ooms(self, now: float) -> None:
         """The kernel OOM-killed a process inside a live worker's cgroup (a helper, a data loader):
-        its trial is over as a memory stop; the worker and everything in its cgroup go."""
+        its trial is over as a memory stop; the worker and everything in its cgroup go. Asked for
+        the workers whose tree :meth:`check_memory` read this tick (all of them near a limit)."""
         a = self._a
         if a.cgroups is None:
             return
         for worker in a.workers:
-            if worker.kill is None and self.oom_killed(worker):
+            due = worker.pid in self._read_this_tick or worker.pid not in self._next_read
+            if due and worker.kill is None and self.oom_killed(worker):
                 reason = (
                     f"out of memory: the kernel killed a process in worker {worker.worker_id}'s memory cgroup "
                     f"(hard limit --max-worker-rss-gb {a.config.max_worker_rss_gb:.2f} GB)"
