@@ -364,25 +364,48 @@ def bench_supervisor_cpu(
         f"{window:.0f} s window, {pairs} run(s){' interleaved with the baseline' if baseline else ''}"
     )
     results: dict[str | None, list[float]] = {None: [], baseline: []} if baseline else {None: []}
+    main: dict[str | None, list[float]] = {code: [] for code in results}
     for index in range(pairs):
         for code in results:
-            pct, finished, exit_code = _supervisor_cpu_once(workdir, workers, window, code, index)
+            pct, threads, finished, exit_code = _supervisor_cpu_once(
+                workdir, workers, window, code, index
+            )
             results[code].append(pct)
+            main[code].append(threads[0] if threads else float("nan"))
+            split = ", ".join(f"{t:.2f}" for t in threads)
             print(
                 f"  {'baseline' if code else 'now':>8}: {pct:.2f} % of one core "
-                f"({finished} trials by {workers} workers; exit code {exit_code})",
+                f"(per thread, main first: {split}; {finished} trials by {workers} workers; "
+                f"exit code {exit_code})",
                 flush=True,
             )
     for code, runs in results.items():
         print(
             f"supervisor CPU ({'baseline' if code else 'now'}): median {statistics.median(runs):.2f} % "
-            f"of one core (each: {', '.join(f'{r:.2f}' for r in runs)})"
+            f"of one core (each: {', '.join(f'{r:.2f}' for r in runs)}); main thread median "
+            f"{statistics.median(main[code]):.2f} %"
         )
+
+
+def _thread_ticks(pid: int) -> dict[int, int]:
+    """User + system CPU of each thread of ``pid`` in clock ticks (/proc/<pid>/task/*/stat)."""
+    ticks: dict[int, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as handle:
+                data = handle.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2 :].split()
+        ticks[int(tid)] = int(fields[11]) + int(fields[12])
+    return ticks
 
 
 def _supervisor_cpu_once(
     workdir: str, workers: int, window: float, code: str | None, index: int
-) -> tuple[float, int, int | None]:
+) -> tuple[float, list[float], int, int | None]:
+    """(% of a core over the window, % of each thread that used CPU in it: the main thread
+    first, then the others from the most; trials; exit code)."""
     url = f"sqlite:///{workdir}/cpu-{index}-{'base' if code else 'now'}.db"
     name = _create_study(url)
     args = [
@@ -415,12 +438,19 @@ def _supervisor_cpu_once(
             time.sleep(0.5)
         time.sleep(3.0)  # all workers past start-up
         cpu0, wall0 = sum(supervisor.cpu_times()[:2]), time.monotonic()
+        ticks0 = _thread_ticks(proc.pid)
         time.sleep(window)
+        ticks1 = _thread_ticks(proc.pid)
         cpu1, wall1 = sum(supervisor.cpu_times()[:2]), time.monotonic()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    return 100 * (cpu1 - cpu0) / (wall1 - wall0), _count(url, name), proc.returncode
+    wall = wall1 - wall0
+    hertz = os.sysconf("SC_CLK_TCK")
+    used = {tid: t - ticks0.get(tid, 0) for tid, t in ticks1.items()}
+    others = sorted((t for tid, t in used.items() if tid != proc.pid and t > 0), reverse=True)
+    threads = [100 * t / hertz / wall for t in [used.get(proc.pid, 0), *others]]
+    return 100 * (cpu1 - cpu0) / wall, threads, _count(url, name), proc.returncode
 
 
 def bench_marginal(
