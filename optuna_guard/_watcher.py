@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import math
 import os
 import sys
 import threading
@@ -45,6 +46,7 @@ from typing import Any, Literal
 
 from optuna_guard import preemption, tags
 from optuna_guard._logging import get_logger
+from optuna_guard._peak import reset_own_peak
 from optuna_guard._trips import (
     Trip,
     below_warning,
@@ -186,7 +188,11 @@ class TrialWatch:
     # The rest of the state starts at these class-level defaults and is set on the instance
     # only when it changes (most trials never change it: less work per trial).
     interrupt: tuple[str, Trip | None] | None = None  # decided: (kind, trip)
-    own_peak_reset = False  # the process's high-water mark was reset when the trial started
+    # Alone in its process with real readings: the watcher resets the process's high-water mark
+    # at its first reading of the trial (see optuna_guard._peak), so trials shorter than one
+    # interval pay nothing for it.
+    own_peak_wanted = False
+    own_peak_reset = False
     injections = 0
     injected_at: float | None = None
     deliveries = 0  # counted in the trial's thread when an interrupt goes off
@@ -447,6 +453,7 @@ class MemoryWatcher:
         # recent readings per probe, to estimate how fast memory grows (see tick)
         self._history: dict[int, collections.deque[tuple[float, SystemMemory, int | None]]] = {}
         self._last_wait = 0.0  # the last tick's wait: the growth-rate window spans it
+        self._sleep_until = 0.0  # when the current sleep ends (monotonic)
         self._probe_errors: set[int] = set()
         self.exit: Callable[[int], Any] = os._exit  # tests replace it
 
@@ -490,8 +497,8 @@ class MemoryWatcher:
             if self._blocked:
                 self._blocked = False
                 self._wake.set()
-            elif self._last_wait > watch.limits.interval:  # a relaxed sleep: read it in time
-                self._wake.set()
+            elif self._sleep_until > time.monotonic() + watch.limits.interval:
+                self._wake.set()  # a relaxed sleep would read the new trial late
 
     def unregister(self, watch: TrialWatch) -> None:
         with self._lock:
@@ -516,6 +523,7 @@ class MemoryWatcher:
         self._blocked = False
         self._history = {}
         self._last_wait = 0.0
+        self._sleep_until = 0.0
 
     def _run(self) -> None:
         idle_since: float | None = None
@@ -552,6 +560,7 @@ class MemoryWatcher:
 
     def _sleep(self, timeout: float | None) -> None:
         """Wait ``timeout`` seconds (None: until a trial registers); a wake-up is consumed."""
+        self._sleep_until = math.inf if timeout is None else time.monotonic() + timeout
         if self._wake.wait(timeout):
             self._wake.clear()
 
@@ -595,6 +604,8 @@ class MemoryWatcher:
             busy = False
             for watch in group:
                 watch.observe(system, rss, gpus)
+                if watch.own_peak_wanted and not watch.own_peak_reset and len(watches) == 1:
+                    watch.own_peak_reset = reset_own_peak()
                 if watch.interrupt is not None and watch.active:
                     busy, all_quiet = True, False
                     trip = (

@@ -29,7 +29,7 @@ import optuna
 from optuna_guard import preemption, tags
 from optuna_guard._attrs import hold_for_tell, set_user_attrs
 from optuna_guard._logging import get_logger
-from optuna_guard._peak import own_peak_bytes, reset_own_peak
+from optuna_guard._peak import own_peak_bytes
 from optuna_guard._trips import Trip, below_warning, find_trip, needs_gpu, needs_rss
 from optuna_guard._units import GB, to_gb
 from optuna_guard._watcher import STUCK_AFTER_S, WATCHER, OnStuck, TrialWatch, default_on_stuck
@@ -677,9 +677,8 @@ def _check_at_start(
     """The start check: limits (shared readings), the warning level, the budget, pre-flight."""
     limits = settings.limits
     number = watch.number
-    if settings.probe is None and not watch.others():
-        # real readings, alone in the process: its own peak is the trial's (see _peak)
-        watch.own_peak_reset = reset_own_peak()
+    # real readings, alone in the process: its own peak is the trial's (see _peak)
+    watch.own_peak_wanted = settings.probe is None and not watch.others()
     system = _READINGS.system(probe, limits.interval)
     rss = (
         _READINGS.tree_rss(probe, limits.interval)
