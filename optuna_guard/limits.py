@@ -64,7 +64,8 @@ class MemoryLimits:
         max_swap_percent: stop when swap use exceeds this percent.
         max_gpu_percent: stop when any GPU's memory use exceeds this percent.
         max_trial_rss_gb: stop when the trial's process tree RSS exceeds this.
-        interval: sampling period of the in-trial watcher thread, seconds.
+        interval: sampling period of the in-trial watcher thread near a limit, seconds; far
+            from every limit it reads less often (headroom / 6 GB/s, up to 10 intervals or 1 s).
         on_trip: "prune" ends a stopped trial PRUNED (samplers learn from it), "fail" ends it FAIL.
 
     Raises:
