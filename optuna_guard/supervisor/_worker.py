@@ -24,10 +24,8 @@ trial ends ``preempted``); the worker then asks for no more tickets and exits 0.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
-import functools
 import json
 import logging
 import math
@@ -39,7 +37,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -49,7 +47,6 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._rdb import models
-from optuna.storages._rdb import storage as rdb_storage
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_guard import _attrs, preemption, resume, tags
@@ -461,13 +458,12 @@ def _prepare(
     objective = _guarded(objective, settings.guard)
     # The trial storage has no heartbeat of its own: the supervisor keeps Optuna's heartbeat
     # rows for the running trial on a second storage, without Optuna's per-trial cost.
-    with _schema_manager_on_demand():
-        opened = open_checked_storage(  # RDBStorage() queries the database: retried
-            settings.storage,
-            connect_timeout=settings.connect_timeout,
-            skip_setup=True,  # tables exist
-            deadline_s=settings.storage_deadline,
-        )
+    opened = open_checked_storage(  # RDBStorage() queries the database: retried
+        settings.storage,
+        connect_timeout=settings.connect_timeout,
+        skip_setup=True,  # tables exist; Optuna's schema manager (alembic) is built on demand
+        deadline_s=settings.storage_deadline,
+    )
     # issue 13: objective version, result cache, sampler history
     storage = _tagging(opened, {**_worker_tags(settings), **resume.worker_tags(os.environ)})
     storage = _maybe_resilient(storage, settings, channel)
@@ -480,33 +476,6 @@ def _prepare(
     )
     objective = resume.install_in_worker(study, objective, os.environ)
     return study, objective, opened
-
-
-class _OnDemandVersionManager:
-    """Optuna's ``_VersionManager``, built on first use. ``RDBStorage()`` builds it even with
-    ``skip_compatibility_check`` (it imports alembic and reads the schema's revision: ~0.2 s of
-    CPU per process); a worker never upgrades the schema or asks its version, and the
-    supervisor has set the tables up before any worker starts."""
-
-    def __init__(self, eager: Callable[..., Any], *args: Any) -> None:
-        self._build: Callable[[], Any] = functools.partial(eager, *args)
-        self._manager: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._manager is None:
-            self._manager = self._build()
-        return getattr(self._manager, name)
-
-
-@contextlib.contextmanager
-def _schema_manager_on_demand() -> Iterator[None]:
-    """While the worker opens its storage (one thread opens storages in a worker)."""
-    eager = rdb_storage._VersionManager
-    rdb_storage._VersionManager = functools.partial(_OnDemandVersionManager, eager)  # type: ignore[misc,assignment]
-    try:
-        yield
-    finally:
-        rdb_storage._VersionManager = eager  # type: ignore[misc]
 
 
 def _worker_tags(settings: WorkerSettings) -> dict[str, Any]:
