@@ -41,9 +41,22 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from optuna_guard.supervisor._config import LaunchConfig
-    from optuna_guard.supervisor._launch import run_launch
+    from optuna_guard.supervisor._objective_spec import SpecCheck, resolve_specs
     from optuna_guard.supervisor._options import config_kwargs
 
-    summary = run_launch(LaunchConfig(**config_kwargs(args, LaunchConfig)))
+    config = LaunchConfig(**config_kwargs(args, LaunchConfig))
+    # The objective check's interpreter runs while this one imports Optuna (light modules only
+    # so far); a spec that cannot even be resolved is reported by run_launch as before.
+    spec_check = None
+    try:
+        spec, sampler, pruner = resolve_specs(config.objective, config.sampler, config.pruner)
+        spec_check = SpecCheck(
+            spec, env=config.python_env(), sampler=sampler, pruner=pruner, seed=config.seed
+        )
+    except Exception:
+        pass
+    from optuna_guard.supervisor._launch import run_launch
+
+    summary = run_launch(config, spec_check=spec_check)
     print(summary)
     return summary.exit_code

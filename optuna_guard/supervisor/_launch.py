@@ -119,19 +119,13 @@ def resolve(config: LaunchConfig) -> LaunchConfig:
     objective, the storage URL (the default SQLite file, journal paths made absolute), an
     absolute ``--log-dir`` and ``--retry-shrink`` spec. Raises ConfigError /
     ObjectiveSpecError on a malformed spec; loads no user code."""
-    spec = _objective_spec.normalize_spec(config.objective)
-
-    def beside_objective(option: str, value: str | None) -> str | None:
-        if not value or ":" not in value:
-            return value
-        return _objective_spec.resolve_next_to_objective(
-            value, spec, label=f"--{option} {value!r}"
-        )
-
+    spec, sampler, pruner = _objective_spec.resolve_specs(
+        config.objective, config.sampler, config.pruner
+    )
     return config.replace(
         objective=spec,
-        sampler=beside_objective("sampler", config.sampler),
-        pruner=beside_objective("pruner", config.pruner),
+        sampler=sampler,
+        pruner=pruner,
         storage=resolve_storage_url(config.storage),
         log_dir=os.path.abspath(config.log_dir),
         retry_shrink=(
@@ -140,20 +134,44 @@ def resolve(config: LaunchConfig) -> LaunchConfig:
     )
 
 
-def run_launch(config: LaunchConfig, *, probe: MemoryProbe | None = None) -> LaunchSummary:
-    """The body of :func:`launch` for an already validated config (the CLI calls this)."""
+def start_spec_check(config: LaunchConfig) -> _objective_spec.SpecCheck:
+    """The objective spec check for ``config`` (see :class:`_objective_spec.SpecCheck`)."""
+    spec, sampler, pruner = _objective_spec.resolve_specs(
+        config.objective, config.sampler, config.pruner
+    )
+    return _objective_spec.SpecCheck(
+        spec, env=config.python_env(), sampler=sampler, pruner=pruner, seed=config.seed
+    )
+
+
+def run_launch(
+    config: LaunchConfig,
+    *,
+    probe: MemoryProbe | None = None,
+    spec_check: _objective_spec.SpecCheck | None = None,
+) -> LaunchSummary:
+    """The body of :func:`launch` for an already validated config (the CLI calls this, with
+    the spec check it started before importing this module)."""
     started = time.monotonic()
-    config = resolve(config)
+    try:
+        config = resolve(config)
+    except BaseException:
+        if spec_check is not None:
+            spec_check.cancel()
+        raise
     url = config.storage or ""
     # --sampler/--pruner factories are built once in the check process (exit 2 on any
     # problem), never in the supervisor, before the storage is touched.
-    _objective_spec.check_spec_in_subprocess(
+    if spec_check is None or spec_check.key != (
         config.objective,
-        env=config.python_env(),
-        sampler=config.sampler,
-        pruner=config.pruner,
-        seed=config.seed,
-    )
+        config.sampler,
+        config.pruner,
+        config.seed,
+    ):
+        if spec_check is not None:
+            spec_check.cancel()
+        spec_check = start_spec_check(config)
+    spec_check.result()
     budget = _time_budget(config)  # the wall clock starts now
     if config.retry <= 0 and (config.retry_shrink or config.retry_on):
         _log.warning("--retry-on/--retry-shrink have no effect without --retry N (N >= 1).")

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, cast
@@ -201,6 +202,81 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def resolve_specs(
+    objective: str, sampler: str | None, pruner: str | None
+) -> tuple[str, str | None, str | None]:
+    """The objective spec with an absolute file path, and ``--sampler``/``--pruner`` factory
+    files looked for next to it (what every process must see). Loads no user code."""
+    spec = normalize_spec(objective)
+
+    def beside_objective(option: str, value: str | None) -> str | None:
+        if not value or ":" not in value:
+            return value
+        return resolve_next_to_objective(value, spec, label=f"--{option} {value!r}")
+
+    return spec, beside_objective("sampler", sampler), beside_objective("pruner", pruner)
+
+
+class SpecCheck:
+    """The throw-away interpreter that loads an objective spec (and builds the sampler/pruner
+    as a worker would), started at once and waited for later: the CLI starts it before the
+    supervisor imports Optuna, so the two overlap (a torch-importing objective takes seconds)."""
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        env: dict[str, str] | None = None,
+        sampler: str | None = None,
+        pruner: str | None = None,
+        seed: int | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        self.key = (spec, sampler, pruner, seed)
+        self._spec = spec
+        self._timeout = timeout
+        self._started = time.monotonic()
+        extra: list[str] = []
+        for option, value in (("--sampler", sampler), ("--pruner", pruner), ("--seed", seed)):
+            if value is not None:
+                extra += [option, str(value)]
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "optuna_guard.supervisor._objective_spec", spec, *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def cancel(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.communicate()
+
+    def result(self) -> None:
+        """Wait for the check; raise ObjectiveSpecError with the one-line reason."""
+        spec, timeout = self._spec, self._timeout
+        try:
+            stdout, stderr = self._process.communicate(
+                timeout=max(timeout - (time.monotonic() - self._started), 0.1)
+            )
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise ObjectiveSpecError(
+                f"objective spec {spec!r}: importing it took longer than {timeout:.0f} s; does the module do work at import time?"
+            ) from None
+        if self._process.returncode == 0:
+            return
+        lines = [line for line in stdout.splitlines() if line.strip()]
+        if self._process.returncode == 2 and lines:
+            raise ObjectiveSpecError(lines[-1])
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        raise ObjectiveSpecError(
+            f"objective spec {spec!r}: the check process failed (exit {self._process.returncode}): {tail}"
+        )
+
+
 def check_spec_in_subprocess(
     spec: str,
     *,
@@ -213,32 +289,7 @@ def check_spec_in_subprocess(
     """Load ``spec`` (and build ``sampler``/``pruner`` as a worker would) in a throw-away
     interpreter, so user code never runs in the supervisor; raise ObjectiveSpecError with the
     one-line reason."""
-    extra: list[str] = []
-    for option, value in (("--sampler", sampler), ("--pruner", pruner), ("--seed", seed)):
-        if value is not None:
-            extra += [option, str(value)]
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "optuna_guard.supervisor._objective_spec", spec, *extra],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        raise ObjectiveSpecError(
-            f"objective spec {spec!r}: importing it took longer than {timeout:.0f} s; does the module do work at import time?"
-        ) from None
-    if result.returncode == 0:
-        return
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    if result.returncode == 2 and lines:
-        raise ObjectiveSpecError(lines[-1])
-    tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    raise ObjectiveSpecError(
-        f"objective spec {spec!r}: the check process failed (exit {result.returncode}): {tail}"
-    )
+    SpecCheck(spec, env=env, sampler=sampler, pruner=pruner, seed=seed, timeout=timeout).result()
 
 
 def _main(argv: list[str]) -> int:
