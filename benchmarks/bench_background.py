@@ -29,7 +29,10 @@ import uuid
 
 import psutil
 
-PYTHON = sys.executable
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_launcher
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 OBJECTIVE = textwrap.dedent(
@@ -82,25 +85,7 @@ def measure(
     name = "background"
     optuna.create_study(study_name=name, storage=open_storage(url))
     proc = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "optuna_guard.cli",
-            "run",
-            f"{workdir}/bench_objective.py:objective",
-            "--study-name",
-            name,
-            "--storage",
-            url,
-            "--workers",
-            str(workers),
-            "--n-trials",
-            str(workers),
-            "--display",
-            "off",
-            "--log-dir",
-            os.path.join(workdir, "logs", uuid.uuid4().hex[:8]),
-        ],
+        bench_launcher.launcher_command(workdir, url, name, workers, workers),
         cwd=workdir,
         env=dict(os.environ, PYTHONPATH=code) if code else None,
         stdout=subprocess.DEVNULL,

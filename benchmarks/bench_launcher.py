@@ -153,15 +153,9 @@ def run_plain(workdir: str, url: str, workers: int, trials: int) -> tuple[float,
     return elapsed, _steady_seconds(url, name), cpu
 
 
-def run_launcher(
-    workdir: str, url: str, workers: int, trials: int, guard: bool, code: str | None = None
-) -> tuple[float, float, float, float]:
-    """(e2e s, steady s, CPU s of all processes, CPU s of the supervisor process alone).
-    ``code``: a directory holding another ``optuna_guard`` (e.g. ``git archive`` of an older
-    commit) to run instead of this checkout, for before/after pairs."""
-    name = _create_study(url)
-    cpu0 = _children_cpu()
-    args = [
+def launcher_command(workdir: str, url: str, name: str, workers: int, trials: int) -> list[str]:
+    """``optuna-guard run`` on ``workdir/bench_objective.py:objective`` (logs under workdir)."""
+    return [
         PYTHON,
         "-m",
         "optuna_guard.cli",
@@ -180,6 +174,17 @@ def run_launcher(
         "--log-dir",
         os.path.join(workdir, "logs", name),
     ]
+
+
+def run_launcher(
+    workdir: str, url: str, workers: int, trials: int, guard: bool, code: str | None = None
+) -> tuple[float, float, float, float]:
+    """(e2e s, steady s, CPU s of all processes, CPU s of the supervisor process alone).
+    ``code``: a directory holding another ``optuna_guard`` (e.g. ``git archive`` of an older
+    commit) to run instead of this checkout, for before/after pairs."""
+    name = _create_study(url)
+    cpu0 = _children_cpu()
+    args = launcher_command(workdir, url, name, workers, trials)
     if not guard:
         args.append("--no-guard")
     started = time.perf_counter()
