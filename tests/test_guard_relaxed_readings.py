@@ -60,7 +60,8 @@ def test_a_quiet_trial_is_read_less_often_and_one_near_its_limit_at_full_pace() 
 
 def test_a_trial_that_starts_growing_far_from_its_limit_is_still_stopped_near_it() -> None:
     """RSS grows 2 GB/s from 8 GB below the limit: the relaxed readings shorten as the
-    headroom shrinks and the growth rate shows, so the trial is stopped within ~0.3 GB of it."""
+    headroom shrinks and the growth rate shows, so the trial is stopped close to it, not a
+    relaxed second (2 GB) later."""
     probe = FakeProbe(total_gb=64.0, available_gb=60.0, rss_gb=1.0)
     grown: list[float] = []
 
@@ -81,7 +82,8 @@ def test_a_trial_that_starts_growing_far_from_its_limit_is_still_stopped_near_it
     trial = study.trials[0]
     assert trial.state == TrialState.PRUNED, trial.user_attrs
     assert trial.user_attrs[tags.KILL_LIMIT] == "max_trial_rss_gb"
-    assert grown[-1] < 9.0 + 0.4, grown[-1]
+    # at the full pace it overshoots by ~0.2 GB (0.1 s of growth); a relaxed second would be 2 GB
+    assert grown[-1] < 9.0 + 1.0, grown[-1]
 
 
 def test_a_spike_between_two_readings_is_in_the_peak_and_not_in_the_next_trials() -> None:
