@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from optuna_guard.supervisor._config import LaunchConfig
-    from optuna_guard.supervisor._objective_spec import SpecCheck, resolve_specs
+    from optuna_guard.supervisor._objective_spec import SpecCheck
     from optuna_guard.supervisor._options import config_kwargs
 
     config = LaunchConfig(**config_kwargs(args, LaunchConfig))
@@ -49,10 +49,7 @@ def run(args: argparse.Namespace) -> int:
     # so far); a spec that cannot even be resolved is reported by run_launch as before.
     spec_check = None
     try:
-        spec, sampler, pruner = resolve_specs(config.objective, config.sampler, config.pruner)
-        spec_check = SpecCheck(
-            spec, env=config.python_env(), sampler=sampler, pruner=pruner, seed=config.seed
-        )
+        spec_check = SpecCheck.for_config(config)
     except Exception:
         pass
     from optuna_guard.supervisor._launch import run_launch

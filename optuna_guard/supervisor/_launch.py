@@ -134,16 +134,6 @@ def resolve(config: LaunchConfig) -> LaunchConfig:
     )
 
 
-def start_spec_check(config: LaunchConfig) -> _objective_spec.SpecCheck:
-    """The objective spec check for ``config`` (see :class:`_objective_spec.SpecCheck`)."""
-    spec, sampler, pruner = _objective_spec.resolve_specs(
-        config.objective, config.sampler, config.pruner
-    )
-    return _objective_spec.SpecCheck(
-        spec, env=config.python_env(), sampler=sampler, pruner=pruner, seed=config.seed
-    )
-
-
 def run_launch(
     config: LaunchConfig,
     *,
@@ -170,7 +160,7 @@ def run_launch(
     ):
         if spec_check is not None:
             spec_check.cancel()
-        spec_check = start_spec_check(config)
+        spec_check = _objective_spec.SpecCheck.for_config(config)
     spec_check.result()
     budget = _time_budget(config)  # the wall clock starts now
     if config.retry <= 0 and (config.retry_shrink or config.retry_on):

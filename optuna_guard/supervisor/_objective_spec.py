@@ -26,9 +26,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from optuna_guard.exceptions import ObjectiveSpecError
+
+if TYPE_CHECKING:
+    from optuna_guard.supervisor._config import LaunchConfig
 
 FORMAT_HINT = "use package.module:function or path/to/file.py:function"
 _FILE_MODULE_PREFIX = "optuna_guard_objective_"
@@ -248,6 +251,12 @@ class SpecCheck:
             text=True,
             env=env,
         )
+
+    @classmethod
+    def for_config(cls, config: LaunchConfig) -> SpecCheck:
+        """The check a launch of ``config`` needs: its resolved specs, its workers' environment."""
+        spec, sampler, pruner = resolve_specs(config.objective, config.sampler, config.pruner)
+        return cls(spec, env=config.python_env(), sampler=sampler, pruner=pruner, seed=config.seed)
 
     def cancel(self) -> None:
         if self._process.poll() is None:
